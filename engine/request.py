@@ -1,0 +1,108 @@
+"""Request state (owned by the scheduler) and the per-request result users receive."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from engine.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    # Engine steps in which the request had work scheduled.
+    num_steps: int = 0
+    # Decode steps, and tokens they produced (accepted candidates + the bonus token).
+    num_decode_steps: int = 0
+    num_decode_tokens: int = 0
+    # accepted_hist[n]: decode steps that accepted n tree candidates.
+    accepted_hist: list[int] = field(default_factory=list)
+    # accepted_per_depth[d]: decode steps whose accepted path reached depth d+1 (head d right).
+    accepted_per_depth: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per decode step (1.0 without speculation)."""
+        return self.num_decode_tokens / self.num_decode_steps if self.num_decode_steps else 0.0
+
+    def record_decode(self, num_accepted: int, per_depth: list[int]) -> None:
+        self.num_decode_steps += 1
+        self.num_decode_tokens += num_accepted + 1
+        while len(self.accepted_hist) <= num_accepted:
+            self.accepted_hist.append(0)
+        self.accepted_hist[num_accepted] += 1
+        while len(self.accepted_per_depth) < len(per_depth):
+            self.accepted_per_depth.append(0)
+        for d, hit in enumerate(per_depth):
+            self.accepted_per_depth[d] += hit
+
+
+@dataclass
+class Request:
+    request_id: str
+    seq_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    # Seed for this request's draws (the user's, or one drawn at arrival).
+    seed: int
+    eos_token_id: Optional[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    # Tokens whose K/V are in the paged cache (positions [0, num_computed)).
+    num_computed: int = 0
+    # Medusa candidates for the next decode step (kept with the sequence, sent each step).
+    candidates: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    # Length of the output text to return (set when a stop string cuts it).
+    text_limit: Optional[int] = None
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_stop_reason(self, max_model_len: int) -> Optional[str]:
+        """Stop conditions decided by token ids alone, checked after each appended token."""
+        n_out = len(self.output_token_ids)
+        last = self.output_token_ids[-1]
+        if n_out >= self.params.min_tokens:
+            if last in self.params.stop_token_ids:
+                return "stop"
+            if last == self.eos_token_id and not self.params.ignore_eos:
+                return "stop"
+        if n_out >= self.params.max_tokens or self.num_tokens >= max_model_len:
+            return "length"
+        return None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: Optional[str]
+    metrics: RequestMetrics
+    logprobs: Optional[list[float]] = None
+    finished: bool = True

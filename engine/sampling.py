@@ -1,0 +1,95 @@
+"""Sampling parameters and the per-row sampler.
+
+Randomness is keyed by (request seed, token position): the draw for the token at position p
+of a request uses a generator seeded from both. A request therefore gets the same tokens
+alone or batched, before or after a preemption, with or without speculation's bookkeeping —
+and no generator state needs to live anywhere between steps.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import msgspec
+import torch
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    max_tokens: int = 16
+    min_tokens: int = 0
+    # 0 means greedy.
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    # Return the log-probability of every chosen token (under the processed distribution).
+    logprobs: bool = False
+    # Per-request override of the engine's acceptance rule (greedy | typical | rejection).
+    acceptance: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        def bad(field: str, expected: str, got: object) -> ValueError:
+            return ValueError(f"SamplingParams.{field}: expected {expected}, got {got!r}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise bad("max_tokens", "an int > 0", self.max_tokens)
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]", self.min_tokens)
+        if not self.temperature >= 0:
+            raise bad("temperature", ">= 0 (0 = greedy)", self.temperature)
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "-1 or 0 (off) or a positive int", self.top_k)
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "a float in (0, 1]", self.top_p)
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise bad("stop", "a list of non-empty strings", self.stop)
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of non-negative ints", self.stop_token_ids)
+        if self.acceptance not in (None, "greedy", "typical", "rejection"):
+            raise bad("acceptance", "None, 'greedy', 'typical' or 'rejection'", self.acceptance)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def position_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
+    """The generator for the token at ``position`` of a request seeded with ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 0x9E3779B1 + position * 0x85EBCA77) & 0x7FFF_FFFF_FFFF_FFFF)
+    return gen
+
+
+def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p (rows of ``logits`` share ``params``).
+
+    For greedy params this is the one-hot of the argmax, so acceptance rules can treat
+    greedy as the zero-temperature limit.
+    """
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_token(probs: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
+    """Draw one token from a processed distribution (argmax when greedy)."""
+    if params.greedy:
+        return int(probs.argmax())
+    gen = position_generator(seed, position, probs.device)
+    return int(torch.multinomial(probs, 1, generator=gen))

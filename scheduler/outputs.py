@@ -1,0 +1,65 @@
+"""What the scheduler tells the workers to run in one step, and what comes back.
+
+Both are msgspec Structs: they are the wire format between the driver and (Ray) workers,
+so the scheduler never touches tensors and every rank decodes the same bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import msgspec
+
+from engine.sampling import SamplingParams
+
+
+class ScheduledSeq(msgspec.Struct, kw_only=True, array_like=True):
+    seq_id: int
+    # Tokens whose K/V this step computes: a prefill chunk, or the one pending token.
+    token_ids: list[int]
+    # Position of token_ids[0]; the paged cache already holds positions [0, start_pos).
+    start_pos: int
+    block_table: list[int]
+    # True when this chunk reaches the end of the sequence: sample the next token(s).
+    sample: bool
+    # Medusa tree candidates (one per non-root tree node) following token_ids[-1];
+    # empty for plain decoding and prefill.
+    candidates: list[int] = []
+    params: Optional[SamplingParams] = None
+    seed: int = 0
+    # Number of tokens the request has generated before this step (for stop/min_tokens math).
+    num_output_tokens: int = 0
+
+
+class SchedulerOutput(msgspec.Struct, kw_only=True):
+    step_id: int
+    seqs: list[ScheduledSeq]
+    # Sequences whose state workers may drop (finished, aborted, preempted).
+    finished_seq_ids: list[int] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) + len(s.candidates) for s in self.seqs)
+
+
+class SeqResult(msgspec.Struct, kw_only=True, array_like=True):
+    seq_id: int
+    # New tokens: accepted candidates followed by the bonus (model-sampled) token.
+    token_ids: list[int]
+    # Candidates for the next step (empty without speculation).
+    next_candidates: list[int] = []
+    logprobs: list[float] = []
+    # Number of tree candidates accepted (len(token_ids) - 1 for a decode step).
+    num_accepted: int = 0
+    # Per tree depth: was a candidate at that depth accepted (for per-head acceptance rates).
+    accepted_per_depth: list[int] = []
+
+
+class StepResult(msgspec.Struct, kw_only=True):
+    step_id: int
+    results: list[SeqResult]
+
+
+ENCODER = msgspec.msgpack.Encoder()
+SCHEDULER_OUTPUT_DECODER = msgspec.msgpack.Decoder(SchedulerOutput)
+STEP_RESULT_DECODER = msgspec.msgpack.Decoder(StepResult)

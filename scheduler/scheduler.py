@@ -1,0 +1,185 @@
+"""Continuous batching: FCFS waiting queue, running set, token budget, chunked prefill,
+KV reservation for speculation, preemption by recompute.
+
+Each step every running request gets work (its next prefill chunk, or its pending token plus
+its Medusa tree), then waiting requests are admitted while the budget and KV blocks allow.
+When a running request cannot get the blocks it needs, the most recently admitted running
+request is preempted: its blocks are freed and it goes back to the front of the waiting
+queue to be recomputed (prompt + tokens generated so far) later — with keyed sampling it then
+produces exactly the tokens it would have produced without the preemption.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Iterable, Optional
+
+from engine.config import SchedulerConfig
+from engine.request import Request, RequestStatus
+from scheduler.block_manager import BlockManager
+from scheduler.outputs import ScheduledSeq, SchedulerOutput, StepResult
+
+StopCheck = Callable[[Request], Optional[str]]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        max_model_len: int,
+        tree_depth: int = 0,
+    ) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.max_model_len = max_model_len
+        # Extra KV slots a decode step may write: one per accepted tree level.
+        self.tree_depth = tree_depth
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._by_seq_id: dict[int, Request] = {}
+        self._step_id = 0
+        # seq_id -> (tokens computed, sampled) for the step in flight.
+        self._in_flight: dict[int, tuple[int, bool]] = {}
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.seq_id in self._by_seq_id:
+            raise ValueError(f"request {request.request_id!r} is already scheduled")
+        self._by_seq_id[request.seq_id] = request
+        self.waiting.append(request)
+
+    def get(self, seq_id: int) -> Request:
+        return self._by_seq_id[seq_id]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def abort(self, seq_ids: Iterable[int]) -> list[Request]:
+        """Remove requests wherever they are and free their blocks. Unknown ids are ignored."""
+        aborted = []
+        for seq_id in seq_ids:
+            req = self._by_seq_id.get(seq_id)
+            if req is None:
+                continue
+            self._finish(req, "abort")
+            aborted.append(req)
+        return aborted
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.candidates = []
+        self.blocks.free(req.seq_id)
+        self._by_seq_id.pop(req.seq_id, None)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.seq_id)
+        req.num_computed = 0
+        req.candidates = []
+        req.status = RequestStatus.WAITING
+        req.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---- one step ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        if self._in_flight:
+            raise RuntimeError("schedule() called again before update() of the previous step")
+        budget = self.config.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            pending = req.num_tokens - req.num_computed
+            chunk = min(pending, budget)
+            reaches_end = chunk == pending
+            cands = req.candidates if (reaches_end and pending == 1) else []
+            if cands and (1 + len(cands) > budget or req.num_tokens + self.tree_depth > self.max_model_len):
+                cands = []  # no room for the tree this step: plain decode is still exact
+            slots = req.num_computed + chunk + (self.tree_depth if cands else 0)
+            while not self.blocks.allocate(req.seq_id, slots):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break  # req preempted itself: everything after it is gone too
+            out.append(self._scheduled(req, chunk, reaches_end, cands))
+            budget -= chunk + len(cands)
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            pending = req.num_tokens - req.num_computed
+            chunk = min(pending, budget)
+            if not self.blocks.allocate(req.seq_id, req.num_computed + chunk):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.append(self._scheduled(req, chunk, chunk == pending, []))
+            budget -= chunk
+
+        self._step_id += 1
+        return SchedulerOutput(step_id=self._step_id, seqs=out)
+
+    def _scheduled(self, req: Request, chunk: int, sample: bool, cands: list[int]) -> ScheduledSeq:
+        self._in_flight[req.seq_id] = (chunk, sample)
+        req.metrics.num_steps += 1
+        start = req.num_computed
+        return ScheduledSeq(
+            seq_id=req.seq_id,
+            token_ids=req.all_token_ids[start:start + chunk],
+            start_pos=start,
+            block_table=list(self.blocks.block_table(req.seq_id)),
+            sample=sample,
+            candidates=list(cands),
+            params=req.params,
+            seed=req.seed,
+            num_output_tokens=len(req.output_token_ids),
+        )
+
+    def update(self, result: StepResult, stop_check: StopCheck) -> list[Request]:
+        """Apply a step's results: advance KV accounting, append tokens (stopping exactly at
+        the first stop condition, never overshooting), free finished requests.
+        Returns the requests that received tokens or finished this step."""
+        touched = []
+        for res in result.results:
+            chunk, sampled = self._in_flight.pop(res.seq_id)
+            req = self._by_seq_id.get(res.seq_id)
+            if req is None:
+                continue
+            req.num_computed += chunk
+            if not sampled:
+                continue
+            # The accepted candidates' K/V were committed to the cache by the runner.
+            req.num_computed += res.num_accepted
+            was_decode = chunk == 1 and req.output_token_ids
+            if was_decode:
+                req.metrics.record_decode(res.num_accepted, res.accepted_per_depth)
+            reason = None
+            for j, tok in enumerate(res.token_ids):
+                req.output_token_ids.append(tok)
+                if res.logprobs:
+                    req.output_logprobs.append(res.logprobs[j])
+                reason = req.token_stop_reason(self.max_model_len) or stop_check(req)
+                if reason:
+                    break
+            req.candidates = list(res.next_candidates)
+            touched.append(req)
+            if reason:
+                self._finish(req, reason)
+        self._in_flight.clear()
+        return touched

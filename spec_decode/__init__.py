@@ -1,0 +1,1 @@
+"""Medusa speculative decoding: heads, candidate trees, proposer, acceptance rules, training."""

@@ -1,0 +1,125 @@
+"""Acceptance rules: which path of a verified tree to keep, and the bonus token after it.
+
+Inputs for one sequence: ``node_tokens`` [N] (root = the pending token, then one candidate per
+tree node), ``logits`` [N, V] (the model at every node: row i predicts the token after node i).
+Output: the accepted node ids (starting with the root) and the bonus token sampled from the
+model at the last accepted node. Randomness is keyed by the produced token's position.
+
+- greedy (exact match): a candidate is accepted while it equals the model's argmax at its
+  parent; output equals plain greedy decoding token for token. With temperature > 0 the
+  "argmax" is the keyed sample plain decoding would draw there, so output still equals plain
+  decoding with the same seed, token for token.
+- typical (Medusa): accept x at a node if p(x) > min(epsilon, alpha * exp(-H(p))) with p the
+  model's processed distribution at the parent; the longest accepted path wins, ties go to
+  the higher path likelihood.
+- rejection (SpecInfer-style multi-candidate speculative sampling with deterministic drafts):
+  at a node, try its children in rank order: accept child x with probability p(x), else zero
+  p(x) and renormalise; if all are rejected, sample the next token from what remains. The
+  token distribution equals plain sampling from p at every position.
+Greedy requests (temperature 0) always use the greedy rule: for them all three coincide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling import SamplingParams, position_generator, processed_probs, sample_token
+from spec_decode.tree import MedusaTree
+
+
+@dataclass
+class Accepted:
+    path: list[int]  # node ids, root first
+    bonus: int
+
+
+def _best_path(tree: MedusaTree, ok: torch.Tensor, score: torch.Tensor | None = None) -> list[int]:
+    """ok: [P, D] per path and depth, was the edge into that depth accepted."""
+    acc_len = ok.int().cumprod(dim=1).sum(dim=1)
+    key = acc_len.double()
+    if score is not None:
+        # Among the longest, prefer the likeliest: score is the accepted prefix's log-likelihood.
+        key = key * 1e6 + score
+    best = int(torch.argmax(key))
+    return tree.paths[best, : int(acc_len[best]) + 1].tolist()
+
+
+def _edges(tree: MedusaTree, node_tokens: torch.Tensor):
+    paths = tree.paths.to(node_tokens.device)
+    valid = paths[:, 1:] >= 0
+    p = paths.clamp(min=0)
+    return p[:, :-1], p[:, 1:], valid
+
+
+def accept_exact(tree: MedusaTree, node_tokens: torch.Tensor, logits: torch.Tensor,
+                 params: SamplingParams, seed: int, first_pos: int) -> Accepted:
+    """Accept while the candidate equals the token plain decoding draws at its parent (the
+    argmax when greedy; with temperature, the keyed sample — so even sampled output is the
+    very same token sequence as without speculation)."""
+    if params.greedy:
+        target = logits.argmax(dim=-1)
+    else:
+        probs = processed_probs(logits, params)
+        target = torch.tensor([sample_token(probs[i], params, seed, first_pos + tree.depths[i])
+                               for i in range(tree.num_nodes)], device=logits.device)
+    parent, child, valid = _edges(tree, node_tokens)
+    ok = (node_tokens[child] == target[parent]) & valid
+    path = _best_path(tree, ok.cpu())
+    return Accepted(path, int(target[path[-1]]))
+
+
+def accept_typical(tree: MedusaTree, node_tokens: torch.Tensor, logits: torch.Tensor,
+                   params: SamplingParams, seed: int, first_pos: int, epsilon: float,
+                   alpha: float) -> Accepted:
+    probs = processed_probs(logits, params)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-10))).sum(-1)
+    threshold = torch.clamp(alpha * torch.exp(-entropy), max=epsilon)
+    parent, child, valid = _edges(tree, node_tokens)
+    cand_p = probs[parent, node_tokens[child]]
+    ok = (cand_p > threshold[parent]) & valid
+    loglik = (torch.log(cand_p.clamp_min(1e-30)) * ok.int().cumprod(1)).sum(1)
+    path = _best_path(tree, ok.cpu(), loglik.double().cpu())
+    last = path[-1]
+    bonus = sample_token(probs[last], params, seed, first_pos + tree.depths[last])
+    return Accepted(path, bonus)
+
+
+def accept_rejection(tree: MedusaTree, node_tokens: torch.Tensor, logits: torch.Tensor,
+                     params: SamplingParams, seed: int, first_pos: int) -> Accepted:
+    probs = processed_probs(logits, params)
+    tokens = node_tokens.tolist()
+    node, path = 0, [0]
+    while True:
+        gen = position_generator(seed, first_pos + tree.depths[node], probs.device)
+        p = probs[node].clone()
+        nxt = None
+        for child in tree.children[node]:
+            x = tokens[child]
+            u = torch.rand((), generator=gen, device=p.device)
+            if u < p[x]:
+                nxt = child
+                break
+            p[x] = 0.0
+            total = p.sum()
+            if total <= 0:
+                break
+            p = p / total
+        if nxt is None:
+            return Accepted(path, int(torch.multinomial(p, 1, generator=gen)))
+        path.append(nxt)
+        node = nxt
+
+
+def accept(rule: str, tree: MedusaTree, node_tokens: torch.Tensor, logits: torch.Tensor,
+           params: SamplingParams, seed: int, first_pos: int, epsilon: float = 0.09,
+           alpha: float = 0.3) -> Accepted:
+    """Dispatch on the rule; ``first_pos`` is the position of the token the root's row predicts."""
+    if params.greedy or rule == "greedy":
+        return accept_exact(tree, node_tokens, logits, params, seed, first_pos)
+    if rule == "typical":
+        return accept_typical(tree, node_tokens, logits, params, seed, first_pos, epsilon, alpha)
+    if rule == "rejection":
+        return accept_rejection(tree, node_tokens, logits, params, seed, first_pos)
+    raise ValueError(f"acceptance: unknown rule {rule!r}")

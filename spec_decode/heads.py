@@ -1,0 +1,124 @@
+"""Medusa heads: K heads on the frozen base model's last hidden state h_t; head k guesses token
+t+k+2 (the base lm_head gives t+1). Each head is ``num_layers`` ResBlocks (x + SiLU(Wx + b), W
+zero-initialised for training) followed by a vocab projection: its own (original Medusa) or the
+base model's lm_head, shared (small checkpoints).
+
+Checkpoint layout (FasterDecoding/Medusa): a directory with ``config.json`` (medusa_num_heads,
+medusa_num_layers, base_model_name_or_path) and ``medusa_lm_head.safetensors`` (or ``.pt``)
+with keys ``{head}.{layer}.linear.weight|bias`` and ``{head}.{num_layers}.weight``. Shared
+heads omit the last key and set ``medusa_shared_lm_head: true``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_SAFETENSORS = "medusa_lm_head.safetensors"
+WEIGHTS_PT = "medusa_lm_head.pt"
+
+
+class ResBlock(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, num_heads: int, num_layers: int, hidden_size: int, vocab_size: int,
+                 shared_lm_head: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.num_layers = num_heads, num_layers
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        self.shared_lm_head = shared_lm_head
+        self.heads = nn.ModuleList()
+        for _ in range(num_heads):
+            blocks: list[nn.Module] = [ResBlock(hidden_size) for _ in range(num_layers)]
+            if not shared_lm_head:
+                blocks.append(nn.Linear(hidden_size, vocab_size, bias=False))
+            self.heads.append(nn.Sequential(*blocks))
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, H] → [N, K, H]: every head's features before the vocab projection."""
+        outs = []
+        for head in self.heads:
+            x = h
+            for blk in list(head)[: self.num_layers]:
+                x = blk(x)
+            outs.append(x)
+        return torch.stack(outs, dim=1)
+
+    def logits(self, h: torch.Tensor, base_lm_head: nn.Linear) -> torch.Tensor:
+        """[N, H] → [N, K, V] float32."""
+        feats = self.hidden(h)
+        if self.shared_lm_head:
+            return base_lm_head(feats).float()
+        return torch.stack([head[-1](feats[:, k]) for k, head in enumerate(self.heads)], 1).float()
+
+    def randomize(self, seed: int, std: float = 0.02) -> "MedusaHeads":
+        """Untrained but distinct heads (tests: low acceptance, output must still be exact)."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    # ---- checkpoint layout ------------------------------------------------------------
+    def state_dict_medusa(self) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("heads."): v.detach().contiguous() for k, v in self.state_dict().items()}
+
+    def save(self, path: str | Path, base_model: str = "", extra: Optional[dict] = None) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {
+            "medusa_num_heads": self.num_heads,
+            "medusa_num_layers": self.num_layers,
+            "base_model_name_or_path": base_model,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "medusa_shared_lm_head": self.shared_lm_head,
+            **(extra or {}),
+        }
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(self.state_dict_medusa(), str(path / WEIGHTS_SAFETENSORS))
+
+    @classmethod
+    def load(cls, path: str | Path, hidden_size: int, vocab_size: int) -> "MedusaHeads":
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ValueError(f"heads: {str(path)!r} has no config.json")
+        cfg = json.loads(cfg_file.read_text())
+        for key in ("medusa_num_heads", "medusa_num_layers"):
+            if key not in cfg:
+                raise ValueError(f"heads: {cfg_file} is missing {key!r}")
+        if (path / WEIGHTS_SAFETENSORS).is_file():
+            state = load_file(str(path / WEIGHTS_SAFETENSORS))
+        elif (path / WEIGHTS_PT).is_file():
+            state = torch.load(str(path / WEIGHTS_PT), map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"heads: {str(path)!r} has neither {WEIGHTS_SAFETENSORS} nor {WEIGHTS_PT}")
+        k, layers = cfg["medusa_num_heads"], cfg["medusa_num_layers"]
+        shared = f"0.{layers}.weight" not in state
+        heads = cls(k, layers, hidden_size, vocab_size, shared_lm_head=shared)
+        expected = heads.state_dict_medusa()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"heads: {str(path)!r} is missing weights {missing[:4]}")
+        for name, ref in expected.items():
+            if tuple(state[name].shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"heads: weight {name} has shape {tuple(state[name].shape)}, but the base model "
+                    f"needs {tuple(ref.shape)} (hidden_size={hidden_size}, vocab_size={vocab_size})"
+                )
+        heads.load_state_dict({f"heads.{n}": state[n] for n in expected})
+        return heads

@@ -1,0 +1,158 @@
+"""Medusa candidate trees.
+
+A tree is a list of choice tuples as in FasterDecoding/Medusa's ``medusa_choices.py``: the node
+``(a, b, c)`` takes the a-th guess of head 0, then the b-th of head 1, then the c-th of head 2.
+Node 0 is the root: the base model's own next token. Nodes are ordered by depth, then choice,
+which is also the order of ``xformers.ops.tree_attention.TreeAttnMetadata`` (tests check that
+the mask, positions and paths here agree with it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence, Union
+
+import torch
+
+# Max top-k a head provides to a tree (Medusa's TOPK).
+MAX_TOPK = 10
+
+# Tree of FasterDecoding/Medusa (medusa/model/medusa_choices.py, Apache-2.0), tuned there for
+# Vicuna-7B; 63 nodes + root, depth 4.
+MC_SIM_7B_63 = [
+    (0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2), (3,), (0, 3), (4,), (0, 4),
+    (2, 0), (0, 5), (0, 0, 1), (5,), (0, 6), (6,), (0, 7), (0, 1, 0), (1, 1), (7,), (0, 8),
+    (0, 0, 2), (3, 0), (0, 9), (8,), (9,), (1, 0, 0), (0, 2, 0), (1, 2), (0, 0, 3), (4, 0),
+    (2, 1), (0, 0, 4), (0, 0, 5), (0, 0, 0, 0), (0, 1, 1), (0, 0, 6), (0, 3, 0), (5, 0), (1, 3),
+    (0, 0, 7), (0, 0, 8), (0, 0, 9), (6, 0), (0, 4, 0), (1, 4), (7, 0), (0, 1, 2), (2, 0, 0),
+    (3, 1), (2, 2), (8, 0), (0, 5, 0), (1, 5), (1, 0, 1), (0, 2, 1), (9, 0), (0, 6, 0),
+    (0, 0, 0, 1), (1, 6), (0, 7, 0),
+]
+
+# A small tree for CPUs and large batches: 2 guesses at depth 1 and 2, one at 3 and 4.
+SMALL_12 = [
+    (0,), (1,), (0, 0), (0, 1), (1, 0), (1, 1), (0, 0, 0), (0, 1, 0), (1, 0, 0), (0, 0, 0, 0),
+    (0, 0, 1), (2,),
+]
+
+PRESETS: dict[str, list[tuple[int, ...]]] = {"mc_sim_7b_63": MC_SIM_7B_63, "small_12": SMALL_12}
+
+
+def chain(k: int) -> list[tuple[int, ...]]:
+    """Top-1 of each of k heads: a single path."""
+    return [(0,) * d for d in range(1, k + 1)]
+
+
+TreeSpec = Union[str, Sequence[Sequence[int]]]
+
+
+def resolve_choices(spec: TreeSpec) -> list[tuple[int, ...]]:
+    if isinstance(spec, str):
+        if spec.startswith("chain:"):
+            try:
+                k = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"tree: {spec!r}: expected 'chain:K' with an integer K") from None
+            if k < 1:
+                raise ValueError(f"tree: {spec!r}: K must be >= 1")
+            return chain(k)
+        if spec not in PRESETS:
+            raise ValueError(f"tree: unknown preset {spec!r}; known: {sorted(PRESETS)} or 'chain:K'")
+        return list(PRESETS[spec])
+    return [tuple(int(c) for c in choice) for choice in spec]
+
+
+@dataclass(frozen=True)
+class MedusaTree:
+    # Sorted choice tuples; node i+1 is choices[i], node 0 is the root.
+    choices: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def build(cls, spec: TreeSpec, num_heads: int) -> "MedusaTree":
+        choices = resolve_choices(spec)
+        if not choices:
+            raise ValueError("tree: must have at least one node besides the root")
+        seen = set()
+        for c in choices:
+            if len(c) == 0:
+                raise ValueError("tree: the empty tuple is the root and must not be listed")
+            if c in seen:
+                raise ValueError(f"tree: node {c} is listed twice")
+            seen.add(c)
+        for c in choices:
+            if len(c) > 1 and c[:-1] not in seen:
+                raise ValueError(f"tree: node {c} has no parent {c[:-1]} in the tree")
+            if len(c) > num_heads:
+                raise ValueError(f"tree: node {c} has depth {len(c)} but there are only {num_heads} heads")
+            if any(not 0 <= r < MAX_TOPK for r in c):
+                raise ValueError(f"tree: node {c} asks for a guess beyond the heads' top-{MAX_TOPK}")
+        return cls(tuple(sorted(choices, key=lambda c: (len(c), c))))
+
+    @property
+    def num_nodes(self) -> int:
+        """Including the root."""
+        return len(self.choices) + 1
+
+    @property
+    def depth(self) -> int:
+        return max(len(c) for c in self.choices)
+
+    @cached_property
+    def parents(self) -> list[int]:
+        index = {c: i + 1 for i, c in enumerate(self.choices)}
+        return [-1] + [index.get(c[:-1], 0) for c in self.choices]
+
+    @cached_property
+    def depths(self) -> list[int]:
+        return [0] + [len(c) for c in self.choices]
+
+    @cached_property
+    def node_head(self) -> torch.Tensor:
+        """Per non-root node: which head guesses it (depth - 1)."""
+        return torch.tensor([len(c) - 1 for c in self.choices], dtype=torch.long)
+
+    @cached_property
+    def node_rank(self) -> torch.Tensor:
+        """Per non-root node: which of its head's top-k guesses it takes."""
+        return torch.tensor([c[-1] for c in self.choices], dtype=torch.long)
+
+    @cached_property
+    def topk(self) -> int:
+        return max(c[-1] for c in self.choices) + 1
+
+    @cached_property
+    def children(self) -> list[list[int]]:
+        """Children of every node, in the order of their guess rank."""
+        kids: list[list[int]] = [[] for _ in range(self.num_nodes)]
+        for i in range(1, self.num_nodes):
+            kids[self.parents[i]].append(i)
+        for k in kids:
+            k.sort(key=lambda n: self.choices[n - 1][-1])
+        return kids
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """[N, N] bool: node i may attend to node j iff j is i or an ancestor of i."""
+        n = self.num_nodes
+        m = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            j = i
+            while j != -1:
+                m[i, j] = True
+                j = self.parents[j]
+        return m
+
+    @cached_property
+    def paths(self) -> torch.Tensor:
+        """[num_leaves, depth + 1] node ids from the root to every leaf, padded with -1."""
+        leaves = [i for i in range(self.num_nodes) if not self.children[i]]
+        rows = []
+        for leaf in leaves:
+            path, j = [], leaf
+            while j != -1:
+                path.append(j)
+                j = self.parents[j]
+            path.reverse()
+            rows.append(path + [-1] * (self.depth + 1 - len(path)))
+        return torch.tensor(rows, dtype=torch.long)
