@@ -250,6 +250,9 @@ class Engine:
                     pending.discard(o.request_id)
         return [done[r] for r in rids]
 
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+
     def shutdown(self) -> None:
         self.executor.shutdown()
 
