@@ -1,0 +1,76 @@
+"""Greedy with Medusa == greedy without, token for token (bundled model, several trees,
+batch 1, mixed batches with joins/aborts, forced preemption)."""
+
+import pytest
+
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+from tests.conftest import PROMPTS
+from tests.test_engine_batching import _churn
+
+MAX = 32
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX)
+
+
+@pytest.fixture(scope="module")
+def reference(bundled_dir):
+    eng = Engine(str(bundled_dir), max_num_seqs=16)
+    return {p: o.token_ids for p, o in zip(PROMPTS, eng.generate_batch(PROMPTS, GREEDY))}
+
+
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "small_12", "chain:4"])
+def test_lossless_batch1_and_batched(bundled_dir, reference, tree):
+    eng = Engine(str(bundled_dir), speculative={"heads": "random", "tree": tree}, max_num_seqs=16)
+    for p in PROMPTS[:3]:
+        assert eng.generate_batch([p], GREEDY)[0].token_ids == reference[p]
+    outs = eng.generate_batch(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [reference[p] for p in PROMPTS]
+    # Speculation did real work: some candidates were accepted (and some steps gave > 1 token).
+    assert eng.stats.mean_accepted_length > 1.0
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("acceptance", ["typical", "rejection", "greedy"])
+def test_lossless_with_joins_aborts(bundled_dir, reference, acceptance):
+    eng = Engine(str(bundled_dir), speculative={"heads": "random", "tree": "small_12", "acceptance": acceptance},
+                 max_num_seqs=8, max_num_batched_tokens=40)
+    prompts = PROMPTS[:5]
+    assert _churn(eng, prompts, GREEDY) == [reference[p][:MAX] for p in prompts]
+
+
+def test_lossless_under_preemption(bundled_dir, reference):
+    params = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True)
+    plain = Engine(str(bundled_dir), max_num_seqs=8)
+    ref = [o.token_ids for o in plain.generate_batch(PROMPTS[:6], params)]
+    eng = Engine(str(bundled_dir), speculative={"heads": "random", "tree": "small_12"},
+                 num_blocks=7, block_size=16, max_num_seqs=6)
+    outs = eng.generate_batch(PROMPTS[:6], params)
+    assert eng.stats.num_preemptions > 0
+    assert [o.token_ids for o in outs] == ref
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_seeded_sampling_exact_match_rule_equals_plain(bundled_dir):
+    """With the exact-match rule, sampled output equals plain sampling with the same seed."""
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=42, max_tokens=MAX)
+    plain = Engine(str(bundled_dir)).generate_batch(PROMPTS[:4], params)
+    eng = Engine(str(bundled_dir), speculative={"heads": "random", "tree": "small_12", "acceptance": "greedy"})
+    spec = eng.generate_batch(PROMPTS[:4], params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+
+
+def test_stops_exact_when_several_tokens_accepted(bundled_dir, reference):
+    eng = Engine(str(bundled_dir), speculative={"heads": "random", "tree": "mc_sim_7b_63"})
+    prompt = PROMPTS[3]  # "1, 2, 3, 4, 5," — long accepted runs
+    ref = reference[prompt]
+    for n in (1, 2, 3, 7, 11):
+        out = eng.generate_batch([prompt], SamplingParams(temperature=0, max_tokens=n))[0]
+        assert out.token_ids == ref[:n] and out.finish_reason in ("length", "stop")
+    stop_tok = ref[5]
+    out = eng.generate_batch([prompt], SamplingParams(temperature=0, max_tokens=MAX, stop_token_ids=[stop_tok]))[0]
+    assert out.token_ids == ref[: ref.index(stop_tok) + 1] and out.finish_reason == "stop"
+    full_text = eng.tokenizer.decode(ref, skip_special_tokens=True)
+    stop_str = full_text[6:9]
+    out = eng.generate_batch([prompt], SamplingParams(temperature=0, max_tokens=MAX, stop=[stop_str]))[0]
+    assert out.finish_reason == "stop" and out.text == full_text[: full_text.index(stop_str)]
+    assert out.token_ids == ref[: len(out.token_ids)] and len(out.token_ids) < len(ref)
