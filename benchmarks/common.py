@@ -1,0 +1,82 @@
+"""Shared pieces of the benchmark scripts: held-out prompts, environment facts, JSON + PNG."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# The project's prompt file lies in ../shared; MEDUSA_ENGINE_PROMPTS points elsewhere (the
+# device machine gets a held-out extract carried along).
+DEFAULT_PROMPTS = Path(os.environ.get("MEDUSA_ENGINE_PROMPTS", ROOT.parent / "shared" / "data" / "train_prompts.jsonl"))
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def is_heldout(prompt_id: str) -> bool:
+    """1 prompt in 10 (by a hash of its id) is held out for evaluation and never trained on."""
+    return int(hashlib.sha1(prompt_id.encode()).hexdigest(), 16) % 10 == 0
+
+
+def eval_prompts(n: int, path: Path = DEFAULT_PROMPTS, max_chars: int = 600) -> list[str]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if is_heldout(row["id"]) and len(row["prompt"]) <= max_chars:
+                out.append(row["prompt"])
+                if len(out) == n:
+                    break
+    if len(out) < n:
+        out = (out * (n // max(1, len(out)) + 1))[:n]
+    return out
+
+
+def environment(device: torch.device, dtype: torch.dtype, model: str) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"device": name, "dtype": str(dtype).removeprefix("torch."), "model": model,
+            "date": datetime.date.today().isoformat(), "commit": commit, "torch": torch.__version__}
+
+
+def write_results(name: str, env: dict, rows: list[dict], plot) -> Path:
+    """rows → results/<name>-<date>.json and a PNG drawn by plot(ax, rows)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"{name}-{env['date']}-{env['device'].split()[0].lower()}"
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=2)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot(ax, rows)
+    ax.set_title(f"{name}: {env['model']} {env['dtype']} on {env['device']} ({env['date']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(f"{stem}.png", dpi=120)
+    return Path(f"{stem}.json")
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)))
+
+
+def _fmt(v) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)

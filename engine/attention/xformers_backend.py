@@ -1,0 +1,136 @@
+"""CUDA attention through xformers 0.0.35 over the paged cache.
+
+- Prefill chunks and plain decode tokens: K/V are written into the cache first, then one
+  ``memory_efficient_attention_forward`` with a ``PagedBlockDiagonalCausalWithOffsetPaddedKeysMask``
+  (queries at the end of each sequence's keys, causal from the bottom right).
+- Medusa trees: ``xformers.ops.tree_attention.tree_attention`` — the paged prefix (positions
+  before the root, all visible, ``PagedBlockDiagonalPaddedKeysMask``) and the tree suffix (the
+  step's own K/V under the ancestor mask) merged by log-sum-exp. The prefix op is named
+  explicitly (Triton split-K): xformers' automatic choice fails when FA3 is absent.
+Grouped-query attention uses xformers' 5-D layout [B, M, G, H/G, D] with K/V expanded along H/G.
+Paged Triton split-K needs a page size divisible by 64; the engine checks the block size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from engine.attention.base import StepAttnInputs, write_and_keep
+from engine.kv_cache import PagedKVCache
+
+
+@dataclass
+class XformersAttnMeta:
+    inputs: StepAttnInputs
+    write_idx: Optional[torch.Tensor]
+    write_slots: torch.Tensor
+    causal_idx: Optional[torch.Tensor]
+    causal_bias: object
+    tree_idx: Optional[torch.Tensor]
+    tree_batch: int
+    tree_nodes: int
+    tree_spec_bias: Optional[torch.Tensor]
+    tree_prefix_bias: object
+
+
+def _block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(t) for t in tables))
+    out = torch.zeros(len(tables), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return out.to(device)
+
+
+class XformersAttentionBackend:
+    def __init__(self, kv_cache: PagedKVCache, device: torch.device) -> None:
+        from xformers.ops import fmha  # noqa: F401  (fail at construction, not mid-step)
+
+        if kv_cache.block_size % 64:
+            raise ValueError(f"block_size: xformers paged attention needs a multiple of 64, got {kv_cache.block_size}")
+        self.kv_cache = kv_cache
+        self.device = device
+
+    def prepare(self, inputs: StepAttnInputs) -> XformersAttnMeta:
+        from xformers.ops.fmha.attn_bias import (PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
+                                                 PagedBlockDiagonalPaddedKeysMask)
+
+        dev, page = self.device, self.kv_cache.block_size
+        causal_rows: list[int] = []
+        causal = []
+        tree_rows: list[int] = []
+        trees = []
+        offset = 0
+        for s in inputs.seqs:
+            rows = range(offset, offset + s.q_len)
+            if s.tree_mask is None:
+                causal_rows += rows
+                causal.append(s)
+            else:
+                tree_rows += rows
+                trees.append(s)
+            offset += s.q_len
+
+        causal_bias = None
+        if causal:
+            causal_bias = PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+                q_seqlen=[s.q_len for s in causal],
+                kv_seqlen=[s.ctx_len + s.q_len for s in causal],
+                block_tables=_block_tables([s.block_table for s in causal], dev),
+                page_size=page, device=dev)
+        spec_bias = prefix_bias = None
+        n_nodes = trees[0].q_len if trees else 0
+        if trees:
+            if any(s.q_len != n_nodes for s in trees):
+                raise ValueError("xformers backend: all trees of a step must have the same size")
+            mask = trees[0].tree_mask
+            spec_bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
+            spec_bias = spec_bias.to(device=dev, dtype=self.kv_cache.k[0].dtype)
+            prefix_bias = PagedBlockDiagonalPaddedKeysMask.from_seqlens(
+                q_seqlen=[n_nodes] * len(trees),
+                kv_seqlen=[s.ctx_len for s in trees],
+                block_tables=_block_tables([s.block_table for s in trees], dev),
+                page_size=page, device=dev)
+
+        slots = inputs.slot_mapping
+        written = slots >= 0
+        all_written = bool(written.all())
+        return XformersAttnMeta(
+            inputs=inputs,
+            write_idx=None if all_written else torch.nonzero(written).flatten().to(dev),
+            write_slots=(slots if all_written else slots[written]).to(dev),
+            causal_idx=torch.tensor(causal_rows, device=dev) if causal else None,
+            causal_bias=causal_bias,
+            tree_idx=torch.tensor(tree_rows, device=dev) if trees else None,
+            tree_batch=len(trees), tree_nodes=n_nodes,
+            tree_spec_bias=spec_bias, tree_prefix_bias=prefix_bias,
+        )
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: XformersAttnMeta) -> torch.Tensor:
+        from xformers.ops import fmha
+        from xformers.ops.fmha import triton_splitk
+        from xformers.ops.tree_attention import tree_attention
+
+        write_and_keep(self.kv_cache, meta.inputs, meta.write_idx, meta.write_slots, layer, k, v)
+        _, h, d = q.shape
+        g = k.shape[1]
+        hg = h // g
+        cache_k = self.kv_cache.k[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
+        cache_v = self.kv_cache.v[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
+        out = torch.empty_like(q)
+        if meta.causal_idx is not None:
+            qc = q.index_select(0, meta.causal_idx).view(1, -1, g, hg, d)
+            oc = fmha.memory_efficient_attention_forward(qc, cache_k, cache_v, attn_bias=meta.causal_bias)
+            out.index_copy_(0, meta.causal_idx, oc.view(-1, h, d))
+        if meta.tree_idx is not None:
+            b, n = meta.tree_batch, meta.tree_nodes
+            qt = q.index_select(0, meta.tree_idx).view(b, n, g, hg, d)
+            kt = k.index_select(0, meta.tree_idx).view(b, n, g, 1, d).expand(-1, -1, -1, hg, -1)
+            vt = v.index_select(0, meta.tree_idx).view(b, n, g, 1, d).expand(-1, -1, -1, hg, -1)
+            ot = tree_attention(qt, kt, vt, cache_k, cache_v, meta.tree_spec_bias, meta.tree_prefix_bias,
+                                prefix_op=triton_splitk.FwOp, suffix_op=triton_splitk.FwOp)
+            out.index_copy_(0, meta.tree_idx, ot.reshape(-1, h, d))
+        return out
