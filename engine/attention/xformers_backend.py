@@ -1,8 +1,11 @@
 """CUDA attention through xformers 0.0.35 over the paged cache.
 
 - Prefill chunks and plain decode tokens: K/V are written into the cache first, then one
-  ``memory_efficient_attention_forward`` with a ``PagedBlockDiagonalCausalWithOffsetPaddedKeysMask``
-  (queries at the end of each sequence's keys, causal from the bottom right).
+  ``memory_efficient_attention_forward``, causal from the bottom right. A pure decode step
+  (one query per sequence) reads the cache in place (``PagedBlockDiagonalCausalWithOffsetPaddedKeysMask``,
+  Triton split-K); prefill chunks have no paged kernel in xformers 0.0.35 without FA3 (split-K
+  takes only equal query blocks of <= 16), so their K/V are gathered into a padded buffer
+  (``BlockDiagonalCausalWithOffsetPaddedKeysMask``, flash).
 - Medusa trees: ``xformers.ops.tree_attention.tree_attention`` — the paged prefix (positions
   before the root, all visible, ``PagedBlockDiagonalPaddedKeysMask``) and the tree suffix (the
   step's own K/V under the ancestor mask) merged by log-sum-exp. The prefix op is named
@@ -29,6 +32,10 @@ class XformersAttnMeta:
     write_slots: torch.Tensor
     causal_idx: Optional[torch.Tensor]
     causal_bias: object
+    # Set unless every causal query block is one token (pure decode): xformers 0.0.35 without
+    # FA3 has no paged causal kernel for longer or unequal blocks (split-K takes equal blocks of
+    # <= 16), so their K/V are gathered into a padded contiguous buffer.
+    causal_gather: Optional[torch.Tensor]
     tree_idx: Optional[torch.Tensor]
     tree_batch: int
     tree_nodes: int
@@ -54,7 +61,8 @@ class XformersAttentionBackend:
         self.device = device
 
     def prepare(self, inputs: StepAttnInputs) -> XformersAttnMeta:
-        from xformers.ops.fmha.attn_bias import (PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
+        from xformers.ops.fmha.attn_bias import (BlockDiagonalCausalWithOffsetPaddedKeysMask,
+                                                 PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
                                                  PagedBlockDiagonalPaddedKeysMask)
 
         dev, page = self.device, self.kv_cache.block_size
@@ -73,13 +81,21 @@ class XformersAttentionBackend:
                 trees.append(s)
             offset += s.q_len
 
-        causal_bias = None
+        causal_bias = causal_gather = None
         if causal:
-            causal_bias = PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-                q_seqlen=[s.q_len for s in causal],
-                kv_seqlen=[s.ctx_len + s.q_len for s in causal],
-                block_tables=_block_tables([s.block_table for s in causal], dev),
-                page_size=page, device=dev)
+            kv_lens = [s.ctx_len + s.q_len for s in causal]
+            tables = _block_tables([s.block_table for s in causal], dev)
+            if all(s.q_len == 1 for s in causal):
+                causal_bias = PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+                    q_seqlen=[s.q_len for s in causal], kv_seqlen=kv_lens, block_tables=tables,
+                    page_size=page, device=dev)
+            else:
+                pad = max(kv_lens)
+                pos = torch.arange(pad, device=dev).expand(len(causal), pad)
+                pos = torch.minimum(pos, torch.tensor(kv_lens, device=dev)[:, None] - 1)
+                causal_gather = self.kv_cache.slots(tables.long(), pos).flatten()
+                causal_bias = BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+                    q_seqlen=[s.q_len for s in causal], kv_padding=pad, kv_seqlen=kv_lens, device=dev)
         spec_bias = prefix_bias = None
         n_nodes = trees[0].q_len if trees else 0
         if trees:
@@ -102,7 +118,7 @@ class XformersAttentionBackend:
             write_idx=None if all_written else torch.nonzero(written).flatten().to(dev),
             write_slots=(slots if all_written else slots[written]).to(dev),
             causal_idx=torch.tensor(causal_rows, device=dev) if causal else None,
-            causal_bias=causal_bias,
+            causal_bias=causal_bias, causal_gather=causal_gather,
             tree_idx=torch.tensor(tree_rows, device=dev) if trees else None,
             tree_batch=len(trees), tree_nodes=n_nodes,
             tree_spec_bias=spec_bias, tree_prefix_bias=prefix_bias,
@@ -123,7 +139,15 @@ class XformersAttentionBackend:
         out = torch.empty_like(q)
         if meta.causal_idx is not None:
             qc = q.index_select(0, meta.causal_idx).view(1, -1, g, hg, d)
-            oc = fmha.memory_efficient_attention_forward(qc, cache_k, cache_v, attn_bias=meta.causal_bias)
+            if meta.causal_gather is None:
+                oc = fmha.memory_efficient_attention_forward(qc, cache_k, cache_v, attn_bias=meta.causal_bias,
+                                                             op=triton_splitk.FwOp)
+            else:
+                kc = self.kv_cache.k[layer].index_select(0, meta.causal_gather)
+                vc = self.kv_cache.v[layer].index_select(0, meta.causal_gather)
+                kc = kc.view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
+                vc = vc.view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
+                oc = fmha.memory_efficient_attention_forward(qc, kc, vc, attn_bias=meta.causal_bias)
             out.index_copy_(0, meta.causal_idx, oc.view(-1, h, d))
         if meta.tree_idx is not None:
             b, n = meta.tree_batch, meta.tree_nodes
