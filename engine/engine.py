@@ -81,6 +81,9 @@ class Engine:
         backend_name = mc.attention_backend
         if backend_name == "auto":
             backend_name = "xformers" if self.device.type == "cuda" else "torch"
+        if backend_name == "xformers" and self.dtype == torch.float32:
+            raise ValueError("dtype: xformers' paged kernels take float16/bfloat16 only; "
+                             "use dtype='bfloat16' or attention_backend='torch' for float32")
         if backend_name == "xformers" and block_size % 64:
             raise ValueError(f"block_size: xformers' paged kernels need a multiple of 64, got {block_size}")
         per_block = PagedKVCache.bytes_per_block(self.arch.num_layers, block_size, self.arch.num_kv_heads,
