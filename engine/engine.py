@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -17,7 +17,7 @@ from engine.executor.uniproc import UniprocExecutor
 from engine.kv_cache import PagedKVCache
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_model, resolve_model_path
-from engine.request import Request, RequestOutput
+from engine.request import DecodeCounters, Request, RequestOutput
 from engine.sampling import SamplingParams
 from scheduler.block_manager import BlockManager
 from scheduler.scheduler import Scheduler
@@ -28,22 +28,9 @@ BUNDLED_HEADS_DIR = Path(__file__).resolve().parent.parent / "spec_decode" / "bu
 
 
 @dataclass
-class EngineStats:
+class EngineStats(DecodeCounters):
     num_steps: int = 0
     num_generated_tokens: int = 0
-    num_decode_steps: int = 0
-    num_decode_tokens: int = 0
-    accepted_hist: list[int] = field(default_factory=list)
-    accepted_per_depth: list[int] = field(default_factory=list)
-    num_preemptions: int = 0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        return self.num_decode_tokens / self.num_decode_steps if self.num_decode_steps else 0.0
-
-    @property
-    def per_head_acceptance(self) -> list[float]:
-        return [n / self.num_decode_steps for n in self.accepted_per_depth] if self.num_decode_steps else []
 
 
 def _pick_device(name: str) -> torch.device:
@@ -188,15 +175,8 @@ class Engine:
         return outputs
 
     def _account(self, req: Request) -> None:
-        s, m = self.stats, req.metrics
-        s.num_generated_tokens += len(req.output_token_ids)
-        s.num_decode_steps += m.num_decode_steps
-        s.num_decode_tokens += m.num_decode_tokens
-        for name in ("accepted_hist", "accepted_per_depth"):
-            total, mine = getattr(s, name), getattr(m, name)
-            total.extend([0] * (len(mine) - len(total)))
-            for i, n in enumerate(mine):
-                total[i] += n
+        self.stats.num_generated_tokens += len(req.output_token_ids)
+        self.stats.merge(req.metrics)
 
     def _stop_string_check(self, req: Request) -> Optional[str]:
         stops = req.params.stop

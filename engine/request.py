@@ -17,12 +17,8 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass
-class RequestMetrics:
-    arrival_time: float = field(default_factory=time.perf_counter)
-    first_token_time: Optional[float] = None
-    finish_time: Optional[float] = None
-    # Engine steps in which the request had work scheduled.
-    num_steps: int = 0
+class DecodeCounters:
+    """Speculation counters, kept per request and summed per engine."""
     # Decode steps, and tokens they produced (accepted candidates + the bonus token).
     num_decode_steps: int = 0
     num_decode_tokens: int = 0
@@ -37,16 +33,34 @@ class RequestMetrics:
         """Tokens per decode step (1.0 without speculation)."""
         return self.num_decode_tokens / self.num_decode_steps if self.num_decode_steps else 0.0
 
+    @property
+    def per_head_acceptance(self) -> list[float]:
+        """Fraction of decode steps in which head d's guess was accepted."""
+        return [n / self.num_decode_steps for n in self.accepted_per_depth] if self.num_decode_steps else []
+
     def record_decode(self, num_accepted: int, per_depth: list[int]) -> None:
-        self.num_decode_steps += 1
-        self.num_decode_tokens += num_accepted + 1
-        while len(self.accepted_hist) <= num_accepted:
-            self.accepted_hist.append(0)
-        self.accepted_hist[num_accepted] += 1
-        while len(self.accepted_per_depth) < len(per_depth):
-            self.accepted_per_depth.append(0)
-        for d, hit in enumerate(per_depth):
-            self.accepted_per_depth[d] += hit
+        self.merge_counts(1, num_accepted + 1, [0] * num_accepted + [1], per_depth)
+
+    def merge(self, other: "DecodeCounters") -> None:
+        self.merge_counts(other.num_decode_steps, other.num_decode_tokens, other.accepted_hist,
+                          other.accepted_per_depth)
+
+    def merge_counts(self, steps: int, tokens: int, hist: list[int], per_depth: list[int]) -> None:
+        self.num_decode_steps += steps
+        self.num_decode_tokens += tokens
+        for mine, theirs in ((self.accepted_hist, hist), (self.accepted_per_depth, per_depth)):
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for i, n in enumerate(theirs):
+                mine[i] += n
+
+
+@dataclass
+class RequestMetrics(DecodeCounters):
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    # Engine steps in which the request had work scheduled.
+    num_steps: int = 0
 
 
 @dataclass

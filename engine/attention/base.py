@@ -48,6 +48,14 @@ class AttentionBackend(Protocol):
         """q: [T, H, D], k/v: [T, KVH, D] → [T, H, D]. Writes k/v of slotted tokens into the cache."""
 
 
+def write_plan(slot_mapping: torch.Tensor, device: torch.device) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(rows to write or None for all, their slots) on ``device``: tree nodes (slot -1) are skipped."""
+    written = slot_mapping >= 0
+    if bool(written.all()):
+        return None, slot_mapping.to(device)
+    return torch.nonzero(written).flatten().to(device), slot_mapping[written].to(device)
+
+
 def write_and_keep(kv_cache: PagedKVCache, inputs: StepAttnInputs, write_idx: Optional[torch.Tensor],
                    write_slots: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """The cache-side half of every backend's forward (shared so backends agree on it)."""

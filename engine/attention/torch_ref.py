@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from engine.attention.base import StepAttnInputs, write_and_keep
+from engine.attention.base import StepAttnInputs, write_and_keep, write_plan
 from engine.kv_cache import PagedKVCache
 
 
@@ -59,13 +59,11 @@ class TorchAttentionBackend:
         local |= torch.eye(qmax, dtype=torch.bool)
         mask = torch.cat([prefix_valid[:, None, :].expand(b, qmax, pmax), local], dim=-1)
 
-        slots = inputs.slot_mapping
-        written = slots >= 0
-        all_written = bool(written.all())
+        write_idx, write_slots = write_plan(inputs.slot_mapping, dev)
         return TorchAttnMeta(
             inputs=inputs,
-            write_idx=None if all_written else torch.nonzero(written).flatten().to(dev),
-            write_slots=(slots if all_written else slots[written]).to(dev),
+            write_idx=write_idx,
+            write_slots=write_slots,
             q_index=q_index.to(dev),
             q_valid=q_valid.to(dev),
             prefix_slots=prefix_slots.to(dev),

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from engine.attention.base import StepAttnInputs, write_and_keep
+from engine.attention.base import StepAttnInputs, write_and_keep, write_plan
 from engine.kv_cache import PagedKVCache
 
 
@@ -110,13 +110,11 @@ class XformersAttentionBackend:
                 block_tables=_block_tables([s.block_table for s in trees], dev),
                 page_size=page, device=dev)
 
-        slots = inputs.slot_mapping
-        written = slots >= 0
-        all_written = bool(written.all())
+        write_idx, write_slots = write_plan(inputs.slot_mapping, dev)
         return XformersAttnMeta(
             inputs=inputs,
-            write_idx=None if all_written else torch.nonzero(written).flatten().to(dev),
-            write_slots=(slots if all_written else slots[written]).to(dev),
+            write_idx=write_idx,
+            write_slots=write_slots,
             causal_idx=torch.tensor(causal_rows, device=dev) if causal else None,
             causal_bias=causal_bias, causal_gather=causal_gather,
             tree_idx=torch.tensor(tree_rows, device=dev) if trees else None,
