@@ -98,6 +98,7 @@ class Scheduler:
             raise RuntimeError("schedule() called again before update() of the previous step")
         budget = self.config.max_num_batched_tokens
         out: list[ScheduledSeq] = []
+        preempted_before = self.num_preemptions
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -120,7 +121,9 @@ class Scheduler:
             budget -= chunk + len(cands)
             i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # After a preemption the cache is full: admitting now would only preempt again next step.
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and self.num_preemptions == preempted_before):
             req = self.waiting[0]
             pending = req.num_tokens - req.num_computed
             chunk = min(pending, budget)

@@ -74,3 +74,12 @@ def test_bad_requests_leave_engine_serving(tiny_llama):
         outs += [o for o in eng.step() if o.finished]
     assert [o.request_id for o in outs] == ["ok"] and len(outs[0].token_ids) == 8
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_heads_errors(tiny_llama, bundled_dir):
+    with pytest.raises(ValueError, match="no trained heads ship for the bundled model yet"):
+        Engine("default", speculative={"heads": "default"})
+    with pytest.raises(ValueError, match="'default' heads belong to the bundled model"):
+        Engine(str(tiny_llama), speculative={"heads": "default"})
+    with pytest.raises(ValueError, match="depth 5 but there are only 4 heads"):
+        Engine(str(tiny_llama), speculative={"heads": "random", "tree": "chain:5"})
