@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from spec_decode.data import read_prompts
+
 ROOT = Path(__file__).resolve().parent.parent
 # The project's prompt file lies in ../shared; MEDUSA_ENGINE_PROMPTS points elsewhere (the
 # device machine gets a held-out extract carried along).
@@ -19,20 +20,13 @@ DEFAULT_PROMPTS = Path(os.environ.get("MEDUSA_ENGINE_PROMPTS", ROOT.parent / "sh
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def is_heldout(prompt_id: str) -> bool:
-    """1 prompt in 10 (by a hash of its id) is held out for evaluation and never trained on."""
-    return int(hashlib.sha1(prompt_id.encode()).hexdigest(), 16) % 10 == 0
-
-
 def eval_prompts(n: int, path: Path = DEFAULT_PROMPTS, max_chars: int = 600) -> list[str]:
+    """The first n held-out prompts (repeated if there are fewer)."""
     out = []
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if is_heldout(row["id"]) and len(row["prompt"]) <= max_chars:
-                out.append(row["prompt"])
-                if len(out) == n:
-                    break
+    for _, prompt in read_prompts(path, "heldout", max_chars):
+        out.append(prompt)
+        if len(out) == n:
+            break
     if len(out) < n:
         out = (out * (n // max(1, len(out)) + 1))[:n]
     return out

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 DEMO_PROMPTS = [
@@ -77,6 +78,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_heads(args: argparse.Namespace) -> int:
+    import json as _json
+    from dataclasses import fields
+
+    from engine.engine import Engine
+    from spec_decode.data import read_prompts
+    from spec_decode.train import TrainConfig, measure_acceptance, run_training
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    engine = Engine(args.model, dtype=args.dtype, device=args.device, max_num_seqs=cfg.gen_batch,
+                    max_num_batched_tokens=max(8192, cfg.gen_batch * 4), kv_cache_memory_gb=args.kv_cache_memory_gb)
+    report = run_training(cfg, engine)
+    model_path = str(engine.model_path)
+    del engine
+    prompts = [p for _, p in read_prompts(Path(cfg.prompts), "heldout", cfg.max_prompt_chars)][: cfg.max_eval_prompts]
+    kw = dict(dtype=args.dtype, device=args.device, max_num_seqs=len(prompts))
+    trees = (["mc_sim_7b_63"] if cfg.num_heads >= 4 else []) + ["tree.json"]
+    for tree in trees:
+        spec_tree = tree if tree != "tree.json" else _json.loads((Path(cfg.out) / "tree.json").read_text())["choices"]
+        report[f"mean_accepted_{tree}_typical"] = round(
+            measure_acceptance(model_path, cfg.out, prompts, cfg.eval_tokens, tree=spec_tree, **kw), 3)
+    (Path(cfg.out) / "train_report.json").write_text(_json.dumps(report, indent=1))
+    print(_json.dumps({k: v for k, v in report.items() if k not in ("config", "history")}, indent=1))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="medusa-engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -96,9 +123,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--device", default="auto")
     g.add_argument("--max-num-seqs", type=int, default=0)
     g.add_argument("--json", help="write the timing rows here")
+    t = sub.add_parser("train-heads", help="train Medusa heads on self-distilled data (Medusa-1)")
+    t.add_argument("--model", default="default")
+    t.add_argument("--out", required=True, help="heads directory to write")
+    t.add_argument("--prompts", default=None, help="JSONL with a 'prompt' field (default: ../shared/data)")
+    for name, default in (("num_heads", 4), ("num_layers", 1), ("max_train_prompts", 2000),
+                          ("max_eval_prompts", 64), ("gen_max_tokens", 128), ("gen_batch", 256),
+                          ("epochs", 3), ("batch_rows", 1024), ("tree_budget", 63), ("eval_tokens", 128),
+                          ("seed", 0)):
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=default)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--gen-temperature", dest="gen_temperature", type=float, default=0.0)
+    t.add_argument("--dtype", default="auto")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
     args = ap.parse_args(argv)
+    if getattr(args, "prompts", "") is None:
+        from spec_decode.data import DEFAULT_PROMPTS
+
+        args.prompts = str(DEFAULT_PROMPTS)
     try:
-        return {"generate": cmd_generate}[args.cmd](args)
+        return {"generate": cmd_generate, "train-heads": cmd_train_heads}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -98,6 +98,8 @@ class Engine:
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
             if chat:
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise ValueError("chat: True, but this model's tokenizer has no chat template")
                 text = self.tokenizer.apply_chat_template(
                     [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
                 return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -156,3 +156,42 @@ class MedusaTree:
             path.reverse()
             rows.append(path + [-1] * (self.depth + 1 - len(path)))
         return torch.tensor(rows, dtype=torch.long)
+
+
+# ---- trees from measured head accuracy ------------------------------------------------
+
+def node_probability(choice: Sequence[int], acc: Sequence[Sequence[float]]) -> float:
+    """P(the path to this node is accepted), heads assumed independent (Medusa paper):
+    the product of acc[depth][rank] along the path."""
+    p = 1.0
+    for depth, rank in enumerate(choice):
+        p *= acc[depth][rank]
+    return p
+
+
+def expected_accept_length(choices: Sequence[Sequence[int]], acc: Sequence[Sequence[float]]) -> float:
+    """Expected tokens per step: the bonus token plus every node's chance to be on the
+    accepted path (at most one node per depth can be, siblings guess distinct tokens)."""
+    return 1.0 + sum(node_probability(c, acc) for c in choices)
+
+
+def build_tree_from_accuracy(acc: Sequence[Sequence[float]], budget: int) -> MedusaTree:
+    """The tree of ``budget`` nodes with the highest expected accepted length: greedy expansion,
+    always adding the frontier node with the highest acceptance probability. A child's
+    probability never exceeds its parent's, so the chosen set is the top-``budget`` nodes of
+    the whole candidate space: optimal for this objective."""
+    import heapq
+
+    num_heads, topk = len(acc), min(MAX_TOPK, len(acc[0]))
+    if budget < 1:
+        raise ValueError(f"tree budget: expected >= 1, got {budget}")
+    frontier = [(-acc[0][r], (r,)) for r in range(topk)]
+    heapq.heapify(frontier)
+    chosen: list[tuple[int, ...]] = []
+    while frontier and len(chosen) < budget:
+        neg_p, node = heapq.heappop(frontier)
+        chosen.append(node)
+        if len(node) < num_heads:
+            for r in range(topk):
+                heapq.heappush(frontier, (neg_p * acc[len(node)][r], node + (r,)))
+    return MedusaTree.build(chosen, num_heads)
