@@ -44,6 +44,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.medusa:
         spec = {"heads": args.heads, "tree": args.tree, "acceptance": args.acceptance}
         eng = Engine(args.model, speculative=spec, **_engine_kwargs(args))
+        if eng.tree_autotune:
+            print("tree=auto, verify-step latency per tree size on this device:")
+            for row in eng.tree_autotune:
+                print("  ", row)
+            print(f"   chosen: {eng.executor.runner.tree.num_nodes - 1} nodes")
         _run(eng, prompts[:1], SamplingParams(temperature=0, max_tokens=4), args.chat)  # warm-up
         eng.reset_stats()
         outs, dt, ntok = _run(eng, prompts, params, args.chat)
@@ -104,6 +109,22 @@ def cmd_train_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_heads(args: argparse.Namespace) -> int:
+    from engine.models.loader import load_state_dict, read_arch_config, resolve_model_path
+    from spec_decode.heads import MedusaHeads, export_vllm
+
+    model_dir = resolve_model_path(args.model)
+    arch = read_arch_config(model_dir)
+    heads = MedusaHeads.load(args.heads, arch.hidden_size, arch.vocab_size)
+    lm_head = None
+    if heads.shared_lm_head:
+        state = load_state_dict(model_dir)
+        lm_head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    export_vllm(heads, args.out, lm_head)
+    print(f"wrote vLLM Medusa checkpoint to {args.out}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="medusa-engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -137,13 +158,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     t.add_argument("--dtype", default="auto")
     t.add_argument("--device", default="auto")
     t.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
+    e = sub.add_parser("export-heads", help="write heads in vLLM's Medusa checkpoint layout")
+    e.add_argument("--heads", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--model", default="default", help="base model (its lm_head is stored for shared heads)")
     args = ap.parse_args(argv)
     if getattr(args, "prompts", "") is None:
         from spec_decode.data import DEFAULT_PROMPTS
 
         args.prompts = str(DEFAULT_PROMPTS)
     try:
-        return {"generate": cmd_generate, "train-heads": cmd_train_heads}[args.cmd](args)
+        return {"generate": cmd_generate, "train-heads": cmd_train_heads, "export-heads": cmd_export_heads}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

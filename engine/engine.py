@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from engine.request import DecodeCounters, Request, RequestOutput
 from engine.sampling import SamplingParams
 from scheduler.block_manager import BlockManager
 from scheduler.scheduler import Scheduler
+from spec_decode.tree import MedusaTree, build_tree_from_accuracy
 
 Prompt = Union[str, list[int]]
 
@@ -61,8 +63,7 @@ class Engine:
         self.eos_token_id: Optional[int] = eos if eos is not None else (self.arch.eos_token_ids or (None,))[0]
         eos_ids = tuple(sorted(set(self.arch.eos_token_ids) | ({eos} if eos is not None else set())))
 
-        proposer = _build_proposer(self.config, self.model, self.arch, self.device, self.dtype)
-        tree_depth = proposer.tree.depth if proposer else 0
+        proposer, self.head_accuracy = _build_proposer(self.config, self.model, self.arch, self.device, self.dtype)
 
         block_size = cc.block_size if cc.block_size != "auto" else (64 if self.device.type == "cuda" else 16)
         backend_name = mc.attention_backend
@@ -80,6 +81,12 @@ class Engine:
                                      self.arch.head_dim, self.dtype, self.device)
         backend = _build_backend(backend_name, self.kv_cache, self.device)
 
+        runner = ModelRunner(self.model, backend, self.device, eos_ids, proposer, self.config.speculative)
+        # tree="auto": time the verify step for several tree sizes on this device, keep the best.
+        self.tree_autotune: Optional[list[dict]] = None
+        if proposer is not None and self.config.speculative.tree == "auto":
+            self.tree_autotune = _autotune_tree(runner, self.head_accuracy, block_size, num_blocks)
+        tree_depth = runner.tree.depth if runner.tree else 0
         # A request must fit the cache alone (plus a tree's lookahead), or it could never run.
         limit = mc.max_model_len or self.arch.max_position_embeddings
         self.max_model_len = min(limit, num_blocks * block_size - tree_depth)
@@ -87,7 +94,6 @@ class Engine:
             raise ValueError(f"num_blocks={num_blocks} x block_size={block_size}: KV cache too small for any request")
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager, self.max_model_len, tree_depth)
-        runner = ModelRunner(self.model, backend, self.device, eos_ids, proposer, self.config.speculative)
         self.executor = UniprocExecutor(runner)
         self.stats = EngineStats()
         self._seed_rng = random.Random(mc.seed)
@@ -261,11 +267,11 @@ def _build_backend(name: str, kv_cache: PagedKVCache, device: torch.device):
 def _build_proposer(config: EngineConfig, model, arch, device, dtype):
     from spec_decode.heads import MedusaHeads
     from spec_decode.proposer import MedusaProposer
-    from spec_decode.tree import MedusaTree
 
     spec = config.speculative
     if spec is None:
-        return None
+        return None, None
+    path = None
     if spec.heads == "random":
         heads = MedusaHeads(spec.num_heads, 1, arch.hidden_size, arch.vocab_size).randomize(config.model.seed)
     else:
@@ -279,5 +285,53 @@ def _build_proposer(config: EngineConfig, model, arch, device, dtype):
         if not path.is_dir():
             raise ValueError(f"speculative.heads: {str(path)!r} is not a directory")
         heads = MedusaHeads.load(path, arch.hidden_size, arch.vocab_size)
-    tree = MedusaTree.build(spec.tree, heads.num_heads)
-    return MedusaProposer(heads.to(device=device, dtype=dtype).eval(), tree, model.lm_head)
+    acc = None
+    if path is not None and (path / "tree.json").is_file():
+        acc = json.loads((path / "tree.json").read_text()).get("rank_accuracy")
+    if spec.tree == "auto":
+        if acc is None:
+            raise ValueError("speculative.tree: 'auto' needs heads with a tree.json holding rank_accuracy "
+                             "(written by train-heads)")
+        tree = build_tree_from_accuracy(acc, AUTO_TREE_SIZES[-1])
+    else:
+        tree = MedusaTree.build(spec.tree, heads.num_heads)
+    return MedusaProposer(heads.to(device=device, dtype=dtype).eval(), tree, model.lm_head), acc
+
+
+# Node budgets that tree="auto" times (mc_sim_7b_63's size last).
+AUTO_TREE_SIZES = (1, 2, 4, 8, 16, 32, 63)
+
+
+def _autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, ctx: int = 128) -> list[dict]:
+    """Time one verify step (batch 1, ``ctx`` tokens of context) per tree size; keep the tree
+    with the most expected tokens per second. Runs before any request exists, so the KV
+    blocks it scribbles on are free."""
+    from scheduler.outputs import ScheduledSeq, SchedulerOutput
+    from spec_decode.tree import expected_accept_length
+
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    rows, best = [], None
+    for n in AUTO_TREE_SIZES:
+        tree = build_tree_from_accuracy(acc, n)
+        need = -(-(ctx + 1 + tree.depth) // block_size)
+        if need > num_blocks:
+            break
+        runner.tree = runner.proposer.tree = tree
+        seq = ScheduledSeq(seq_id=0, token_ids=[1], start_pos=ctx, block_table=list(range(need)), sample=True,
+                           candidates=[1] * (tree.num_nodes - 1), params=SamplingParams(temperature=0))
+        times = []
+        for i in range(4):
+            sync()
+            t0 = time.perf_counter()
+            runner.execute(SchedulerOutput(step_id=-1, seqs=[seq]))
+            sync()
+            if i:
+                times.append(time.perf_counter() - t0)
+        latency = sorted(times)[len(times) // 2]
+        expected = expected_accept_length(tree.choices, acc)
+        rows.append({"nodes": n, "latency_ms": round(latency * 1e3, 3), "expected_tokens_per_step": round(expected, 3),
+                     "expected_tokens_per_s": round(expected / latency, 1)})
+        if best is None or expected / latency > best[0]:
+            best = (expected / latency, tree)
+    runner.tree = runner.proposer.tree = best[1]
+    return rows

@@ -122,3 +122,58 @@ class MedusaHeads(nn.Module):
                 )
         heads.load_state_dict({f"heads.{n}": state[n] for n in expected})
         return heads
+
+
+# ---- vLLM's Medusa layout -----------------------------------------------------------------
+# vLLM (vllm/model_executor/models/medusa.py) names ResBlock i of head h
+# ``blocks.{h}.layers.{i}.weight|bias`` and head h's projection ``lm_heads.{h}.weight``; its
+# config has model_type "medusa", num_heads, num_hidden_layers (ResBlocks per head),
+# hidden_size, vocab_size, truncated_vocab_size, medusa_fc_bias and original_lm_head (one
+# projection shared by all heads, stored as lm_heads.0.weight). Mapping to the FasterDecoding
+# layout: ``{h}.{i}.linear.*`` ↔ ``blocks.{h}.layers.{i}.*``, ``{h}.{L}.weight`` ↔
+# ``lm_heads.{h}.weight``; shared heads export a copy of the base model's lm_head.
+
+def export_vllm(heads: MedusaHeads, path: str | Path, base_lm_head: Optional[torch.Tensor] = None) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    for h, head in enumerate(heads.heads):
+        for i in range(heads.num_layers):
+            state[f"blocks.{h}.layers.{i}.weight"] = head[i].linear.weight.detach().contiguous()
+            state[f"blocks.{h}.layers.{i}.bias"] = head[i].linear.bias.detach().contiguous()
+        if not heads.shared_lm_head:
+            state[f"lm_heads.{h}.weight"] = head[-1].weight.detach().contiguous()
+    if heads.shared_lm_head:
+        if base_lm_head is None:
+            raise ValueError("export: shared heads need the base model's lm_head weight (vLLM stores it)")
+        state["lm_heads.0.weight"] = base_lm_head.detach().contiguous().clone()
+    config = {
+        "model_type": "medusa", "architectures": ["MedusaModel"],
+        "num_heads": heads.num_heads, "num_hidden_layers": heads.num_layers,
+        "hidden_size": heads.hidden_size, "vocab_size": heads.vocab_size,
+        "truncated_vocab_size": heads.vocab_size, "medusa_fc_bias": True,
+        "original_lm_head": heads.shared_lm_head,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(state, str(path / "model.safetensors"))
+
+
+def load_vllm(path: str | Path) -> tuple[MedusaHeads, Optional[torch.Tensor]]:
+    """Heads from vLLM's layout, and the shared lm_head weight when ``original_lm_head``."""
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("model_type") != "medusa":
+        raise ValueError(f"heads: {path}/config.json is not a vLLM Medusa config (model_type={cfg.get('model_type')!r})")
+    state = load_file(str(path / "model.safetensors"))
+    shared = bool(cfg.get("original_lm_head", False))
+    heads = MedusaHeads(cfg["num_heads"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"],
+                        shared_lm_head=shared)
+    ours = {}
+    for h in range(heads.num_heads):
+        for i in range(heads.num_layers):
+            for kind in ("weight", "bias"):
+                ours[f"heads.{h}.{i}.linear.{kind}"] = state[f"blocks.{h}.layers.{i}.{kind}"]
+        if not shared:
+            ours[f"heads.{h}.{heads.num_layers}.weight"] = state[f"lm_heads.{h}.weight"]
+    heads.load_state_dict(ours)
+    return heads, state.get("lm_heads.0.weight") if shared else None

@@ -36,3 +36,29 @@ def test_pt_checkpoint_and_errors(tmp_path):
         MedusaHeads.load(d, 16, 10)
     with pytest.raises(ValueError, match="has no config.json"):
         MedusaHeads.load(tmp_path, 8, 10)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_vllm_layout_round_trip(tmp_path, shared):
+    from safetensors.torch import load_file
+
+    from spec_decode.heads import export_vllm, load_vllm
+
+    heads = MedusaHeads(3, 1, hidden_size=16, vocab_size=40, shared_lm_head=shared).randomize(4)
+    lm_head = torch.nn.Linear(16, 40, bias=False)
+    export_vllm(heads, tmp_path / "v", lm_head.weight if shared else None)
+    keys = set(load_file(str(tmp_path / "v" / "model.safetensors")))
+    assert "blocks.2.layers.0.bias" in keys and ("lm_heads.2.weight" in keys) == (not shared)
+    back, lm_w = load_vllm(tmp_path / "v")
+    x = torch.randn(4, 16)
+    if shared:
+        assert torch.equal(lm_w, lm_head.weight.detach())
+    with torch.no_grad():
+        assert torch.equal(back.logits(x, lm_head), heads.logits(x, lm_head))
+    # And back into the FasterDecoding layout that the engine loads.
+    back.save(tmp_path / "fd")
+    again = MedusaHeads.load(tmp_path / "fd", 16, 40)
+    with torch.no_grad():
+        assert torch.equal(again.logits(x, lm_head), heads.logits(x, lm_head))
+    with pytest.raises(ValueError, match="need the base model's lm_head"):
+        export_vllm(MedusaHeads(1, 1, 16, 40, shared_lm_head=True), tmp_path / "w")

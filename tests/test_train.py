@@ -82,3 +82,26 @@ def test_tree_from_accuracy_matches_brute_force(seed):
         got = expected_accept_length(tree.choices, acc)
         assert got == pytest.approx(_brute_force_best(acc, budget))
     assert node_probability((0, 1), acc) == pytest.approx(acc[0][0] * acc[1][1])
+
+
+def test_tree_auto_times_sizes_and_stays_lossless(tiny_llama, tmp_path):
+    from engine.sampling import SamplingParams
+
+    heads = MedusaHeads(3, 1, 64, 256).randomize(0)
+    heads.save(tmp_path / "h")
+    acc = [[0.6, 0.2, 0.1] + [0.01] * 7, [0.4, 0.2] + [0.01] * 8, [0.3] + [0.01] * 9]
+    (tmp_path / "h" / "tree.json").write_text(json.dumps({"rank_accuracy": acc}))
+    eng = Engine(str(tiny_llama), block_size=4, num_blocks=512, speculative={"heads": str(tmp_path / "h"), "tree": "auto"})
+    rows = eng.tree_autotune
+    assert [r["nodes"] for r in rows] == [1, 2, 4, 8, 16, 32, 63]
+    chosen = eng.executor.runner.tree
+    best = max(rows, key=lambda r: r["expected_tokens_per_s"])
+    assert chosen.num_nodes - 1 == best["nodes"]
+    assert eng.scheduler.tree_depth == chosen.depth
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    plain = Engine(str(tiny_llama), block_size=4, num_blocks=512)
+    prompts = [[5, 6, 7], [9] * 12]
+    assert [o.token_ids for o in eng.generate_batch(prompts, params)] == \
+        [o.token_ids for o in plain.generate_batch(prompts, params)]
+    with pytest.raises(ValueError, match="'auto' needs heads with a tree.json"):
+        Engine(str(tiny_llama), speculative={"heads": "random", "tree": "auto"})
