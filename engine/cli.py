@@ -125,6 +125,16 @@ def cmd_export_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.server import serve
+
+    kw = _engine_kwargs(args)
+    if args.medusa:
+        kw["speculative"] = {"heads": args.heads, "tree": args.tree, "acceptance": args.acceptance}
+    serve(kw, args.model, args.host, args.port, args.served_model_name)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="medusa-engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -162,13 +172,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     e.add_argument("--heads", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--model", default="default", help="base model (its lm_head is stored for shared heads)")
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    sv.add_argument("--model", default="default")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--medusa", action="store_true")
+    sv.add_argument("--heads", default="default")
+    sv.add_argument("--tree", default="mc_sim_7b_63")
+    sv.add_argument("--acceptance", default="typical", choices=["greedy", "typical", "rejection"])
+    sv.add_argument("--dtype", default="auto")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--max-num-seqs", type=int, default=0)
     args = ap.parse_args(argv)
     if getattr(args, "prompts", "") is None:
         from spec_decode.data import DEFAULT_PROMPTS
 
         args.prompts = str(DEFAULT_PROMPTS)
     try:
-        return {"generate": cmd_generate, "train-heads": cmd_train_heads, "export-heads": cmd_export_heads}[args.cmd](args)
+        return {"generate": cmd_generate, "train-heads": cmd_train_heads, "export-heads": cmd_export_heads,
+                "serve": cmd_serve}[args.cmd](args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

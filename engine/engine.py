@@ -104,11 +104,7 @@ class Engine:
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
             if chat:
-                if not getattr(self.tokenizer, "chat_template", None):
-                    raise ValueError("chat: True, but this model's tokenizer has no chat template")
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-                return list(self.tokenizer.encode(text, add_special_tokens=False))
+                return self.encode_messages([{"role": "user", "content": prompt}])
             return list(self.tokenizer.encode(prompt))
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             if chat:
@@ -119,6 +115,19 @@ class Engine:
                 raise ValueError(f"prompt: token ids must be in [0, {vocab}), got {bad[:5]}")
             return list(prompt)
         raise ValueError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
+
+    def encode_messages(self, messages: Sequence[dict]) -> list[int]:
+        """Chat messages ({"role", "content"}) → prompt ids through the model's chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat: this model's tokenizer has no chat template")
+        if not messages:
+            raise ValueError("messages: must not be empty")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}]: expected {{'role': system|user|assistant, 'content': str}}")
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:

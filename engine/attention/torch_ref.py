@@ -74,11 +74,16 @@ class TorchAttentionBackend:
                 meta: TorchAttnMeta) -> torch.Tensor:
         write_and_keep(self.kv_cache, meta.inputs, meta.write_idx, meta.write_slots, layer, k, v)
         kc, vc = self.kv_cache.k[layer], self.kv_cache.v[layer]
-        keys = torch.cat([kc[meta.prefix_slots], k[meta.q_index]], dim=1)  # [B, P+Q, KVH, D]
+        keys = torch.cat([kc[meta.prefix_slots], k[meta.q_index]], dim=1)  # [B, S, KVH, D]
         vals = torch.cat([vc[meta.prefix_slots], v[meta.q_index]], dim=1)
-        queries = q[meta.q_index]  # [B, Q, H, D]
+        b, s_len, kvh, d = keys.shape
+        qmax, h = meta.q_index.shape[1], q.shape[1]
+        g = h // kvh
+        # Grouped-query attention without repeating K/V: the g query heads that share a KV
+        # head become g extra query rows of that head ([B, KVH, Q*g, D]).
+        queries = q[meta.q_index].view(b, qmax, kvh, g, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, qmax * g, d)
+        mask = meta.mask.repeat_interleave(g, dim=2)  # [B, 1, Q*g, S]
         out = torch.nn.functional.scaled_dot_product_attention(
-            queries.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
-            attn_mask=meta.mask, enable_gqa=True,
-        )
-        return out.transpose(1, 2)[meta.q_valid]
+            queries, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask)
+        out = out.view(b, kvh, qmax, g, d).permute(0, 2, 1, 3, 4).reshape(b, qmax, h, d)
+        return out[meta.q_valid]
