@@ -14,6 +14,8 @@ import uuid
 from typing import Optional, Union
 
 import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from engine.async_engine import AsyncEngine, StreamOutput
 from engine.sampling import SamplingParams
@@ -66,9 +68,6 @@ def _decode(body: bytes, cls):
 
 
 def build_app(engine: AsyncEngine, model_name: str):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-
     app = FastAPI(title="medusa-engine")
     eng = engine.engine
     started = int(time.time())
@@ -86,6 +85,8 @@ def build_app(engine: AsyncEngine, model_name: str):
     def _params(req: _Common, prompt_len: int) -> SamplingParams:
         if req.n != 1:
             raise APIError(400, "n: only 1 is supported", "n")
+        if prompt_len >= eng.max_model_len:
+            raise APIError(400, f"prompt: {prompt_len} tokens, but the context holds {eng.max_model_len}", "prompt")
         room = eng.max_model_len - prompt_len
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if max_tokens is None:

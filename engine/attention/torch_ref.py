@@ -1,7 +1,10 @@
-"""Reference attention on any device: gather the paged prefix through the block tables, pad the
-batch to [B, Q, P + Q], one scaled_dot_product_attention with an explicit boolean mask.
+"""Reference attention on any device: gather the paged prefix through the block tables and run
+scaled_dot_product_attention with an explicit boolean mask (prefix all visible, then the new
+tokens' causal or tree mask).
 
-It is the ground truth the CUDA backend is tested against, and the CPU path of the engine.
+Sequences are grouped so padding stays cheap: all short query blocks (decode tokens, trees)
+are padded together into one [B, Q, P + Q] call; every long block (a prefill chunk) runs on
+its own, unpadded. It is the ground truth the CUDA backend is tested against, and the CPU path.
 """
 
 from __future__ import annotations
@@ -11,8 +14,20 @@ from typing import Optional
 
 import torch
 
-from engine.attention.base import StepAttnInputs, write_and_keep, write_plan
+from engine.attention.base import SeqAttn, StepAttnInputs, write_and_keep, write_plan
 from engine.kv_cache import PagedKVCache
+
+# Query blocks up to this long are batched together (covers decode steps and Medusa trees).
+SHORT_QUERY = 80
+
+
+@dataclass
+class _Group:
+    rows: torch.Tensor  # [n] flat token indices of this group's valid queries, in order
+    q_index: torch.Tensor  # [B, Q] flat token index (padding → 0)
+    q_valid: torch.Tensor  # [B, Q]
+    prefix_slots: torch.Tensor  # [B, P]
+    mask: torch.Tensor  # [B, 1, Q, P + Q]
 
 
 @dataclass
@@ -20,10 +35,7 @@ class TorchAttnMeta:
     inputs: StepAttnInputs
     write_idx: Optional[torch.Tensor]  # None: every token is written
     write_slots: torch.Tensor
-    q_index: torch.Tensor  # [B, Q] flat token index (padding → 0)
-    q_valid: torch.Tensor  # [B, Q]
-    prefix_slots: torch.Tensor  # [B, P]
-    mask: torch.Tensor  # [B, 1, Q, P + Q]
+    groups: list[_Group]
 
 
 class TorchAttentionBackend:
@@ -32,15 +44,25 @@ class TorchAttentionBackend:
         self.device = device
 
     def prepare(self, inputs: StepAttnInputs) -> TorchAttnMeta:
-        seqs, dev = inputs.seqs, self.device
-        b = len(seqs)
+        starts, off = [], 0
+        for s in inputs.seqs:
+            starts.append(off)
+            off += s.q_len
+        short = [i for i, s in enumerate(inputs.seqs) if s.q_len <= SHORT_QUERY]
+        long = [[i] for i, s in enumerate(inputs.seqs) if s.q_len > SHORT_QUERY]
+        groups = [self._group([inputs.seqs[i] for i in g], [starts[i] for i in g])
+                  for g in ([short] if short else []) + long]
+        write_idx, write_slots = write_plan(inputs.slot_mapping, self.device)
+        return TorchAttnMeta(inputs=inputs, write_idx=write_idx, write_slots=write_slots, groups=groups)
+
+    def _group(self, seqs: list[SeqAttn], starts: list[int]) -> _Group:
+        dev, b = self.device, len(seqs)
         q_lens = torch.tensor([s.q_len for s in seqs])
         ctx = torch.tensor([s.ctx_len for s in seqs])
         qmax, pmax = int(q_lens.max()), int(ctx.max())
-        starts = torch.cumsum(q_lens, 0) - q_lens
         j = torch.arange(qmax)
         q_valid = j[None, :] < q_lens[:, None]
-        q_index = torch.where(q_valid, starts[:, None] + j[None, :], torch.zeros_like(j)[None, :])
+        q_index = torch.where(q_valid, torch.tensor(starts)[:, None] + j[None, :], torch.zeros_like(j)[None, :])
 
         max_blocks = max(1, max(len(s.block_table) for s in seqs))
         table = torch.zeros(b, max_blocks, dtype=torch.long)
@@ -58,32 +80,31 @@ class TorchAttentionBackend:
         # Padding rows see their own (junk) key so no row is all -inf; they are dropped later.
         local |= torch.eye(qmax, dtype=torch.bool)
         mask = torch.cat([prefix_valid[:, None, :].expand(b, qmax, pmax), local], dim=-1)
-
-        write_idx, write_slots = write_plan(inputs.slot_mapping, dev)
-        return TorchAttnMeta(
-            inputs=inputs,
-            write_idx=write_idx,
-            write_slots=write_slots,
-            q_index=q_index.to(dev),
-            q_valid=q_valid.to(dev),
-            prefix_slots=prefix_slots.to(dev),
-            mask=mask[:, None].to(dev),
-        )
+        return _Group(rows=q_index[q_valid].to(dev), q_index=q_index.to(dev), q_valid=q_valid.to(dev),
+                      prefix_slots=prefix_slots.to(dev), mask=mask[:, None].to(dev))
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: TorchAttnMeta) -> torch.Tensor:
         write_and_keep(self.kv_cache, meta.inputs, meta.write_idx, meta.write_slots, layer, k, v)
+        if len(meta.groups) == 1:
+            return self._attend(layer, q, k, v, meta.groups[0])
+        out = torch.empty_like(q)
+        for g in meta.groups:
+            out.index_copy_(0, g.rows, self._attend(layer, q, k, v, g))
+        return out
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: _Group) -> torch.Tensor:
         kc, vc = self.kv_cache.k[layer], self.kv_cache.v[layer]
-        keys = torch.cat([kc[meta.prefix_slots], k[meta.q_index]], dim=1)  # [B, S, KVH, D]
-        vals = torch.cat([vc[meta.prefix_slots], v[meta.q_index]], dim=1)
-        b, s_len, kvh, d = keys.shape
-        qmax, h = meta.q_index.shape[1], q.shape[1]
-        g = h // kvh
-        # Grouped-query attention without repeating K/V: the g query heads that share a KV
-        # head become g extra query rows of that head ([B, KVH, Q*g, D]).
-        queries = q[meta.q_index].view(b, qmax, kvh, g, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, qmax * g, d)
-        mask = meta.mask.repeat_interleave(g, dim=2)  # [B, 1, Q*g, S]
+        keys = torch.cat([kc[g.prefix_slots], k[g.q_index]], dim=1)  # [B, S, KVH, D]
+        vals = torch.cat([vc[g.prefix_slots], v[g.q_index]], dim=1)
+        b, _, kvh, d = keys.shape
+        qmax, h = g.q_index.shape[1], q.shape[1]
+        n_rep = h // kvh
+        # Grouped-query attention without repeating K/V: the query heads sharing a KV head
+        # become extra query rows of that head ([B, KVH, Q * n_rep, D]).
+        queries = q[g.q_index].view(b, qmax, kvh, n_rep, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, qmax * n_rep, d)
+        mask = g.mask.repeat_interleave(n_rep, dim=2)  # [B, 1, Q * n_rep, S]
         out = torch.nn.functional.scaled_dot_product_attention(
             queries, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask)
-        out = out.view(b, kvh, qmax, g, d).permute(0, 2, 1, 3, 4).reshape(b, qmax, h, d)
-        return out[meta.q_valid]
+        out = out.view(b, kvh, qmax, n_rep, d).permute(0, 2, 1, 3, 4).reshape(b, qmax, h, d)
+        return out[g.q_valid]

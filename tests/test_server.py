@@ -1,0 +1,148 @@
+"""HTTP server: OpenAI client compatibility, clear 4xx errors, and a bounded load test on
+loopback (1,000 requests, 64 concurrent clients, 20% cancelled mid-stream, forced preemption)."""
+
+import asyncio
+import json
+import random
+import time
+
+import httpx
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+from engine.server import build_app
+from tests.serving import LoopbackServer
+
+NAME = "smol"
+
+
+@pytest.fixture(scope="module")
+def bundled_server(bundled_dir):
+    eng = Engine(str(bundled_dir), max_num_seqs=8)
+    with LoopbackServer(build_app(AsyncEngine(eng), NAME)) as srv:
+        srv.engine = eng
+        yield srv
+
+
+def test_openai_client(bundled_server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=bundled_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+    ref = Engine(str(bundled_server.engine.model_path)).generate_batch(
+        ["The capital of France is"], SamplingParams(temperature=0, max_tokens=12))[0]
+    comp = client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=12, temperature=0)
+    assert comp.choices[0].text == ref.text and comp.usage.completion_tokens == len(ref.token_ids)
+
+    msgs = [{"role": "user", "content": "Name three colors."}]
+    full = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=24, temperature=0)
+    stream = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=24, temperature=0, stream=True)
+    chunks = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(chunks) == full.choices[0].message.content and len(chunks) > 2
+
+    seeded = [client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10, temperature=0.9,
+                                        seed=7).choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    stopped = client.completions.create(model=NAME, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=["7"])
+    assert "7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (json.dumps({"model": NAME, "prompt": "hi", "max_tokens": "ten"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": NAME}).encode(), 400, None),
+    (json.dumps({"model": NAME, "prompt": "hi", "max_tokens": 10**6}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": NAME, "prompt": "hi " * 9000, "max_tokens": 4}).encode(), 400, "prompt"),
+    (json.dumps({"model": NAME, "prompt": "hi", "temperature": -1}).encode(), 400, "temperature"),
+    (json.dumps({"model": NAME, "prompt": "", "max_tokens": 4}).encode(), 400, "prompt"),
+    (json.dumps({"model": "gpt-9", "prompt": "hi"}).encode(), 404, "model"),
+])
+def test_bad_requests_get_clear_4xx(bundled_server, body, status, param):
+    r = httpx.post(bundled_server.url + "/v1/completions", content=body, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"]
+    if param:
+        assert err["param"] == param, err
+    assert httpx.get(bundled_server.url + "/health").json() == {"status": "ok"}
+
+
+def test_chat_bad_messages(bundled_server):
+    r = httpx.post(bundled_server.url + "/v1/chat/completions",
+                   json={"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, timeout=60)
+    assert r.status_code == 400 and "messages[0]" in r.json()["error"]["message"]
+
+
+def test_load_cancellations_preemption_nothing_lost(tiny_llama):
+    rng = random.Random(0)
+    n_requests, n_clients, max_new = 1000, 64, 24
+    pool = [" ".join(f"w{rng.randrange(3, 256)}" for _ in range(rng.randint(1, 20))) for _ in range(120)]
+    jobs = [{"i": i, "prompt": rng.choice(pool), "max_tokens": rng.randint(1, max_new), "cancel": rng.random() < 0.2}
+            for i in range(n_requests)]
+
+    # Reference: every prompt alone on its own engine; greedy with ignore_eos, so the answer to
+    # max_tokens=m is the first m tokens of the longest answer.
+    alone = Engine(str(tiny_llama), block_size=4, num_blocks=256)
+    longest = {p: alone.generate_batch([p], SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True))[0]
+               for p in pool}
+    ref = {(p, m): alone.tokenizer.decode(o.token_ids[:m], skip_special_tokens=True)
+           for p, o in longest.items() for m in range(1, max_new + 1)}
+
+    # 48 blocks x 4 tokens cannot hold 32 running requests of up to 44 tokens: preemption.
+    eng = Engine(str(tiny_llama), block_size=4, num_blocks=48, max_num_seqs=32)
+    results: dict[int, list] = {}
+
+    async def client(queue: asyncio.Queue, http: httpx.AsyncClient):
+        while True:
+            try:
+                j = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            body = {"model": NAME, "prompt": j["prompt"], "max_tokens": j["max_tokens"], "temperature": 0,
+                    "stream": True, "ignore_eos": True}
+            text, reason = "", None
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        break
+                    chunk = json.loads(line[6:])["choices"][0]
+                    text += chunk["text"]
+                    reason = chunk["finish_reason"] or reason
+                    if j["cancel"]:
+                        break  # leave mid-stream: the server must abort and free the request
+            results.setdefault(j["i"], []).append((text, reason))
+
+    async def run_all(url):
+        queue: asyncio.Queue = asyncio.Queue()
+        for j in jobs:
+            queue.put_nowait(j)
+        limits = httpx.Limits(max_connections=n_clients)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+            await asyncio.wait_for(asyncio.gather(*(client(queue, http) for _ in range(n_clients))), timeout=600)
+
+    with LoopbackServer(build_app(AsyncEngine(eng), NAME)) as srv:
+        t0 = time.time()
+        asyncio.run(run_all(srv.url))
+        # Cancelled streams are aborted by the server shortly after the client leaves.
+        deadline = time.time() + 30
+        while eng.has_unfinished() and time.time() < deadline:
+            time.sleep(0.1)
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+        elapsed = time.time() - t0
+
+    assert sorted(results) == list(range(n_requests)), "a request was lost"
+    assert all(len(v) == 1 for v in results.values()), "a request was answered twice"
+    for j in jobs:
+        if not j["cancel"]:
+            text, reason = results[j["i"]][0]
+            assert reason == "length" and text == ref[(j["prompt"], j["max_tokens"])], j
+    assert eng.block_manager.num_used_blocks == 0 and not eng.has_unfinished()
+    assert "medusa_kv_blocks_used 0" in metrics
+    assert eng.scheduler.num_preemptions > 0
+    print(f"{n_requests} requests in {elapsed:.1f}s, {eng.scheduler.num_preemptions} preemptions")
