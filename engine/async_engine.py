@@ -36,6 +36,20 @@ class StreamOutput:
     metrics: RequestMetrics
 
 
+def stream_delta(text: str, sent: str, hold: int, finished: bool) -> str:
+    """The part of ``text`` (all output decoded so far) that may be sent after ``sent``.
+
+    Unfinished: hold back the last ``hold`` characters (a stop string may still remove them)
+    and any trailing U+FFFD (bytes of a character whose remaining bytes are still to come).
+    Text already sent is never sent again, even if decoding revised it."""
+    if not finished:
+        end = len(text) - hold
+        while end > len(sent) and text[end - 1] == "\ufffd":
+            end -= 1
+        text = text[: max(end, len(sent))]
+    return text[len(sent):] if len(text) > len(sent) else ""
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -103,15 +117,8 @@ class AsyncEngine:
                     raise RuntimeError(f"engine step failed: {item}") from item
                 out: RequestOutput = item
                 finished = out.finished
-                text = out.text
-                if not finished:
-                    end = len(text) - hold
-                    while end > len(sent_text) and text[end - 1] == "\ufffd":
-                        end -= 1
-                    text = text[: max(end, len(sent_text))]
-                if not text.startswith(sent_text):  # decoding changed earlier text: resend nothing twice
-                    text = sent_text + text[len(sent_text):]
-                delta, sent_text = text[len(sent_text):], text
+                delta = stream_delta(out.text, sent_text, hold, finished)
+                sent_text += delta
                 new_tokens = out.token_ids[sent_tokens:]
                 sent_tokens = len(out.token_ids)
                 if finished:

@@ -157,14 +157,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     t = sub.add_parser("train-heads", help="train Medusa heads on self-distilled data (Medusa-1)")
     t.add_argument("--model", default="default")
     t.add_argument("--out", required=True, help="heads directory to write")
-    t.add_argument("--prompts", default=None, help="JSONL with a 'prompt' field (default: ../shared/data)")
-    for name, default in (("num_heads", 4), ("num_layers", 1), ("max_train_prompts", 2000),
-                          ("max_eval_prompts", 64), ("gen_max_tokens", 128), ("gen_batch", 256),
-                          ("epochs", 3), ("batch_rows", 1024), ("tree_budget", 63), ("eval_tokens", 128),
-                          ("seed", 0)):
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=default)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--gen-temperature", dest="gen_temperature", type=float, default=0.0)
+    from dataclasses import MISSING, fields
+
+    from spec_decode.train import TrainConfig
+
+    # Every TrainConfig field is a flag, with the dataclass's default (one place for defaults).
+    for f in fields(TrainConfig):
+        if f.name == "out":
+            continue
+        kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        t.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
+                       default=None if f.default is MISSING else f.default)
     t.add_argument("--dtype", default="auto")
     t.add_argument("--device", default="auto")
     t.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
@@ -185,10 +188,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     sv.add_argument("--device", default="auto")
     sv.add_argument("--max-num-seqs", type=int, default=0)
     args = ap.parse_args(argv)
-    if getattr(args, "prompts", "") is None:
-        from spec_decode.data import DEFAULT_PROMPTS
-
-        args.prompts = str(DEFAULT_PROMPTS)
     try:
         return {"generate": cmd_generate, "train-heads": cmd_train_heads, "export-heads": cmd_export_heads,
                 "serve": cmd_serve}[args.cmd](args)
