@@ -288,9 +288,6 @@ def _build_proposer(config: EngineConfig, model, arch, device, dtype):
         if spec.heads == "default" and config.model.model != "default":
             raise ValueError("speculative.heads: 'default' heads belong to the bundled model; "
                              "pass a heads directory or 'random' for other models")
-        if spec.heads == "default" and not path.is_dir():
-            raise ValueError("speculative.heads: no trained heads ship for the bundled model yet; "
-                             "use heads='random' or a Medusa heads directory")
         if not path.is_dir():
             raise ValueError(f"speculative.heads: {str(path)!r} is not a directory")
         heads = MedusaHeads.load(path, arch.hidden_size, arch.vocab_size)

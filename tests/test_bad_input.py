@@ -76,9 +76,9 @@ def test_bad_requests_leave_engine_serving(tiny_llama):
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
-def test_heads_errors(tiny_llama, bundled_dir):
-    with pytest.raises(ValueError, match="no trained heads ship for the bundled model yet"):
-        Engine("default", speculative={"heads": "default"})
+def test_heads_errors(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match=r"speculative.heads: '.*nope' is not a directory"):
+        Engine(str(tiny_llama), speculative={"heads": str(tmp_path / "nope")})
     with pytest.raises(ValueError, match="'default' heads belong to the bundled model"):
         Engine(str(tiny_llama), speculative={"heads": "default"})
     with pytest.raises(ValueError, match="depth 5 but there are only 4 heads"):
