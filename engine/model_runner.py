@@ -20,7 +20,7 @@ from engine.config import SpeculativeConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.sampling import SamplingParams, processed_probs, sample_token
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, SeqResult, StepResult
-from spec_decode.acceptance import accept
+from spec_decode.acceptance import accept, accept_greedy_batch
 from spec_decode.proposer import MedusaProposer
 from spec_decode.tree import MedusaTree
 
@@ -100,6 +100,19 @@ class ModelRunner:
         commit_src: list[int] = []
         commit_dst: list[int] = []
         last_rows: list[int] = []
+        # Greedy tree sequences are accepted together (one device→host copy for the batch).
+        greedy_tree = [(lay, rr) for lay, rr in zip(layouts, row_ranges)
+                       if rr is not None and lay.tree and (lay.seq.params or SamplingParams()).greedy]
+        batched: dict[int, object] = {}
+        if greedy_tree:
+            for lay, (r0, count) in greedy_tree:
+                self._mask_before_min_tokens(logits[r0:r0 + count], lay.seq, lay.seq.params or SamplingParams())
+            rows_idx = torch.tensor([r0 for _, (r0, _) in greedy_tree], device=self.device)
+            stacked = logits[rows_idx[:, None] + torch.arange(tree.num_nodes, device=self.device)]
+            toks = torch.tensor([l.seq.token_ids[-1:] + l.seq.candidates for l, _ in greedy_tree], device=self.device)
+            for (lay, _), acc in zip(greedy_tree, accept_greedy_batch(tree, toks, stacked)):
+                batched[lay.seq.seq_id] = acc
+
         for lay, rr in zip(layouts, row_ranges):
             s = lay.seq
             if rr is None:
@@ -108,14 +121,18 @@ class ModelRunner:
             r0, count = rr
             seq_logits = logits[r0:r0 + count]
             params = s.params or SamplingParams()
-            self._mask_before_min_tokens(seq_logits, s, params)
             first_pos = s.start_pos + len(s.token_ids)  # position of the first token produced
+            if s.seq_id not in batched:
+                self._mask_before_min_tokens(seq_logits, s, params)
             if lay.tree:
-                node_tokens = torch.tensor(s.token_ids[-1:] + s.candidates, device=self.device)
-                acc = accept(params.acceptance or self.spec.acceptance, tree, node_tokens, seq_logits,
-                             params, s.seed, first_pos, self.spec.epsilon, self.spec.alpha)
+                node_list = s.token_ids[-1:] + s.candidates
+                acc = batched.get(s.seq_id)
+                if acc is None:
+                    acc = accept(params.acceptance or self.spec.acceptance, tree,
+                                 torch.tensor(node_list, device=self.device), seq_logits,
+                                 params, s.seed, first_pos, self.spec.epsilon, self.spec.alpha)
                 path, bonus = acc.path, acc.bonus
-                new_tokens = [int(node_tokens[i]) for i in path[1:]] + [bonus]
+                new_tokens = [node_list[i] for i in path[1:]] + [bonus]
                 root_pos = s.start_pos
                 for node in path[1:]:
                     commit_src.append(lay.offset + node)

@@ -102,3 +102,18 @@ def test_exact_match_rule_with_sampling_equals_plain_draws():
         for depth, node in enumerate(got.path):
             draw = sample_token(processed_probs(logits[node], params), params, seed, 7 + depth)
             assert produced[depth] == draw
+
+
+@pytest.mark.parametrize("spec", TREES, ids=str)
+def test_greedy_batch_equals_per_sequence(spec):
+    from spec_decode.acceptance import accept_greedy_batch
+
+    tree = MedusaTree.build(spec, num_heads=4)
+    cases = [_case(tree, 50, seed) for seed in range(24)]
+    toks = torch.stack([t for t, _ in cases])
+    logits = torch.stack([l for _, l in cases])
+    batch = accept_greedy_batch(tree, toks, logits)
+    greedy = SamplingParams(temperature=0)
+    for (t, l), got in zip(cases, batch):
+        one = accept("greedy", tree, t, l, greedy, seed=0, first_pos=3)
+        assert (got.path, got.bonus) == (one.path, one.bonus)

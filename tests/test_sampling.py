@@ -32,3 +32,16 @@ def test_min_tokens_logprobs_and_top_k1(tiny_llama):
                                                         ignore_eos=True))[0]
     assert topk1.token_ids == greedy.token_ids
     assert out.metrics.num_steps >= 4 and out.metrics.finish_time >= out.metrics.first_token_time
+
+
+def test_min_tokens_with_medusa_equals_plain(tiny_llama):
+    prompt = [5, 9, 11]
+    plain = Engine(str(tiny_llama), block_size=4, num_blocks=256)
+    spec = Engine(str(tiny_llama), block_size=4, num_blocks=256,
+                  speculative={"heads": "random", "tree": "small_12", "num_heads": 4})
+    toks = plain.generate_batch([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].token_ids
+    # Stop ids that greedy decoding would hit early, held off by min_tokens on both engines.
+    params = SamplingParams(temperature=0, max_tokens=12, min_tokens=6, stop_token_ids=toks[:3])
+    a = plain.generate_batch([prompt], params)[0]
+    b = spec.generate_batch([prompt], params)[0]
+    assert a.token_ids == b.token_ids and len(a.token_ids) >= 6
