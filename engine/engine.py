@@ -235,12 +235,15 @@ class Engine:
             plist = list(params)
             if len(plist) != len(prompts):
                 raise ValueError(f"params: {len(plist)} SamplingParams for {len(prompts)} prompts")
+        encoded = []
         for i, (p, sp) in enumerate(zip(prompts, plist)):
             try:
-                self._validate(self.encode(p, chat), sp)
+                encoded.append(self.encode(p, chat))
+                self._validate(encoded[-1], sp)
             except ValueError as e:
                 raise ValueError(f"prompts[{i}]: {e}") from None
-        rids = [self.add_request(p, sp, chat=chat) for p, sp in zip(prompts, plist)]
+        # Queue the token ids validated above: each prompt is tokenised once.
+        rids = [self.add_request(ids, sp) for ids, sp in zip(encoded, plist)]
         pending = set(rids)
         done: dict[str, RequestOutput] = {}
         while pending:

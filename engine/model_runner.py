@@ -100,13 +100,14 @@ class ModelRunner:
         commit_src: list[int] = []
         commit_dst: list[int] = []
         last_rows: list[int] = []
+        for lay, rr in zip(layouts, row_ranges):
+            if rr is not None:
+                self._mask_before_min_tokens(logits[rr[0]:rr[0] + rr[1]], lay.seq, lay.seq.params or SamplingParams())
         # Greedy tree sequences are accepted together (one device→host copy for the batch).
         greedy_tree = [(lay, rr) for lay, rr in zip(layouts, row_ranges)
                        if rr is not None and lay.tree and (lay.seq.params or SamplingParams()).greedy]
         batched: dict[int, object] = {}
         if greedy_tree:
-            for lay, (r0, count) in greedy_tree:
-                self._mask_before_min_tokens(logits[r0:r0 + count], lay.seq, lay.seq.params or SamplingParams())
             rows_idx = torch.tensor([r0 for _, (r0, _) in greedy_tree], device=self.device)
             stacked = logits[rows_idx[:, None] + torch.arange(tree.num_nodes, device=self.device)]
             toks = torch.tensor([l.seq.token_ids[-1:] + l.seq.candidates for l, _ in greedy_tree], device=self.device)
@@ -122,8 +123,6 @@ class ModelRunner:
             seq_logits = logits[r0:r0 + count]
             params = s.params or SamplingParams()
             first_pos = s.start_pos + len(s.token_ids)  # position of the first token produced
-            if s.seq_id not in batched:
-                self._mask_before_min_tokens(seq_logits, s, params)
             if lay.tree:
                 node_list = s.token_ids[-1:] + s.candidates
                 acc = batched.get(s.seq_id)

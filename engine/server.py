@@ -55,6 +55,12 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
+    @classmethod
+    def bad_input(cls, exc: ValueError) -> "APIError":
+        """400 from the engine's ValueErrors, which start with the field: "field: what is wrong"."""
+        text = str(exc)
+        return cls(400, text, text.split(":", 1)[0].removeprefix("SamplingParams."))
+
 
 def _decode(body: bytes, cls):
     try:
@@ -100,14 +106,13 @@ def build_app(engine: AsyncEngine, model_name: str):
                                   top_k=req.top_k, stop=stop, seed=req.seed, min_tokens=req.min_tokens,
                                   ignore_eos=req.ignore_eos)
         except ValueError as e:
-            field = str(e).split(":", 1)[0].removeprefix("SamplingParams.")
-            raise APIError(400, str(e), field) from None
+            raise APIError.bad_input(e) from None
 
     def _encode(fn, *args):
         try:
             return fn(*args)
         except ValueError as e:
-            raise APIError(400, str(e), str(e).split(":", 1)[0]) from None
+            raise APIError.bad_input(e) from None
 
     async def _run(ids, params, body_stream: bool, render_chunk, render_final):
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -115,7 +120,7 @@ def build_app(engine: AsyncEngine, model_name: str):
             gen = engine.generate(None, params, request_id=rid, prompt_token_ids=ids)
             first = await gen.__anext__()
         except ValueError as e:
-            raise APIError(400, str(e), str(e).split(":", 1)[0]) from None
+            raise APIError.bad_input(e) from None
         if not body_stream:
             last = first
             async for out in gen:

@@ -75,10 +75,8 @@ def accept_greedy_batch(tree: MedusaTree, node_tokens: torch.Tensor, logits: tor
     [S, N, V]): one pass on the device and one copy to the host, instead of a few small syncs
     per sequence. Same result as ``accept_exact`` on each sequence (first longest path wins)."""
     argmax = logits.argmax(dim=-1)  # [S, N]
-    paths = tree.paths.to(node_tokens.device)
-    valid = paths[:, 1:] >= 0
-    p = paths.clamp(min=0)
-    ok = (node_tokens[:, p[:, 1:]] == argmax[:, p[:, :-1]]) & valid  # [S, P, D]
+    parent, child, valid = _edges(tree, node_tokens)
+    ok = (node_tokens[:, child] == argmax[:, parent]) & valid  # [S, P, D]
     acc_len = ok.int().cumprod(dim=2).sum(dim=2)  # [S, P]
     best = acc_len.argmax(dim=1)  # first maximum, as in _best_path
     best_len = acc_len.gather(1, best[:, None])[:, 0]
