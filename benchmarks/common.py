@@ -48,6 +48,10 @@ def write_results(name: str, env: dict, rows: list[dict], plot) -> Path:
     """rows → results/<name>-<date>.json and a PNG drawn by plot(ax, rows)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{name}-{env['date']}-{env['device'].split()[0].lower()}"
+    n = 1
+    while Path(f"{stem}.json").exists():  # keep earlier runs of the same day (RESULTS.md cites them)
+        n += 1
+        stem = RESULTS / f"{name}-{env['date']}-{env['device'].split()[0].lower()}-{n}"
     with open(f"{stem}.json", "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=2)
     import matplotlib

@@ -10,8 +10,8 @@ python3 -c "from engine.models.loader import resolve_model_path; print(resolve_m
 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -i warn
 python3 benchmarks/throughput.py --batch-sizes ${TP_BS:-1 4 16 64} --max-tokens ${TP_TOKENS:-256} 2>&1 \
     | grep -v -i -E "warn|Loading" | tee "$OUT/throughput.log" | tail -8
-python3 benchmarks/speculative.py --heads ${HEADS:-random} --trees ${TREES:-mc_sim_7b_63 small_12 chain:3} \
-    --batch-sizes ${SP_BS:-1 4 16 64} --max-tokens ${SP_TOKENS:-128} 2>&1 \
+python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${TREES:-mc_sim_7b_63 auto backoff} \
+    --batch-sizes ${SP_BS:-1 4 16 64 128} --max-tokens ${SP_TOKENS:-128} 2>&1 \
     | grep -v -i -E "warn|Loading" | tee "$OUT/speculative.log" | tail -16
 cp benchmarks/results/* "$OUT"/ 2>/dev/null
 true

@@ -3,6 +3,9 @@ batch size, greedy, held-out chat prompts; one run side by side.
 
     python benchmarks/speculative.py --heads random --trees small_12 --batch-sizes 1 4   # CPU
     python benchmarks/speculative.py --heads default --batch-sizes 1 4 16 64             # GPU
+
+The tree name ``backoff`` runs Medusa with back-off (tree sized per step from a latency model
+measured at start-up; needs heads with tree.json, e.g. the default heads).
 """
 
 from __future__ import annotations
@@ -53,16 +56,20 @@ def main() -> None:
         base[bs] = run(plain, prompts, args.max_tokens)
     del plain
     for tree in args.trees:
-        eng = Engine(args.model, speculative={"heads": args.heads, "tree": tree, "acceptance": args.acceptance}, **kw)
+        spec = {"heads": args.heads, "tree": tree, "acceptance": args.acceptance}
+        if tree == "backoff":
+            spec.update(tree="auto", backoff=True)
+        eng = Engine(args.model, speculative=spec, **kw)
         for bs in args.batch_sizes:
             prompts = eval_prompts(bs)
             outs, tok_s = run(eng, prompts, args.max_tokens)
             ref_outs, plain_tok_s = base[bs]
-            rows.append({**env, "tree": tree, "tree_nodes": eng.executor.runner.tree.num_nodes,
+            rows.append({**env, "tree": tree, "tree_nodes": eng.tree.num_nodes,
                          "acceptance": args.acceptance, "batch_size": bs,
                          "plain_tok_s": plain_tok_s, "medusa_tok_s": tok_s, "speedup": tok_s / plain_tok_s,
                          "mean_accepted": eng.stats.mean_accepted_length,
                          "per_head_acceptance": [round(x, 3) for x in eng.stats.per_head_acceptance],
+                         "steps_by_tree_size": dict(eng.stats.steps_by_tree_size),
                          "greedy_identical": [o.token_ids for o in outs] == [o.token_ids for o in ref_outs]})
             print_table([rows[-1]], ["tree", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup", "mean_accepted"])
         del eng

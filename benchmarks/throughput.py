@@ -3,6 +3,11 @@ prompts, model, dtype, batch sizes, greedy, fixed number of new tokens; one run 
 
     python benchmarks/throughput.py --batch-sizes 1 4 16 --max-tokens 32        # CPU
     python benchmarks/throughput.py --batch-sizes 1 4 16 64 --max-tokens 256    # GPU
+
+With ``--tp 1 2`` it compares tensor-parallel sizes instead (Ray executor, plain and Medusa
+decoding, TP=1 on the same executor so the ratio shows what splitting the model buys):
+
+    python benchmarks/throughput.py --tp 1 2 --batch-sizes 1 16 64 --heads default
 """
 
 from __future__ import annotations
@@ -60,7 +65,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--tp", type=int, nargs="+", help="tensor-parallel sizes to compare (Ray executor)")
+    ap.add_argument("--heads", default="default", help="Medusa heads for the --tp comparison ('none': plain only)")
+    ap.add_argument("--tree", default="mc_sim_7b_63")
     args = ap.parse_args()
+    if args.tp:
+        return tp_main(args)
 
     engine = Engine(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes))
     env = environment(engine.device, engine.dtype, "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
@@ -94,6 +104,45 @@ def main() -> None:
     print(f"\n{env}")
     print_table(rows, ["batch_size", "new_tokens", "engine_tok_s", "hf_tok_s", "speedup"])
     print("wrote", write_results("throughput", env, rows, plot))
+
+
+def tp_main(args) -> None:
+    """Tokens/s per TP size, plain and Medusa, same prompts; speedup relative to TP=1."""
+    rows = []
+    modes = [("plain", None)] + ([] if args.heads == "none" else
+                                 [("medusa", {"heads": args.heads, "tree": args.tree})])
+    env = None
+    for tp in args.tp:
+        for mode, spec in modes:
+            eng = Engine(args.model, speculative=spec, dtype=args.dtype, max_num_seqs=max(args.batch_sizes),
+                         executor="ray", tensor_parallel_size=tp)
+            env = env or environment(eng.device, eng.dtype,
+                                     "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
+            for bs in args.batch_sizes:
+                eng.reset_stats()
+                n, dt = bench_engine(eng, eval_prompts(bs), args.max_tokens)
+                steps = eng.stats.num_steps
+                rows.append({**env, "tp": tp, "mode": mode, "batch_size": bs, "new_tokens": args.max_tokens,
+                             "tok_s": n / dt, "step_ms": 1e3 * dt / max(1, steps),
+                             "mean_accepted": eng.stats.mean_accepted_length if spec else 1.0})
+                base = next(r for r in rows if r["mode"] == mode and r["batch_size"] == bs)
+                rows[-1]["speedup_vs_first_tp"] = rows[-1]["tok_s"] / base["tok_s"]
+                print_table([rows[-1]], ["tp", "mode", "batch_size", "tok_s", "step_ms", "speedup_vs_first_tp"])
+            eng.shutdown()
+
+    def plot(ax, rows):
+        for tp in args.tp:
+            for mode, _ in modes:
+                rs = [r for r in rows if r["tp"] == tp and r["mode"] == mode]
+                ax.plot([r["batch_size"] for r in rs], [r["tok_s"] for r in rs], "o-" if mode == "plain" else "s--",
+                        label=f"TP={tp} {mode}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("generated tokens / s")
+
+    print(f"\n{env}")
+    print_table(rows, ["tp", "mode", "batch_size", "tok_s", "step_ms", "mean_accepted", "speedup_vs_first_tp"])
+    print("wrote", write_results("tensor-parallel", env, rows, plot))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print("tree=auto, verify-step latency per tree size on this device:")
             for row in eng.tree_autotune:
                 print("  ", row)
-            print(f"   chosen: {eng.executor.runner.tree.num_nodes - 1} nodes")
+            print(f"   chosen: {eng.tree.num_nodes - 1} nodes")
         _run(eng, prompts[:1], SamplingParams(temperature=0, max_tokens=4), args.chat)  # warm-up
         eng.reset_stats()
         outs, dt, ntok = _run(eng, prompts, params, args.chat)

@@ -80,6 +80,9 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True):
     alpha: float = 0.3
     # Number of heads when heads="random".
     num_heads: int = 4
+    # Size the tree every step from the number of decoding sequences and a latency model
+    # measured at start-up (down to no speculation); needs heads with measured accuracies.
+    backoff: bool = False
 
     def __post_init__(self) -> None:
         _check(self.method == "medusa", "speculative.method", "'medusa'", self.method)
@@ -92,14 +95,24 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True):
 
 class ParallelConfig(msgspec.Struct, kw_only=True):
     tensor_parallel_size: int = 1
+    # "uniproc": the model runs in the engine's process; "ray": one Ray actor per TP rank.
     executor: str = "uniproc"
+    # Ray cluster to join: None starts (or reuses) a local Ray, "auto" joins the cluster
+    # started on this machine with `ray start`, "ray://host:port" a remote one.
     ray_address: Optional[str] = None
+    # A step (or worker start-up) that takes longer fails with an error instead of hanging;
+    # also the collectives' timeout, so a dead peer cannot block the survivors for ever.
+    worker_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", ">= 1", self.tensor_parallel_size)
-        _check(self.executor in ("uniproc",), "executor", "'uniproc' (ray: not built yet)", self.executor)
-        _check(self.tensor_parallel_size == 1, "tensor_parallel_size",
-               "1 (tensor parallelism over Ray is not built yet)", self.tensor_parallel_size)
+        _check(self.executor in ("uniproc", "ray"), "executor", "'uniproc' or 'ray'", self.executor)
+        _check(self.executor == "ray" or self.tensor_parallel_size == 1, "tensor_parallel_size",
+               "1 with executor='uniproc' (tensor parallelism runs over Ray: executor='ray')",
+               self.tensor_parallel_size)
+        _check(self.ray_address is None or self.executor == "ray", "ray_address",
+               "unset unless executor='ray'", self.ray_address)
+        _check(self.worker_timeout_s > 0, "worker_timeout_s", "> 0", self.worker_timeout_s)
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):

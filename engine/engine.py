@@ -3,36 +3,37 @@
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from engine.attention.torch_ref import TorchAttentionBackend
 from engine.config import EngineConfig, build_engine_config
+from engine.executor import WorkerError
 from engine.executor.uniproc import UniprocExecutor
 from engine.kv_cache import PagedKVCache
-from engine.model_runner import ModelRunner
-from engine.models.loader import load_model, resolve_model_path
+from engine.models.loader import read_arch_config, resolve_model_path
+from engine.parallel import ShardPlan
 from engine.request import DecodeCounters, Request, RequestOutput
 from engine.sampling import SamplingParams
 from scheduler.block_manager import BlockManager
 from scheduler.scheduler import Scheduler
-from spec_decode.tree import MedusaTree, build_tree_from_accuracy
+from engine.worker import AUTO_TREE_SIZES, BUNDLED_HEADS_DIR, WorkerSpec  # noqa: F401 (BUNDLED_HEADS_DIR re-exported)
+from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint
+from spec_decode.tree import MedusaTree, expected_accept_length, nested_subtrees
 
 Prompt = Union[str, list[int]]
-
-BUNDLED_HEADS_DIR = Path(__file__).resolve().parent.parent / "spec_decode" / "bundled_heads"
 
 
 @dataclass
 class EngineStats(DecodeCounters):
     num_steps: int = 0
     num_generated_tokens: int = 0
+    # Back-off: engine steps per tree size (candidates per decoding sequence; 0 = plain).
+    steps_by_tree_size: dict[int, int] = field(default_factory=dict)
 
 
 def _pick_device(name: str) -> torch.device:
@@ -53,17 +54,31 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class Engine:
     def __init__(self, model: str = "default", speculative: Any = None, **kwargs: Any) -> None:
         self.config: EngineConfig = build_engine_config(model, speculative, **kwargs)
-        mc, cc = self.config.model, self.config.cache
-        self.device = _pick_device(mc.device)
-        self.dtype = _pick_dtype(mc.dtype, self.device)
+        mc, cc, pc = self.config.model, self.config.cache, self.config.parallel
         self.model_path = resolve_model_path(mc.model)
-        self.model, self.arch = load_model(self.model_path, self.dtype, self.device)
+        self.arch = read_arch_config(self.model_path)
         self.tokenizer = _load_tokenizer(self.model_path)
         eos = self.tokenizer.eos_token_id
         self.eos_token_id: Optional[int] = eos if eos is not None else (self.arch.eos_token_ids or (None,))[0]
-        eos_ids = tuple(sorted(set(self.arch.eos_token_ids) | ({eos} if eos is not None else set())))
+        eos_ids = sorted(set(self.arch.eos_token_ids) | ({eos} if eos is not None else set()))
+        tp = pc.tensor_parallel_size
+        plans = [ShardPlan.build(self.arch, tp, r) for r in range(tp)]  # refuses impossible splits
 
-        proposer, self.head_accuracy = _build_proposer(self.config, self.model, self.arch, self.device, self.dtype)
+        owns_ray = False
+        if pc.executor == "ray":
+            from engine.executor import ray_executor
+
+            owns_ray = ray_executor.connect(pc.ray_address)
+            gpus = ray_executor.cluster_gpus()
+            if mc.device == "auto":
+                self.device = torch.device("cuda" if gpus >= tp else "cpu")
+            else:
+                self.device = torch.device(mc.device)
+                if self.device.type == "cuda" and gpus < tp:
+                    raise ValueError(f"device: 'cuda' with tensor_parallel_size={tp}, but the Ray cluster has {gpus:g} GPUs")
+        else:
+            self.device = _pick_device(mc.device)
+        self.dtype = _pick_dtype(mc.dtype, self.device)
 
         block_size = cc.block_size if cc.block_size != "auto" else (64 if self.device.type == "cuda" else 16)
         backend_name = mc.attention_backend
@@ -74,31 +89,54 @@ class Engine:
                              "use dtype='bfloat16' or attention_backend='torch' for float32")
         if backend_name == "xformers" and block_size % 64:
             raise ValueError(f"block_size: xformers' paged kernels need a multiple of 64, got {block_size}")
-        per_block = PagedKVCache.bytes_per_block(self.arch.num_layers, block_size, self.arch.num_kv_heads,
-                                                 self.arch.head_dim, self.dtype)
+        # kv_cache_memory_gb is per rank; the rank holding the most KV heads sets the block count
+        # (every rank has the same blocks: the driver's block manager hands out their ids).
+        per_block = PagedKVCache.bytes_per_block(self.arch.num_layers, block_size,
+                                                 max(p.num_kv_heads for p in plans), self.arch.head_dim, self.dtype)
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30) // per_block)
-        self.kv_cache = PagedKVCache(self.arch.num_layers, num_blocks, block_size, self.arch.num_kv_heads,
-                                     self.arch.head_dim, self.dtype, self.device)
-        backend = _build_backend(backend_name, self.kv_cache, self.device)
+        specs = [WorkerSpec(config=self.config, model_path=str(self.model_path),
+                            device="cuda" if self.device.type == "cuda" and pc.executor == "ray" else str(self.device),
+                            dtype=str(self.dtype).removeprefix("torch."), attention_backend=backend_name,
+                            block_size=block_size, num_blocks=num_blocks, eos_token_ids=eos_ids,
+                            rank=r, world_size=tp) for r in range(tp)]
+        if pc.executor == "ray":
+            from engine.executor.ray_executor import RayExecutor
 
-        runner = ModelRunner(self.model, backend, self.device, eos_ids, proposer, self.config.speculative)
-        # tree="auto": time the verify step for several tree sizes on this device, keep the best.
-        self.tree_autotune: Optional[list[dict]] = None
-        if proposer is not None and self.config.speculative.tree == "auto":
-            self.tree_autotune = _autotune_tree(runner, self.head_accuracy, block_size, num_blocks)
-        tree_depth = runner.tree.depth if runner.tree else 0
+            self.executor = RayExecutor(specs, pc.worker_timeout_s, owns_ray)
+        else:
+            self.executor = UniprocExecutor(specs[0])
+        info = self.executor.info
+        self.head_accuracy = info.head_accuracy
+        self.tree_autotune: Optional[list[dict]] = info.tree_autotune
+        self.tree: Optional[MedusaTree] = MedusaTree(tuple(tuple(c) for c in info.tree)) if info.tree else None
+        tree_depth = self.tree.depth if self.tree else 0
+        self.backoff: Optional[BackoffPolicy] = None
+        if info.step_latency is not None:
+            self._subtrees = nested_subtrees(self.tree, self.head_accuracy, AUTO_TREE_SIZES)
+            expected = {n: expected_accept_length(st.tree.choices, self.head_accuracy)
+                        for n, st in self._subtrees.items()}
+            self.backoff = BackoffPolicy(LatencyModel([LatencyPoint(int(b), int(n), ms)
+                                                       for b, n, ms in info.step_latency]), expected)
         # A request must fit the cache alone (plus a tree's lookahead), or it could never run.
         limit = mc.max_model_len or self.arch.max_position_embeddings
         self.max_model_len = min(limit, num_blocks * block_size - tree_depth)
         if self.max_model_len < 2:
+            self.executor.shutdown()
             raise ValueError(f"num_blocks={num_blocks} x block_size={block_size}: KV cache too small for any request")
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager, self.max_model_len, tree_depth)
-        self.executor = UniprocExecutor(runner)
         self.stats = EngineStats()
         self._seed_rng = random.Random(mc.seed)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
+        self._dead: Optional[WorkerError] = None
+
+    @property
+    def model(self):
+        """The model (in-process executor only: with Ray it lives in the workers)."""
+        if not isinstance(self.executor, UniprocExecutor):
+            raise AttributeError("Engine.model: the model lives in the Ray workers (executor='ray')")
+        return self.executor.worker.model
 
     # ---- requests ---------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
@@ -144,6 +182,7 @@ class Engine:
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None, chat: bool = False) -> str:
         """Queue one request. Raises ValueError (and changes nothing) for bad input."""
+        self._check_alive()
         params = params if params is not None else SamplingParams()
         ids = self.encode(prompt, chat)
         self._validate(ids, params)
@@ -172,10 +211,16 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one engine step. Returns an output for every request that got tokens or finished
         (``finished`` tells which); finished requests are forgotten by the engine."""
+        self._check_alive()
         out = self.scheduler.schedule()
         if not out.seqs:
             return []
-        result = self.executor.execute(out)
+        if self.backoff is not None:
+            self._back_off(out)
+        try:
+            result = self.executor.execute(out)
+        except WorkerError as e:
+            raise self._fail_all(e) from None
         touched = self.scheduler.update(result, self._stop_string_check)
         self.stats.num_steps += 1
         self.stats.num_preemptions = self.scheduler.num_preemptions
@@ -190,6 +235,38 @@ class Engine:
                 self._account(req)
             outputs.append(self._output(req))
         return outputs
+
+    def _back_off(self, out) -> None:
+        """Cut this step's trees to the size the latency model favours for the number of
+        decoding sequences (0: plain decoding), and decide whether to propose for the next."""
+        decoding = [s for s in out.seqs if s.sample and len(s.token_ids) == 1]
+        with_tree = [s for s in decoding if s.candidates]
+        room = self.config.scheduler.max_num_batched_tokens - out.num_tokens + sum(len(s.candidates) for s in with_tree)
+        n = 0
+        if with_tree:
+            n = self.backoff.choose(len(decoding), room // len(with_tree))
+            keep = self._subtrees[n].nodes if n else ()
+            for s in with_tree:
+                s.candidates = [s.candidates[i] for i in keep]
+        samplers = sum(1 for s in out.seqs if s.sample)
+        out.propose = self.backoff.choose(samplers, len(self.tree.choices)) > 0
+        if decoding:
+            self.stats.steps_by_tree_size[n] = self.stats.steps_by_tree_size.get(n, 0) + 1
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise WorkerError(f"engine is dead ({self._dead}); call shutdown() and build a new Engine")
+
+    def _fail_all(self, err: WorkerError) -> WorkerError:
+        """A worker failed: every in-flight request fails (its KV blocks are freed) and the
+        engine refuses further work; the error names what happened."""
+        failed = list(self._requests.values())
+        self.scheduler.abort([r.seq_id for r in failed])
+        for req in failed:
+            req.finish_reason = "error"
+        self._requests.clear()
+        self._dead = WorkerError(f"{err}; {len(failed)} in-flight request(s) failed")
+        return self._dead
 
     def _account(self, req: Request) -> None:
         self.stats.num_generated_tokens += len(req.output_token_ids)
@@ -257,7 +334,16 @@ class Engine:
         self.stats = EngineStats()
 
     def shutdown(self) -> None:
+        """Stop the workers (Ray: kill the actors, remove the placement group). Idempotent."""
         self.executor.shutdown()
+        if self._dead is None:
+            self._dead = WorkerError("the engine was shut down")
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
 
 
 def _load_tokenizer(path: Path):
@@ -266,81 +352,3 @@ def _load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _build_backend(name: str, kv_cache: PagedKVCache, device: torch.device):
-    if name == "torch":
-        return TorchAttentionBackend(kv_cache, device)
-    if device.type != "cuda":
-        raise ValueError("attention_backend: 'xformers' needs a CUDA device (it has no CPU kernels)")
-    from engine.attention.xformers_backend import XformersAttentionBackend
-
-    return XformersAttentionBackend(kv_cache, device)
-
-
-def _build_proposer(config: EngineConfig, model, arch, device, dtype):
-    from spec_decode.heads import MedusaHeads
-    from spec_decode.proposer import MedusaProposer
-
-    spec = config.speculative
-    if spec is None:
-        return None, None
-    path = None
-    if spec.heads == "random":
-        heads = MedusaHeads(spec.num_heads, 1, arch.hidden_size, arch.vocab_size).randomize(config.model.seed)
-    else:
-        path = BUNDLED_HEADS_DIR if spec.heads == "default" else Path(spec.heads)
-        if spec.heads == "default" and config.model.model != "default":
-            raise ValueError("speculative.heads: 'default' heads belong to the bundled model; "
-                             "pass a heads directory or 'random' for other models")
-        if not path.is_dir():
-            raise ValueError(f"speculative.heads: {str(path)!r} is not a directory")
-        heads = MedusaHeads.load(path, arch.hidden_size, arch.vocab_size)
-    acc = None
-    if path is not None and (path / "tree.json").is_file():
-        acc = json.loads((path / "tree.json").read_text()).get("rank_accuracy")
-    if spec.tree == "auto":
-        if acc is None:
-            raise ValueError("speculative.tree: 'auto' needs heads with a tree.json holding rank_accuracy "
-                             "(written by train-heads)")
-        tree = build_tree_from_accuracy(acc, AUTO_TREE_SIZES[-1])
-    else:
-        tree = MedusaTree.build(spec.tree, heads.num_heads)
-    return MedusaProposer(heads.to(device=device, dtype=dtype).eval(), tree, model.lm_head), acc
-
-
-# Node budgets that tree="auto" times (mc_sim_7b_63's size last).
-AUTO_TREE_SIZES = (1, 2, 4, 8, 16, 32, 63)
-
-
-def _autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, ctx: int = 128) -> list[dict]:
-    """Time one verify step (batch 1, ``ctx`` tokens of context) per tree size; keep the tree
-    with the most expected tokens per second. Runs before any request exists, so the KV
-    blocks it scribbles on are free."""
-    from scheduler.outputs import ScheduledSeq, SchedulerOutput
-    from spec_decode.tree import expected_accept_length
-
-    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
-    rows, best = [], None
-    for n in AUTO_TREE_SIZES:
-        tree = build_tree_from_accuracy(acc, n)
-        need = -(-(ctx + 1 + tree.depth) // block_size)
-        if need > num_blocks:
-            break
-        runner.tree = runner.proposer.tree = tree
-        seq = ScheduledSeq(seq_id=0, token_ids=[1], start_pos=ctx, block_table=list(range(need)), sample=True,
-                           candidates=[1] * (tree.num_nodes - 1), params=SamplingParams(temperature=0))
-        times = []
-        for i in range(4):
-            sync()
-            t0 = time.perf_counter()
-            runner.execute(SchedulerOutput(step_id=-1, seqs=[seq]))
-            sync()
-            if i:
-                times.append(time.perf_counter() - t0)
-        latency = sorted(times)[len(times) // 2]
-        expected = expected_accept_length(tree.choices, acc)
-        rows.append({"nodes": n, "latency_ms": round(latency * 1e3, 3), "expected_tokens_per_step": round(expected, 3),
-                     "expected_tokens_per_s": round(expected / latency, 1)})
-        if best is None or expected / latency > best[0]:
-            best = (expected / latency, tree)
-    runner.tree = runner.proposer.tree = best[1]
-    return rows

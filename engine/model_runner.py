@@ -40,8 +40,17 @@ class ModelRunner:
         self.model, self.backend, self.device = model, backend, device
         self.eos_token_ids = eos_token_ids
         self.proposer, self.spec = proposer, spec
-        self.tree: Optional[MedusaTree] = proposer.tree if proposer else None
+        self.tree: Optional[MedusaTree] = None
+        # Trees a step may verify, by candidate count: the full tree, and with back-off the
+        # smaller trees nested in it (the driver cuts each sequence's candidates down).
+        self.trees: dict[int, MedusaTree] = {}
+        if proposer is not None:
+            self.set_tree(proposer.tree)
         self.block_size = backend.kv_cache.block_size
+
+    def set_tree(self, tree: MedusaTree, nested: Optional[dict[int, MedusaTree]] = None) -> None:
+        self.tree = self.proposer.tree = tree
+        self.trees = {**(nested or {}), tree.num_nodes - 1: tree}
 
     def _slots(self, block_table: list[int], start: int, n: int) -> list[int]:
         bs = self.block_size
@@ -56,12 +65,16 @@ class ModelRunner:
         slot_mapping: list[int] = []
         attn: list[SeqAttn] = []
         layouts: list[_SeqLayout] = []
-        tree = self.tree
+        sizes = {len(s.candidates) for s in out.seqs if s.candidates}
+        if len(sizes) > 1 or not sizes <= self.trees.keys():
+            raise ValueError(f"step {out.step_id}: candidate counts {sorted(sizes)} do not fit the engine's "
+                             f"trees {sorted(self.trees)} (one tree size per step)")
+        tree = self.trees[sizes.pop()] if sizes else self.tree
         for s in out.seqs:
             n = len(s.token_ids)
             has_tree = bool(s.candidates)
-            if has_tree and (tree is None or n != 1 or len(s.candidates) != tree.num_nodes - 1):
-                raise ValueError(f"seq {s.seq_id}: candidates do not fit the engine's tree")
+            if has_tree and n != 1:
+                raise ValueError(f"seq {s.seq_id}: a tree follows exactly one pending token, got {n}")
             slots = self._slots(s.block_table, s.start_pos, n)
             layouts.append(_SeqLayout(s, len(ids), slots, has_tree))
             ids += s.token_ids
@@ -102,7 +115,8 @@ class ModelRunner:
         last_rows: list[int] = []
         for lay, rr in zip(layouts, row_ranges):
             if rr is not None:
-                self._mask_before_min_tokens(logits[rr[0]:rr[0] + rr[1]], lay.seq, lay.seq.params or SamplingParams())
+                self._mask_before_min_tokens(logits[rr[0]:rr[0] + rr[1]], lay.seq, lay.seq.params or SamplingParams(),
+                                             tree)
         # Greedy tree sequences are accepted together (one device→host copy for the batch).
         greedy_tree = [(lay, rr) for lay, rr in zip(layouts, row_ranges)
                        if rr is not None and lay.tree and (lay.seq.params or SamplingParams()).greedy]
@@ -113,6 +127,14 @@ class ModelRunner:
             toks = torch.tensor([l.seq.token_ids[-1:] + l.seq.candidates for l, _ in greedy_tree], device=self.device)
             for (lay, _), acc in zip(greedy_tree, accept_greedy_batch(tree, toks, stacked)):
                 batched[lay.seq.seq_id] = acc
+
+        # Greedy plain decoding: one argmax and one device→host copy for the whole batch.
+        greedy_plain = [(lay, rr) for lay, rr in zip(layouts, row_ranges)
+                        if rr is not None and not lay.tree and (lay.seq.params or SamplingParams()).greedy]
+        if greedy_plain:
+            rows_idx = torch.tensor([r0 for _, (r0, _) in greedy_plain], device=self.device)
+            for (lay, _), tok in zip(greedy_plain, logits.index_select(0, rows_idx).argmax(-1).tolist()):
+                batched[lay.seq.seq_id] = tok
 
         for lay, rr in zip(layouts, row_ranges):
             s = lay.seq
@@ -137,6 +159,8 @@ class ModelRunner:
                     commit_src.append(lay.offset + node)
                     d = tree.depths[node]
                     commit_dst.append(self._slots(s.block_table, root_pos + d, 1)[0])
+            elif s.seq_id in batched:
+                path, new_tokens = [0], [batched[s.seq_id]]
             else:
                 probs = processed_probs(seq_logits[0], params)
                 path, new_tokens = [0], [sample_token(probs, params, s.seed, first_pos)]
@@ -157,7 +181,7 @@ class ModelRunner:
             for layer, (k, v) in enumerate(step.step_kv):
                 self.backend.kv_cache.write(layer, dst, k.index_select(0, src), v.index_select(0, src))
 
-        if self.proposer is not None and last_rows:
+        if self.proposer is not None and last_rows and out.propose:
             cands = self.proposer.propose(hidden[torch.tensor(last_rows, device=self.device)]).tolist()
             it = iter(cands)
             for res in results:
@@ -165,7 +189,8 @@ class ModelRunner:
                     res.next_candidates = next(it)
         return StepResult(step_id=out.step_id, results=results)
 
-    def _mask_before_min_tokens(self, logits: torch.Tensor, s: ScheduledSeq, params: SamplingParams) -> None:
+    def _mask_before_min_tokens(self, logits: torch.Tensor, s: ScheduledSeq, params: SamplingParams,
+                                tree: Optional[MedusaTree]) -> None:
         """Below min_tokens, stop tokens cannot be produced: row i produces output index n + i
         (tree rows: n + depth)."""
         if params.min_tokens <= s.num_output_tokens:
@@ -173,7 +198,7 @@ class ModelRunner:
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))
         if not stop_ids:
             return
-        depths = self.tree.depths if logits.shape[0] > 1 else [0]
+        depths = tree.depths if logits.shape[0] > 1 else [0]
         for row, d in enumerate(depths[: logits.shape[0]]):
             if s.num_output_tokens + d < params.min_tokens:
                 logits[row, stop_ids] = float("-inf")

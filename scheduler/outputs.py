@@ -36,6 +36,9 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     seqs: list[ScheduledSeq]
     # Sequences whose state workers may drop (finished, aborted, preempted).
     finished_seq_ids: list[int] = []
+    # Run the Medusa heads for the next step (back-off turns this off when the next step is
+    # expected to decode without speculation: the heads' lm_head projections are not free).
+    propose: bool = True
 
     @property
     def num_tokens(self) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -162,10 +162,10 @@ class MedusaTree:
 
 def node_probability(choice: Sequence[int], acc: Sequence[Sequence[float]]) -> float:
     """P(the path to this node is accepted), heads assumed independent (Medusa paper):
-    the product of acc[depth][rank] along the path."""
+    the product of acc[depth][rank] along the path (0 where acc has no such rank)."""
     p = 1.0
     for depth, rank in enumerate(choice):
-        p *= acc[depth][rank]
+        p *= acc[depth][rank] if depth < len(acc) and rank < len(acc[depth]) else 0.0
     return p
 
 
@@ -195,3 +195,32 @@ def build_tree_from_accuracy(acc: Sequence[Sequence[float]], budget: int) -> Med
             for r in range(topk):
                 heapq.heappush(frontier, (neg_p * acc[len(node)][r], node + (r,)))
     return MedusaTree.build(chosen, num_heads)
+
+
+# ---- back-off: smaller trees nested in the engine's tree ------------------------------
+
+@dataclass(frozen=True)
+class SubTree:
+    tree: MedusaTree
+    # For each of the sub-tree's candidates, its index among the full tree's candidates (so a
+    # sequence's full candidate list is cut down with ``[cands[i] for i in nodes]``).
+    nodes: tuple[int, ...]
+
+
+def nested_subtrees(full: MedusaTree, acc: Optional[Sequence[Sequence[float]]],
+                    sizes: Sequence[int]) -> dict[int, SubTree]:
+    """For each size n (candidates, < the full tree's), the n nodes of ``full`` most likely to be
+    accepted (by ``acc``; without accuracies: shallowest first). A child is never likelier than
+    its parent, so every sub-tree is closed under parents; they nest, and the full tree is
+    included under its own size."""
+    def key(c):
+        return (-node_probability(c, acc), len(c), c) if acc is not None else (len(c), c)
+
+    ranked = sorted(full.choices, key=key)
+    index = {c: i for i, c in enumerate(full.choices)}
+    out = {len(full.choices): SubTree(full, tuple(range(len(full.choices))))}
+    for n in sizes:
+        if 0 < n < len(full.choices):
+            tree = MedusaTree(tuple(sorted(ranked[:n], key=lambda c: (len(c), c))))
+            out[n] = SubTree(tree, tuple(index[c] for c in tree.choices))
+    return dict(sorted(out.items()))

@@ -94,7 +94,7 @@ def test_tree_auto_times_sizes_and_stays_lossless(tiny_llama, tmp_path):
     eng = Engine(str(tiny_llama), block_size=4, num_blocks=512, speculative={"heads": str(tmp_path / "h"), "tree": "auto"})
     rows = eng.tree_autotune
     assert [r["nodes"] for r in rows] == [1, 2, 4, 8, 16, 32, 63]
-    chosen = eng.executor.runner.tree
+    chosen = eng.tree
     best = max(rows, key=lambda r: r["expected_tokens_per_s"])
     assert chosen.num_nodes - 1 == best["nodes"]
     assert eng.scheduler.tree_depth == chosen.depth

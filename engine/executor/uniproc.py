@@ -1,17 +1,18 @@
-"""In-process executor: the driver calls the one ModelRunner directly."""
+"""In-process executor: the driver calls the one Worker directly (no serialisation)."""
 
 from __future__ import annotations
 
-from engine.model_runner import ModelRunner
+from engine.worker import Worker, WorkerInfo, WorkerSpec
 from scheduler.outputs import SchedulerOutput, StepResult
 
 
 class UniprocExecutor:
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.worker = Worker(spec)
+        self.info: WorkerInfo = self.worker.info()
 
     def execute(self, out: SchedulerOutput) -> StepResult:
-        return self.runner.execute(out)
+        return self.worker.execute(out)
 
     def shutdown(self) -> None:
         pass

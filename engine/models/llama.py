@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from engine.parallel import ShardPlan, TPGroup
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -126,15 +129,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArchConfig, layer_idx: int) -> None:
+    """This rank's query heads (column-parallel QKV) and its part of O (row-parallel, all-reduced)."""
+
+    def __init__(self, cfg: ArchConfig, layer_idx: int, plan: "ShardPlan", tp: "TPGroup") -> None:
         super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.layer_idx, self.tp = layer_idx, tp
+        self.num_heads, self.num_kv_heads, self.head_dim = plan.num_q_heads, plan.num_kv_heads, cfg.head_dim
         b = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=b)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=b)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=b)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * cfg.head_dim, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, backend, meta) -> torch.Tensor:
         t = x.shape[0]
@@ -142,25 +147,41 @@ class Attention(nn.Module):
         k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         out = backend.forward(self.layer_idx, q, k, v, meta)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return self.tp.all_reduce(self.o_proj(out.reshape(t, self.num_heads * self.head_dim)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    """This rank's intermediate features (column-parallel gate/up, row-parallel down)."""
+
+    def __init__(self, cfg: ArchConfig, plan: "ShardPlan", tp: "TPGroup") -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.tp = tp
+        inter = len(plan.intermediate)
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.tp.all_reduce(self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class VocabParallelLMHead(nn.Linear):
+    """The lm_head rows of this rank's vocabulary slice; returns full-vocabulary logits on every
+    rank (all-gather), so callers (sampling, Medusa heads sharing it) never see the split."""
+
+    def __init__(self, hidden: int, plan: "ShardPlan", tp: "TPGroup") -> None:
+        super().__init__(hidden, len(plan.vocab), bias=False)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_gather_vocab(super().forward(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: ArchConfig, layer_idx: int, plan: "ShardPlan", tp: "TPGroup") -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer_idx, plan, tp)
+        self.mlp = MLP(cfg, plan, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -170,19 +191,25 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, plan: "ShardPlan", tp: "TPGroup") -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(len(plan.vocab), cfg.hidden_size)  # this rank's vocab rows
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, plan, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    """The whole model (default) or one tensor-parallel rank's shard of it (``plan``, ``tp``)."""
+
+    def __init__(self, cfg: ArchConfig, plan: Optional["ShardPlan"] = None, tp: Optional["TPGroup"] = None) -> None:
         super().__init__()
+        from engine.parallel import ShardPlan, TPGroup
+
         self.cfg = cfg
-        self.model = DecoderModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.plan = plan if plan is not None else ShardPlan.full(cfg)
+        self.tp = tp if tp is not None else TPGroup(self.plan)
+        self.model = DecoderModel(cfg, self.plan, self.tp)
+        self.lm_head = VocabParallelLMHead(cfg.hidden_size, self.plan, self.tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -191,11 +218,24 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] flat over the batch. Returns final-norm hidden states [T, H]."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        x = self.model.embed_tokens(input_ids)
+        x = self._embed(input_ids)
         cos, sin = emb.cos()[:, None, :].to(x.dtype), emb.sin()[:, None, :].to(x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, backend, meta)
         return self.model.norm(x)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return self.model.embed_tokens(input_ids)
+        # Vocab-parallel lookup: rows outside this rank's slice contribute zeros to the sum.
+        local = input_ids - self.plan.vocab.start
+        inside = (local >= 0) & (local < len(self.plan.vocab))
+        x = self.model.embed_tokens(local.clamp(0, len(self.plan.vocab) - 1)) * inside[:, None].to(self.dtype)
+        return self.tp.all_reduce(x)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.models.llama import ArchConfig, LlamaForCausalLM, rope_inv_freq
@@ -77,24 +78,35 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[LlamaForCausalLM, ArchConfig]:
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, world_size: int = 1, rank: int = 0,
+               tp=None) -> tuple[LlamaForCausalLM, ArchConfig]:
+    """The model, or with ``world_size > 1`` rank ``rank``'s tensor-parallel shard of it (``tp``:
+    the rank's TPGroup). Each rank reads only its slices of the checkpoint."""
+    from engine.parallel import ShardPlan, TPGroup, read_shard
+
     cfg = read_arch_config(path)
-    state = load_state_dict(path)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    plan = ShardPlan.build(cfg, world_size, rank)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        full_shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                    continue
+                shape = tuple(handle.get_slice(name).get_shape())
+                if name in full_shapes and shape != full_shapes[name]:
+                    raise ValueError(f"weight {name}: shape {shape} in checkpoint, "
+                                     f"{full_shapes[name]} expected from config.json")
+                state[name] = read_shard(handle, name, plan.rows(name, cfg) if name in full_shapes else None)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, plan, tp if tp is not None else TPGroup(plan))
     expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"weights in {str(path)!r} do not fit {cfg.architecture}: "
                          f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
-    for name, param in model.state_dict().items():
-        if name in state and tuple(state[name].shape) != tuple(param.shape):
-            raise ValueError(f"weight {name}: shape {tuple(state[name].shape)} in checkpoint, "
-                             f"{tuple(param.shape)} expected from config.json")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:

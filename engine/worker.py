@@ -1,0 +1,218 @@
+"""Worker: everything that holds tensors for one tensor-parallel rank.
+
+The driver (Engine) owns the tokenizer, the scheduler and the block manager; a worker owns the
+model shard, its paged KV cache, the attention backend, the Medusa proposer and the
+ModelRunner. The uniproc executor runs one worker in the engine's process; the Ray executor
+runs one per rank in Ray actors. What a worker needs arrives as a WorkerSpec (msgspec, so it
+crosses process boundaries as it is) and it reports back a WorkerInfo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import msgspec
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import PagedKVCache
+from engine.model_runner import ModelRunner
+from engine.models.loader import load_model
+from engine.parallel import ShardPlan, TPGroup
+from engine.sampling import SamplingParams
+from scheduler.outputs import SchedulerOutput, StepResult
+from spec_decode.tree import MedusaTree, build_tree_from_accuracy, nested_subtrees
+
+BUNDLED_HEADS_DIR = Path(__file__).resolve().parent.parent / "spec_decode" / "bundled_heads"
+
+# Node budgets that tree="auto" times (mc_sim_7b_63's size last).
+AUTO_TREE_SIZES = (1, 2, 4, 8, 16, 32, 63)
+
+
+class WorkerSpec(msgspec.Struct, kw_only=True):
+    config: EngineConfig
+    model_path: str
+    device: str  # resolved by the driver: "cpu", "cuda", "cuda:1"
+    dtype: str  # torch dtype name
+    attention_backend: str  # resolved: "torch" or "xformers"
+    block_size: int
+    num_blocks: int  # the same on every rank: the driver's block manager hands out its ids
+    eos_token_ids: list[int]
+    rank: int = 0
+    world_size: int = 1
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    tree: Optional[list[list[int]]]  # the tree in use (after tree="auto"), None without Medusa
+    head_accuracy: Optional[list[list[float]]]
+    tree_autotune: Optional[list[dict]]
+    pid: int
+    # Back-off's latency model: [batch size, candidates per sequence, ms] on this device.
+    step_latency: Optional[list[list[float]]] = None
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        cfg = spec.config
+        self.device, self.dtype = torch.device(spec.device), getattr(torch, spec.dtype)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        from engine.models.loader import read_arch_config
+
+        arch = read_arch_config(Path(spec.model_path))
+        self.plan = ShardPlan.build(arch, spec.world_size, spec.rank)
+        self.tp = TPGroup(self.plan)
+        self.model, self.arch = load_model(Path(spec.model_path), self.dtype, self.device,
+                                           spec.world_size, spec.rank, self.tp)
+        proposer, self.head_accuracy = build_proposer(cfg, self.model, self.arch, self.device, self.dtype)
+        self.kv_cache = PagedKVCache(self.arch.num_layers, spec.num_blocks, spec.block_size,
+                                     self.plan.num_kv_heads, self.arch.head_dim, self.dtype, self.device)
+        backend = build_backend(spec.attention_backend, self.kv_cache, self.device)
+        self.runner = ModelRunner(self.model, backend, self.device, tuple(spec.eos_token_ids), proposer,
+                                  cfg.speculative)
+        self.tree_autotune: Optional[list[dict]] = None
+        self.step_latency: Optional[list[list[float]]] = None
+        if proposer is not None and cfg.speculative.backoff:
+            # Back-off picks a tree size per step from a latency grid measured here.
+            if self.head_accuracy is None:
+                raise ValueError("speculative.backoff: needs heads with a tree.json holding rank_accuracy "
+                                 "(written by train-heads) to know what each tree size is worth")
+            nested = nested_subtrees(self.runner.tree, self.head_accuracy, AUTO_TREE_SIZES)
+            self.runner.set_tree(self.runner.tree, {n: st.tree for n, st in nested.items()})
+            sc = cfg.scheduler
+            batch_sizes = sorted({min(2 ** i, sc.max_num_seqs) for i in range(16)})
+            self.step_latency = measure_step_latency(self.runner, batch_sizes, sorted(nested), spec.block_size,
+                                                     spec.num_blocks, sc.max_num_batched_tokens, self.tp)
+        elif proposer is not None and cfg.speculative.tree == "auto":
+            # tree="auto": time the verify step for several tree sizes on this device, keep the best.
+            self.tree_autotune = autotune_tree(self.runner, self.head_accuracy, spec.block_size,
+                                               spec.num_blocks, self.tp)
+
+    def info(self) -> WorkerInfo:
+        tree = self.runner.tree
+        return WorkerInfo(tree=[list(c) for c in tree.choices] if tree else None, head_accuracy=self.head_accuracy,
+                          tree_autotune=self.tree_autotune, pid=os.getpid(), step_latency=self.step_latency)
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        return self.runner.execute(out)
+
+
+def build_backend(name: str, kv_cache: PagedKVCache, device: torch.device):
+    if name == "torch":
+        from engine.attention.torch_ref import TorchAttentionBackend
+
+        return TorchAttentionBackend(kv_cache, device)
+    if device.type != "cuda":
+        raise ValueError("attention_backend: 'xformers' needs a CUDA device (it has no CPU kernels)")
+    from engine.attention.xformers_backend import XformersAttentionBackend
+
+    return XformersAttentionBackend(kv_cache, device)
+
+
+def build_proposer(config: EngineConfig, model, arch, device, dtype):
+    from spec_decode.heads import MedusaHeads
+    from spec_decode.proposer import MedusaProposer
+
+    spec = config.speculative
+    if spec is None:
+        return None, None
+    path = None
+    if spec.heads == "random":
+        heads = MedusaHeads(spec.num_heads, 1, arch.hidden_size, arch.vocab_size).randomize(config.model.seed)
+    else:
+        path = BUNDLED_HEADS_DIR if spec.heads == "default" else Path(spec.heads)
+        if spec.heads == "default" and config.model.model != "default":
+            raise ValueError("speculative.heads: 'default' heads belong to the bundled model; "
+                             "pass a heads directory or 'random' for other models")
+        if not path.is_dir():
+            raise ValueError(f"speculative.heads: {str(path)!r} is not a directory")
+        heads = MedusaHeads.load(path, arch.hidden_size, arch.vocab_size)
+    acc = None
+    if path is not None and (path / "tree.json").is_file():
+        acc = json.loads((path / "tree.json").read_text()).get("rank_accuracy")
+    if spec.tree == "auto":
+        if acc is None:
+            raise ValueError("speculative.tree: 'auto' needs heads with a tree.json holding rank_accuracy "
+                             "(written by train-heads)")
+        tree = build_tree_from_accuracy(acc, AUTO_TREE_SIZES[-1])
+    else:
+        tree = MedusaTree.build(spec.tree, heads.num_heads)
+    # The heads' ResBlocks are replicated on every rank; shared heads project through the
+    # base lm_head, which is vocab-parallel like the model's.
+    return MedusaProposer(heads.to(device=device, dtype=dtype).eval(), tree, model.lm_head), acc
+
+
+def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, tp: TPGroup,
+                  ctx: int = 128) -> list[dict]:
+    """Time one verify step (batch 1, ``ctx`` tokens of context) per tree size; keep the tree
+    with the most expected tokens per second. Runs before any request exists, so the KV
+    blocks it scribbles on are free. Under tensor parallelism every rank times the same
+    steps (they run in lockstep) and rank 0's choice is broadcast, so all ranks agree."""
+    from scheduler.outputs import ScheduledSeq
+    from spec_decode.tree import expected_accept_length
+
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    rows, trees = [], []
+    for n in AUTO_TREE_SIZES:
+        tree = build_tree_from_accuracy(acc, n)
+        need = -(-(ctx + 1 + tree.depth) // block_size)
+        if need > num_blocks:
+            break
+        runner.set_tree(tree)
+        seq = ScheduledSeq(seq_id=0, token_ids=[1], start_pos=ctx, block_table=list(range(need)), sample=True,
+                           candidates=[1] * (tree.num_nodes - 1), params=SamplingParams(temperature=0))
+        times = []
+        for i in range(4):
+            sync()
+            t0 = time.perf_counter()
+            runner.execute(SchedulerOutput(step_id=-1, seqs=[seq]))
+            sync()
+            if i:
+                times.append(time.perf_counter() - t0)
+        latency = sorted(times)[len(times) // 2]
+        expected = expected_accept_length(tree.choices, acc)
+        rows.append({"nodes": n, "latency_ms": round(latency * 1e3, 3), "expected_tokens_per_step": round(expected, 3),
+                     "expected_tokens_per_s": round(expected / latency, 1)})
+        trees.append(tree)
+    best = tp.broadcast_object(max(range(len(rows)), key=lambda i: rows[i]["expected_tokens_per_s"]))
+    runner.set_tree(trees[best])
+    return tp.broadcast_object(rows)
+
+
+def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: list[int], block_size: int,
+                         num_blocks: int, token_budget: int, tp: TPGroup, ctx: int = 128) -> list[list[float]]:
+    """[batch size, candidates, ms] for decode steps of B sequences verifying n-candidate trees
+    (n = 0: plain decoding, no proposals), ``ctx`` tokens of context each; combinations over the
+    step token budget are skipped (the scheduler never runs them). Before any request exists,
+    so the blocks it writes are free; all sequences share one block table. Under TP rank 0's
+    table is broadcast, so every rank holds the same model."""
+    from scheduler.outputs import ScheduledSeq
+
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    depth = runner.tree.depth
+    ctx = max(1, min(ctx, num_blocks * block_size - depth - 2))
+    table = [list(range(-(-(ctx + 1 + depth) // block_size)))]
+    greedy = SamplingParams(temperature=0)
+    rows = []
+    for n in [0] + [s for s in sizes if s > 0]:
+        for b in batch_sizes:
+            if b * (n + 1) > token_budget:
+                continue
+            seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=ctx, block_table=table[0], sample=True,
+                                 candidates=[1] * n, params=greedy) for i in range(b)]
+            out = SchedulerOutput(step_id=-1, seqs=seqs, propose=n > 0)
+            times = []
+            for i in range(3):
+                sync()
+                t0 = time.perf_counter()
+                runner.execute(out)
+                sync()
+                if i:
+                    times.append(time.perf_counter() - t0)
+            rows.append([b, n, round(1e3 * min(times), 4)])
+    return tp.broadcast_object(rows)

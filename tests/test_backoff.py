@@ -1,0 +1,101 @@
+"""Back-off: the tree shrinks (down to plain decoding) as more sequences decode; output stays
+exactly plain decoding's."""
+
+import json
+
+import pytest
+
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint
+from spec_decode.heads import MedusaHeads
+from spec_decode.tree import PRESETS, MedusaTree, build_tree_from_accuracy, expected_accept_length, nested_subtrees
+from tests.conftest import PROMPTS
+
+ACC = [[0.6, 0.1, 0.05, 0.03, 0.02], [0.4, 0.1, 0.05, 0.03, 0.02], [0.3, 0.1, 0.05, 0.03, 0.02],
+       [0.25, 0.1, 0.05, 0.03, 0.02]]
+
+
+def _linear_model(per_token_ms: float, fixed_ms: float = 10.0, sizes=(0, 1, 4, 16, 63), batches=(1, 4, 16, 64)):
+    """A device whose step costs fixed + per_token * tokens."""
+    return LatencyModel([LatencyPoint(b, n, fixed_ms + per_token_ms * b * (n + 1)) for n in sizes for b in batches])
+
+
+def test_policy_speculates_when_cheap_and_backs_off_under_load():
+    expected = {1: 1.3, 4: 1.6, 16: 1.9, 63: 2.2}
+    policy = BackoffPolicy(_linear_model(0.01), expected)
+    choices = [policy.choose(b, 63) for b in (1, 2, 4, 8, 16, 32, 64, 128, 512)]
+    assert choices[0] == 63 and choices[-1] == 0
+    assert choices == sorted(choices, reverse=True), choices  # never grows with load
+    for b, n in zip((1, 2, 4, 8, 16, 32, 64, 128, 512), choices):  # the pick is never worse than plain
+        assert policy.rate(b, n) >= policy.rate(b, 0)
+    assert policy.choose(1, 4) == 4  # capped by the room left in the step's token budget
+    assert BackoffPolicy(_linear_model(1e-6), expected).choose(512, 63) == 63  # free verification
+    with pytest.raises(ValueError, match="tree sizes"):
+        BackoffPolicy(_linear_model(0.05), {1: 1.3})
+
+
+def test_latency_model_interpolates_between_and_beyond_measured_batches():
+    m = LatencyModel([LatencyPoint(1, 0, 10.0), LatencyPoint(4, 0, 20.0), LatencyPoint(16, 0, 50.0)])
+    assert m.ms(1, 0) == 10.0 and m.ms(16, 0) == 50.0
+    assert 10.0 < m.ms(2, 0) < 20.0 and 20.0 < m.ms(8, 0) < 50.0
+    assert m.ms(32, 0) == pytest.approx(50.0 + 30.0 / 12 * 16)
+    with pytest.raises(ValueError, match="plain"):
+        LatencyModel([LatencyPoint(1, 4, 10.0)])
+
+
+@pytest.mark.parametrize("full", [build_tree_from_accuracy(ACC, 63), MedusaTree.build(PRESETS["mc_sim_7b_63"], 4)])
+def test_nested_subtrees_are_closed_nested_and_most_likely(full):
+    subs = nested_subtrees(full, ACC, (1, 2, 4, 8, 16, 32, 63))
+    previous: set = set()
+    for n, st in subs.items():
+        nodes = set(st.tree.choices)
+        assert len(nodes) == n and all(c[:-1] in nodes for c in nodes if len(c) > 1)
+        assert previous <= nodes
+        previous = nodes
+        assert [full.choices[i] for i in st.nodes] == list(st.tree.choices)
+        if n < len(full.choices):  # the best n-node sub-tree of the full tree
+            assert expected_accept_length(st.tree.choices, ACC) >= expected_accept_length(full.choices[:n], ACC) - 1e-12
+
+
+@pytest.fixture(scope="module")
+def tiny_heads(tiny_llama, tmp_path_factory):
+    from engine.models.loader import read_arch_config
+
+    arch = read_arch_config(tiny_llama)
+    path = tmp_path_factory.mktemp("tiny_heads")
+    MedusaHeads(4, 1, arch.hidden_size, arch.vocab_size).randomize(3).save(path)
+    (path / "tree.json").write_text(json.dumps({"rank_accuracy": ACC}))
+    return path
+
+
+def test_engine_backoff_measures_and_stays_lossless(tiny_llama, tiny_heads):
+    prompts = [[5 + i, 6, 7 + i] for i in range(8)]
+    params = [SamplingParams(temperature=0, max_tokens=6 + 5 * i) for i in range(8)]  # batch drains
+    ref = [o.token_ids for o in Engine(str(tiny_llama), max_num_seqs=8).generate_batch(prompts, params)]
+    eng = Engine(str(tiny_llama), speculative={"heads": str(tiny_heads), "tree": "auto", "backoff": True},
+                 max_num_seqs=8)
+    grid = {(p.batch_size, p.num_candidates) for n, row in eng.backoff.latency.table.items()
+            for p in [LatencyPoint(b, n, ms) for b, ms in row.items()]}
+    assert {(1, 0), (8, 0), (1, 63), (8, 63)} <= grid
+    # A device where verification is expensive under load: trees at small batch, plain at large.
+    eng.backoff = BackoffPolicy(_linear_model(2.0, sizes=(0, 1, 2, 4, 8, 16, 32, 63)), eng.backoff.expected)
+    out = [o.token_ids for o in eng.generate_batch(prompts, params)]
+    assert out == ref
+    used = eng.stats.steps_by_tree_size
+    assert used.get(0, 0) > 0 and any(n > 0 for n in used), used
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_backoff_needs_measured_accuracy(tiny_llama):
+    with pytest.raises(ValueError, match="speculative.backoff"):
+        Engine(str(tiny_llama), speculative={"heads": "random", "backoff": True})
+
+
+def test_bundled_backoff_lossless(bundled_dir):
+    sp = SamplingParams(temperature=0, max_tokens=24)
+    plain = [o.token_ids for o in Engine("default", max_num_seqs=4).generate_batch(PROMPTS, sp, chat=True)]
+    eng = Engine("default", speculative={"heads": "default", "backoff": True}, max_num_seqs=4,
+                 max_num_batched_tokens=256)
+    assert [o.token_ids for o in eng.generate_batch(PROMPTS, sp, chat=True)] == plain
+    assert sum(eng.stats.steps_by_tree_size.values()) > 0
