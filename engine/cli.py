@@ -42,7 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rows = []
     texts = None
     if args.medusa:
-        spec = {"heads": args.heads, "tree": args.tree, "acceptance": args.acceptance}
+        spec = {"heads": args.heads, "tree": args.tree, "acceptance": args.acceptance, "backoff": args.backoff}
         eng = Engine(args.model, speculative=spec, **_engine_kwargs(args))
         if eng.tree_autotune:
             print("tree=auto, verify-step latency per tree size on this device:")
@@ -130,7 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     kw = _engine_kwargs(args)
     if args.medusa:
-        kw["speculative"] = {"heads": args.heads, "tree": args.tree, "acceptance": args.acceptance}
+        kw["speculative"] = {"heads": args.heads, "tree": args.tree, "acceptance": args.acceptance,
+                             "backoff": args.backoff}
     serve(kw, args.model, args.host, args.port, args.served_model_name)
     return 0
 
@@ -150,6 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--heads", default="default", help="'default', 'random' or a heads directory")
     g.add_argument("--tree", default="mc_sim_7b_63")
     g.add_argument("--acceptance", default="typical", choices=["greedy", "typical", "rejection"])
+    g.add_argument("--backoff", action="store_true", help="size the tree per step from measured step latency")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default="auto")
     g.add_argument("--max-num-seqs", type=int, default=0)
@@ -184,6 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sv.add_argument("--heads", default="default")
     sv.add_argument("--tree", default="mc_sim_7b_63")
     sv.add_argument("--acceptance", default="typical", choices=["greedy", "typical", "rejection"])
+    sv.add_argument("--backoff", action="store_true", help="size the tree per step from measured step latency")
     sv.add_argument("--dtype", default="auto")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--max-num-seqs", type=int, default=0)

@@ -215,12 +215,17 @@ class Engine:
         out = self.scheduler.schedule()
         if not out.seqs:
             return []
-        if self.backoff is not None:
-            self._back_off(out)
+        tree_size = self._back_off(out) if self.backoff is not None else None
+        t0 = time.perf_counter()
         try:
             result = self.executor.execute(out)
         except WorkerError as e:
             raise self._fail_all(e) from None
+        if tree_size is not None and out.propose == (tree_size > 0) and \
+                all(len(s.token_ids) == 1 and s.sample and len(s.candidates) == tree_size for s in out.seqs):
+            # A pure decode step: what it cost and yielded corrects the back-off model.
+            made = [len(r.token_ids) for r in result.results]
+            self.backoff.observe(len(made), tree_size, 1e3 * (time.perf_counter() - t0), sum(made) / len(made))
         touched = self.scheduler.update(result, self._stop_string_check)
         self.stats.num_steps += 1
         self.stats.num_preemptions = self.scheduler.num_preemptions
@@ -236,7 +241,7 @@ class Engine:
             outputs.append(self._output(req))
         return outputs
 
-    def _back_off(self, out) -> None:
+    def _back_off(self, out) -> int:
         """Cut this step's trees to the size the latency model favours for the number of
         decoding sequences (0: plain decoding), and decide whether to propose for the next."""
         decoding = [s for s in out.seqs if s.sample and len(s.token_ids) == 1]
@@ -252,6 +257,7 @@ class Engine:
         out.propose = self.backoff.choose(samplers, len(self.tree.choices)) > 0
         if decoding:
             self.stats.steps_by_tree_size[n] = self.stats.steps_by_tree_size.get(n, 0) + 1
+        return n
 
     def _check_alive(self) -> None:
         if self._dead is not None:

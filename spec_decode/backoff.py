@@ -6,7 +6,9 @@ expected accepted length from the heads' measured accuracies (E[0] = 1). Each st
 with the most expected tokens per second. At small B the step cost barely grows with n and a
 big tree wins; as B grows the step becomes compute-bound, the tree's extra tokens cost real
 time, and the policy shrinks the tree, down to plain decoding — so throughput follows the
-better of the two instead of falling below plain decoding.
+better of the two instead of falling below plain decoding. Served steps correct the model
+(observed step time per tree size, observed tokens per step), so a start-up measurement that
+noise made optimistic is unlearned within a few dozen steps.
 """
 
 from __future__ import annotations
@@ -29,16 +31,36 @@ class LatencyModel:
 
     def __init__(self, points: list[LatencyPoint]) -> None:
         self.table: dict[int, dict[int, float]] = {}
-        for p in points:
+        for p in sorted(points, key=lambda p: (p.num_candidates, p.batch_size)):
             self.table.setdefault(p.num_candidates, {})[p.batch_size] = p.ms
         if 0 not in self.table:
             raise ValueError("latency model: plain decoding (num_candidates=0) was not measured")
+        # A step with more sequences or a bigger tree does more work and cannot be faster:
+        # measured inversions are timing noise (a busy CPU), so lift them to the running max.
+        prev: dict[int, float] = {}
+        for n in sorted(self.table):
+            row, floor = self.table[n], 0.0
+            for b in sorted(row):
+                floor = max(floor, row[b], prev.get(b, 0.0))
+                row[b] = floor
+            prev = row
+
+        # Per tree size, observed / predicted step time (EMA over served steps): start-up
+        # timings are a few samples on a possibly busy machine at one context length.
+        self.correction: dict[int, float] = {n: 1.0 for n in self.table}
 
     @property
     def sizes(self) -> list[int]:
         return sorted(self.table)
 
+    def observe(self, batch_size: int, n: int, ms: float, weight: float = 0.1) -> None:
+        ratio = ms / self._measured(batch_size, n)
+        self.correction[n] += weight * (ratio - self.correction[n])
+
     def ms(self, batch_size: int, n: int) -> float:
+        return self._measured(batch_size, n) * self.correction[n]
+
+    def _measured(self, batch_size: int, n: int) -> float:
         row = self.table[n]
         bs = sorted(row)
         if batch_size in row:
@@ -57,13 +79,24 @@ class LatencyModel:
 
 
 class BackoffPolicy:
-    def __init__(self, latency: LatencyModel, expected: dict[int, float]) -> None:
-        """expected[n]: expected tokens per step with the n-candidate tree (n = 0 → 1.0)."""
-        self.latency = latency
+    def __init__(self, latency: LatencyModel, expected: dict[int, float], margin: float = 1.1,
+                 learning_rate: float = 0.1) -> None:
+        """expected[n]: expected tokens per step with the n-candidate tree (n = 0 → 1.0).
+        A tree must promise ``margin`` times plain decoding's rate to be used: the expected
+        lengths assume independent heads and the timings are noisy, and being wrong costs
+        more than the last few percent of a marginal gain."""
+        self.latency, self.margin, self.learning_rate = latency, margin, learning_rate
         self.expected = {0: 1.0, **expected}
         missing = [n for n in latency.sizes if n not in self.expected]
         if missing:
             raise ValueError(f"back-off: no expected accepted length for tree sizes {missing}")
+
+    def observe(self, batch_size: int, n: int, ms: float, tokens_per_seq: float) -> None:
+        """A served step of ``batch_size`` decoding sequences with n-candidate trees took ``ms``
+        and produced ``tokens_per_seq`` tokens per sequence: pull the model toward it."""
+        self.latency.observe(batch_size, n, ms, self.learning_rate)
+        if n:
+            self.expected[n] += self.learning_rate * (tokens_per_seq - self.expected[n])
 
     def rate(self, batch_size: int, n: int) -> float:
         """Expected tokens per second with B sequences and an n-candidate tree."""
@@ -74,5 +107,8 @@ class BackoffPolicy:
         (at most ``max_candidates``, e.g. what the token budget allows)."""
         if batch_size <= 0:
             return 0
-        options = [n for n in self.latency.sizes if n <= max_candidates]
-        return max(options, key=lambda n: (self.rate(batch_size, n), -n))
+        options = [n for n in self.latency.sizes if 0 < n <= max_candidates]
+        if not options:
+            return 0
+        best = max(options, key=lambda n: (self.rate(batch_size, n), -n))
+        return best if self.rate(batch_size, best) >= self.margin * self.rate(batch_size, 0) else 0

@@ -79,7 +79,9 @@ def test_engine_backoff_measures_and_stays_lossless(tiny_llama, tiny_heads):
             for p in [LatencyPoint(b, n, ms) for b, ms in row.items()]}
     assert {(1, 0), (8, 0), (1, 63), (8, 63)} <= grid
     # A device where verification is expensive under load: trees at small batch, plain at large.
-    eng.backoff = BackoffPolicy(_linear_model(2.0, sizes=(0, 1, 2, 4, 8, 16, 32, 63)), eng.backoff.expected)
+    # (learning off: served steps would pull this invented device back to the real one)
+    eng.backoff = BackoffPolicy(_linear_model(2.0, sizes=(0, 1, 2, 4, 8, 16, 32, 63)), eng.backoff.expected,
+                                learning_rate=0.0)
     out = [o.token_ids for o in eng.generate_batch(prompts, params)]
     assert out == ref
     used = eng.stats.steps_by_tree_size
@@ -99,3 +101,24 @@ def test_bundled_backoff_lossless(bundled_dir):
                  max_num_batched_tokens=256)
     assert [o.token_ids for o in eng.generate_batch(PROMPTS, sp, chat=True)] == plain
     assert sum(eng.stats.steps_by_tree_size.values()) > 0
+
+
+def test_noisy_inversions_are_lifted_and_marginal_gains_refused():
+    m = LatencyModel([LatencyPoint(1, 0, 10.0), LatencyPoint(2, 0, 9.0), LatencyPoint(1, 4, 8.0),
+                      LatencyPoint(2, 4, 30.0)])
+    assert m.ms(2, 0) == 10.0 and m.ms(1, 4) == 10.0  # neither more sequences nor a tree is free
+    # A tree that promises 5% more than plain decoding is not worth the risk (margin 1.1).
+    policy = BackoffPolicy(m, {4: 1.05})
+    assert policy.choose(1, 63) == 0
+    assert BackoffPolicy(m, {4: 1.2}).choose(1, 63) == 4
+
+
+def test_served_steps_correct_an_optimistic_start_up_model():
+    """Start-up timings said a 4-candidate tree is nearly free; served steps say otherwise."""
+    m = LatencyModel([LatencyPoint(1, 0, 10.0), LatencyPoint(1, 4, 10.5)])
+    policy = BackoffPolicy(m, {4: 1.5})
+    assert policy.choose(1, 63) == 4
+    for _ in range(40):  # the tree really costs 3x a plain step and yields 1.4 tokens
+        policy.observe(1, 4, 30.0, 1.4)
+    assert policy.choose(1, 63) == 0
+    assert policy.expected[4] == pytest.approx(1.4, abs=0.01)

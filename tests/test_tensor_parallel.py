@@ -161,6 +161,27 @@ def test_tiny_tp2_equals_tp1(ray_cluster, tiny_tp, speculative):
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
+@pytest.mark.parametrize("backoff", [False, True])
+def test_tp2_start_up_timings_agree_across_ranks(ray_cluster, tiny_tp, tmp_path, backoff):
+    """tree="auto" and back-off time steps on every rank; rank 0's decision is broadcast, so
+    the ranks keep one tree (the executor refuses to start otherwise) and stay lossless."""
+    import json
+
+    from spec_decode.heads import MedusaHeads
+
+    arch = read_arch_config(tiny_tp)
+    MedusaHeads(4, 1, arch.hidden_size, arch.vocab_size).randomize(5).save(tmp_path)
+    acc = [[0.5, 0.2, 0.1], [0.3, 0.1, 0.05], [0.2, 0.1, 0.05], [0.1, 0.05, 0.02]]
+    (tmp_path / "tree.json").write_text(json.dumps({"rank_accuracy": acc}))
+    spec = {"heads": str(tmp_path), "tree": "auto", "backoff": backoff}
+    sp = SamplingParams(temperature=0, max_tokens=16)
+    ref = [o.token_ids for o in Engine(str(tiny_tp)).generate_batch(TINY_PROMPTS, sp)]
+    with _tp_engine(str(tiny_tp), ray_cluster, speculative=spec, max_num_seqs=4) as eng:
+        assert len({tuple(map(tuple, i.tree)) for i in eng.executor.infos}) == 1
+        assert (eng.backoff is not None) == backoff and (eng.tree_autotune is not None) != backoff
+        assert [o.token_ids for o in eng.generate_batch(TINY_PROMPTS, sp)] == ref
+
+
 def test_bundled_tp2_equals_tp1_plain_and_medusa(ray_cluster, bundled_dir):
     """The bundled model (9 query heads, 3 KV heads: an uneven split) at TP=2 over gloo."""
     sp = SamplingParams(temperature=0, max_tokens=32)
