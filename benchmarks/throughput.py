@@ -68,11 +68,14 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", help="tensor-parallel sizes to compare (Ray executor)")
     ap.add_argument("--heads", default="default", help="Medusa heads for the --tp comparison ('none': plain only)")
     ap.add_argument("--tree", default="mc_sim_7b_63")
+    ap.add_argument("--load-format", default="auto", help="'dummy': random weights (see dummy_model.py)")
     args = ap.parse_args()
+    if args.load_format == "dummy":
+        args.no_hf = True  # HF has no weights to load from a dummy directory
     if args.tp:
         return tp_main(args)
 
-    engine = Engine(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes))
+    engine = Engine(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_sizes), load_format=args.load_format)
     env = environment(engine.device, engine.dtype, "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
     hf = tok = None
     if not args.no_hf:
@@ -115,7 +118,7 @@ def tp_main(args) -> None:
     for tp in args.tp:
         for mode, spec in modes:
             eng = Engine(args.model, speculative=spec, dtype=args.dtype, max_num_seqs=max(args.batch_sizes),
-                         executor="ray", tensor_parallel_size=tp)
+                         executor="ray", tensor_parallel_size=tp, load_format=args.load_format)
             env = env or environment(eng.device, eng.dtype,
                                      "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
             for bs in args.batch_sizes:

@@ -28,9 +28,13 @@ class ModelConfig(msgspec.Struct, kw_only=True):
     attention_backend: str = "auto"
     # Seeds the per-request seeds of requests that give none.
     seed: int = 0
+    # "auto": the directory's safetensors; "dummy": random weights of the config's shapes (no
+    # weight files needed) — for throughput runs of models too large to ship, like vLLM's.
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and self.model != "", "model", "'default' or a path", self.model)
+        _check(self.load_format in ("auto", "dummy"), "load_format", "'auto' or 'dummy'", self.load_format)
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                "one of auto, float32, bfloat16, float16", self.dtype)
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "> 0", self.max_model_len)

@@ -55,7 +55,7 @@ class Engine:
     def __init__(self, model: str = "default", speculative: Any = None, **kwargs: Any) -> None:
         self.config: EngineConfig = build_engine_config(model, speculative, **kwargs)
         mc, cc, pc = self.config.model, self.config.cache, self.config.parallel
-        self.model_path = resolve_model_path(mc.model)
+        self.model_path = resolve_model_path(mc.model, mc.load_format)
         self.arch = read_arch_config(self.model_path)
         self.tokenizer = _load_tokenizer(self.model_path)
         eos = self.tokenizer.eos_token_id

@@ -68,7 +68,7 @@ class Worker:
         self.plan = ShardPlan.build(arch, spec.world_size, spec.rank)
         self.tp = TPGroup(self.plan)
         self.model, self.arch = load_model(Path(spec.model_path), self.dtype, self.device,
-                                           spec.world_size, spec.rank, self.tp)
+                                           spec.world_size, spec.rank, self.tp, cfg.model.load_format, cfg.model.seed)
         proposer, self.head_accuracy = build_proposer(cfg, self.model, self.arch, self.device, self.dtype)
         self.kv_cache = PagedKVCache(self.arch.num_layers, spec.num_blocks, spec.block_size,
                                      self.plan.num_kv_heads, self.arch.head_dim, self.dtype, self.device)

@@ -227,3 +227,19 @@ def test_shutdown_leaves_no_actor_and_killed_rank_fails_requests(ray_cluster, ti
     assert len(rids) == 4
     with _tp_engine(str(tiny_tp), ray_cluster) as again:
         assert again.generate_batch([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))[0].token_ids
+
+
+def test_dummy_load_format_needs_no_weights(tiny_llama, tmp_path):
+    """load_format="dummy": a config-only directory runs with random weights (large-shape
+    throughput runs); without it the missing weights are an error naming them."""
+    for f in tiny_llama.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(ValueError, match="safetensors"):
+        Engine(str(tmp_path))
+    eng = Engine(str(tmp_path), load_format="dummy", speculative={"heads": "random"})
+    out = eng.generate_batch([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8))[0].token_ids
+    assert len(out) == 8
+    assert not any(torch.equal(p, torch.zeros_like(p)) for p in eng.model.parameters())
+    with pytest.raises(ValueError, match="load_format"):
+        Engine(str(tmp_path), load_format="npz")

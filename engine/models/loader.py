@@ -30,7 +30,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDUSA_ENGINE_CACHE", Path.home() / ".cache" / "medusa-engine"))
 
 
-def resolve_model_path(model: str) -> Path:
+def resolve_model_path(model: str, load_format: str = "auto") -> Path:
     """'default' → the bundled model's converted directory (made on first use); else a local dir."""
     if model == "default":
         return ensure_default_model()
@@ -38,15 +38,15 @@ def resolve_model_path(model: str) -> Path:
     if not path.is_dir():
         raise ValueError(f"model: {model!r} is neither 'default' nor an existing local directory "
                          "(loading from a hub is not supported)")
-    check_model_dir(path)
+    check_model_dir(path, need_weights=load_format != "dummy")
     return path
 
 
-def check_model_dir(path: Path) -> None:
+def check_model_dir(path: Path, need_weights: bool = True) -> None:
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
-    if not (list(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
+    if need_weights and not (list(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
         missing.append("*.safetensors weights (or model.safetensors.index.json)")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
@@ -79,13 +79,16 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device, world_size: int = 1, rank: int = 0,
-               tp=None) -> tuple[LlamaForCausalLM, ArchConfig]:
+               tp=None, load_format: str = "auto", seed: int = 0) -> tuple[LlamaForCausalLM, ArchConfig]:
     """The model, or with ``world_size > 1`` rank ``rank``'s tensor-parallel shard of it (``tp``:
-    the rank's TPGroup). Each rank reads only its slices of the checkpoint."""
+    the rank's TPGroup). Each rank reads only its slices of the checkpoint; with
+    ``load_format="dummy"`` nothing is read and the weights are random."""
     from engine.parallel import ShardPlan, TPGroup, read_shard
 
     cfg = read_arch_config(path)
     plan = ShardPlan.build(cfg, world_size, rank)
+    if load_format == "dummy":
+        return _dummy_model(cfg, plan, tp if tp is not None else TPGroup(plan), dtype, device, seed), cfg
     with torch.device("meta"):
         full_shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
@@ -114,6 +117,26 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, world_size:
     # Buffers built on the meta device hold no data: compute RoPE frequencies for real.
     model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.eval(), cfg
+
+
+def _dummy_model(cfg: ArchConfig, plan, tp, dtype: torch.dtype, device: torch.device, seed: int) -> LlamaForCausalLM:
+    """Random weights of the shard's shapes, allocated straight in ``dtype`` on ``device`` (no
+    float32 copy of a 70B shard). Each rank draws its own shard: it is a random model either
+    way, and ranks still agree on every token (logits are all-gathered)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, plan, tp).to(dtype)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed * 1000 + plan.rank)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
 
 
 # ---- the bundled default model ----------------------------------------------------------
