@@ -293,14 +293,17 @@ class Engine:
         return None
 
     def _output(self, req: Request) -> RequestOutput:
-        text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-        if req.text_limit is not None:
-            text = text[: req.text_limit]
+        limit = req.text_limit
+
+        def detokenize(ids: list[int]) -> str:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            return text if limit is None else text[:limit]
+
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
             token_ids=list(req.output_token_ids),
-            text=text,
+            detokenize=detokenize,
             finish_reason=req.finish_reason,
             metrics=req.metrics,
             logprobs=list(req.output_logprobs) if req.params.logprobs else None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from functools import cached_property
+from typing import Callable, Optional
 
 from engine.sampling import SamplingParams
 
@@ -115,8 +116,14 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]
-    text: str
     finish_reason: Optional[str]
     metrics: RequestMetrics
     logprobs: Optional[list[float]] = None
     finished: bool = True
+    # Detokenises token_ids (cut at a stop string) when ``text`` is first read: a batch of
+    # hundreds of requests would otherwise decode every request's whole output every step.
+    detokenize: Optional[Callable[[list[int]], str]] = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def text(self) -> str:
+        return self.detokenize(self.token_ids) if self.detokenize is not None else ""
