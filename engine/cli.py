@@ -21,7 +21,15 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {"dtype": args.dtype, "device": args.device}
     if args.max_num_seqs:
         kw["max_num_seqs"] = args.max_num_seqs
+    if args.tensor_parallel_size > 1 or args.ray_address:
+        kw.update(executor="ray", tensor_parallel_size=args.tensor_parallel_size, ray_address=args.ray_address)
     return kw
+
+
+def _parallel_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
+                   help="split the model over this many Ray workers (docs/ray.md)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto': the one on this machine)")
 
 
 def _run(engine, prompts, params, chat):
@@ -62,6 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eng.reset_stats()
     outs, dt, ntok = _run(eng, prompts, params, args.chat)
     rows.append(("plain", ntok, dt, eng.stats.mean_accepted_length, []))
+    eng.shutdown()
     if args.medusa and params.greedy:
         same = all(a.token_ids == b.token_ids for a, b in zip(texts, outs))
         print(f"greedy outputs identical with and without Medusa: {same}")
@@ -155,6 +164,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default="auto")
     g.add_argument("--max-num-seqs", type=int, default=0)
+    _parallel_flags(g)
     g.add_argument("--json", help="write the timing rows here")
     t = sub.add_parser("train-heads", help="train Medusa heads on self-distilled data (Medusa-1)")
     t.add_argument("--model", default="default")
@@ -190,6 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sv.add_argument("--dtype", default="auto")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--max-num-seqs", type=int, default=0)
+    _parallel_flags(sv)
     args = ap.parse_args(argv)
     try:
         return {"generate": cmd_generate, "train-heads": cmd_train_heads, "export-heads": cmd_export_heads,

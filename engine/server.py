@@ -232,6 +232,9 @@ def prometheus_text(engine: AsyncEngine) -> str:
            [("", round(s.mean_accepted_length, 4))])
     metric("head_acceptance_ratio", "gauge", "Fraction of decode steps in which head k's guess was accepted.",
            [(f'{{head="{k}"}}', round(a, 4)) for k, a in enumerate(s.per_head_acceptance)])
+    metric("decode_steps_by_tree_size_total", "counter",
+           "Back-off: decode steps per tree size (candidates per sequence; 0 = plain decoding).",
+           [(f'{{candidates="{n}"}}', c) for n, c in sorted(s.steps_by_tree_size.items())])
     return "\n".join(lines) + "\n"
 
 
@@ -241,5 +244,8 @@ def serve(engine_kwargs: dict, model: str, host: str, port: int, served_model_na
     from engine.engine import Engine
 
     name = served_model_name or ("SmolLM2-135M-Instruct" if model == "default" else model)
-    app = build_app(AsyncEngine(Engine(model, **engine_kwargs)), name)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    engine = Engine(model, **engine_kwargs)
+    try:
+        uvicorn.run(build_app(AsyncEngine(engine), name), host=host, port=port, log_level="info")
+    finally:
+        engine.shutdown()  # Ray workers and their placement group go with the server
