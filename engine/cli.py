@@ -26,10 +26,24 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
-def _parallel_flags(p: argparse.ArgumentParser) -> None:
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    """The engine and Medusa flags that `generate` and `serve` share (read by _engine_kwargs
+    and _speculative)."""
+    p.add_argument("--medusa", action="store_true", help="speculate with Medusa heads")
+    p.add_argument("--heads", default="default", help="'default', 'random' or a heads directory")
+    p.add_argument("--tree", default="mc_sim_7b_63")
+    p.add_argument("--acceptance", default="typical", choices=["greedy", "typical", "rejection"])
+    p.add_argument("--backoff", action="store_true", help="size the tree per step from measured step latency")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=0)
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="split the model over this many Ray workers (docs/ray.md)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto': the one on this machine)")
+
+
+def _speculative(args: argparse.Namespace) -> dict:
+    return {"heads": args.heads, "tree": args.tree, "acceptance": args.acceptance, "backoff": args.backoff}
 
 
 def _run(engine, prompts, params, chat):
@@ -50,8 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rows = []
     texts = None
     if args.medusa:
-        spec = {"heads": args.heads, "tree": args.tree, "acceptance": args.acceptance, "backoff": args.backoff}
-        eng = Engine(args.model, speculative=spec, **_engine_kwargs(args))
+        eng = Engine(args.model, speculative=_speculative(args), **_engine_kwargs(args))
         if eng.tree_autotune:
             print("tree=auto, verify-step latency per tree size on this device:")
             for row in eng.tree_autotune:
@@ -139,8 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     kw = _engine_kwargs(args)
     if args.medusa:
-        kw["speculative"] = {"heads": args.heads, "tree": args.tree, "acceptance": args.acceptance,
-                             "backoff": args.backoff}
+        kw["speculative"] = _speculative(args)
     serve(kw, args.model, args.host, args.port, args.served_model_name)
     return 0
 
@@ -156,15 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--medusa", action="store_true", help="speculate with Medusa heads")
-    g.add_argument("--heads", default="default", help="'default', 'random' or a heads directory")
-    g.add_argument("--tree", default="mc_sim_7b_63")
-    g.add_argument("--acceptance", default="typical", choices=["greedy", "typical", "rejection"])
-    g.add_argument("--backoff", action="store_true", help="size the tree per step from measured step latency")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--max-num-seqs", type=int, default=0)
-    _parallel_flags(g)
+    _engine_flags(g)
     g.add_argument("--json", help="write the timing rows here")
     t = sub.add_parser("train-heads", help="train Medusa heads on self-distilled data (Medusa-1)")
     t.add_argument("--model", default="default")
@@ -192,15 +196,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--served-model-name", default=None)
-    sv.add_argument("--medusa", action="store_true")
-    sv.add_argument("--heads", default="default")
-    sv.add_argument("--tree", default="mc_sim_7b_63")
-    sv.add_argument("--acceptance", default="typical", choices=["greedy", "typical", "rejection"])
-    sv.add_argument("--backoff", action="store_true", help="size the tree per step from measured step latency")
-    sv.add_argument("--dtype", default="auto")
-    sv.add_argument("--device", default="auto")
-    sv.add_argument("--max-num-seqs", type=int, default=0)
-    _parallel_flags(sv)
+    _engine_flags(sv)
     args = ap.parse_args(argv)
     try:
         return {"generate": cmd_generate, "train-heads": cmd_train_heads, "export-heads": cmd_export_heads,

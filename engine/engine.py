@@ -19,9 +19,9 @@ from engine.models.loader import read_arch_config, resolve_model_path
 from engine.parallel import ShardPlan
 from engine.request import DecodeCounters, Request, RequestOutput
 from engine.sampling import SamplingParams
+from engine.worker import AUTO_TREE_SIZES, BUNDLED_HEADS_DIR, WorkerSpec  # noqa: F401 (BUNDLED_HEADS_DIR: re-exported)
 from scheduler.block_manager import BlockManager
 from scheduler.scheduler import Scheduler
-from engine.worker import AUTO_TREE_SIZES, BUNDLED_HEADS_DIR, WorkerSpec  # noqa: F401 (BUNDLED_HEADS_DIR re-exported)
 from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint
 from spec_decode.tree import MedusaTree, expected_accept_length, nested_subtrees
 

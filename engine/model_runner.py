@@ -117,9 +117,12 @@ class ModelRunner:
             if rr is not None:
                 self._mask_before_min_tokens(logits[rr[0]:rr[0] + rr[1]], lay.seq, lay.seq.params or SamplingParams(),
                                              tree)
-        # Greedy tree sequences are accepted together (one device→host copy for the batch).
-        greedy_tree = [(lay, rr) for lay, rr in zip(layouts, row_ranges)
-                       if rr is not None and lay.tree and (lay.seq.params or SamplingParams()).greedy]
+        # Greedy sequences are decided together, one device→host copy for the batch: trees by
+        # the batched acceptance rule, plain decodes by one argmax.
+        greedy = [(lay, rr) for lay, rr in zip(layouts, row_ranges)
+                  if rr is not None and (lay.seq.params or SamplingParams()).greedy]
+        greedy_tree = [(lay, rr) for lay, rr in greedy if lay.tree]
+        greedy_plain = [(lay, rr) for lay, rr in greedy if not lay.tree]
         batched: dict[int, object] = {}
         if greedy_tree:
             rows_idx = torch.tensor([r0 for _, (r0, _) in greedy_tree], device=self.device)
@@ -128,9 +131,6 @@ class ModelRunner:
             for (lay, _), acc in zip(greedy_tree, accept_greedy_batch(tree, toks, stacked)):
                 batched[lay.seq.seq_id] = acc
 
-        # Greedy plain decoding: one argmax and one device→host copy for the whole batch.
-        greedy_plain = [(lay, rr) for lay, rr in zip(layouts, row_ranges)
-                        if rr is not None and not lay.tree and (lay.seq.params or SamplingParams()).greedy]
         if greedy_plain:
             rows_idx = torch.tensor([r0 for _, (r0, _) in greedy_plain], device=self.device)
             for (lay, _), tok in zip(greedy_plain, logits.index_select(0, rows_idx).argmax(-1).tolist()):

@@ -147,6 +147,20 @@ def build_proposer(config: EngineConfig, model, arch, device, dtype):
     return MedusaProposer(heads.to(device=device, dtype=dtype).eval(), tree, model.lm_head), acc
 
 
+def _median_step_seconds(runner: ModelRunner, out: SchedulerOutput) -> float:
+    """Wall time of ``runner.execute(out)``: one warm-up run, then the median of three."""
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(4):
+        sync()
+        t0 = time.perf_counter()
+        runner.execute(out)
+        sync()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[1]
+
+
 def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, tp: TPGroup,
                   ctx: int = 128) -> list[dict]:
     """Time one verify step (batch 1, ``ctx`` tokens of context) per tree size; keep the tree
@@ -156,7 +170,6 @@ def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, tp
     from scheduler.outputs import ScheduledSeq
     from spec_decode.tree import expected_accept_length
 
-    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     rows, trees = [], []
     for n in AUTO_TREE_SIZES:
         tree = build_tree_from_accuracy(acc, n)
@@ -166,15 +179,7 @@ def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, tp
         runner.set_tree(tree)
         seq = ScheduledSeq(seq_id=0, token_ids=[1], start_pos=ctx, block_table=list(range(need)), sample=True,
                            candidates=[1] * (tree.num_nodes - 1), params=SamplingParams(temperature=0))
-        times = []
-        for i in range(4):
-            sync()
-            t0 = time.perf_counter()
-            runner.execute(SchedulerOutput(step_id=-1, seqs=[seq]))
-            sync()
-            if i:
-                times.append(time.perf_counter() - t0)
-        latency = sorted(times)[len(times) // 2]
+        latency = _median_step_seconds(runner, SchedulerOutput(step_id=-1, seqs=[seq]))
         expected = expected_accept_length(tree.choices, acc)
         rows.append({"nodes": n, "latency_ms": round(latency * 1e3, 3), "expected_tokens_per_step": round(expected, 3),
                      "expected_tokens_per_s": round(expected / latency, 1)})
@@ -193,26 +198,17 @@ def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: lis
     table is broadcast, so every rank holds the same model."""
     from scheduler.outputs import ScheduledSeq
 
-    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     depth = runner.tree.depth
     ctx = max(1, min(ctx, num_blocks * block_size - depth - 2))
-    table = [list(range(-(-(ctx + 1 + depth) // block_size)))]
+    table = list(range(-(-(ctx + 1 + depth) // block_size)))
     greedy = SamplingParams(temperature=0)
     rows = []
     for n in [0] + [s for s in sizes if s > 0]:
         for b in batch_sizes:
             if b * (n + 1) > token_budget:
                 continue
-            seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=ctx, block_table=table[0], sample=True,
+            seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=ctx, block_table=table, sample=True,
                                  candidates=[1] * n, params=greedy) for i in range(b)]
             out = SchedulerOutput(step_id=-1, seqs=seqs, propose=n > 0)
-            times = []
-            for i in range(4):  # one warm-up, the median of three
-                sync()
-                t0 = time.perf_counter()
-                runner.execute(out)
-                sync()
-                if i:
-                    times.append(time.perf_counter() - t0)
-            rows.append([b, n, round(1e3 * sorted(times)[1], 4)])
+            rows.append([b, n, round(1e3 * _median_step_seconds(runner, out), 4)])
     return tp.broadcast_object(rows)
