@@ -5,7 +5,9 @@ batch size, greedy, held-out chat prompts; one run side by side.
     python benchmarks/speculative.py --heads default --batch-sizes 1 4 16 64             # GPU
 
 The tree name ``backoff`` runs Medusa with back-off (tree sized per step from a latency model
-measured at start-up; needs heads with tree.json, e.g. the default heads).
+measured at start-up; needs heads with tree.json, e.g. the default heads). ``--hf`` adds HF
+transformers ``generate`` and ``--eager`` plain decoding without CUDA graphs to every row, so
+one run holds the whole comparison (GPU: benchmarks/gpu_suite.sh).
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ from engine.sampling import SamplingParams  # noqa: E402
 
 
 def run(engine, prompts, max_tokens):
-    engine.generate_batch(prompts[:1], SamplingParams(temperature=0, max_tokens=4), chat=True)  # warm-up
-    engine.reset_stats()
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    # Warm-up with the very batch: one-time work (CUDA graphs for a new batch or width bucket
+    # are captured on first use, ~1 s each) stays out of the timing.
+    engine.generate_batch(prompts, params, chat=True)
+    engine.reset_stats()
     sync(engine.device)
     t0 = time.perf_counter()
     outs = engine.generate_batch(prompts, params, chat=True)
     sync(engine.device)
     dt = time.perf_counter() - t0
-    return outs, sum(len(o.token_ids) for o in outs) / dt
+    return outs, sum(len(o.token_ids) for o in outs) / dt, 1e3 * dt / max(1, engine.stats.num_steps)
 
 
 def main() -> None:
@@ -43,41 +47,73 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0,
+                    help="GPU: enough for the largest batch, or preemption (recompute) is what gets timed")
+    ap.add_argument("--hf", action="store_true", help="also time HF transformers generate (plain, greedy)")
+    ap.add_argument("--eager", action="store_true", help="also time plain decoding without CUDA graphs")
     args = ap.parse_args()
 
-    kw = dict(dtype=args.dtype, max_num_seqs=max(args.batch_sizes))
+    kw = dict(dtype=args.dtype, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb)
     plain = Engine(args.model, **kw)
     env = environment(plain.device, plain.dtype, "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
-    env["heads"] = args.heads
+    env.update(heads=args.heads, cuda_graphs=plain.num_graphs > 0, graph_capture_s=plain.graph_capture_s)
     rows = []
     base = {}
+    extra: dict[int, dict] = {bs: {} for bs in args.batch_sizes}
     for bs in args.batch_sizes:
-        prompts = eval_prompts(bs)
-        base[bs] = run(plain, prompts, args.max_tokens)
+        base[bs] = run(plain, eval_prompts(bs), args.max_tokens)
+        print(f"plain batch {bs}: {base[bs][1]:.1f} tok/s, {base[bs][2]:.2f} ms/step", flush=True)
+    if args.hf:
+        from transformers import AutoModelForCausalLM
+
+        from benchmarks.throughput import bench_hf
+
+        hf = AutoModelForCausalLM.from_pretrained(str(plain.model_path), dtype=plain.dtype).to(plain.device).eval()
+        for bs in args.batch_sizes:
+            n, dt = bench_hf(hf, plain.tokenizer, eval_prompts(bs), args.max_tokens, plain.device)
+            extra[bs].update(hf_tok_s=n / dt, plain_vs_hf=base[bs][1] / (n / dt))
+        del hf
+    plain.shutdown()
     del plain
+    if args.eager:
+        eager = Engine(args.model, enforce_eager=True, **kw)
+        for bs in args.batch_sizes:
+            _, tok_s, step_ms = run(eager, eval_prompts(bs), args.max_tokens)
+            extra[bs].update(plain_eager_tok_s=tok_s, plain_eager_step_ms=step_ms,
+                             graphs_vs_eager=base[bs][1] / tok_s)
+        eager.shutdown()
+        del eager
     for tree in args.trees:
         spec = {"heads": args.heads, "tree": tree, "acceptance": args.acceptance}
         if tree == "backoff":
             spec.update(tree="auto", backoff=True)
         eng = Engine(args.model, speculative=spec, **kw)
+        if eng.backoff is not None:
+            print("back-off latency model [batch, candidates, ms]:", eng.step_latency, flush=True)
         for bs in args.batch_sizes:
             prompts = eval_prompts(bs)
-            outs, tok_s = run(eng, prompts, args.max_tokens)
-            ref_outs, plain_tok_s = base[bs]
+            outs, tok_s, step_ms = run(eng, prompts, args.max_tokens)
+            ref_outs, plain_tok_s, plain_step_ms = base[bs]
             rows.append({**env, "tree": tree, "tree_nodes": eng.tree.num_nodes,
                          "acceptance": args.acceptance, "batch_size": bs,
                          "plain_tok_s": plain_tok_s, "medusa_tok_s": tok_s, "speedup": tok_s / plain_tok_s,
+                         "plain_step_ms": plain_step_ms, "medusa_step_ms": step_ms, **extra[bs],
                          "mean_accepted": eng.stats.mean_accepted_length,
                          "per_head_acceptance": [round(x, 3) for x in eng.stats.per_head_acceptance],
                          "steps_by_tree_size": dict(eng.stats.steps_by_tree_size),
                          "greedy_identical": [o.token_ids for o in outs] == [o.token_ids for o in ref_outs]})
             print_table([rows[-1]], ["tree", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup", "mean_accepted"])
+        eng.shutdown()
         del eng
 
     def plot(ax, rows):
         bss = sorted({r["batch_size"] for r in rows})
         first = [r for r in rows if r["tree"] == rows[0]["tree"]]
         ax.plot(bss, [r["plain_tok_s"] for r in first], "k--o", label="plain decoding")
+        if "plain_eager_tok_s" in first[0]:
+            ax.plot(bss, [r["plain_eager_tok_s"] for r in first], "k:x", label="plain decoding, eager")
+        if "hf_tok_s" in first[0]:
+            ax.plot(bss, [r["hf_tok_s"] for r in first], "s:", color="grey", label="HF transformers generate")
         for tree in dict.fromkeys(r["tree"] for r in rows):
             tr = [r for r in rows if r["tree"] == tree]
             ax.plot([r["batch_size"] for r in tr], [r["medusa_tok_s"] for r in tr], "o-", label=f"Medusa {tree}")
@@ -88,6 +124,8 @@ def main() -> None:
     print(f"\n{env}")
     print_table(rows, ["tree", "tree_nodes", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup",
                        "mean_accepted", "greedy_identical"])
+    print_table([r for r in rows if r["tree"] == rows[0]["tree"]],
+                ["batch_size", "plain_step_ms", "plain_eager_step_ms", "graphs_vs_eager", "hf_tok_s", "plain_vs_hf"])
     print("wrote", write_results("speculative", env, rows, plot))
 
 

@@ -18,7 +18,7 @@ DEMO_PROMPTS = [
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    kw = {"dtype": args.dtype, "device": args.device}
+    kw = {"dtype": args.dtype, "device": args.device, "enforce_eager": args.enforce_eager}
     if args.max_num_seqs:
         kw["max_num_seqs"] = args.max_num_seqs
     if args.tensor_parallel_size > 1 or args.ray_address:
@@ -37,6 +37,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-num-seqs", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode/verify steps")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="split the model over this many Ray workers (docs/ray.md)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto': the one on this machine)")

@@ -31,6 +31,8 @@ class ModelConfig(msgspec.Struct, kw_only=True):
     # "auto": the directory's safetensors; "dummy": random weights of the config's shapes (no
     # weight files needed) — for throughput runs of models too large to ship, like vLLM's.
     load_format: str = "auto"
+    # CUDA: run every step eagerly instead of replaying CUDA graphs for decode/verify steps.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and self.model != "", "model", "'default' or a path", self.model)

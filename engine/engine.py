@@ -107,6 +107,10 @@ class Engine:
             self.executor = UniprocExecutor(specs[0])
         info = self.executor.info
         self.head_accuracy = info.head_accuracy
+        # CUDA graphs the workers captured at start-up (0: every step runs eagerly).
+        self.num_graphs, self.graph_capture_s = info.num_graphs, info.graph_capture_s
+        # Back-off's start-up latency grid [batch size, candidates, ms] (None without back-off).
+        self.step_latency = info.step_latency
         self.tree_autotune: Optional[list[dict]] = info.tree_autotune
         self.tree: Optional[MedusaTree] = MedusaTree(tuple(tuple(c) for c in info.tree)) if info.tree else None
         tree_depth = self.tree.depth if self.tree else 0
@@ -212,10 +216,14 @@ class Engine:
         """Run one engine step. Returns an output for every request that got tokens or finished
         (``finished`` tells which); finished requests are forgotten by the engine."""
         self._check_alive()
-        out = self.scheduler.schedule()
+        tree_size = keep = None
+        if self.backoff is not None:
+            tree_size, keep = self._back_off_tree()
+        out = self.scheduler.schedule(keep)
         if not out.seqs:
             return []
-        tree_size = self._back_off(out) if self.backoff is not None else None
+        if self.backoff is not None:
+            self._back_off_propose(out, tree_size)
         t0 = time.perf_counter()
         try:
             result = self.executor.execute(out)
@@ -241,23 +249,23 @@ class Engine:
             outputs.append(self._output(req))
         return outputs
 
-    def _back_off(self, out) -> int:
-        """Cut this step's trees to the size the latency model favours for the number of
-        decoding sequences (0: plain decoding), and decide whether to propose for the next."""
-        decoding = [s for s in out.seqs if s.sample and len(s.token_ids) == 1]
-        with_tree = [s for s in decoding if s.candidates]
-        room = self.config.scheduler.max_num_batched_tokens - out.num_tokens + sum(len(s.candidates) for s in with_tree)
-        n = 0
-        if with_tree:
-            n = self.backoff.choose(len(decoding), room // len(with_tree))
-            keep = self._subtrees[n].nodes if n else ()
-            for s in with_tree:
-                s.candidates = [s.candidates[i] for i in keep]
+    def _back_off_tree(self) -> tuple[int, tuple[int, ...]]:
+        """The tree size the latency model favours for the number of sequences about to decode
+        (0: plain decoding) and which of the full tree's candidates that keeps."""
+        decoding = self.scheduler.num_decoding()
+        if not decoding:
+            return 0, ()
+        room = self.config.scheduler.max_num_batched_tokens // decoding - 1
+        n = self.backoff.choose(decoding, room)
+        return n, (self._subtrees[n].nodes if n else ())
+
+    def _back_off_propose(self, out, n: int) -> None:
+        """Propose for the next step only if back-off would use a tree at this load."""
         samplers = sum(1 for s in out.seqs if s.sample)
         out.propose = self.backoff.choose(samplers, len(self.tree.choices)) > 0
-        if decoding:
-            self.stats.steps_by_tree_size[n] = self.stats.steps_by_tree_size.get(n, 0) + 1
-        return n
+        if any(s.sample and len(s.token_ids) == 1 for s in out.seqs):
+            size = n if any(s.candidates for s in out.seqs) else 0
+            self.stats.steps_by_tree_size[size] = self.stats.steps_by_tree_size.get(size, 0) + 1
 
     def _check_alive(self) -> None:
         if self._dead is not None:

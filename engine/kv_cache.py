@@ -14,9 +14,12 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # One tensor per K and V for all layers (so committing accepted tree nodes is one
+        # indexed copy, not one per layer); self.k[layer] / self.v[layer] are views of it.
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k_all = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_all = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -26,6 +29,11 @@ class PagedKVCache:
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)
+
+    def commit(self, slots: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
+        """Write every layer at once: k_all/v_all are [layers, len(slots), kv_heads, head_dim]."""
+        self.k_all[:, slots] = k_all
+        self.v_all[:, slots] = v_all
 
     def slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat slot ids for token positions given a (padded) block table (same leading dims)."""

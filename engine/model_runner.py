@@ -17,6 +17,7 @@ import torch
 
 from engine.attention.base import AttentionBackend, SeqAttn, StepAttnInputs
 from engine.config import SpeculativeConfig
+from engine.cuda_graphs import CudaGraphRunner, graphable_nodes
 from engine.models.llama import LlamaForCausalLM
 from engine.sampling import SamplingParams, processed_probs, sample_token
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, SeqResult, StepResult
@@ -36,8 +37,10 @@ class _SeqLayout:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, device: torch.device,
                  eos_token_ids: tuple[int, ...], proposer: Optional[MedusaProposer] = None,
-                 spec: Optional[SpeculativeConfig] = None) -> None:
+                 spec: Optional[SpeculativeConfig] = None, graphs: Optional[CudaGraphRunner] = None) -> None:
         self.model, self.backend, self.device = model, backend, device
+        # Decode and verify steps replay CUDA graphs when given; everything else runs eager.
+        self.graphs = graphs
         self.eos_token_ids = eos_token_ids
         self.proposer, self.spec = proposer, spec
         self.tree: Optional[MedusaTree] = None
@@ -87,11 +90,26 @@ class ModelRunner:
             attn.append(SeqAttn(q_len=n + len(s.candidates), ctx_len=s.start_pos,
                                 block_table=s.block_table, tree_mask=tree.mask if has_tree else None))
 
-        step = StepAttnInputs(seqs=attn, slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
-                              keep_kv=any(l.tree for l in layouts))
-        meta = self.backend.prepare(step)
-        hidden = self.model(torch.tensor(ids, device=self.device),
-                            torch.tensor(positions, device=self.device), self.backend, meta)
+        step_tree = tree if any(l.tree for l in layouts) else None
+        if self.graphs is not None and graphable_nodes(out.seqs, step_tree, self.graphs.width) is not None:
+            g = self.graphs.run(out.seqs, step_tree, ids, positions, [l.slots[0] for l in layouts])
+            if self._greedy_tail_applies(out):
+                proposer = self.proposer if out.propose else None
+                rows = self.graphs.run_greedy_tail(g, step_tree, proposer)[:len(out.seqs)].tolist()
+                return StepResult(step_id=out.step_id, results=self._tail_results(out, step_tree, rows))
+            t = len(ids)
+            hidden = g.hidden[:t]
+            step_k, step_v = (g.step_k[:, :t], g.step_v[:, :t]) if g.step_k is not None else (None, None)
+        else:
+            step = StepAttnInputs(seqs=attn, slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
+                                  keep_kv=step_tree is not None)
+            meta = self.backend.prepare(step)
+            hidden = self.model(torch.tensor(ids, device=self.device),
+                                torch.tensor(positions, device=self.device), self.backend, meta)
+            step_k = step_v = None
+            if step.step_kv:
+                step_k = torch.stack([k for k, _ in step.step_kv])
+                step_v = torch.stack([v for _, v in step.step_kv])
 
         # Rows whose logits are needed: the last token of sampling sequences, every tree node.
         row_ranges: list[Optional[tuple[int, int]]] = []
@@ -176,10 +194,10 @@ class ModelRunner:
             ))
 
         if commit_src:
+            # The accepted nodes' K/V, all layers in one indexed copy.
             src = torch.tensor(commit_src, device=self.device)
             dst = torch.tensor(commit_dst, device=self.device)
-            for layer, (k, v) in enumerate(step.step_kv):
-                self.backend.kv_cache.write(layer, dst, k.index_select(0, src), v.index_select(0, src))
+            self.backend.kv_cache.commit(dst, step_k.index_select(1, src), step_v.index_select(1, src))
 
         if self.proposer is not None and last_rows and out.propose:
             cands = self.proposer.propose(hidden[torch.tensor(last_rows, device=self.device)]).tolist()
@@ -188,6 +206,27 @@ class ModelRunner:
                 if res.token_ids:
                     res.next_candidates = next(it)
         return StepResult(step_id=out.step_id, results=results)
+
+    @staticmethod
+    def _greedy_tail_applies(out: SchedulerOutput) -> bool:
+        """The captured greedy tail decides every sequence of the step: all greedy, no
+        logprobs, no min_tokens still masking stop tokens (those need the per-sequence path)."""
+        for s in out.seqs:
+            p = s.params or SamplingParams()
+            if not (s.sample and p.greedy) or p.logprobs or p.min_tokens > s.num_output_tokens:
+                return False
+        return True
+
+    @staticmethod
+    def _tail_results(out: SchedulerOutput, tree: Optional[MedusaTree], rows: list[list[int]]) -> list[SeqResult]:
+        depth = tree.depth if tree is not None else 0
+        results = []
+        for s, r in zip(out.seqs, rows):
+            n = r[0]
+            results.append(SeqResult(
+                seq_id=s.seq_id, token_ids=r[1:1 + n] + [r[1 + depth]], next_candidates=r[2 + depth:],
+                num_accepted=n, accepted_per_depth=[int(n > d) for d in range(depth)]))
+        return results
 
     def _mask_before_min_tokens(self, logits: torch.Tensor, s: ScheduledSeq, params: SamplingParams,
                                 tree: Optional[MedusaTree]) -> None:

@@ -53,6 +53,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     pid: int
     # Back-off's latency model: [batch size, candidates per sequence, ms] on this device.
     step_latency: Optional[list[list[float]]] = None
+    # CUDA graphs captured at start-up (0 when eager) and the seconds it took.
+    num_graphs: int = 0
+    graph_capture_s: float = 0.0
 
 
 class Worker:
@@ -70,11 +73,21 @@ class Worker:
         self.model, self.arch = load_model(Path(spec.model_path), self.dtype, self.device,
                                            spec.world_size, spec.rank, self.tp, cfg.model.load_format, cfg.model.seed)
         proposer, self.head_accuracy = build_proposer(cfg, self.model, self.arch, self.device, self.dtype)
-        self.kv_cache = PagedKVCache(self.arch.num_layers, spec.num_blocks, spec.block_size,
+        use_graphs = use_cuda_graphs(cfg, self.device, spec.attention_backend, spec.world_size)
+        # With graphs, one block more than the driver hands out: padded sequences write there.
+        self.kv_cache = PagedKVCache(self.arch.num_layers, spec.num_blocks + use_graphs, spec.block_size,
                                      self.plan.num_kv_heads, self.arch.head_dim, self.dtype, self.device)
         backend = build_backend(spec.attention_backend, self.kv_cache, self.device)
+        graphs = None
+        if use_graphs:
+            from engine.cuda_graphs import CudaGraphRunner
+
+            longest = min(cfg.model.max_model_len or self.arch.max_position_embeddings,
+                          spec.num_blocks * spec.block_size)
+            width = min(spec.num_blocks, -(-(longest + 64) // spec.block_size))  # + a tree's lookahead
+            graphs = CudaGraphRunner(self.model, backend, self.device, width, pad_block=spec.num_blocks)
         self.runner = ModelRunner(self.model, backend, self.device, tuple(spec.eos_token_ids), proposer,
-                                  cfg.speculative)
+                                  cfg.speculative, graphs)
         self.tree_autotune: Optional[list[dict]] = None
         self.step_latency: Optional[list[list[float]]] = None
         if proposer is not None and cfg.speculative.backoff:
@@ -92,14 +105,28 @@ class Worker:
             # tree="auto": time the verify step for several tree sizes on this device, keep the best.
             self.tree_autotune = autotune_tree(self.runner, self.head_accuracy, spec.block_size,
                                                spec.num_blocks, self.tp)
+        if graphs is not None:
+            # Every tree a step may verify, and plain decoding, at every batch bucket up front, so
+            # no request waits for a capture.
+            sc = cfg.scheduler
+            graphs.capture([None] + sorted(self.runner.trees.values(), key=lambda t: t.num_nodes),
+                           sc.max_num_seqs, sc.max_num_batched_tokens)
 
     def info(self) -> WorkerInfo:
-        tree = self.runner.tree
+        tree, g = self.runner.tree, self.runner.graphs
         return WorkerInfo(tree=[list(c) for c in tree.choices] if tree else None, head_accuracy=self.head_accuracy,
-                          tree_autotune=self.tree_autotune, pid=os.getpid(), step_latency=self.step_latency)
+                          tree_autotune=self.tree_autotune, pid=os.getpid(), step_latency=self.step_latency,
+                          num_graphs=len(g.graphs) if g else 0, graph_capture_s=round(g.capture_seconds, 2) if g else 0.0)
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.runner.execute(out)
+
+
+def use_cuda_graphs(config: EngineConfig, device: torch.device, backend: str, world_size: int) -> bool:
+    """Graphs need the xformers backend (its biases update in place) on CUDA. Under tensor
+    parallelism steps stay eager: capturing the NCCL all-reduces is not validated here."""
+    return (not config.model.enforce_eager and device.type == "cuda" and backend == "xformers"
+            and world_size == 1)
 
 
 def build_backend(name: str, kv_cache: PagedKVCache, device: torch.device):

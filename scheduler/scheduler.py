@@ -12,7 +12,7 @@ produces exactly the tokens it would have produced without the preemption.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
@@ -93,12 +93,28 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- one step ---------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def num_decoding(self) -> int:
+        """Running requests whose next step is a decode (one pending token)."""
+        return sum(1 for r in self.running if r.num_tokens - r.num_computed == 1)
+
+    def schedule(self, keep: Optional[Sequence[int]] = None) -> SchedulerOutput:
+        """``keep``: which of each request's tree candidates this step verifies (indices into
+        its full candidate list; None: all, empty: plain decoding — back-off's choice).
+        Trees go to every decoding sequence or to none, so a step stays uniform (one tree
+        size, which CUDA graphs need) — when the budget cannot hold them all, plain decoding
+        of the whole batch beats trees for some and a wait or a plain step for the rest."""
         if self._in_flight:
             raise RuntimeError("schedule() called again before update() of the previous step")
         budget = self.config.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         preempted_before = self.num_preemptions
+
+        def cut(cands: list[int]) -> list[int]:
+            return list(cands) if keep is None else [cands[i] for i in keep]
+
+        tree_tokens = sum(1 + len(cut(r.candidates)) for r in self.running
+                          if r.num_tokens - r.num_computed == 1 and r.candidates)
+        trees = tree_tokens <= budget
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -106,7 +122,7 @@ class Scheduler:
             pending = req.num_tokens - req.num_computed
             chunk = min(pending, budget)
             reaches_end = chunk == pending
-            cands = req.candidates if (reaches_end and pending == 1) else []
+            cands = cut(req.candidates) if (trees and reaches_end and pending == 1 and req.candidates) else []
             if cands and (1 + len(cands) > budget or req.num_tokens + self.tree_depth > self.max_model_len):
                 cands = []  # no room for the tree this step: plain decode is still exact
             slots = req.num_computed + chunk + (self.tree_depth if cands else 0)

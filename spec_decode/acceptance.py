@@ -70,16 +70,26 @@ def accept_exact(tree: MedusaTree, node_tokens: torch.Tensor, logits: torch.Tens
     return Accepted(path, int(target[path[-1]]))
 
 
+def greedy_tree_accept(paths: torch.Tensor, node_tokens: torch.Tensor,
+                       argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy acceptance on the device, no host sync (CUDA graphs capture it): ``paths`` is
+    ``tree.paths`` on the device, node_tokens and argmax [S, N]. Returns per sequence the
+    index of the accepted path in ``paths`` and how many candidates on it were accepted
+    (the first longest path wins, as in ``accept_exact``)."""
+    valid = paths[:, 1:] >= 0
+    p = paths.clamp(min=0)
+    ok = (node_tokens[:, p[:, 1:]] == argmax[:, p[:, :-1]]) & valid  # [S, P, D]
+    acc_len = ok.int().cumprod(dim=2).sum(dim=2)  # [S, P]
+    best = acc_len.argmax(dim=1)
+    return best, acc_len.gather(1, best[:, None])[:, 0]
+
+
 def accept_greedy_batch(tree: MedusaTree, node_tokens: torch.Tensor, logits: torch.Tensor) -> list[Accepted]:
     """Greedy acceptance for S sequences sharing ``tree`` at once (node_tokens [S, N], logits
     [S, N, V]): one pass on the device and one copy to the host, instead of a few small syncs
     per sequence. Same result as ``accept_exact`` on each sequence (first longest path wins)."""
     argmax = logits.argmax(dim=-1)  # [S, N]
-    parent, child, valid = _edges(tree, node_tokens)
-    ok = (node_tokens[:, child] == argmax[:, parent]) & valid  # [S, P, D]
-    acc_len = ok.int().cumprod(dim=2).sum(dim=2)  # [S, P]
-    best = acc_len.argmax(dim=1)  # first maximum, as in _best_path
-    best_len = acc_len.gather(1, best[:, None])[:, 0]
+    best, best_len = greedy_tree_accept(tree.paths.to(node_tokens.device), node_tokens, argmax)
     best, best_len, argmax = best.tolist(), best_len.tolist(), argmax.tolist()
     out = []
     for i, (b, n) in enumerate(zip(best, best_len)):

@@ -53,8 +53,15 @@ class LatencyModel:
     def sizes(self) -> list[int]:
         return sorted(self.table)
 
+    # Served steps this far off the measurement are one-off stalls (a CUDA graph captured on
+    # first use, allocator growth, a GC pause), not the step's cost: learning from one would
+    # price a tree size out for good, since back-off then never runs it again to unlearn.
+    OUTLIER_RATIO = 4.0
+
     def observe(self, batch_size: int, n: int, ms: float, weight: float = 0.1) -> None:
         ratio = ms / self._measured(batch_size, n)
+        if not 1 / self.OUTLIER_RATIO <= ratio <= self.OUTLIER_RATIO:
+            return
         self.correction[n] += weight * (ratio - self.correction[n])
 
     def ms(self, batch_size: int, n: int) -> float:

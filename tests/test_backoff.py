@@ -122,3 +122,15 @@ def test_served_steps_correct_an_optimistic_start_up_model():
         policy.observe(1, 4, 30.0, 1.4)
     assert policy.choose(1, 63) == 0
     assert policy.expected[4] == pytest.approx(1.4, abs=0.01)
+
+
+def test_a_one_off_stall_does_not_price_a_tree_out():
+    """A step that stalls (a CUDA graph captured on first use: ~1 s against ~2 ms) is ignored;
+    a steady cost above the measurement is learned."""
+    m = LatencyModel([LatencyPoint(1, 0, 2.0), LatencyPoint(1, 4, 2.4)])
+    policy = BackoffPolicy(m, {4: 2.0})
+    policy.observe(1, 4, 1000.0, 2.0)
+    assert m.correction[4] == 1.0 and policy.choose(1, 63) == 4
+    for _ in range(40):
+        policy.observe(1, 4, 7.0, 2.0)  # 2.9x the measurement: real, learned
+    assert policy.choose(1, 63) == 0

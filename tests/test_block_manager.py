@@ -74,3 +74,30 @@ def test_random_workload_frees_every_block():
         if r.finish_reason != "abort":
             assert r.finish_reason == "length"
             assert len(r.output_token_ids) == r.params.max_tokens or r.num_tokens >= 120
+
+
+def _decoding_scheduler(n_seqs: int, budget: int, n_cands: int) -> Scheduler:
+    """``n_seqs`` requests past their prefill, each holding ``n_cands`` candidates."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=n_seqs, max_num_batched_tokens=budget),
+                      BlockManager(num_blocks=256, block_size=4), max_model_len=200, tree_depth=2)
+    for i in range(n_seqs):
+        sched.add(Request(request_id=str(i), seq_id=i, prompt_token_ids=[3, 4, 5], eos_token_id=2,
+                          params=SamplingParams(temperature=0, max_tokens=50), seed=i))
+    out = sched.schedule()  # prefill, all of it fits
+    sched.update(StepResult(step_id=out.step_id, results=[
+        SeqResult(seq_id=s.seq_id, token_ids=[7], next_candidates=list(range(10, 10 + n_cands))) for s in out.seqs]),
+        lambda r: None)
+    return sched
+
+
+def test_trees_go_to_every_decoding_sequence_or_to_none():
+    # 4 sequences x (1 + 6) = 28 tokens: fits a budget of 28, not one of 27.
+    out = _decoding_scheduler(4, 28, 6).schedule()
+    assert [len(s.candidates) for s in out.seqs] == [6] * 4
+    out = _decoding_scheduler(4, 27, 6).schedule()
+    assert len(out.seqs) == 4 and all(s.candidates == [] for s in out.seqs)  # plain, not mixed
+    # Back-off's cut (candidates 0, 2 and 5 of each tree) makes them fit again.
+    out = _decoding_scheduler(4, 27, 6).schedule(keep=(0, 2, 5))
+    assert [s.candidates for s in out.seqs] == [[10, 12, 15]] * 4
+    out = _decoding_scheduler(4, 28, 6).schedule(keep=())
+    assert all(s.candidates == [] for s in out.seqs)

@@ -41,6 +41,17 @@ class XformersAttnMeta:
     tree_nodes: int
     tree_spec_bias: Optional[torch.Tensor]
     tree_prefix_bias: object
+    # Every row of the step is causal (or every row is in a tree): no gather/scatter of rows.
+    causal_all: bool = False
+    tree_all: bool = False
+
+
+@dataclass
+class GraphAttnInputs:
+    """The device tensors a captured step reads, updated in place before each replay."""
+    meta: XformersAttnMeta
+    kv_lens: torch.Tensor  # [batch] int32: cached tokens each sequence attends to
+    block_tables: torch.Tensor  # [batch, width] int32
 
 
 def _block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -111,6 +122,7 @@ class XformersAttentionBackend:
                 page_size=page, device=dev)
 
         write_idx, write_slots = write_plan(inputs.slot_mapping, dev)
+        total = offset
         return XformersAttnMeta(
             inputs=inputs,
             write_idx=write_idx,
@@ -120,7 +132,37 @@ class XformersAttentionBackend:
             tree_idx=torch.tensor(tree_rows, device=dev) if trees else None,
             tree_batch=len(trees), tree_nodes=n_nodes,
             tree_spec_bias=spec_bias, tree_prefix_bias=prefix_bias,
+            causal_all=len(causal_rows) == total, tree_all=len(tree_rows) == total,
         )
+
+    def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
+                     write_slots: torch.Tensor, pad_block: int, keep_kv: bool) -> GraphAttnInputs:
+        """Metadata of a step of ``batch`` sequences with ``nodes`` query tokens each (1: plain
+        decode; >1: a tree whose root is the pending token), for CUDA graph capture. Shapes are
+        fixed (block tables ``width`` pages wide); lengths and tables are refreshed in place."""
+        from xformers.ops.fmha.attn_bias import (PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
+                                                 PagedBlockDiagonalPaddedKeysMask)
+
+        dev, page = self.device, self.kv_cache.block_size
+        tables = torch.full((batch, width), pad_block, dtype=torch.int32, device=dev)
+        inputs = StepAttnInputs(seqs=[], slot_mapping=torch.empty(0), keep_kv=keep_kv)
+        common = dict(inputs=inputs, write_slots=write_slots, causal_idx=None, causal_gather=None, tree_idx=None,
+                      tree_batch=batch, tree_nodes=nodes, tree_spec_bias=None, tree_prefix_bias=None,
+                      causal_bias=None)
+        if tree_mask is None:
+            bias = PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+                q_seqlen=[1] * batch, kv_seqlen=[1] * batch, block_tables=tables, page_size=page, device=dev)
+            meta = XformersAttnMeta(**{**common, "causal_bias": bias}, write_idx=None, causal_all=True)
+        else:
+            # Only each tree's root (the pending token) goes into the cache; its nodes stay in
+            # the step's K/V until the accepted path is committed.
+            spec_bias = torch.zeros(tree_mask.shape, dtype=torch.float32).masked_fill(~tree_mask, float("-inf"))
+            bias = PagedBlockDiagonalPaddedKeysMask.from_seqlens(
+                q_seqlen=[nodes] * batch, kv_seqlen=[1] * batch, block_tables=tables, page_size=page, device=dev)
+            meta = XformersAttnMeta(**{**common, "tree_spec_bias": spec_bias.to(device=dev, dtype=self.kv_cache.k[0].dtype),
+                                       "tree_prefix_bias": bias},
+                                    write_idx=torch.arange(batch, device=dev) * nodes, tree_all=True)
+        return GraphAttnInputs(meta=meta, kv_lens=bias.k_seqinfo.seqlen, block_tables=tables)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: XformersAttnMeta) -> torch.Tensor:
@@ -135,8 +177,8 @@ class XformersAttentionBackend:
         cache_k = self.kv_cache.k[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
         cache_v = self.kv_cache.v[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
         out = torch.empty_like(q)
-        if meta.causal_idx is not None:
-            qc = q.index_select(0, meta.causal_idx).view(1, -1, g, hg, d)
+        if meta.causal_all or meta.causal_idx is not None:
+            qc = (q if meta.causal_all else q.index_select(0, meta.causal_idx)).view(1, -1, g, hg, d)
             if meta.causal_gather is None:
                 oc = fmha.memory_efficient_attention_forward(qc, cache_k, cache_v, attn_bias=meta.causal_bias,
                                                              op=triton_splitk.FwOp)
@@ -146,13 +188,18 @@ class XformersAttentionBackend:
                 kc = kc.view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
                 vc = vc.view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
                 oc = fmha.memory_efficient_attention_forward(qc, kc, vc, attn_bias=meta.causal_bias)
+            if meta.causal_all:
+                return oc.view(-1, h, d)
             out.index_copy_(0, meta.causal_idx, oc.view(-1, h, d))
-        if meta.tree_idx is not None:
+        if meta.tree_all or meta.tree_idx is not None:
             b, n = meta.tree_batch, meta.tree_nodes
-            qt = q.index_select(0, meta.tree_idx).view(b, n, g, hg, d)
-            kt = k.index_select(0, meta.tree_idx).view(b, n, g, 1, d).expand(-1, -1, -1, hg, -1)
-            vt = v.index_select(0, meta.tree_idx).view(b, n, g, 1, d).expand(-1, -1, -1, hg, -1)
+            rows = (lambda x: x) if meta.tree_all else (lambda x: x.index_select(0, meta.tree_idx))
+            qt = rows(q).view(b, n, g, hg, d)
+            kt = rows(k).view(b, n, g, 1, d).expand(-1, -1, -1, hg, -1)
+            vt = rows(v).view(b, n, g, 1, d).expand(-1, -1, -1, hg, -1)
             ot = tree_attention(qt, kt, vt, cache_k, cache_v, meta.tree_spec_bias, meta.tree_prefix_bias,
                                 prefix_op=triton_splitk.FwOp, suffix_op=triton_splitk.FwOp)
+            if meta.tree_all:
+                return ot.reshape(-1, h, d)
             out.index_copy_(0, meta.tree_idx, ot.reshape(-1, h, d))
         return out

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
+from engine.models.ops import EAGER_OPS, ModelOps, apply_rope
+
 if TYPE_CHECKING:
     from engine.parallel import ShardPlan, TPGroup
 
@@ -113,23 +115,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, ops: ModelOps = EAGER_OPS) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, head_dim]; HF layout (rotate_half over the two halves).
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def _concat_linear(*parts: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the parts' outputs side by side (one GEMM instead of several)."""
+    w = torch.cat([p.weight for p in parts])
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=parts[0].bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(w)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused
 
 
 class Attention(nn.Module):
-    """This rank's query heads (column-parallel QKV) and its part of O (row-parallel, all-reduced)."""
+    """This rank's query heads (column-parallel QKV) and its part of O (row-parallel, all-reduced).
+    Loaded as HF's q/k/v_proj; ``fuse()`` then merges them into one qkv_proj."""
 
     def __init__(self, cfg: ArchConfig, layer_idx: int, plan: "ShardPlan", tp: "TPGroup") -> None:
         super().__init__()
@@ -140,12 +143,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=b)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=b)
         self.o_proj = nn.Linear(self.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj: Optional[nn.Linear] = None
 
-    def forward(self, x, cos, sin, backend, meta) -> torch.Tensor:
+    def fuse(self) -> None:
+        self.qkv_proj = _concat_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x, cos, sin, backend, meta, ops: ModelOps = EAGER_OPS) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = ops.qkv_rope(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        else:
+            q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
+            k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
+            v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         out = backend.forward(self.layer_idx, q, k, v, meta)
         return self.tp.all_reduce(self.o_proj(out.reshape(t, self.num_heads * self.head_dim)))
 
@@ -160,9 +171,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        self.gate_up_proj: Optional[nn.Linear] = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)))
+    def fuse(self) -> None:
+        self.gate_up_proj = _concat_linear(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor, ops: ModelOps = EAGER_OPS) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            h = ops.silu_mul(self.gate_up_proj(x))
+        else:
+            h = nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.tp.all_reduce(self.down_proj(h))
 
 
 class VocabParallelLMHead(nn.Linear):
@@ -185,9 +205,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, backend, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, backend, meta, ops: ModelOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output (not yet added to the residual stream, so the add and
+        this layer's norm are one fused op), residual: the stream (None before layer 0)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x, ops)
+        else:
+            h, residual = ops.add_rms_norm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+        h = self.self_attn(h, cos, sin, backend, meta, ops)
+        h, residual = ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight,
+                                       self.post_attention_layernorm.eps)
+        return self.mlp(h, ops), residual
 
 
 class DecoderModel(nn.Module):
@@ -213,6 +241,19 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.ops = EAGER_OPS
+
+    def fuse(self, compiled: bool) -> "LlamaForCausalLM":
+        """After loading: one GEMM for Q/K/V and one for gate/up per layer, and (``compiled``,
+        CUDA) the elementwise work through torch.compile — fewer kernels per step."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        if compiled:
+            from engine.models.ops import compiled_ops
+
+            self.ops = compiled_ops()
+        return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend, meta) -> torch.Tensor:
         """input_ids, positions: [T] flat over the batch. Returns final-norm hidden states [T, H]."""
@@ -220,9 +261,11 @@ class LlamaForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         x = self._embed(input_ids)
         cos, sin = emb.cos()[:, None, :].to(x.dtype), emb.sin()[:, None, :].to(x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, backend, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, backend, meta, self.ops)
+        norm = self.model.norm
+        return self.ops.add_rms_norm(x, residual, norm.weight, norm.eps)[0]
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:

@@ -116,7 +116,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, world_size:
         model.lm_head.weight = model.model.embed_tokens.weight
     # Buffers built on the meta device hold no data: compute RoPE frequencies for real.
     model.inv_freq = rope_inv_freq(cfg).to(device)
-    return model.eval(), cfg
+    return model.fuse(compiled=device.type == "cuda").eval(), cfg
 
 
 def _dummy_model(cfg: ArchConfig, plan, tp, dtype: torch.dtype, device: torch.device, seed: int) -> LlamaForCausalLM:
@@ -136,7 +136,7 @@ def _dummy_model(cfg: ArchConfig, plan, tp, dtype: torch.dtype, device: torch.de
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)
-    return model.eval()
+    return model.fuse(compiled=device.type == "cuda").eval()
 
 
 # ---- the bundled default model ----------------------------------------------------------

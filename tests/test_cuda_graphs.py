@@ -1,0 +1,60 @@
+"""CUDA graph bookkeeping that runs on CPU: which steps replay a graph, batch buckets, and the
+packed input buffer (the capture and replay themselves are checked in test_gpu.py)."""
+
+import pytest
+
+from engine.cuda_graphs import BATCH_BUCKETS, GraphLayout, graphable_nodes, padded_batch, width_buckets
+from scheduler.outputs import ScheduledSeq
+from spec_decode.tree import MedusaTree
+
+TREE = MedusaTree.build("small_12", 4)
+
+
+def seq(i, start, table, tokens=(7,), cands=()):
+    return ScheduledSeq(seq_id=i, token_ids=list(tokens), start_pos=start, block_table=list(table), sample=True,
+                        candidates=list(cands))
+
+
+def test_padded_batch_is_the_smallest_bucket_that_fits():
+    assert [padded_batch(b) for b in (1, 2, 3, 5, 17, 64, 65)] == [1, 2, 4, 8, 24, 64, 96]
+    assert padded_batch(BATCH_BUCKETS[-1] + 1) is None
+    assert list(BATCH_BUCKETS) == sorted(set(BATCH_BUCKETS))
+
+
+def test_width_buckets_grow_x4_and_end_at_the_longest():
+    assert width_buckets(129) == (8, 32, 128, 129)
+    assert width_buckets(128) == (8, 32, 128)
+    assert width_buckets(5) == (5,)
+
+
+def test_graphable_nodes_only_for_uniform_decode_or_verify_steps():
+    n = TREE.num_nodes - 1
+    assert graphable_nodes([seq(0, 5, [0]), seq(1, 9, [1])], TREE, 4) == 1  # plain decode
+    assert graphable_nodes([seq(0, 5, [0], cands=[1] * n)] * 3, TREE, 4) == TREE.num_nodes  # verify
+    assert graphable_nodes([seq(0, 5, [0], cands=[1] * n), seq(1, 5, [1])], TREE, 4) is None  # mixed
+    assert graphable_nodes([seq(0, 0, [0], tokens=[1, 2, 3])], TREE, 4) is None  # prefill chunk
+    assert graphable_nodes([seq(0, 5, [0], cands=[1] * (n - 1))], TREE, 4) is None  # not this tree
+    assert graphable_nodes([seq(0, 5, [0], cands=[1] * n)], None, 4) is None
+    assert graphable_nodes([seq(0, 5, [0, 1, 2, 3, 4])], TREE, 4) is None  # table wider than the graphs'
+    assert graphable_nodes([], TREE, 4) is None
+
+
+@pytest.mark.parametrize("tree", [None, TREE])
+def test_pack_lays_out_inputs_and_padding(tree):
+    nodes = tree.num_nodes if tree else 1
+    layout = GraphLayout(batch=4, nodes=nodes, width=3)
+    block, pad_block = 16, 9
+    seqs = [seq(0, 20, [5, 2]), seq(1, 3, [7])]
+    ids = list(range(100, 100 + 2 * nodes))
+    positions = [s.start_pos + d for s in seqs for d in (tree.depths if tree else [0])]
+    roots = [2 * block + 4, 7 * block + 3]
+    buf = layout.pack(seqs, ids, positions, roots, pad_block, block)
+    assert buf.numel() == layout.size
+    v = {k: x.tolist() for k, x in layout.views(buf).items()}
+    assert v["ids"] == ids + [0] * (2 * nodes)
+    assert v["positions"] == positions + [0] * (2 * nodes)
+    assert v["slots"] == roots + [pad_block * block] * 2
+    # Plain decode attends to its cache including the new token; a tree's prefix stops before the root.
+    extra = 0 if tree else 1
+    assert v["kv_lens"] == [20 + extra, 3 + extra, 1, 1]
+    assert v["tables"] == [[5, 2, pad_block], [7, pad_block, pad_block]] + [[pad_block] * 3] * 2
