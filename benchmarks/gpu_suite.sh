@@ -21,6 +21,6 @@ if [[ " $PARTS " == *" throughput "* ]]; then
 fi
 if [[ " $PARTS " == *" speculative "* ]]; then
     python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${TREES:-mc_sim_7b_63 auto backoff} \
-        --batch-sizes ${SP_BS:-1 4 16 64 128} --max-tokens ${SP_TOKENS:-128} ${SP_FLAGS:---hf --eager} 2>&1 \
+        --batch-sizes ${SP_BS:-1 4 16 64 128} --max-tokens ${SP_TOKENS:-128} ${SP_FLAGS:---hf --eager --kv-cache-memory-gb 8} 2>&1 \
         | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/speculative.log" | tail -16
 fi

@@ -106,6 +106,29 @@ class GraphLayout:
         return torch.tensor(values, dtype=torch.long)
 
 
+def _capture(runner: "CudaGraphRunner", work):
+    """(replay, outputs): capture ``work`` in a CUDA graph after a warm-up on a side stream
+    (Triton compiles, cuBLAS picks its kernels); replay() re-runs it and returns the same
+    static outputs. Off CUDA (``runner.captured`` False) replay just calls ``work`` — the same
+    static shapes and buffers, uncaptured — so the CPU suite runs this module's logic."""
+    if not runner.captured:
+        return work, (None, None, None)
+    dev = runner.device
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        work()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=runner.pool):
+        outputs = work()
+
+    def replay():
+        graph.replay()
+        return outputs
+    return replay, outputs
+
+
 class _Graph:
     def __init__(self, runner: "CudaGraphRunner", tree: Optional[MedusaTree], batch: int, width: int) -> None:
         nodes = tree.num_nodes if tree is not None else 1
@@ -127,21 +150,16 @@ class _Graph:
                 return hidden, None, None
             return hidden, torch.stack([k for k, _ in kv]), torch.stack([x for _, x in kv])
 
-        # Warm up on a side stream (Triton compiles, cuBLAS picks kernels) with the padding
-        # inputs, which touch only the pad block, then capture.
         # The captured work, callable eagerly (tests compare the two); holding it also keeps
-        # alive every tensor the graph reads by address (bias tensors, buffer views).
+        # alive every tensor the graph reads by address (bias tensors, buffer views). The
+        # warm-up runs on the padding inputs, which touch only the pad block.
         self.forward = forward
         # Greedy tails by the tree whose candidates they propose (None: no proposals).
         self.tails: dict[Optional[MedusaTree], _GreedyTail] = {}
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            forward()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner.pool):
-            self.hidden, self.step_k, self.step_v = forward()
+        self._replay, (self.hidden, self.step_k, self.step_v) = _capture(runner, forward)
+
+    def replay(self) -> None:
+        self.hidden, self.step_k, self.step_v = self._replay()
 
 
 class _GreedyTail:
@@ -189,19 +207,17 @@ class _GreedyTail:
             return torch.cat(parts, dim=1)
 
         # The graph reads the closure's tensors (paths, arange, ...) by address: keep them alive.
+        # (A lazy capture's warm-up commits exactly what the replay that follows commits.)
         self.tail = tail
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            tail()  # warm-up; its commit writes exactly what the replay will write
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner.pool):
-            self.out = tail()
+        self._replay, self.out = _capture(runner, tail)
+
+    def replay(self) -> torch.Tensor:
+        self.out = self._replay()
+        return self.out
 
 
 class CudaGraphRunner:
-    """Captures (lazily, or ahead with ``capture``) and replays graphs per (tree, batch bucket,
+    """(On CUDA) captures (lazily, or ahead with ``capture``) and replays graphs per (tree, batch bucket,
     width bucket). ``width``: pages of the longest possible sequence."""
 
     def __init__(self, model, backend, device: torch.device, width: int, pad_block: int) -> None:
@@ -209,7 +225,8 @@ class CudaGraphRunner:
         self.width, self.pad_block = width, pad_block
         self.widths = width_buckets(width)
         self.block_size = backend.kv_cache.block_size
-        self.pool = torch.cuda.graph_pool_handle()
+        self.captured = device.type == "cuda"  # False: run the same work uncaptured (CPU)
+        self.pool = torch.cuda.graph_pool_handle() if self.captured else None
         self.graphs: dict[tuple[Optional[MedusaTree], int, int], _Graph] = {}
         self.capture_seconds = 0.0
 
@@ -242,7 +259,7 @@ class CudaGraphRunner:
         g = self._graph(tree, padded_batch(len(seqs)), next(w for w in self.widths if w >= need))
         packed = g.layout.pack(seqs, ids, positions, root_slots, self.pad_block, self.block_size)
         g.buf.copy_(packed)
-        g.graph.replay()
+        g.replay()
         return g
 
     def run_greedy_tail(self, g: _Graph, tree: Optional[MedusaTree], proposer) -> torch.Tensor:
@@ -254,5 +271,4 @@ class CudaGraphRunner:
             with torch.inference_mode():
                 g.tails[key] = _GreedyTail(self, g, tree, proposer)
             self.capture_seconds += time.perf_counter() - t0
-        g.tails[key].graph.replay()
-        return g.tails[key].out
+        return g.tails[key].replay()

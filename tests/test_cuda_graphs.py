@@ -58,3 +58,58 @@ def test_pack_lays_out_inputs_and_padding(tree):
     extra = 0 if tree else 1
     assert v["kv_lens"] == [20 + extra, 3 + extra, 1, 1]
     assert v["tables"] == [[5, 2, pad_block], [7, pad_block, pad_block]] + [[pad_block] * 3] * 2
+
+
+def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
+    """The CUDA graph path without the capture (what it does on CPU): padded fixed-shape steps
+    through the static buffers and the pad block, the greedy tail deciding, committing and
+    proposing on the device — the same tokens as the eager engine for plain decoding and
+    Medusa (bundled heads, so paths are accepted and committed), with a sampled request in the
+    batch (graph forward, host-side decision) and alone (greedy tail); no KV block leaked."""
+    import engine.worker
+    from engine.engine import Engine
+    from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint
+    from engine.sampling import SamplingParams
+    from tests.conftest import PROMPTS
+
+    greedy = SamplingParams(temperature=0, max_tokens=20)
+    mixed = [greedy, greedy, SamplingParams(temperature=0.8, seed=1, max_tokens=20)]
+    batches = [(PROMPTS[:3], mixed), (PROMPTS[3:6], greedy), (PROMPTS[6:7], greedy)]
+    specs = (None, {"tree": "small_12"}, {"tree": "small_12", "backoff": True})
+
+    def engine_for(spec):
+        eng = Engine("default", speculative=spec, max_num_seqs=4)
+        if eng.backoff is not None:
+            # An invented device where trees pay at one or two sequences and not beyond, so
+            # steps verify nested subtrees of several sizes (learning off: it would pull back
+            # to this CPU, where plain decoding wins).
+            sizes = eng.backoff.latency.sizes
+            model = LatencyModel([LatencyPoint(b, n, 10 + 0.3 * b * n + (1000 if b > 2 and n else 0))
+                                  for n in sizes for b in (1, 2, 4)])
+            eng.backoff = BackoffPolicy(model, eng.backoff.expected, learning_rate=0.0)
+        return eng
+
+    def run(spec):
+        eng = engine_for(spec)
+        toks = [[o.token_ids for o in eng.generate_batch(p, params)] for p, params in batches]
+        return eng, toks
+
+    ref = {i: run(spec)[1] for i, spec in enumerate(specs)}
+    monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
+    for i, spec in enumerate(specs):
+        eng = engine_for(spec)
+        graphs = eng.executor.worker.runner.graphs
+        assert graphs is not None and not graphs.captured
+        calls = {"forward": 0, "tail": 0}
+        run_fwd, run_tail = graphs.run, graphs.run_greedy_tail
+        graphs.run = lambda *a, **k: (calls.__setitem__("forward", calls["forward"] + 1), run_fwd(*a, **k))[1]
+        graphs.run_greedy_tail = lambda *a, **k: (calls.__setitem__("tail", calls["tail"] + 1), run_tail(*a, **k))[1]
+        toks = [[o.token_ids for o in eng.generate_batch(p, params)] for p, params in batches]
+        assert toks == ref[i], spec
+        assert calls["forward"] > calls["tail"] > 0, calls  # the sampled request's steps skip the tail
+        if spec:
+            assert eng.stats.accepted_per_depth[0] > 5  # paths were accepted and committed
+        if eng.backoff is not None:  # plain steps and a subtree smaller than the full tree
+            used = eng.stats.steps_by_tree_size
+            assert used.get(0, 0) > 0 and any(0 < n < 12 for n in used), used
+        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks

@@ -138,7 +138,7 @@ def _check_replays(runner, cache, page, pad, rng):
             if tree is not None:
                 # Make the root's first child the model's own next token, so paths get accepted
                 # and the tail's commit has something to write.
-                g.graph.replay()
+                g.replay()
                 n = tree.num_nodes
                 top = runner.model.lm_head(g.hidden[torch.arange(b, device=g.hidden.device) * n]).argmax(-1).tolist()
                 for i, s in enumerate(seqs):
@@ -149,7 +149,7 @@ def _check_replays(runner, cache, page, pad, rng):
             after_eager = cache.k_all.clone(), cache.v_all.clone()
             cache.k_all.copy_(before[0])
             cache.v_all.copy_(before[1])
-            g.graph.replay()
+            g.replay()
             assert torch.equal(g.hidden, eager[0]), (tree is not None, b)
             if tree is not None:
                 assert torch.equal(g.step_k, eager[1]) and torch.equal(g.step_v, eager[2])

@@ -38,6 +38,17 @@ class StepAttnInputs:
     step_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
+@dataclass
+class GraphAttnInputs:
+    """A fixed-shape step's attention metadata (see engine/cuda_graphs.py): the lengths and
+    block tables it reads are device tensors, refreshed in place before each replay."""
+    meta: object
+    # [batch] int32: cached tokens each sequence attends to (a plain decode token's own slot
+    # included — it is written first; a tree's prefix stops before its root).
+    kv_lens: torch.Tensor
+    block_tables: torch.Tensor  # [batch, width] int32
+
+
 class AttentionBackend(Protocol):
     kv_cache: PagedKVCache
 
@@ -46,6 +57,11 @@ class AttentionBackend(Protocol):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: object) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KVH, D] → [T, H, D]. Writes k/v of slotted tokens into the cache."""
+
+    def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
+                     write_slots: torch.Tensor, pad_block: int, keep_kv: bool) -> GraphAttnInputs:
+        """Metadata for ``batch`` sequences of ``nodes`` query tokens each (1: plain decode,
+        else a tree rooted at the pending token), block tables ``width`` pages wide."""
 
 
 def write_plan(slot_mapping: torch.Tensor, device: torch.device) -> tuple[Optional[torch.Tensor], torch.Tensor]:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from engine.attention.base import SeqAttn, StepAttnInputs, write_and_keep, write_plan
+from engine.attention.base import GraphAttnInputs, SeqAttn, StepAttnInputs, write_and_keep, write_plan
 from engine.kv_cache import PagedKVCache
 
 # Query blocks up to this long are batched together (covers decode steps and Medusa trees).
@@ -36,6 +36,20 @@ class TorchAttnMeta:
     write_idx: Optional[torch.Tensor]  # None: every token is written
     write_slots: torch.Tensor
     groups: list[_Group]
+
+
+@dataclass
+class TorchStaticMeta:
+    """A fixed-shape step (engine/cuda_graphs.py): its group is derived on the device from the
+    in-place lengths and tables at every call, so nothing depends on host-side lists."""
+    inputs: StepAttnInputs
+    write_idx: Optional[torch.Tensor]
+    write_slots: torch.Tensor
+    batch: int
+    nodes: int
+    local: torch.Tensor  # [nodes, nodes] bool: the tree mask, or [[True]] for a decode token
+    kv_lens: torch.Tensor
+    tables: torch.Tensor
 
 
 class TorchAttentionBackend:
@@ -83,9 +97,36 @@ class TorchAttentionBackend:
         return _Group(rows=q_index[q_valid].to(dev), q_index=q_index.to(dev), q_valid=q_valid.to(dev),
                       prefix_slots=prefix_slots.to(dev), mask=mask[:, None].to(dev))
 
+    def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
+                     write_slots: torch.Tensor, pad_block: int, keep_kv: bool) -> GraphAttnInputs:
+        dev = self.device
+        tables = torch.full((batch, width), pad_block, dtype=torch.int32, device=dev)
+        kv_lens = torch.ones(batch, dtype=torch.int32, device=dev)
+        local = tree_mask if tree_mask is not None else torch.ones(1, 1, dtype=torch.bool)
+        meta = TorchStaticMeta(inputs=StepAttnInputs(seqs=[], slot_mapping=torch.empty(0), keep_kv=keep_kv),
+                               write_idx=torch.arange(batch, device=dev) * nodes if nodes > 1 else None,
+                               write_slots=write_slots, batch=batch, nodes=nodes, local=local.to(dev),
+                               kv_lens=kv_lens, tables=tables)
+        return GraphAttnInputs(meta=meta, kv_lens=kv_lens, block_tables=tables)
+
+    def _static_group(self, meta: TorchStaticMeta) -> _Group:
+        b, n, dev = meta.batch, meta.nodes, self.device
+        span = meta.tables.shape[1] * self.kv_cache.block_size
+        pos = torch.arange(span, device=dev).expand(b, span)
+        # The prefix in the cache: a decode token's own slot is attended through ``local``.
+        ctx = meta.kv_lens.long() - (1 if n == 1 else 0)
+        prefix_valid = pos < ctx[:, None]
+        prefix_slots = self.kv_cache.slots(meta.tables.long(), pos)
+        rows = torch.arange(b * n, device=dev)
+        mask = torch.cat([prefix_valid[:, None, :].expand(b, n, span), meta.local.expand(b, n, n)], dim=-1)
+        return _Group(rows=rows, q_index=rows.view(b, n), q_valid=torch.ones(b, n, dtype=torch.bool, device=dev),
+                      prefix_slots=prefix_slots, mask=mask[:, None])
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: TorchAttnMeta) -> torch.Tensor:
         write_and_keep(self.kv_cache, meta.inputs, meta.write_idx, meta.write_slots, layer, k, v)
+        if isinstance(meta, TorchStaticMeta):
+            return self._attend(layer, q, k, v, self._static_group(meta))
         if len(meta.groups) == 1:
             return self._attend(layer, q, k, v, meta.groups[0])
         out = torch.empty_like(q)

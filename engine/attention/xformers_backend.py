@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from engine.attention.base import StepAttnInputs, write_and_keep, write_plan
+from engine.attention.base import GraphAttnInputs, StepAttnInputs, write_and_keep, write_plan
 from engine.kv_cache import PagedKVCache
 
 
@@ -45,13 +45,6 @@ class XformersAttnMeta:
     causal_all: bool = False
     tree_all: bool = False
 
-
-@dataclass
-class GraphAttnInputs:
-    """The device tensors a captured step reads, updated in place before each replay."""
-    meta: XformersAttnMeta
-    kv_lens: torch.Tensor  # [batch] int32: cached tokens each sequence attends to
-    block_tables: torch.Tensor  # [batch, width] int32
 
 
 def _block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
