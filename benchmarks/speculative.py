@@ -35,7 +35,8 @@ def run(engine, prompts, max_tokens):
     outs = engine.generate_batch(prompts, params, chat=True)
     sync(engine.device)
     dt = time.perf_counter() - t0
-    return outs, sum(len(o.token_ids) for o in outs) / dt, 1e3 * dt / max(1, engine.stats.num_steps)
+    return (outs, sum(len(o.token_ids) for o in outs) / dt, 1e3 * dt / max(1, engine.stats.num_steps),
+            engine.stats.decode_step_ms)
 
 
 def main() -> None:
@@ -62,7 +63,8 @@ def main() -> None:
     extra: dict[int, dict] = {bs: {} for bs in args.batch_sizes}
     for bs in args.batch_sizes:
         base[bs] = run(plain, eval_prompts(bs), args.max_tokens)
-        print(f"plain batch {bs}: {base[bs][1]:.1f} tok/s, {base[bs][2]:.2f} ms/step", flush=True)
+        print(f"plain batch {bs}: {base[bs][1]:.1f} tok/s, {base[bs][2]:.2f} ms/step, "
+              f"{base[bs][3]:.2f} ms/decode step", flush=True)
     if args.hf:
         from transformers import AutoModelForCausalLM
 
@@ -78,8 +80,8 @@ def main() -> None:
     if args.eager:
         eager = Engine(args.model, enforce_eager=True, **kw)
         for bs in args.batch_sizes:
-            _, tok_s, step_ms = run(eager, eval_prompts(bs), args.max_tokens)
-            extra[bs].update(plain_eager_tok_s=tok_s, plain_eager_step_ms=step_ms,
+            _, tok_s, step_ms, decode_ms = run(eager, eval_prompts(bs), args.max_tokens)
+            extra[bs].update(plain_eager_tok_s=tok_s, plain_eager_step_ms=step_ms, plain_eager_decode_ms=decode_ms,
                              graphs_vs_eager=base[bs][1] / tok_s)
         eager.shutdown()
         del eager
@@ -92,12 +94,13 @@ def main() -> None:
             print("back-off latency model [batch, candidates, ms]:", eng.step_latency, flush=True)
         for bs in args.batch_sizes:
             prompts = eval_prompts(bs)
-            outs, tok_s, step_ms = run(eng, prompts, args.max_tokens)
-            ref_outs, plain_tok_s, plain_step_ms = base[bs]
+            outs, tok_s, step_ms, decode_ms = run(eng, prompts, args.max_tokens)
+            ref_outs, plain_tok_s, plain_step_ms, plain_decode_ms = base[bs]
             rows.append({**env, "tree": tree, "tree_nodes": eng.tree.num_nodes,
                          "acceptance": args.acceptance, "batch_size": bs,
                          "plain_tok_s": plain_tok_s, "medusa_tok_s": tok_s, "speedup": tok_s / plain_tok_s,
-                         "plain_step_ms": plain_step_ms, "medusa_step_ms": step_ms, **extra[bs],
+                         "plain_step_ms": plain_step_ms, "medusa_step_ms": step_ms,
+                         "plain_decode_ms": plain_decode_ms, "medusa_decode_ms": decode_ms, **extra[bs],
                          "mean_accepted": eng.stats.mean_accepted_length,
                          "per_head_acceptance": [round(x, 3) for x in eng.stats.per_head_acceptance],
                          "steps_by_tree_size": dict(eng.stats.steps_by_tree_size),
@@ -125,7 +128,8 @@ def main() -> None:
     print_table(rows, ["tree", "tree_nodes", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup",
                        "mean_accepted", "greedy_identical"])
     print_table([r for r in rows if r["tree"] == rows[0]["tree"]],
-                ["batch_size", "plain_step_ms", "plain_eager_step_ms", "graphs_vs_eager", "hf_tok_s", "plain_vs_hf"])
+                ["batch_size", "plain_step_ms", "plain_decode_ms", "plain_eager_decode_ms", "graphs_vs_eager",
+                 "hf_tok_s", "plain_vs_hf"])
     print("wrote", write_results("speculative", env, rows, plot))
 
 

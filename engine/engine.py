@@ -34,6 +34,14 @@ class EngineStats(DecodeCounters):
     num_generated_tokens: int = 0
     # Back-off: engine steps per tree size (candidates per decoding sequence; 0 = plain).
     steps_by_tree_size: dict[int, int] = field(default_factory=dict)
+    # Steps in which every sequence decoded (no prefill chunk) and their wall time: the
+    # per-step cost of decoding alone, which prefill steps would otherwise blur.
+    num_decode_only_steps: int = 0
+    decode_only_seconds: float = 0.0
+
+    @property
+    def decode_step_ms(self) -> float:
+        return 1e3 * self.decode_only_seconds / max(1, self.num_decode_only_steps)
 
 
 def _pick_device(name: str) -> torch.device:
@@ -216,6 +224,7 @@ class Engine:
         """Run one engine step. Returns an output for every request that got tokens or finished
         (``finished`` tells which); finished requests are forgotten by the engine."""
         self._check_alive()
+        started = time.perf_counter()
         tree_size = keep = None
         if self.backoff is not None:
             tree_size, keep = self._back_off_tree()
@@ -234,6 +243,7 @@ class Engine:
             # A pure decode step: what it cost and yielded corrects the back-off model.
             made = [len(r.token_ids) for r in result.results]
             self.backoff.observe(len(made), tree_size, 1e3 * (time.perf_counter() - t0), sum(made) / len(made))
+        decode_only = all(len(s.token_ids) == 1 for s in out.seqs)
         touched = self.scheduler.update(result, self._stop_string_check)
         self.stats.num_steps += 1
         self.stats.num_preemptions = self.scheduler.num_preemptions
@@ -247,6 +257,9 @@ class Engine:
                 self._requests.pop(req.request_id, None)
                 self._account(req)
             outputs.append(self._output(req))
+        if decode_only:
+            self.stats.num_decode_only_steps += 1
+            self.stats.decode_only_seconds += time.perf_counter() - started
         return outputs
 
     def _back_off_tree(self) -> tuple[int, tuple[int, ...]]:
