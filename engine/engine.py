@@ -300,12 +300,23 @@ class Engine:
         self.stats.merge(req.metrics)
 
     def _stop_string_check(self, req: Request) -> Optional[str]:
+        """Runs after every appended token, so a stop string, when it appears, ends within the
+        text's last ``len(stop)`` characters. First the last few tokens are decoded alone —
+        4 per character covers any UTF-8 text, each token being at least one byte — and only
+        on a hit there is the whole output decoded, to place the cut exactly: a check costs
+        O(stop length), not O(output length)."""
         stops = req.params.stop
         if not stops:
             return None
-        text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        longest = max(len(s) for s in stops)
+        ids = req.output_token_ids
+        if len(ids) > 4 * (longest + 16):
+            tail = self.tokenizer.decode(ids[-4 * (longest + 16):], skip_special_tokens=True)
+            if not any(s in tail for s in stops):
+                return None
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
         # Only the tail can hold a stop string that the newest token completed.
-        window = max(len(s) for s in stops) + 16
+        window = longest + 16
         tail_start = max(0, len(text) - window)
         hits = [i for s in stops if (i := text.find(s, tail_start)) != -1]
         if hits:
@@ -323,11 +334,12 @@ class Engine:
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
-            token_ids=list(req.output_token_ids),
+            source_token_ids=req.output_token_ids,
+            source_logprobs=req.output_logprobs if req.params.logprobs else None,
+            num_tokens=len(req.output_token_ids),
             detokenize=detokenize,
             finish_reason=req.finish_reason,
             metrics=req.metrics,
-            logprobs=list(req.output_logprobs) if req.params.logprobs else None,
             finished=req.finished,
         )
 

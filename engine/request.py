@@ -111,18 +111,31 @@ class Request:
         return None
 
 
-@dataclass
+@dataclass(eq=False)
 class RequestOutput:
+    """A request's state after a step. ``token_ids``, ``logprobs`` and ``text`` are read on
+    demand: a step returns an output for every request it advanced, and copying (let alone
+    detokenising) each one's whole output every step would cost O(length) per request per
+    step. The sources are the request's own lists, which only ever grow, so a later read
+    still sees exactly the first ``num_tokens`` of them."""
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]
     finish_reason: Optional[str]
     metrics: RequestMetrics
-    logprobs: Optional[list[float]] = None
     finished: bool = True
-    # Detokenises token_ids (cut at a stop string) when ``text`` is first read: a batch of
-    # hundreds of requests would otherwise decode every request's whole output every step.
-    detokenize: Optional[Callable[[list[int]], str]] = field(default=None, repr=False, compare=False)
+    source_token_ids: list[int] = field(default_factory=list, repr=False)
+    source_logprobs: Optional[list[float]] = field(default=None, repr=False)
+    num_tokens: int = 0
+    # Detokenises token_ids (cut at a stop string).
+    detokenize: Optional[Callable[[list[int]], str]] = field(default=None, repr=False)
+
+    @cached_property
+    def token_ids(self) -> list[int]:
+        return self.source_token_ids[: self.num_tokens]
+
+    @cached_property
+    def logprobs(self) -> Optional[list[float]]:
+        return None if self.source_logprobs is None else self.source_logprobs[: self.num_tokens]
 
     @cached_property
     def text(self) -> str:
