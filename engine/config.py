@@ -37,6 +37,7 @@ class ModelConfig(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and self.model != "", "model", "'default' or a path", self.model)
         _check(self.load_format in ("auto", "dummy"), "load_format", "'auto' or 'dummy'", self.load_format)
+        _check(isinstance(self.enforce_eager, bool), "enforce_eager", "True or False", self.enforce_eager)
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                "one of auto, float32, bfloat16, float16", self.dtype)
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "> 0", self.max_model_len)

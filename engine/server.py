@@ -232,6 +232,10 @@ def prometheus_text(engine: AsyncEngine) -> str:
            [("", round(s.mean_accepted_length, 4))])
     metric("head_acceptance_ratio", "gauge", "Fraction of decode steps in which head k's guess was accepted.",
            [(f'{{head="{k}"}}', round(a, 4)) for k, a in enumerate(s.per_head_acceptance)])
+    metric("decode_step_seconds", "gauge", "Mean wall time of steps in which every sequence decoded.",
+           [("", round(s.decode_step_ms / 1e3, 6))])
+    metric("cuda_graphs", "gauge", "CUDA graphs captured at start-up (0: steps run eagerly).",
+           [("", eng.num_graphs)])
     metric("decode_steps_by_tree_size_total", "counter",
            "Back-off: decode steps per tree size (candidates per sequence; 0 = plain decoding).",
            [(f'{{candidates="{n}"}}', c) for n, c in sorted(s.steps_by_tree_size.items())])

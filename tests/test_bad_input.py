@@ -30,6 +30,8 @@ def test_config_errors(tmp_path):
         SpeculativeConfig(acceptance="sometimes")
     with pytest.raises(ValueError, match="speculative: unknown keys"):
         build_engine_config("default", speculative={"tre": "x"})
+    with pytest.raises(ValueError, match="enforce_eager: expected True or False"):
+        build_engine_config("default", enforce_eager="yes")
     with pytest.raises(ValueError, match="neither 'default' nor an existing local directory"):
         Engine(str(tmp_path / "nope"))
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')

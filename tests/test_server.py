@@ -144,5 +144,8 @@ def test_load_cancellations_preemption_nothing_lost(tiny_llama):
             assert reason == "length" and text == ref[(j["prompt"], j["max_tokens"])], j
     assert eng.block_manager.num_used_blocks == 0 and not eng.has_unfinished()
     assert "medusa_kv_blocks_used 0" in metrics
+    assert "medusa_cuda_graphs 0" in metrics  # CPU: every step eager
+    step_s = float(next(l for l in metrics.splitlines() if l.startswith("medusa_decode_step_seconds ")).split()[1])
+    assert step_s == pytest.approx(eng.stats.decode_step_ms / 1e3, rel=1e-3) and step_s > 0
     assert eng.scheduler.num_preemptions > 0
     print(f"{n_requests} requests in {elapsed:.1f}s, {eng.scheduler.num_preemptions} preemptions")
