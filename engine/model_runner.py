@@ -6,6 +6,11 @@ the acceptance rule picks the path, the accepted tree nodes' K/V are copied from
 scratch into the sequence's paged slots (only accepted tokens ever live in the cache), and the
 heads read the hidden state at the last accepted token to propose the next step's tree.
 The runner makes no policy decisions: what to run comes from the scheduler.
+
+With a CudaGraphRunner (CUDA), a step whose sequences all decode one token, or one token plus
+the same tree, replays a captured forward instead; when every sequence is greedy the captured
+tail also decides, commits and proposes on the device (engine/cuda_graphs.py). Other steps,
+and the decisions of sampled requests, take the path above.
 """
 
 from __future__ import annotations
