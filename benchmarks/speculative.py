@@ -7,7 +7,8 @@ batch size, greedy, held-out chat prompts; one run side by side.
 The tree name ``backoff`` runs Medusa with back-off (tree sized per step from a latency model
 measured at start-up; needs heads with tree.json, e.g. the default heads). ``--hf`` adds HF
 transformers ``generate`` and ``--eager`` plain decoding without CUDA graphs to every row, so
-one run holds the whole comparison (GPU: benchmarks/gpu_suite.sh).
+one run holds the whole comparison (GPU: benchmarks/gpu_suite.sh). Batches smaller than
+``--min-prompts`` run that many prompts in successive rounds (acceptance varies by prompt).
 """
 
 from __future__ import annotations
@@ -24,15 +25,20 @@ from engine.engine import Engine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 
 
-def run(engine, prompts, max_tokens):
+def run(engine, prompts, max_tokens, batch_size):
+    """Generate ``prompts`` in rounds of ``batch_size`` (several rounds at small batch sizes, so
+    one prompt's acceptance does not decide the row). Returns (outputs, tokens/s, ms per engine
+    step, ms per decode-only step)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    # Warm-up with the very batch: one-time work (CUDA graphs for a new batch or width bucket
+    rounds = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    # Warm-up on the very batches: one-time work (CUDA graphs for a new batch or width bucket
     # are captured on first use, ~1 s each) stays out of the timing.
-    engine.generate_batch(prompts, params, chat=True)
+    for r in rounds:
+        engine.generate_batch(r, params, chat=True)
     engine.reset_stats()
     sync(engine.device)
     t0 = time.perf_counter()
-    outs = engine.generate_batch(prompts, params, chat=True)
+    outs = [o for r in rounds for o in engine.generate_batch(r, params, chat=True)]
     sync(engine.device)
     dt = time.perf_counter() - t0
     return (outs, sum(len(o.token_ids) for o in outs) / dt, 1e3 * dt / max(1, engine.stats.num_steps),
@@ -47,6 +53,8 @@ def main() -> None:
     ap.add_argument("--acceptance", default="typical")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--min-prompts", type=int, default=8,
+                    help="smaller batches run this many prompts in successive rounds")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0,
                     help="GPU: enough for the largest batch, or preemption (recompute) is what gets timed")
@@ -55,6 +63,9 @@ def main() -> None:
     args = ap.parse_args()
 
     kw = dict(dtype=args.dtype, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb)
+
+    def prompts_for(bs: int) -> list[str]:
+        return eval_prompts(bs * max(1, -(-args.min_prompts // bs)))
     plain = Engine(args.model, **kw)
     env = environment(plain.device, plain.dtype, "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
     env.update(heads=args.heads, cuda_graphs=plain.num_graphs > 0, graph_capture_s=plain.graph_capture_s)
@@ -62,7 +73,7 @@ def main() -> None:
     base = {}
     extra: dict[int, dict] = {bs: {} for bs in args.batch_sizes}
     for bs in args.batch_sizes:
-        base[bs] = run(plain, eval_prompts(bs), args.max_tokens)
+        base[bs] = run(plain, prompts_for(bs), args.max_tokens, bs)
         print(f"plain batch {bs}: {base[bs][1]:.1f} tok/s, {base[bs][2]:.2f} ms/step, "
               f"{base[bs][3]:.2f} ms/decode step", flush=True)
     if args.hf:
@@ -80,7 +91,7 @@ def main() -> None:
     if args.eager:
         eager = Engine(args.model, enforce_eager=True, **kw)
         for bs in args.batch_sizes:
-            _, tok_s, step_ms, decode_ms = run(eager, eval_prompts(bs), args.max_tokens)
+            _, tok_s, step_ms, decode_ms = run(eager, prompts_for(bs), args.max_tokens, bs)
             extra[bs].update(plain_eager_tok_s=tok_s, plain_eager_step_ms=step_ms, plain_eager_decode_ms=decode_ms,
                              graphs_vs_eager=base[bs][1] / tok_s)
         eager.shutdown()
@@ -93,8 +104,7 @@ def main() -> None:
         if eng.backoff is not None:
             print("back-off latency model [batch, candidates, ms]:", eng.step_latency, flush=True)
         for bs in args.batch_sizes:
-            prompts = eval_prompts(bs)
-            outs, tok_s, step_ms, decode_ms = run(eng, prompts, args.max_tokens)
+            outs, tok_s, step_ms, decode_ms = run(eng, prompts_for(bs), args.max_tokens, bs)
             ref_outs, plain_tok_s, plain_step_ms, plain_decode_ms = base[bs]
             rows.append({**env, "tree": tree, "tree_nodes": eng.tree.num_nodes,
                          "acceptance": args.acceptance, "batch_size": bs,
