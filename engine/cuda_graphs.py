@@ -109,10 +109,11 @@ class GraphLayout:
 def _capture(runner: "CudaGraphRunner", work):
     """(replay, outputs): capture ``work`` in a CUDA graph after a warm-up on a side stream
     (Triton compiles, cuBLAS picks its kernels); replay() re-runs it and returns the same
-    static outputs. Off CUDA (``runner.captured`` False) replay just calls ``work`` — the same
-    static shapes and buffers, uncaptured — so the CPU suite runs this module's logic."""
+    static outputs. Off CUDA (``runner.captured`` False) the warm-up still runs and replay just
+    calls ``work`` — the same static shapes and buffers, uncaptured — so the CPU suite runs this
+    module's logic."""
     if not runner.captured:
-        return work, (None, None, None)
+        return work, work()  # the warm-up a capture runs, and nothing to capture
     dev = runner.device
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
@@ -132,7 +133,7 @@ def _capture(runner: "CudaGraphRunner", work):
 class _Graph:
     def __init__(self, runner: "CudaGraphRunner", tree: Optional[MedusaTree], batch: int, width: int) -> None:
         nodes = tree.num_nodes if tree is not None else 1
-        self.layout = GraphLayout(batch, nodes, width)
+        self.tree, self.layout = tree, GraphLayout(batch, nodes, width)
         dev = runner.device
         self.buf = self.layout.pack([], [], [], [], runner.pad_block, runner.block_size).to(dev)
         v = self.layout.views(self.buf)
@@ -169,9 +170,10 @@ class _GreedyTail:
     accepted tokens (padded to the tree depth), bonus token, next candidates...], instead of
     logits and a dozen host round trips. Reads the forward graph's static outputs."""
 
-    def __init__(self, runner: "CudaGraphRunner", g: "_Graph", tree: Optional[MedusaTree], proposer) -> None:
+    def __init__(self, runner: "CudaGraphRunner", g: "_Graph", proposer) -> None:
         from spec_decode.acceptance import greedy_tree_accept
 
+        tree = g.tree
         b, n = g.layout.batch, g.layout.nodes
         dev, page, cache = runner.device, runner.block_size, runner.backend.kv_cache
         v = g.layout.views(g.buf)
@@ -196,7 +198,7 @@ class _GreedyTail:
                 accepted = tokens.gather(1, path[:, 1:])
                 # Accepted node at depth d goes to position start + d; the rest to the pad block.
                 pos = start + steps
-                dst = v["tables"].gather(1, (pos // page).clamp(max=g.layout.width - 1)) * page + pos % page
+                dst = cache.slots(v["tables"], pos.clamp(max=g.layout.width * page - 1))
                 dst = torch.where(steps[None, :] <= n_acc[:, None], dst, pad_slot).flatten()
                 src = (seq[:, None] * n + path[:, 1:]).flatten()
                 cache.commit(dst, g.step_k.index_select(1, src), g.step_v.index_select(1, src))
@@ -230,13 +232,18 @@ class CudaGraphRunner:
         self.graphs: dict[tuple[Optional[MedusaTree], int, int], _Graph] = {}
         self.capture_seconds = 0.0
 
+    def _timed(self, build):
+        """Build (capture) a graph, counting the time towards ``capture_seconds``."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            built = build()
+        self.capture_seconds += time.perf_counter() - t0
+        return built
+
     def _graph(self, tree: Optional[MedusaTree], batch: int, width: Optional[int] = None) -> _Graph:
         key = (tree, batch, width or self.widths[0])
         if key not in self.graphs:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                self.graphs[key] = _Graph(self, *key)
-            self.capture_seconds += time.perf_counter() - t0
+            self.graphs[key] = self._timed(lambda: _Graph(self, *key))
         return self.graphs[key]
 
     def capture(self, trees: list[Optional[MedusaTree]], max_batch: int, max_tokens: int) -> None:
@@ -262,13 +269,10 @@ class CudaGraphRunner:
         g.replay()
         return g
 
-    def run_greedy_tail(self, g: _Graph, tree: Optional[MedusaTree], proposer) -> torch.Tensor:
+    def run_greedy_tail(self, g: _Graph, proposer) -> torch.Tensor:
         """After ``run``: replay the step's greedy tail (see _GreedyTail); ``proposer`` None
         skips proposals. Returns the padded batch's rows."""
         key = proposer.tree if proposer is not None else None
         if key not in g.tails:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                g.tails[key] = _GreedyTail(self, g, tree, proposer)
-            self.capture_seconds += time.perf_counter() - t0
+            g.tails[key] = self._timed(lambda: _GreedyTail(self, g, proposer))
         return g.tails[key].replay()

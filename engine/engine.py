@@ -238,12 +238,12 @@ class Engine:
             result = self.executor.execute(out)
         except WorkerError as e:
             raise self._fail_all(e) from None
-        if tree_size is not None and out.propose == (tree_size > 0) and \
-                all(len(s.token_ids) == 1 and s.sample and len(s.candidates) == tree_size for s in out.seqs):
+        decode_only = all(len(s.token_ids) == 1 for s in out.seqs)
+        if tree_size is not None and decode_only and out.propose == (tree_size > 0) and \
+                all(s.sample and len(s.candidates) == tree_size for s in out.seqs):
             # A pure decode step: what it cost and yielded corrects the back-off model.
             made = [len(r.token_ids) for r in result.results]
             self.backoff.observe(len(made), tree_size, 1e3 * (time.perf_counter() - t0), sum(made) / len(made))
-        decode_only = all(len(s.token_ids) == 1 for s in out.seqs)
         touched = self.scheduler.update(result, self._stop_string_check)
         self.stats.num_steps += 1
         self.stats.num_preemptions = self.scheduler.num_preemptions
@@ -310,8 +310,9 @@ class Engine:
             return None
         longest = max(len(s) for s in stops)
         ids = req.output_token_ids
-        if len(ids) > 4 * (longest + 16):
-            tail = self.tokenizer.decode(ids[-4 * (longest + 16):], skip_special_tokens=True)
+        tail_tokens = 4 * (longest + 16)
+        if len(ids) > tail_tokens:
+            tail = self.tokenizer.decode(ids[-tail_tokens:], skip_special_tokens=True)
             if not any(s in tail for s in stops):
                 return None
         text = self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -100,7 +100,7 @@ class ModelRunner:
             g = self.graphs.run(out.seqs, step_tree, ids, positions, [l.slots[0] for l in layouts])
             if self._greedy_tail_applies(out):
                 proposer = self.proposer if out.propose else None
-                rows = self.graphs.run_greedy_tail(g, step_tree, proposer)[:len(out.seqs)].tolist()
+                rows = self.graphs.run_greedy_tail(g, proposer)[:len(out.seqs)].tolist()
                 return StepResult(step_id=out.step_id, results=self._tail_results(out, step_tree, rows))
             t = len(ids)
             hidden = g.hidden[:t]

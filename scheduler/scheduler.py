@@ -93,9 +93,12 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- one step ---------------------------------------------------------------------
-    def num_decoding(self) -> int:
+    def _decoding(self) -> list[Request]:
         """Running requests whose next step is a decode (one pending token)."""
-        return sum(1 for r in self.running if r.num_tokens - r.num_computed == 1)
+        return [r for r in self.running if r.num_tokens - r.num_computed == 1]
+
+    def num_decoding(self) -> int:
+        return len(self._decoding())
 
     def schedule(self, keep: Optional[Sequence[int]] = None) -> SchedulerOutput:
         """``keep``: which of each request's tree candidates this step verifies (indices into
@@ -112,8 +115,7 @@ class Scheduler:
         def cut(cands: list[int]) -> list[int]:
             return list(cands) if keep is None else [cands[i] for i in keep]
 
-        tree_tokens = sum(1 + len(cut(r.candidates)) for r in self.running
-                          if r.num_tokens - r.num_computed == 1 and r.candidates)
+        tree_tokens = sum(1 + len(cut(r.candidates)) for r in self._decoding() if r.candidates)
         trees = tree_tokens <= budget
 
         i = 0

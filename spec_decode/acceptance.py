@@ -47,7 +47,11 @@ def _best_path(tree: MedusaTree, ok: torch.Tensor, score: torch.Tensor | None = 
 
 
 def _edges(tree: MedusaTree, node_tokens: torch.Tensor):
-    paths = tree.paths.to(node_tokens.device)
+    return _path_edges(tree.paths.to(node_tokens.device))
+
+
+def _path_edges(paths: torch.Tensor):
+    """(parent, child, valid) [P, D] for every edge along every root-to-leaf path."""
     valid = paths[:, 1:] >= 0
     p = paths.clamp(min=0)
     return p[:, :-1], p[:, 1:], valid
@@ -76,9 +80,8 @@ def greedy_tree_accept(paths: torch.Tensor, node_tokens: torch.Tensor,
     ``tree.paths`` on the device, node_tokens and argmax [S, N]. Returns per sequence the
     index of the accepted path in ``paths`` and how many candidates on it were accepted
     (the first longest path wins, as in ``accept_exact``)."""
-    valid = paths[:, 1:] >= 0
-    p = paths.clamp(min=0)
-    ok = (node_tokens[:, p[:, 1:]] == argmax[:, p[:, :-1]]) & valid  # [S, P, D]
+    parent, child, valid = _path_edges(paths)
+    ok = (node_tokens[:, child] == argmax[:, parent]) & valid  # [S, P, D]
     acc_len = ok.int().cumprod(dim=2).sum(dim=2)  # [S, P]
     best = acc_len.argmax(dim=1)
     return best, acc_len.gather(1, best[:, None])[:, 0]

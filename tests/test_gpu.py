@@ -175,7 +175,7 @@ def _check_greedy_tail(runner, cache, g, tree, seqs, page, pad):
     want = (accept_greedy_batch(tree, toks, logits) if tree is not None
             else [type("A", (), {"path": [0], "bonus": int(x)}) for x in logits[:, 0].argmax(-1)])
     hidden, step_k = g.hidden.clone(), (g.step_k.clone() if g.step_k is not None else None)
-    rows = runner.graphs.run_greedy_tail(g, tree, runner.proposer).tolist()
+    rows = runner.graphs.run_greedy_tail(g, runner.proposer).tolist()
     depth = tree.depth if tree is not None else 0
     last = torch.tensor([i * n + a.path[-1] for i, a in enumerate(want)], device=hidden.device)
     cands = runner.proposer.propose(hidden.index_select(0, last)).tolist()

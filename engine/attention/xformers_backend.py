@@ -46,7 +46,6 @@ class XformersAttnMeta:
     tree_all: bool = False
 
 
-
 def _block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     width = max(1, max(len(t) for t in tables))
     out = torch.zeros(len(tables), width, dtype=torch.int32)
@@ -115,7 +114,6 @@ class XformersAttentionBackend:
                 page_size=page, device=dev)
 
         write_idx, write_slots = write_plan(inputs.slot_mapping, dev)
-        total = offset
         return XformersAttnMeta(
             inputs=inputs,
             write_idx=write_idx,
@@ -125,7 +123,7 @@ class XformersAttentionBackend:
             tree_idx=torch.tensor(tree_rows, device=dev) if trees else None,
             tree_batch=len(trees), tree_nodes=n_nodes,
             tree_spec_bias=spec_bias, tree_prefix_bias=prefix_bias,
-            causal_all=len(causal_rows) == total, tree_all=len(tree_rows) == total,
+            causal_all=len(causal_rows) == offset, tree_all=len(tree_rows) == offset,
         )
 
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from engine.models.ops import EAGER_OPS, ModelOps, apply_rope
+from engine.models.ops import EAGER_OPS, ModelOps
 
 if TYPE_CHECKING:
     from engine.parallel import ShardPlan, TPGroup
@@ -151,12 +151,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, backend, meta, ops: ModelOps = EAGER_OPS) -> torch.Tensor:
         t = x.shape[0]
-        if self.qkv_proj is not None:
-            q, k, v = ops.qkv_rope(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
-        else:
-            q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-            k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
-            v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = ops.qkv_rope(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
         out = backend.forward(self.layer_idx, q, k, v, meta)
         return self.tp.all_reduce(self.o_proj(out.reshape(t, self.num_heads * self.head_dim)))
 
@@ -178,11 +173,7 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor, ops: ModelOps = EAGER_OPS) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            h = ops.silu_mul(self.gate_up_proj(x))
-        else:
-            h = nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.tp.all_reduce(self.down_proj(h))
+        return self.tp.all_reduce(self.down_proj(ops.silu_mul(self.gate_up_proj(x))))
 
 
 class VocabParallelLMHead(nn.Linear):
@@ -257,6 +248,8 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend, meta) -> torch.Tensor:
         """input_ids, positions: [T] flat over the batch. Returns final-norm hidden states [T, H]."""
+        if self.model.layers[0].self_attn.qkv_proj is None:
+            raise RuntimeError("LlamaForCausalLM: call fuse() after loading the weights (load_model does)")
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         x = self._embed(input_ids)
