@@ -32,7 +32,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--medusa", action="store_true", help="speculate with Medusa heads")
     p.add_argument("--heads", default="default", help="'default', 'random' or a heads directory")
     p.add_argument("--tree", default="mc_sim_7b_63")
-    p.add_argument("--acceptance", default="typical", choices=["greedy", "typical", "rejection"])
+    from spec_decode.acceptance import ACCEPTANCE_RULES
+
+    p.add_argument("--acceptance", default="typical", choices=list(ACCEPTANCE_RULES),
+                   help="acceptance rule: " + "; ".join(f"{r.name}: {r.summary}" for r in ACCEPTANCE_RULES.values()))
     p.add_argument("--backoff", action="store_true", help="size the tree per step from measured step latency")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")

@@ -10,6 +10,8 @@ from typing import Any, Optional, Union
 
 import msgspec
 
+from engine.attention import ATTENTION_BACKENDS
+
 
 def _check(cond: bool, field: str, expected: str, got: Any) -> None:
     if not cond:
@@ -43,8 +45,8 @@ class ModelConfig(msgspec.Struct, kw_only=True):
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "> 0", self.max_model_len)
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
                "auto, cpu, cuda or cuda:N", self.device)
-        _check(self.attention_backend in ("auto", "torch", "xformers"), "attention_backend",
-               "one of auto, torch, xformers", self.attention_backend)
+        _check(self.attention_backend in ("auto", *ATTENTION_BACKENDS), "attention_backend",
+               f"one of auto, {', '.join(ATTENTION_BACKENDS)}", self.attention_backend)
 
 
 class CacheConfig(msgspec.Struct, kw_only=True):
@@ -72,9 +74,6 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
         _check(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "> 0", self.max_num_batched_tokens)
 
 
-ACCEPTANCE_RULES = ("greedy", "typical", "rejection")
-
-
 class SpeculativeConfig(msgspec.Struct, kw_only=True):
     method: str = "medusa"
     # "default" (heads shipped for the bundled model), "random" or a heads directory.
@@ -92,9 +91,11 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True):
     backoff: bool = False
 
     def __post_init__(self) -> None:
+        from spec_decode.acceptance import ACCEPTANCE_RULES
+
         _check(self.method == "medusa", "speculative.method", "'medusa'", self.method)
         _check(self.acceptance in ACCEPTANCE_RULES, "speculative.acceptance",
-               f"one of {ACCEPTANCE_RULES}", self.acceptance)
+               f"one of {tuple(ACCEPTANCE_RULES)}", self.acceptance)
         _check(0 < self.epsilon < 1, "speculative.epsilon", "in (0, 1)", self.epsilon)
         _check(0 < self.alpha <= 1, "speculative.alpha", "in (0, 1]", self.alpha)
         _check(1 <= self.num_heads <= 16, "speculative.num_heads", "in [1, 16]", self.num_heads)

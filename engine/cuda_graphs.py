@@ -1,33 +1,35 @@
-"""CUDA graphs for the decode and tree-verify forward (prefill and mixed steps stay eager).
+"""CUDA graphs for fixed-shape steps (prefill and mixed steps stay eager).
 
-A step is graphable when every sequence runs exactly its one pending token (plain decode) or
-its pending token plus the candidates of the same Medusa tree. Its shape is then fixed by
-(tree, batch padded up to a bucket), and one graph per shape replays the whole model forward
-— ~15 kernels per layer, otherwise each launched from Python, plus xformers' dispatch.
+A step has a fixed shape when every sequence runs exactly its one pending token (plain
+decode) or its pending token plus the same local query block (a speculative tree: any object
+with ``num_nodes`` and an ancestor ``mask``). Its shape is then fixed by (query block, batch
+padded up to a bucket, block-table width bucket), and one graph per shape replays the whole
+model forward — ~15 kernels per layer, otherwise each launched from Python, plus xformers'
+dispatch. Whatever follows the forward and should run on the device too (the runner's
+decide–commit–propose tail) is handed in as a callable and captured after it, reading the
+forward's static outputs: this module knows nothing of what that callable does.
 
 Inputs of a graph live in one static int64 buffer, filled by a single host→device copy
-before replay: token ids, positions, the slot of each pending token, the cached length each
-sequence attends to, and its block table padded to ``width`` pages (the pages of the longest
-possible sequence). The graph starts by copying lengths and tables into the int32 tensors
-that xformers' attention biases hold — biases are built once at capture and refreshed in
-place, as ``xformers.ops.tree_attention`` describes for CUDA graphs. Padded sequences write
-their K/V into a pad block that no request owns and attend to one token of it.
+before replay: token ids, positions, the slot each token's K/V is written to, the cached
+length each sequence attends to, and its block table padded to ``width`` pages. The graph
+starts by copying lengths and tables into the int32 tensors that the attention metadata
+holds — built once at capture by the backend's own builder and refreshed in place, as
+``xformers.ops.tree_attention`` describes for CUDA graphs. Padded sequences write their K/V
+into a pad block that no request owns and attend to one token of it.
 
-Outputs (the final hidden states; for trees also the step's K/V of all layers stacked, for the
-commit of the accepted path) are tensors of the graphs' shared memory pool: valid until the
-next replay, which is enough because a step consumes them before the next one starts.
+The output (the final hidden states) is a tensor of the graphs' shared memory pool: valid
+until the next replay, which is enough because a step consumes it before the next starts.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Hashable, Optional
 
 import torch
 
 from scheduler.outputs import ScheduledSeq
-from spec_decode.tree import MedusaTree
 
 # Padded batch sizes a graph is captured for (vLLM-like: dense at small batches).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -51,18 +53,11 @@ def padded_batch(batch: int) -> Optional[int]:
     return next((b for b in BATCH_BUCKETS if b >= batch), None)
 
 
-def graphable_nodes(seqs: list[ScheduledSeq], tree: Optional[MedusaTree], width: int) -> Optional[int]:
-    """Query tokens per sequence if this step can replay a graph (1: plain decode, n: an
-    n-node tree on every sequence), else None."""
-    if not seqs or any(len(s.token_ids) != 1 or len(s.block_table) > width for s in seqs):
-        return None
-    sizes = {len(s.candidates) for s in seqs}
-    if len(sizes) != 1:
-        return None
-    k = sizes.pop()
-    if k == 0:
-        return 1
-    return tree.num_nodes if tree is not None and k == tree.num_nodes - 1 else None
+def graphable_nodes(seqs: list[ScheduledSeq], nodes: Optional[int], width: int) -> bool:
+    """Can this step replay a graph? Every sequence runs one pending token plus ``nodes - 1``
+    candidates (``nodes`` None: the step is not uniform) and fits the graphs' table width."""
+    return (nodes is not None and bool(seqs) and padded_batch(len(seqs)) is not None
+            and all(len(s.token_ids) == 1 and len(s.block_table) <= width for s in seqs))
 
 
 @dataclass(frozen=True)
@@ -78,15 +73,14 @@ class GraphLayout:
 
     @property
     def size(self) -> int:
-        return 2 * self.tokens + 2 * self.batch + self.batch * self.width
+        return 3 * self.tokens + self.batch + self.batch * self.width
 
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         t, b = self.tokens, self.batch
-        return {"ids": buf[:t], "positions": buf[t:2 * t], "slots": buf[2 * t:2 * t + b],
-                "kv_lens": buf[2 * t + b:2 * t + 2 * b],
-                "tables": buf[2 * t + 2 * b:].view(b, self.width)}
+        return {"ids": buf[:t], "positions": buf[t:2 * t], "slots": buf[2 * t:3 * t],
+                "kv_lens": buf[3 * t:3 * t + b], "tables": buf[3 * t + b:].view(b, self.width)}
 
-    def pack(self, seqs: list[ScheduledSeq], ids: list[int], positions: list[int], root_slots: list[int],
+    def pack(self, seqs: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int],
              pad_block: int, block_size: int) -> torch.Tensor:
         """The buffer's contents for a step (host tensor). Sequences beyond ``len(seqs)`` are
         padding: token 0 at position 0, written into and reading one token of the pad block.
@@ -99,8 +93,9 @@ class GraphLayout:
         for s in seqs:
             tables += s.block_table
             tables += pad_row[len(s.block_table):]
-        values = (ids + [0] * (pad * self.nodes) + positions + [0] * (pad * self.nodes)
-                  + root_slots + [pad_block * block_size] * pad
+        pad_tokens = [0] * (pad * self.nodes)
+        values = (ids + pad_tokens + positions + pad_tokens
+                  + slots + [pad_block * block_size] * (pad * self.nodes)
                   + [s.start_pos + extra for s in seqs] + [1] * pad
                   + tables + pad_row * pad)
         return torch.tensor(values, dtype=torch.long)
@@ -131,96 +126,39 @@ def _capture(runner: "CudaGraphRunner", work):
 
 
 class _Graph:
-    def __init__(self, runner: "CudaGraphRunner", tree: Optional[MedusaTree], batch: int, width: int) -> None:
-        nodes = tree.num_nodes if tree is not None else 1
-        self.tree, self.layout = tree, GraphLayout(batch, nodes, width)
+    """One captured forward of a fixed shape, and the tails captured after it."""
+
+    def __init__(self, runner: "CudaGraphRunner", shape, batch: int, width: int) -> None:
+        nodes = shape.num_nodes if shape is not None else 1
+        self.shape, self.layout = shape, GraphLayout(batch, nodes, width)
         dev = runner.device
         self.buf = self.layout.pack([], [], [], [], runner.pad_block, runner.block_size).to(dev)
-        v = self.layout.views(self.buf)
-        attn = runner.backend.graph_inputs(batch, nodes, tree.mask if tree is not None else None, width,
-                                           v["slots"], runner.pad_block, keep_kv=tree is not None)
+        self.views = self.layout.views(self.buf)
+        v = self.views
+        attn = runner.backend.graph_inputs(batch, nodes, shape.mask if shape is not None else None, width,
+                                           v["slots"], runner.pad_block)
         model, backend = runner.model, runner.backend
 
-        def forward():
+        def forward() -> torch.Tensor:
             attn.kv_lens.copy_(v["kv_lens"])
             attn.block_tables.copy_(v["tables"])
-            attn.meta.inputs.step_kv.clear()
-            hidden = model(v["ids"], v["positions"], backend, attn.meta)
-            kv = attn.meta.inputs.step_kv
-            if not kv:
-                return hidden, None, None
-            return hidden, torch.stack([k for k, _ in kv]), torch.stack([x for _, x in kv])
+            return model(v["ids"], v["positions"], backend, attn.meta)
 
         # The captured work, callable eagerly (tests compare the two); holding it also keeps
         # alive every tensor the graph reads by address (bias tensors, buffer views). The
         # warm-up runs on the padding inputs, which touch only the pad block.
         self.forward = forward
-        # Greedy tails by the tree whose candidates they propose (None: no proposals).
-        self.tails: dict[Optional[MedusaTree], _GreedyTail] = {}
-        self._replay, (self.hidden, self.step_k, self.step_v) = _capture(runner, forward)
-
-    def replay(self) -> None:
-        self.hidden, self.step_k, self.step_v = self._replay()
-
-
-class _GreedyTail:
-    """The rest of a greedy step, captured too: logits → acceptance of the longest matching
-    path (or plain argmax) → commit of the accepted nodes' K/V → the heads' proposals at the
-    last accepted token. One small int tensor per sequence comes back, [accepted count, the
-    accepted tokens (padded to the tree depth), bonus token, next candidates...], instead of
-    logits and a dozen host round trips. Reads the forward graph's static outputs."""
-
-    def __init__(self, runner: "CudaGraphRunner", g: "_Graph", proposer) -> None:
-        from spec_decode.acceptance import greedy_tree_accept
-
-        tree = g.tree
-        b, n = g.layout.batch, g.layout.nodes
-        dev, page, cache = runner.device, runner.block_size, runner.backend.kv_cache
-        v = g.layout.views(g.buf)
-        tokens, start = v["ids"].view(b, n), v["positions"].view(b, n)[:, :1]
-        seq = torch.arange(b, device=dev)
-        depth = tree.depth if tree is not None else 0
-        paths = tree.paths.to(dev) if tree is not None else None
-        steps = torch.arange(1, depth + 1, device=dev)
-        pad_slot = runner.pad_block * page
-        lm_head = runner.model.lm_head
-
-        def tail() -> torch.Tensor:
-            argmax = lm_head(g.hidden).argmax(-1).view(b, n)
-            if tree is None:
-                n_acc = torch.zeros(b, dtype=torch.long, device=dev)
-                last = n_acc[:, None]
-                accepted = tokens[:, :0]
-            else:
-                best, n_acc = greedy_tree_accept(paths, tokens, argmax)
-                path = paths[best].clamp(min=0)  # [b, depth + 1]
-                last = path.gather(1, n_acc[:, None])
-                accepted = tokens.gather(1, path[:, 1:])
-                # Accepted node at depth d goes to position start + d; the rest to the pad block.
-                pos = start + steps
-                dst = cache.slots(v["tables"], pos.clamp(max=g.layout.width * page - 1))
-                dst = torch.where(steps[None, :] <= n_acc[:, None], dst, pad_slot).flatten()
-                src = (seq[:, None] * n + path[:, 1:]).flatten()
-                cache.commit(dst, g.step_k.index_select(1, src), g.step_v.index_select(1, src))
-            bonus = argmax.gather(1, last)
-            parts = [n_acc[:, None], accepted, bonus]
-            if proposer is not None:
-                parts.append(proposer.propose(g.hidden.index_select(0, seq * n + last[:, 0])))
-            return torch.cat(parts, dim=1)
-
-        # The graph reads the closure's tensors (paths, arange, ...) by address: keep them alive.
-        # (A lazy capture's warm-up commits exactly what the replay that follows commits.)
-        self.tail = tail
-        self._replay, self.out = _capture(runner, tail)
+        self.tails: dict[Hashable, tuple[Callable[[], torch.Tensor], Callable]] = {}
+        self._replay, self.hidden = _capture(runner, forward)
 
     def replay(self) -> torch.Tensor:
-        self.out = self._replay()
-        return self.out
+        self.hidden = self._replay()
+        return self.hidden
 
 
 class CudaGraphRunner:
-    """(On CUDA) captures (lazily, or ahead with ``capture``) and replays graphs per (tree, batch bucket,
-    width bucket). ``width``: pages of the longest possible sequence."""
+    """(On CUDA) captures (lazily, or ahead with ``capture``) and replays graphs per (query
+    shape, batch bucket, width bucket). ``width``: pages of the longest possible sequence."""
 
     def __init__(self, model, backend, device: torch.device, width: int, pad_block: int) -> None:
         self.model, self.backend, self.device = model, backend, device
@@ -229,7 +167,7 @@ class CudaGraphRunner:
         self.block_size = backend.kv_cache.block_size
         self.captured = device.type == "cuda"  # False: run the same work uncaptured (CPU)
         self.pool = torch.cuda.graph_pool_handle() if self.captured else None
-        self.graphs: dict[tuple[Optional[MedusaTree], int, int], _Graph] = {}
+        self.graphs: dict[tuple[Hashable, int, int], _Graph] = {}
         self.capture_seconds = 0.0
 
     def _timed(self, build):
@@ -240,39 +178,39 @@ class CudaGraphRunner:
         self.capture_seconds += time.perf_counter() - t0
         return built
 
-    def _graph(self, tree: Optional[MedusaTree], batch: int, width: Optional[int] = None) -> _Graph:
-        key = (tree, batch, width or self.widths[0])
+    def _graph(self, shape, batch: int, width: Optional[int] = None) -> _Graph:
+        key = (shape, batch, width or self.widths[0])
         if key not in self.graphs:
             self.graphs[key] = self._timed(lambda: _Graph(self, *key))
         return self.graphs[key]
 
-    def capture(self, trees: list[Optional[MedusaTree]], max_batch: int, max_tokens: int) -> None:
+    def capture(self, shapes: list, max_batch: int, max_tokens: int) -> None:
         """Capture every batch bucket up to ``max_batch`` sequences (largest first, so smaller
         graphs reuse the pool's memory) whose tokens fit the step budget, at the smallest width
         (wider graphs are captured when a longer sequence first needs one)."""
-        for tree in trees:
-            nodes = tree.num_nodes if tree is not None else 1
+        for shape in shapes:
+            nodes = shape.num_nodes if shape is not None else 1
             top = padded_batch(max_batch) or BATCH_BUCKETS[-1]
             for b in sorted((b for b in BATCH_BUCKETS if b <= top and b * nodes <= max(max_tokens, nodes)),
                             reverse=True):
-                self._graph(tree, b)
+                self._graph(shape, b)
 
-    def run(self, seqs: list[ScheduledSeq], tree: Optional[MedusaTree], ids: list[int], positions: list[int],
-            root_slots: list[int]) -> _Graph:
-        """Replay the step's forward graph. Its outputs (``hidden`` [T', H], ``step_k``/``step_v``
-        [layers, T', kv_heads, head_dim] or None) cover the padded batch: the step's own T
-        tokens come first."""
+    def run(self, shape, seqs: list[ScheduledSeq], ids: list[int], positions: list[int],
+            slots: list[int]) -> _Graph:
+        """Replay the step's forward graph (``shape``: None for one token per sequence, else the
+        query block). Its ``hidden`` [T', H] covers the padded batch: the step's own T tokens
+        come first."""
         need = max(len(s.block_table) for s in seqs)
-        g = self._graph(tree, padded_batch(len(seqs)), next(w for w in self.widths if w >= need))
-        packed = g.layout.pack(seqs, ids, positions, root_slots, self.pad_block, self.block_size)
-        g.buf.copy_(packed)
+        g = self._graph(shape, padded_batch(len(seqs)), next(w for w in self.widths if w >= need))
+        g.buf.copy_(g.layout.pack(seqs, ids, positions, slots, self.pad_block, self.block_size))
         g.replay()
         return g
 
-    def run_greedy_tail(self, g: _Graph, proposer) -> torch.Tensor:
-        """After ``run``: replay the step's greedy tail (see _GreedyTail); ``proposer`` None
-        skips proposals. Returns the padded batch's rows."""
-        key = proposer.tree if proposer is not None else None
+    def run_tail(self, g: _Graph, key: Hashable, build: Callable[[_Graph], Callable[[], torch.Tensor]]) -> torch.Tensor:
+        """After ``run``: replay the tail ``build(g)`` (captured on first use under ``key``): a
+        callable that reads g's static outputs and views and returns one tensor."""
         if key not in g.tails:
-            g.tails[key] = self._timed(lambda: _GreedyTail(self, g, proposer))
-        return g.tails[key].replay()
+            work = build(g)
+            replay, _ = self._timed(lambda: _capture(self, work))
+            g.tails[key] = (replay, work)  # holding work keeps the tensors it reads alive
+        return g.tails[key][0]()

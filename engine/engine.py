@@ -1,8 +1,19 @@
-"""The public API: Engine (add_request / step / abort / generate_batch)."""
+"""The public API: Engine (add_request / step / abort / generate_batch).
+
+One step is a straight line: the scheduler decides what runs (and how much to speculate),
+the executor's workers run it, the scheduler applies the tokens, the output processor turns
+them into text and outputs:
+
+    out = scheduler.schedule()                  # SchedulerOutput: chunks, trees, candidates
+    result = executor.execute(out)              # StepResult: tokens, next candidates
+    touched = scheduler.update(result, ms)      # tokens appended, token-level stops, KV freed
+    outputs = output_processor.process(touched) # text, stop strings, RequestOutputs
+"""
 
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -11,19 +22,23 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from engine.attention import select_backend
 from engine.config import EngineConfig, build_engine_config
 from engine.executor import WorkerError
 from engine.executor.uniproc import UniprocExecutor
 from engine.kv_cache import PagedKVCache
+from engine.models.config import eos_ids
 from engine.models.loader import read_arch_config, resolve_model_path
+from engine.output_processor import OutputProcessor
 from engine.parallel import ShardPlan
 from engine.request import DecodeCounters, Request, RequestOutput
 from engine.sampling import SamplingParams
-from engine.worker import AUTO_TREE_SIZES, BUNDLED_HEADS_DIR, WorkerSpec  # noqa: F401 (BUNDLED_HEADS_DIR: re-exported)
+from engine.worker import WorkerSpec
 from scheduler.block_manager import BlockManager
 from scheduler.scheduler import Scheduler
 from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint
-from spec_decode.tree import MedusaTree, expected_accept_length, nested_subtrees
+from spec_decode.policy import SpeculationPolicy
+from spec_decode.tree import MedusaTree, SubTree, expected_accept_length
 
 Prompt = Union[str, list[int]]
 
@@ -33,6 +48,7 @@ class EngineStats(DecodeCounters):
     num_steps: int = 0
     num_generated_tokens: int = 0
     # Back-off: engine steps per tree size (candidates per decoding sequence; 0 = plain).
+    # (The speculation policy's own counter: the engine hands it this dict.)
     steps_by_tree_size: dict[int, int] = field(default_factory=dict)
     # Steps in which every sequence decoded (no prefill chunk) and their wall time: the
     # per-step cost of decoding alone, which prefill steps would otherwise blur.
@@ -59,6 +75,18 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _eos_token_ids(model_path: Path, arch_eos: tuple[int, ...], tokenizer) -> list[int]:
+    """Every id that ends generation: config.json's, generation_config.json's (Llama 3 lists
+    its end-of-turn ids there) and the tokenizer's."""
+    ids = set(arch_eos)
+    gen = model_path / "generation_config.json"
+    if gen.is_file():
+        ids |= set(eos_ids(json.loads(gen.read_text()).get("eos_token_id")))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
 class Engine:
     def __init__(self, model: str = "default", speculative: Any = None, **kwargs: Any) -> None:
         self.config: EngineConfig = build_engine_config(model, speculative, **kwargs)
@@ -66,9 +94,9 @@ class Engine:
         self.model_path = resolve_model_path(mc.model, mc.load_format)
         self.arch = read_arch_config(self.model_path)
         self.tokenizer = _load_tokenizer(self.model_path)
-        eos = self.tokenizer.eos_token_id
-        self.eos_token_id: Optional[int] = eos if eos is not None else (self.arch.eos_token_ids or (None,))[0]
-        eos_ids = sorted(set(self.arch.eos_token_ids) | ({eos} if eos is not None else set()))
+        # One EOS set everywhere: requests stop on it, the runner masks it below min_tokens.
+        self.eos_token_ids: frozenset[int] = frozenset(_eos_token_ids(self.model_path, self.arch.eos_token_ids,
+                                                                      self.tokenizer))
         tp = pc.tensor_parallel_size
         plans = [ShardPlan.build(self.arch, tp, r) for r in range(tp)]  # refuses impossible splits
 
@@ -88,15 +116,11 @@ class Engine:
             self.device = _pick_device(mc.device)
         self.dtype = _pick_dtype(mc.dtype, self.device)
 
+        backend = select_backend(mc.attention_backend, self.device.type, str(self.dtype).removeprefix("torch."))
         block_size = cc.block_size if cc.block_size != "auto" else (64 if self.device.type == "cuda" else 16)
-        backend_name = mc.attention_backend
-        if backend_name == "auto":
-            backend_name = "xformers" if self.device.type == "cuda" else "torch"
-        if backend_name == "xformers" and self.dtype == torch.float32:
-            raise ValueError("dtype: xformers' paged kernels take float16/bfloat16 only; "
-                             "use dtype='bfloat16' or attention_backend='torch' for float32")
-        if backend_name == "xformers" and block_size % 64:
-            raise ValueError(f"block_size: xformers' paged kernels need a multiple of 64, got {block_size}")
+        if block_size % backend.block_size_multiple:
+            raise ValueError(f"block_size: the {backend.name} backend's paged kernels need a multiple of "
+                             f"{backend.block_size_multiple}, got {block_size}")
         # kv_cache_memory_gb is per rank; the rank holding the most KV heads sets the block count
         # (every rank has the same blocks: the driver's block manager hands out their ids).
         per_block = PagedKVCache.bytes_per_block(self.arch.num_layers, block_size,
@@ -104,8 +128,8 @@ class Engine:
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30) // per_block)
         specs = [WorkerSpec(config=self.config, model_path=str(self.model_path),
                             device="cuda" if self.device.type == "cuda" and pc.executor == "ray" else str(self.device),
-                            dtype=str(self.dtype).removeprefix("torch."), attention_backend=backend_name,
-                            block_size=block_size, num_blocks=num_blocks, eos_token_ids=eos_ids,
+                            dtype=str(self.dtype).removeprefix("torch."), attention_backend=backend.name,
+                            block_size=block_size, num_blocks=num_blocks, eos_token_ids=sorted(self.eos_token_ids),
                             rank=r, world_size=tp) for r in range(tp)]
         if pc.executor == "ray":
             from engine.executor.ray_executor import RayExecutor
@@ -122,13 +146,17 @@ class Engine:
         self.tree_autotune: Optional[list[dict]] = info.tree_autotune
         self.tree: Optional[MedusaTree] = MedusaTree(tuple(tuple(c) for c in info.tree)) if info.tree else None
         tree_depth = self.tree.depth if self.tree else 0
-        self.backoff: Optional[BackoffPolicy] = None
-        if info.step_latency is not None:
-            self._subtrees = nested_subtrees(self.tree, self.head_accuracy, AUTO_TREE_SIZES)
-            expected = {n: expected_accept_length(st.tree.choices, self.head_accuracy)
-                        for n, st in self._subtrees.items()}
-            self.backoff = BackoffPolicy(LatencyModel([LatencyPoint(int(b), int(n), ms)
-                                                       for b, n, ms in info.step_latency]), expected)
+        policy = None
+        if self.tree is not None:
+            # The tree set the workers built (the full tree and, with back-off, its nested trees).
+            subtrees = {int(n): SubTree.of(self.tree, nodes) for n, nodes in info.subtrees.items()}
+            backoff = None
+            if info.step_latency is not None:
+                expected = {n: expected_accept_length(st.tree.choices, self.head_accuracy)
+                            for n, st in subtrees.items()}
+                backoff = BackoffPolicy(LatencyModel([LatencyPoint(int(b), int(n), ms)
+                                                      for b, n, ms in info.step_latency]), expected)
+            policy = SpeculationPolicy({n: st.nodes for n, st in subtrees.items()}, backoff)
         # A request must fit the cache alone (plus a tree's lookahead), or it could never run.
         limit = mc.max_model_len or self.arch.max_position_embeddings
         self.max_model_len = min(limit, num_blocks * block_size - tree_depth)
@@ -136,12 +164,30 @@ class Engine:
             self.executor.shutdown()
             raise ValueError(f"num_blocks={num_blocks} x block_size={block_size}: KV cache too small for any request")
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.config.scheduler, self.block_manager, self.max_model_len, tree_depth)
-        self.stats = EngineStats()
+        self.scheduler = Scheduler(self.config.scheduler, self.block_manager, self.max_model_len, tree_depth, policy)
+        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler.finish)
+        self.reset_stats()
         self._seed_rng = random.Random(mc.seed)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
         self._dead: Optional[WorkerError] = None
+
+    @property
+    def policy(self) -> Optional[SpeculationPolicy]:
+        """The scheduler's speculation policy (None without speculation); ``policy.backoff``
+        is the back-off model when ``speculative.backoff`` is on."""
+        return self.scheduler.policy
+
+    @property
+    def backoff(self) -> Optional[BackoffPolicy]:
+        return self.policy.backoff if self.policy is not None else None
+
+    @backoff.setter
+    def backoff(self, model: BackoffPolicy) -> None:
+        """Replace the back-off model (e.g. one measured elsewhere)."""
+        if self.policy is None or self.policy.backoff is None:
+            raise ValueError("backoff: this engine was built without speculative.backoff")
+        self.policy.backoff = model
 
     @property
     def model(self):
@@ -204,7 +250,7 @@ class Engine:
             raise ValueError(f"request_id: {rid!r} is already in use")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)
         req = Request(request_id=rid, seq_id=seq_id, prompt_token_ids=ids, params=params, seed=seed,
-                      eos_token_id=self.eos_token_id)
+                      eos_token_ids=self.eos_token_ids, detokenizer=self.output_processor.new_detokenizer())
         self._requests[rid] = req
         self.scheduler.add(req)
         return rid
@@ -225,60 +271,27 @@ class Engine:
         (``finished`` tells which); finished requests are forgotten by the engine."""
         self._check_alive()
         started = time.perf_counter()
-        tree_size = keep = None
-        if self.backoff is not None:
-            tree_size, keep = self._back_off_tree()
-        out = self.scheduler.schedule(keep)
+        out = self.scheduler.schedule()
         if not out.seqs:
             return []
-        if self.backoff is not None:
-            self._back_off_propose(out, tree_size)
         t0 = time.perf_counter()
         try:
             result = self.executor.execute(out)
         except WorkerError as e:
             raise self._fail_all(e) from None
-        decode_only = all(len(s.token_ids) == 1 for s in out.seqs)
-        if tree_size is not None and decode_only and out.propose == (tree_size > 0) and \
-                all(s.sample and len(s.candidates) == tree_size for s in out.seqs):
-            # A pure decode step: what it cost and yielded corrects the back-off model.
-            made = [len(r.token_ids) for r in result.results]
-            self.backoff.observe(len(made), tree_size, 1e3 * (time.perf_counter() - t0), sum(made) / len(made))
-        touched = self.scheduler.update(result, self._stop_string_check)
-        self.stats.num_steps += 1
-        self.stats.num_preemptions = self.scheduler.num_preemptions
-        now = time.perf_counter()
-        outputs = []
+        execute_ms = 1e3 * (time.perf_counter() - t0)
+        touched = self.scheduler.update(result, execute_ms)
+        outputs = self.output_processor.process(touched)
         for req in touched:
-            if req.metrics.first_token_time is None and req.output_token_ids:
-                req.metrics.first_token_time = now
             if req.finished:
-                req.metrics.finish_time = now
                 self._requests.pop(req.request_id, None)
                 self._account(req)
-            outputs.append(self._output(req))
-        if decode_only:
+        self.stats.num_steps += 1
+        self.stats.num_preemptions = self.scheduler.num_preemptions
+        if all(len(s.token_ids) == 1 for s in out.seqs):
             self.stats.num_decode_only_steps += 1
             self.stats.decode_only_seconds += time.perf_counter() - started
         return outputs
-
-    def _back_off_tree(self) -> tuple[int, tuple[int, ...]]:
-        """The tree size the latency model favours for the number of sequences about to decode
-        (0: plain decoding) and which of the full tree's candidates that keeps."""
-        decoding = self.scheduler.num_decoding()
-        if not decoding:
-            return 0, ()
-        room = self.config.scheduler.max_num_batched_tokens // decoding - 1
-        n = self.backoff.choose(decoding, room)
-        return n, (self._subtrees[n].nodes if n else ())
-
-    def _back_off_propose(self, out, n: int) -> None:
-        """Propose for the next step only if back-off would use a tree at this load."""
-        samplers = sum(1 for s in out.seqs if s.sample)
-        out.propose = self.backoff.choose(samplers, len(self.tree.choices)) > 0
-        if any(s.sample and len(s.token_ids) == 1 for s in out.seqs):
-            size = n if any(s.candidates for s in out.seqs) else 0
-            self.stats.steps_by_tree_size[size] = self.stats.steps_by_tree_size.get(size, 0) + 1
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -298,51 +311,6 @@ class Engine:
     def _account(self, req: Request) -> None:
         self.stats.num_generated_tokens += len(req.output_token_ids)
         self.stats.merge(req.metrics)
-
-    def _stop_string_check(self, req: Request) -> Optional[str]:
-        """Runs after every appended token, so a stop string, when it appears, ends within the
-        text's last ``len(stop)`` characters. First the last few tokens are decoded alone —
-        4 per character covers any UTF-8 text, each token being at least one byte — and only
-        on a hit there is the whole output decoded, to place the cut exactly: a check costs
-        O(stop length), not O(output length)."""
-        stops = req.params.stop
-        if not stops:
-            return None
-        longest = max(len(s) for s in stops)
-        ids = req.output_token_ids
-        tail_tokens = 4 * (longest + 16)
-        if len(ids) > tail_tokens:
-            tail = self.tokenizer.decode(ids[-tail_tokens:], skip_special_tokens=True)
-            if not any(s in tail for s in stops):
-                return None
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        # Only the tail can hold a stop string that the newest token completed.
-        window = longest + 16
-        tail_start = max(0, len(text) - window)
-        hits = [i for s in stops if (i := text.find(s, tail_start)) != -1]
-        if hits:
-            req.text_limit = min(hits)
-            return "stop"
-        return None
-
-    def _output(self, req: Request) -> RequestOutput:
-        limit = req.text_limit
-
-        def detokenize(ids: list[int]) -> str:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            return text if limit is None else text[:limit]
-
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            source_token_ids=req.output_token_ids,
-            source_logprobs=req.output_logprobs if req.params.logprobs else None,
-            num_tokens=len(req.output_token_ids),
-            detokenize=detokenize,
-            finish_reason=req.finish_reason,
-            metrics=req.metrics,
-            finished=req.finished,
-        )
 
     def generate_batch(self, prompts: Sequence[Prompt],
                        params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -375,6 +343,8 @@ class Engine:
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
+        if self.policy is not None:
+            self.policy.steps_by_tree_size = self.stats.steps_by_tree_size
 
     def shutdown(self) -> None:
         """Stop the workers (Ray: kill the actors, remove the placement group). Idempotent."""

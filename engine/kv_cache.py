@@ -1,8 +1,14 @@
 """The paged K/V tensors and the ops that write and copy slots.
 
-Layout per layer: [num_blocks * block_size, kv_heads, head_dim] — the flat view of
-[num_blocks, block_size, kv_heads, head_dim] that xformers' paged masks index with block
-tables (slot = block * block_size + offset).
+Layout per layer: [num_slots, kv_heads, head_dim] — the flat view of [blocks, block_size,
+kv_heads, head_dim] that xformers' paged masks index with block tables (slot = block *
+block_size + offset). Blocks [0, num_blocks) belong to requests (the driver's block manager
+hands them out); after them come blocks no request owns:
+- the pad block: padded sequences of a fixed-shape (CUDA graph) step write and read it, and
+  rejected tree nodes are "committed" there so a commit has a fixed shape;
+- the scratch region: a verify step writes its tree nodes' K/V here (one row per step token),
+  and the runner then copies the accepted nodes' rows into their sequences' slots. Only
+  accepted tokens ever live in request blocks.
 """
 
 from __future__ import annotations
@@ -12,11 +18,16 @@ import torch
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+                 head_dim: int, dtype: torch.dtype, device: torch.device, scratch_tokens: int = 0) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.pad_block = num_blocks
+        self.pad_slot = num_blocks * block_size
+        self.scratch_slot0 = (num_blocks + 1) * block_size
+        self.scratch_tokens = scratch_tokens
+        total_blocks = num_blocks + 1 + -(-scratch_tokens // block_size)
         # One tensor per K and V for all layers (so committing accepted tree nodes is one
         # indexed copy, not one per layer); self.k[layer] / self.v[layer] are views of it.
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (num_layers, total_blocks * block_size, num_kv_heads, head_dim)
         self.k_all = torch.zeros(shape, dtype=dtype, device=device)
         self.v_all = torch.zeros(shape, dtype=dtype, device=device)
         self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
@@ -27,13 +38,15 @@ class PagedKVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Row i of k/v goes to slot slots[i] (a request's slot, the pad block or the scratch)."""
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)
 
-    def commit(self, slots: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
-        """Write every layer at once: k_all/v_all are [layers, len(slots), kv_heads, head_dim]."""
-        self.k_all[:, slots] = k_all
-        self.v_all[:, slots] = v_all
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every layer's K/V at slots ``src`` to slots ``dst`` (the commit of accepted tree
+        nodes from the scratch region), one indexed copy per tensor."""
+        self.k_all[:, dst] = self.k_all[:, src]
+        self.v_all[:, dst] = self.v_all[:, src]
 
     def slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat slot ids for token positions given a (padded) block table (same leading dims)."""

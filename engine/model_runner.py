@@ -1,16 +1,20 @@
-"""ModelRunner: SchedulerOutput → one forward pass → StepResult.
+"""ModelRunner: SchedulerOutput → one forward pass → StepResult, in phases:
 
-One forward covers the whole step: prefill chunks (causal over paged KV) and every decoding
-sequence's pending token plus its Medusa tree (tree attention). Then, per sequence that samples:
-the acceptance rule picks the path, the accepted tree nodes' K/V are copied from the step's
-scratch into the sequence's paged slots (only accepted tokens ever live in the cache), and the
-heads read the hidden state at the last accepted token to propose the next step's tree.
-The runner makes no policy decisions: what to run comes from the scheduler.
+    prepare   flat ids / positions / K/V slots and attention inputs for every scheduled token
+              (prefill chunks, pending tokens, tree candidates)
+    forward   the model over all of them — a CUDA graph replay for fixed-shape steps
+              (engine/cuda_graphs.py), else eager; either way the final hidden states
+    logits    the lm_head on the rows a decision reads
+    decide    acceptance: the accepted tree path and bonus token (or the sampled token)
+    commit    the accepted tree nodes' K/V from the cache's scratch region into their slots
+    propose   the Medusa heads at each sequence's last accepted token
 
-With a CudaGraphRunner (CUDA), a step whose sequences all decode one token, or one token plus
-the same tree, replays a captured forward instead; when every sequence is greedy the captured
-tail also decides, commits and proposes on the device (engine/cuda_graphs.py). Other steps,
-and the decisions of sampled requests, take the path above.
+Decide → commit → propose is spec_decode/tail.py: for a uniform step of greedy sequences it
+runs wholly on the device (captured after the forward graph on CUDA, called eagerly
+elsewhere) and returns one small int tensor; other steps (sampled requests, logprobs,
+min_tokens masking, prefill in the step) decide on the host with the acceptance rules and
+then use the same commit and propose. The runner makes no policy decisions: which tree each
+sequence verifies and whether to propose come from the scheduler.
 """
 
 from __future__ import annotations
@@ -23,200 +27,245 @@ import torch
 from engine.attention.base import AttentionBackend, SeqAttn, StepAttnInputs
 from engine.config import SpeculativeConfig
 from engine.cuda_graphs import CudaGraphRunner, graphable_nodes
-from engine.models.llama import LlamaForCausalLM
 from engine.sampling import SamplingParams, processed_probs, sample_token
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, SeqResult, StepResult
-from spec_decode.acceptance import accept, accept_greedy_batch
+from spec_decode.acceptance import Accepted, accept, accept_greedy_batch
 from spec_decode.proposer import MedusaProposer
+from spec_decode.tail import SpecTail
 from spec_decode.tree import MedusaTree
 
 
 @dataclass
-class _SeqLayout:
-    seq: ScheduledSeq
-    offset: int  # first flat row of this sequence
-    slots: list[int]  # slots of token_ids
-    tree: bool
+class InputBatch:
+    """One step, flattened: sequence after sequence, each its input tokens then its tree's
+    candidates."""
+    out: SchedulerOutput
+    tree: Optional[MedusaTree]  # the tree this step's decoding sequences verify (one per step)
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]  # where each token's K/V is written (tree nodes: the scratch region)
+    offsets: list[int]  # first flat row of each sequence
+    attn: list[SeqAttn]
+    # Query tokens per sequence when every sequence runs one pending token plus the same
+    # tree (or nothing more): the step has a fixed shape. None otherwise.
+    uniform_nodes: Optional[int]
+
+    @property
+    def seqs(self) -> list[ScheduledSeq]:
+        return self.out.seqs
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, device: torch.device,
+    def __init__(self, model, backend: AttentionBackend, device: torch.device,
                  eos_token_ids: tuple[int, ...], proposer: Optional[MedusaProposer] = None,
                  spec: Optional[SpeculativeConfig] = None, graphs: Optional[CudaGraphRunner] = None) -> None:
         self.model, self.backend, self.device = model, backend, device
-        # Decode and verify steps replay CUDA graphs when given; everything else runs eager.
+        self.kv_cache = backend.kv_cache
+        # Fixed-shape steps replay CUDA graphs when given; everything else runs eager.
         self.graphs = graphs
         self.eos_token_ids = eos_token_ids
         self.proposer, self.spec = proposer, spec
-        self.tree: Optional[MedusaTree] = None
+        self.tail = SpecTail(self.kv_cache, model.lm_head, proposer)
         # Trees a step may verify, by candidate count: the full tree, and with back-off the
-        # smaller trees nested in it (the driver cuts each sequence's candidates down).
+        # smaller trees nested in it (the scheduler cuts each sequence's candidates down).
         self.trees: dict[int, MedusaTree] = {}
         if proposer is not None:
-            self.set_tree(proposer.tree)
-        self.block_size = backend.kv_cache.block_size
+            self.set_trees({proposer.tree.num_nodes - 1: proposer.tree})
+        self.block_size = self.kv_cache.block_size
 
-    def set_tree(self, tree: MedusaTree, nested: Optional[dict[int, MedusaTree]] = None) -> None:
-        self.tree = self.proposer.tree = tree
-        self.trees = {**(nested or {}), tree.num_nodes - 1: tree}
+    @property
+    def tree(self) -> Optional[MedusaTree]:
+        """The full tree (the proposer's): every other tree of the set is nested in it."""
+        return self.proposer.tree if self.proposer is not None else None
+
+    def set_trees(self, trees: dict[int, MedusaTree]) -> None:
+        """The tree set: candidate count → tree; the largest is the full tree the heads propose."""
+        self.trees = dict(trees)
+        self.proposer.tree = trees[max(trees)]
 
     def _slots(self, block_table: list[int], start: int, n: int) -> list[int]:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
 
+    # ---- phases -----------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         if not out.seqs:
             return StepResult(step_id=out.step_id, results=[])
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        attn: list[SeqAttn] = []
-        layouts: list[_SeqLayout] = []
-        sizes = {len(s.candidates) for s in out.seqs if s.candidates}
+        batch = self.prepare(out)
+        graph = None
+        if self.graphs is not None and graphable_nodes(out.seqs, batch.uniform_nodes, self.graphs.width):
+            graph = self.graphs.run(batch.tree, out.seqs, batch.ids, batch.positions, batch.slots)
+            hidden = graph.hidden
+        else:
+            hidden = self.forward(batch)
+        if self._greedy_tail_applies(batch):
+            rows = self.greedy_tail(batch, hidden, graph)
+            return StepResult(step_id=out.step_id, results=self._tail_results(out, batch.tree, rows.tolist()))
+        return self.sample(batch, hidden)
+
+    def prepare(self, out: SchedulerOutput) -> InputBatch:
+        sizes = {s.tree for s in out.seqs if s.tree}
         if len(sizes) > 1 or not sizes <= self.trees.keys():
-            raise ValueError(f"step {out.step_id}: candidate counts {sorted(sizes)} do not fit the engine's "
-                             f"trees {sorted(self.trees)} (one tree size per step)")
-        tree = self.trees[sizes.pop()] if sizes else self.tree
+            raise ValueError(f"step {out.step_id}: trees {sorted(sizes)} do not fit the engine's "
+                             f"trees {sorted(self.trees)} (one tree per step)")
+        tree = self.trees[sizes.pop()] if sizes else None
+        batch = InputBatch(out=out, tree=tree, ids=[], positions=[], slots=[], offsets=[], attn=[],
+                           uniform_nodes=None)
+        scratch = self.kv_cache.scratch_slot0
         for s in out.seqs:
             n = len(s.token_ids)
-            has_tree = bool(s.candidates)
-            if has_tree and n != 1:
-                raise ValueError(f"seq {s.seq_id}: a tree follows exactly one pending token, got {n}")
-            slots = self._slots(s.block_table, s.start_pos, n)
-            layouts.append(_SeqLayout(s, len(ids), slots, has_tree))
-            ids += s.token_ids
-            positions += range(s.start_pos, s.start_pos + n)
-            slot_mapping += slots
-            if has_tree:
-                ids += s.candidates
-                positions += [s.start_pos + d for d in tree.depths[1:]]
-                slot_mapping += [-1] * len(s.candidates)
-            attn.append(SeqAttn(q_len=n + len(s.candidates), ctx_len=s.start_pos,
-                                block_table=s.block_table, tree_mask=tree.mask if has_tree else None))
+            if s.tree and (n != 1 or len(s.candidates) != s.tree):
+                raise ValueError(f"seq {s.seq_id}: a {s.tree}-candidate tree follows exactly one pending token "
+                                 f"and has {s.tree} candidates, got {n} tokens and {len(s.candidates)}")
+            batch.offsets.append(len(batch.ids))
+            batch.ids += s.token_ids
+            batch.positions += range(s.start_pos, s.start_pos + n)
+            batch.slots += self._slots(s.block_table, s.start_pos, n)
+            if s.tree:
+                row = len(batch.ids)
+                batch.ids += s.candidates
+                batch.positions += [s.start_pos + d for d in tree.depths[1:]]
+                batch.slots += range(scratch + row, scratch + row + s.tree)
+            batch.attn.append(SeqAttn(q_len=n + s.tree, ctx_len=s.start_pos, block_table=s.block_table,
+                                      tree_mask=tree.mask if s.tree else None))
+        if tree is not None and len(batch.ids) > self.kv_cache.scratch_tokens:
+            raise ValueError(f"step {out.step_id}: {len(batch.ids)} tokens exceed the K/V scratch region "
+                             f"({self.kv_cache.scratch_tokens})")
+        if all(len(s.token_ids) == 1 for s in out.seqs):
+            counts = {s.tree for s in out.seqs}
+            if len(counts) == 1:
+                batch.uniform_nodes = counts.pop() + 1
+        return batch
 
-        step_tree = tree if any(l.tree for l in layouts) else None
-        if self.graphs is not None and graphable_nodes(out.seqs, step_tree, self.graphs.width) is not None:
-            g = self.graphs.run(out.seqs, step_tree, ids, positions, [l.slots[0] for l in layouts])
-            if self._greedy_tail_applies(out):
-                proposer = self.proposer if out.propose else None
-                rows = self.graphs.run_greedy_tail(g, proposer)[:len(out.seqs)].tolist()
-                return StepResult(step_id=out.step_id, results=self._tail_results(out, step_tree, rows))
-            t = len(ids)
-            hidden = g.hidden[:t]
-            step_k, step_v = (g.step_k[:, :t], g.step_v[:, :t]) if g.step_k is not None else (None, None)
-        else:
-            step = StepAttnInputs(seqs=attn, slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
-                                  keep_kv=step_tree is not None)
-            meta = self.backend.prepare(step)
-            hidden = self.model(torch.tensor(ids, device=self.device),
-                                torch.tensor(positions, device=self.device), self.backend, meta)
-            step_k = step_v = None
-            if step.step_kv:
-                step_k = torch.stack([k for k, _ in step.step_kv])
-                step_v = torch.stack([v for _, v in step.step_kv])
+    def forward(self, batch: InputBatch) -> torch.Tensor:
+        """Eager forward over the step's tokens → final hidden states [T, H]."""
+        meta = self.backend.prepare(StepAttnInputs(seqs=batch.attn, slot_mapping=torch.tensor(batch.slots)))
+        return self.model(torch.tensor(batch.ids, device=self.device),
+                          torch.tensor(batch.positions, device=self.device), self.backend, meta)
 
+    def greedy_tail(self, batch: InputBatch, hidden: torch.Tensor, graph) -> torch.Tensor:
+        """Decide, commit and propose for a uniform greedy step on the device (spec_decode/tail.py):
+        replayed after the forward graph, or called eagerly. Rows of the real sequences."""
+        propose = self.proposer is not None and batch.out.propose
+        tree = batch.tree
+
+        def build(g) -> callable:
+            v, b, n = g.views, g.layout.batch, g.layout.nodes
+            tokens, start = v["ids"].view(b, n), v["positions"].view(b, n)[:, :1]
+            return lambda: self.tail.greedy(g.hidden, tree, tokens, start, v["tables"], propose)
+
+        if graph is not None:
+            return self.graphs.run_tail(graph, (propose, tree), build)[:len(batch.seqs)].cpu()
+        b, n = len(batch.seqs), batch.uniform_nodes
+        dev = self.device
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs], device=dev)
+        tokens = torch.tensor(batch.ids, device=dev).view(b, n)
+        start = torch.tensor([s.start_pos for s in batch.seqs], device=dev)[:, None]
+        return self.tail.greedy(hidden, tree, tokens, start, tables, propose).cpu()
+
+    def sample(self, batch: InputBatch, hidden: torch.Tensor) -> StepResult:
+        """The host path: logits for the rows a decision reads, then per sequence the
+        acceptance rule (greedy sequences batched), commit and proposals."""
+        out, tree = batch.out, batch.tree
         # Rows whose logits are needed: the last token of sampling sequences, every tree node.
         row_ranges: list[Optional[tuple[int, int]]] = []
         rows: list[int] = []
-        for lay in layouts:
-            if not lay.seq.sample:
+        for s, offset in zip(out.seqs, batch.offsets):
+            if not s.sample:
                 row_ranges.append(None)
                 continue
-            first = lay.offset + len(lay.seq.token_ids) - 1
-            count = tree.num_nodes if lay.tree else 1
-            row_ranges.append((len(rows), count))
-            rows += range(first, first + count)
-        results: list[SeqResult] = []
+            row_ranges.append((len(rows), s.tree + 1))
+            first = offset + len(s.token_ids) - 1
+            rows += range(first, first + s.tree + 1)
         if not rows:
-            return StepResult(step_id=out.step_id,
-                              results=[SeqResult(seq_id=l.seq.seq_id, token_ids=[]) for l in layouts])
+            return StepResult(step_id=out.step_id, results=[SeqResult(seq_id=s.seq_id, sampled_token_ids=[])
+                                                            for s in out.seqs])
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        for s, rr in zip(out.seqs, row_ranges):
+            if rr is not None:
+                self._mask_before_min_tokens(logits[rr[0]:rr[0] + rr[1]], s, s.params or SamplingParams(), tree)
+        decided = self._decide(out.seqs, row_ranges, logits, tree)
 
-        commit_src: list[int] = []
+        results: list[SeqResult] = []
+        commit_rows: list[int] = []
         commit_dst: list[int] = []
         last_rows: list[int] = []
-        for lay, rr in zip(layouts, row_ranges):
-            if rr is not None:
-                self._mask_before_min_tokens(logits[rr[0]:rr[0] + rr[1]], lay.seq, lay.seq.params or SamplingParams(),
-                                             tree)
-        # Greedy sequences are decided together, one device→host copy for the batch: trees by
-        # the batched acceptance rule, plain decodes by one argmax.
-        greedy = [(lay, rr) for lay, rr in zip(layouts, row_ranges)
-                  if rr is not None and (lay.seq.params or SamplingParams()).greedy]
-        greedy_tree = [(lay, rr) for lay, rr in greedy if lay.tree]
-        greedy_plain = [(lay, rr) for lay, rr in greedy if not lay.tree]
-        batched: dict[int, object] = {}
-        if greedy_tree:
-            rows_idx = torch.tensor([r0 for _, (r0, _) in greedy_tree], device=self.device)
-            stacked = logits[rows_idx[:, None] + torch.arange(tree.num_nodes, device=self.device)]
-            toks = torch.tensor([l.seq.token_ids[-1:] + l.seq.candidates for l, _ in greedy_tree], device=self.device)
-            for (lay, _), acc in zip(greedy_tree, accept_greedy_batch(tree, toks, stacked)):
-                batched[lay.seq.seq_id] = acc
-
-        if greedy_plain:
-            rows_idx = torch.tensor([r0 for _, (r0, _) in greedy_plain], device=self.device)
-            for (lay, _), tok in zip(greedy_plain, logits.index_select(0, rows_idx).argmax(-1).tolist()):
-                batched[lay.seq.seq_id] = tok
-
-        for lay, rr in zip(layouts, row_ranges):
-            s = lay.seq
+        for s, offset, rr in zip(out.seqs, batch.offsets, row_ranges):
             if rr is None:
-                results.append(SeqResult(seq_id=s.seq_id, token_ids=[]))
+                results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=[]))
                 continue
-            r0, count = rr
-            seq_logits = logits[r0:r0 + count]
             params = s.params or SamplingParams()
+            path, new_tokens = decided[s.seq_id]
+            for node in path[1:]:
+                commit_rows.append(offset + node)
+                commit_dst.append(self._slots(s.block_table, s.start_pos + tree.depths[node], 1)[0])
+            logprobs: list[float] = []
+            if params.logprobs:
+                lp = torch.log_softmax(logits[rr[0]:rr[0] + rr[1]], dim=-1)
+                logprobs = [float(lp[node, tok]) for node, tok in zip(path, new_tokens)]
+            last_rows.append(offset + len(s.token_ids) - 1 + path[-1])
+            n_acc = len(path) - 1
+            results.append(SeqResult(
+                seq_id=s.seq_id, sampled_token_ids=new_tokens, logprobs=logprobs, num_accepted=n_acc,
+                accepted_per_depth=[int(n_acc > d) for d in range(tree.depth)] if s.tree else [],
+            ))
+        if commit_rows:
+            self.tail.commit(torch.tensor(commit_rows, device=self.device),
+                             torch.tensor(commit_dst, device=self.device))
+        if self.proposer is not None and last_rows and out.propose:
+            cands = iter(self.tail.propose(hidden[torch.tensor(last_rows, device=self.device)]).tolist())
+            for res in results:
+                if res.sampled_token_ids:
+                    res.next_candidates = next(cands)
+        return StepResult(step_id=out.step_id, results=results)
+
+    def _decide(self, seqs: list[ScheduledSeq], row_ranges, logits: torch.Tensor,
+                tree: Optional[MedusaTree]) -> dict[int, tuple[list[int], list[int]]]:
+        """seq_id → (accepted path, new tokens) for every sequence that samples. Greedy ones are
+        decided together, one device→host copy for the batch: trees by the batched greedy rule,
+        plain decodes by one argmax; the others by their acceptance rule or sampler."""
+        decided: dict[int, tuple[list[int], list[int]]] = {}
+        greedy = [(s, rr) for s, rr in zip(seqs, row_ranges) if rr is not None and (s.params or SamplingParams()).greedy]
+        greedy_tree = [(s, rr) for s, rr in greedy if s.tree]
+        greedy_plain = [(s, rr) for s, rr in greedy if not s.tree]
+        accepted: dict[int, Accepted] = {}
+        if greedy_tree:
+            idx = torch.tensor([r0 for _, (r0, _) in greedy_tree], device=self.device)
+            stacked = logits[idx[:, None] + torch.arange(tree.num_nodes, device=self.device)]
+            toks = torch.tensor([s.token_ids[-1:] + s.candidates for s, _ in greedy_tree], device=self.device)
+            accepted.update({s.seq_id: a for (s, _), a in zip(greedy_tree, accept_greedy_batch(tree, toks, stacked))})
+        if greedy_plain:
+            idx = torch.tensor([r0 for _, (r0, _) in greedy_plain], device=self.device)
+            for (s, _), tok in zip(greedy_plain, logits.index_select(0, idx).argmax(-1).tolist()):
+                decided[s.seq_id] = [0], [tok]
+        for s, rr in zip(seqs, row_ranges):
+            if rr is None or s.seq_id in decided:
+                continue
+            params = s.params or SamplingParams()
+            seq_logits = logits[rr[0]:rr[0] + rr[1]]
             first_pos = s.start_pos + len(s.token_ids)  # position of the first token produced
-            if lay.tree:
+            if s.tree:
                 node_list = s.token_ids[-1:] + s.candidates
-                acc = batched.get(s.seq_id)
+                acc = accepted.get(s.seq_id)
                 if acc is None:
                     acc = accept(params.acceptance or self.spec.acceptance, tree,
                                  torch.tensor(node_list, device=self.device), seq_logits,
                                  params, s.seed, first_pos, self.spec.epsilon, self.spec.alpha)
-                path, bonus = acc.path, acc.bonus
-                new_tokens = [node_list[i] for i in path[1:]] + [bonus]
-                root_pos = s.start_pos
-                for node in path[1:]:
-                    commit_src.append(lay.offset + node)
-                    d = tree.depths[node]
-                    commit_dst.append(self._slots(s.block_table, root_pos + d, 1)[0])
-            elif s.seq_id in batched:
-                path, new_tokens = [0], [batched[s.seq_id]]
+                decided[s.seq_id] = acc.path, [node_list[i] for i in acc.path[1:]] + [acc.bonus]
             else:
                 probs = processed_probs(seq_logits[0], params)
-                path, new_tokens = [0], [sample_token(probs, params, s.seed, first_pos)]
-            logprobs: list[float] = []
-            if params.logprobs:
-                lp = torch.log_softmax(seq_logits, dim=-1)
-                logprobs = [float(lp[node, tok]) for node, tok in zip(path, new_tokens)]
-            last_rows.append(lay.offset + len(s.token_ids) - 1 + path[-1])
-            n_acc = len(path) - 1
-            results.append(SeqResult(
-                seq_id=s.seq_id, token_ids=new_tokens, logprobs=logprobs, num_accepted=n_acc,
-                accepted_per_depth=[int(n_acc > d) for d in range(tree.depth)] if lay.tree else [],
-            ))
-
-        if commit_src:
-            # The accepted nodes' K/V, all layers in one indexed copy.
-            src = torch.tensor(commit_src, device=self.device)
-            dst = torch.tensor(commit_dst, device=self.device)
-            self.backend.kv_cache.commit(dst, step_k.index_select(1, src), step_v.index_select(1, src))
-
-        if self.proposer is not None and last_rows and out.propose:
-            cands = self.proposer.propose(hidden[torch.tensor(last_rows, device=self.device)]).tolist()
-            it = iter(cands)
-            for res in results:
-                if res.token_ids:
-                    res.next_candidates = next(it)
-        return StepResult(step_id=out.step_id, results=results)
+                decided[s.seq_id] = [0], [sample_token(probs, params, s.seed, first_pos)]
+        return decided
 
     @staticmethod
-    def _greedy_tail_applies(out: SchedulerOutput) -> bool:
-        """The captured greedy tail decides every sequence of the step: all greedy, no
-        logprobs, no min_tokens still masking stop tokens (those need the per-sequence path)."""
-        for s in out.seqs:
+    def _greedy_tail_applies(batch: InputBatch) -> bool:
+        """The device tail decides every sequence of the step: a uniform step, all sampling
+        greedily, no logprobs, no min_tokens still masking stop tokens (those need the host path)."""
+        if batch.uniform_nodes is None:
+            return False
+        for s in batch.seqs:
             p = s.params or SamplingParams()
             if not (s.sample and p.greedy) or p.logprobs or p.min_tokens > s.num_output_tokens:
                 return False
@@ -229,14 +278,14 @@ class ModelRunner:
         for s, r in zip(out.seqs, rows):
             n = r[0]
             results.append(SeqResult(
-                seq_id=s.seq_id, token_ids=r[1:1 + n] + [r[1 + depth]], next_candidates=r[2 + depth:],
+                seq_id=s.seq_id, sampled_token_ids=r[1:1 + n] + [r[1 + depth]], next_candidates=r[2 + depth:],
                 num_accepted=n, accepted_per_depth=[int(n > d) for d in range(depth)]))
         return results
 
     def _mask_before_min_tokens(self, logits: torch.Tensor, s: ScheduledSeq, params: SamplingParams,
                                 tree: Optional[MedusaTree]) -> None:
-        """Below min_tokens, stop tokens cannot be produced: row i produces output index n + i
-        (tree rows: n + depth)."""
+        """Below min_tokens, stop tokens (the whole EOS set and stop_token_ids) cannot be
+        produced: row i produces output index n + i (tree rows: n + depth)."""
         if params.min_tokens <= s.num_output_tokens:
             return
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))

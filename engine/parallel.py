@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from engine.models.llama import ArchConfig
+from engine.models.config import ArchConfig
 
 
 def split_range(n: int, parts: int, rank: int) -> range:

@@ -6,9 +6,12 @@ import enum
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.output_processor import IncrementalDetokenizer
 
 
 class RequestStatus(enum.Enum):
@@ -72,7 +75,11 @@ class Request:
     params: SamplingParams
     # Seed for this request's draws (the user's, or one drawn at arrival).
     seed: int
-    eos_token_id: Optional[int]
+    # Every id that ends generation (the model's EOS set; the runner masks the same set below
+    # min_tokens).
+    eos_token_ids: frozenset[int]
+    # The output's text so far (engine/output_processor.py); None for requests built without one.
+    detokenizer: Optional["IncrementalDetokenizer"] = None
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -81,8 +88,6 @@ class Request:
     # Medusa candidates for the next decode step (kept with the sequence, sent each step).
     candidates: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
-    # Length of the output text to return (set when a stop string cuts it).
-    text_limit: Optional[int] = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
     @property
@@ -104,7 +109,7 @@ class Request:
         if n_out >= self.params.min_tokens:
             if last in self.params.stop_token_ids:
                 return "stop"
-            if last == self.eos_token_id and not self.params.ignore_eos:
+            if last in self.eos_token_ids and not self.params.ignore_eos:
                 return "stop"
         if n_out >= self.params.max_tokens or self.num_tokens >= max_model_len:
             return "length"
@@ -116,8 +121,10 @@ class RequestOutput:
     """A request's state after a step. ``token_ids``, ``logprobs`` and ``text`` are read on
     demand: a step returns an output for every request it advanced, and copying (let alone
     detokenising) each one's whole output every step would cost O(length) per request per
-    step. The sources are the request's own lists, which only ever grow, so a later read
-    still sees exactly the first ``num_tokens`` of them."""
+    step. The sources are the request's own lists, which only grow (a stop string trims
+    them once, in the step that finishes the request), so a later read still sees exactly
+    the first ``num_tokens`` of them; text comes from the request's incremental detokenizer
+    (engine/output_processor.py)."""
     request_id: str
     prompt_token_ids: list[int]
     finish_reason: Optional[str]
@@ -126,8 +133,8 @@ class RequestOutput:
     source_token_ids: list[int] = field(default_factory=list, repr=False)
     source_logprobs: Optional[list[float]] = field(default=None, repr=False)
     num_tokens: int = 0
-    # Detokenises token_ids (cut at a stop string).
-    detokenize: Optional[Callable[[list[int]], str]] = field(default=None, repr=False)
+    # The text of token_ids (cut before a stop string).
+    text_source: Optional[Callable[[], str]] = field(default=None, repr=False)
 
     @cached_property
     def token_ids(self) -> list[int]:
@@ -139,4 +146,4 @@ class RequestOutput:
 
     @cached_property
     def text(self) -> str:
-        return self.detokenize(self.token_ids) if self.detokenize is not None else ""
+        return self.text_source() if self.text_source is not None else ""

@@ -48,8 +48,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise bad("stop", "a list of non-empty strings", self.stop)
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative ints", self.stop_token_ids)
-        if self.acceptance not in (None, "greedy", "typical", "rejection"):
-            raise bad("acceptance", "None, 'greedy', 'typical' or 'rejection'", self.acceptance)
+        from spec_decode.acceptance import ACCEPTANCE_RULES  # (acceptance imports this module)
+
+        if self.acceptance is not None and self.acceptance not in ACCEPTANCE_RULES:
+            raise bad("acceptance", f"None or one of {tuple(ACCEPTANCE_RULES)}", self.acceptance)
 
     @property
     def greedy(self) -> bool:

@@ -18,19 +18,17 @@ from typing import Optional
 import msgspec
 import torch
 
+from engine.attention import ATTENTION_BACKENDS
 from engine.config import EngineConfig
+from engine.cuda_graphs import padded_batch
 from engine.kv_cache import PagedKVCache
 from engine.model_runner import ModelRunner
-from engine.models.loader import load_model
+from engine.models.loader import load_model, read_arch_config
 from engine.parallel import ShardPlan, TPGroup
 from engine.sampling import SamplingParams
-from scheduler.outputs import SchedulerOutput, StepResult
-from spec_decode.tree import MedusaTree, build_tree_from_accuracy, nested_subtrees
-
-BUNDLED_HEADS_DIR = Path(__file__).resolve().parent.parent / "spec_decode" / "bundled_heads"
-
-# Node budgets that tree="auto" times (mc_sim_7b_63's size last).
-AUTO_TREE_SIZES = (1, 2, 4, 8, 16, 32, 63)
+from scheduler.outputs import ScheduledSeq, SchedulerOutput, StepResult
+from spec_decode.heads import BUNDLED_HEADS_DIR
+from spec_decode.tree import AUTO_TREE_SIZES, MedusaTree, build_tree_from_accuracy, expected_accept_length, nested_subtrees
 
 
 class WorkerSpec(msgspec.Struct, kw_only=True):
@@ -47,7 +45,10 @@ class WorkerSpec(msgspec.Struct, kw_only=True):
 
 
 class WorkerInfo(msgspec.Struct, kw_only=True):
-    tree: Optional[list[list[int]]]  # the tree in use (after tree="auto"), None without Medusa
+    tree: Optional[list[list[int]]]  # the full tree in use (after tree="auto"), None without Medusa
+    # The tree set: candidate count → indices of that tree's candidates among the full tree's
+    # (the full tree, and with back-off the smaller trees nested in it).
+    subtrees: Optional[dict[int, list[int]]]
     head_accuracy: Optional[list[list[float]]]
     tree_autotune: Optional[list[dict]]
     pid: int
@@ -65,8 +66,6 @@ class Worker:
         self.device, self.dtype = torch.device(spec.device), getattr(torch, spec.dtype)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
-        from engine.models.loader import read_arch_config
-
         arch = read_arch_config(Path(spec.model_path))
         self.plan = ShardPlan.build(arch, spec.world_size, spec.rank)
         self.tp = TPGroup(self.plan)
@@ -74,10 +73,17 @@ class Worker:
                                            spec.world_size, spec.rank, self.tp, cfg.model.load_format, cfg.model.seed)
         proposer, self.head_accuracy = build_proposer(cfg, self.model, self.arch, self.device, self.dtype)
         use_graphs = use_cuda_graphs(cfg, self.device, spec.attention_backend, spec.world_size)
-        # With graphs, one block more than the driver hands out: padded sequences write there.
-        self.kv_cache = PagedKVCache(self.arch.num_layers, spec.num_blocks + use_graphs, spec.block_size,
-                                     self.plan.num_kv_heads, self.arch.head_dim, self.dtype, self.device)
-        backend = build_backend(spec.attention_backend, self.kv_cache, self.device)
+        sc = cfg.scheduler
+        # Beyond the driver's blocks: the pad block and, when speculating, the scratch region
+        # for the step's tree nodes (a step's tokens, padded to a graph's batch bucket).
+        scratch = 0
+        if proposer is not None:  # any tree tree="auto" or back-off may pick, up to the full one
+            scratch = max([sc.max_num_batched_tokens] + [
+                (padded_batch(min(sc.max_num_seqs, sc.max_num_batched_tokens // n)) or 0) * n
+                for n in range(2, proposer.tree.num_nodes + 1)])
+        self.kv_cache = PagedKVCache(self.arch.num_layers, spec.num_blocks, spec.block_size, self.plan.num_kv_heads,
+                                     self.arch.head_dim, self.dtype, self.device, scratch_tokens=scratch)
+        backend = ATTENTION_BACKENDS[spec.attention_backend].build(self.kv_cache, self.device)
         graphs = None
         if use_graphs:
             from engine.cuda_graphs import CudaGraphRunner
@@ -85,19 +91,20 @@ class Worker:
             longest = min(cfg.model.max_model_len or self.arch.max_position_embeddings,
                           spec.num_blocks * spec.block_size)
             width = min(spec.num_blocks, -(-(longest + 64) // spec.block_size))  # + a tree's lookahead
-            graphs = CudaGraphRunner(self.model, backend, self.device, width, pad_block=spec.num_blocks)
+            graphs = CudaGraphRunner(self.model, backend, self.device, width, pad_block=self.kv_cache.pad_block)
         self.runner = ModelRunner(self.model, backend, self.device, tuple(spec.eos_token_ids), proposer,
                                   cfg.speculative, graphs)
         self.tree_autotune: Optional[list[dict]] = None
         self.step_latency: Optional[list[list[float]]] = None
+        self.subtrees: Optional[dict[int, list[int]]] = None
         if proposer is not None and cfg.speculative.backoff:
             # Back-off picks a tree size per step from a latency grid measured here.
             if self.head_accuracy is None:
                 raise ValueError("speculative.backoff: needs heads with a tree.json holding rank_accuracy "
                                  "(written by train-heads) to know what each tree size is worth")
             nested = nested_subtrees(self.runner.tree, self.head_accuracy, AUTO_TREE_SIZES)
-            self.runner.set_tree(self.runner.tree, {n: st.tree for n, st in nested.items()})
-            sc = cfg.scheduler
+            self.runner.set_trees({n: st.tree for n, st in nested.items()})
+            self.subtrees = {n: list(st.nodes) for n, st in nested.items()}
             batch_sizes = sorted({min(2 ** i, sc.max_num_seqs) for i in range(16)})
             self.step_latency = measure_step_latency(self.runner, batch_sizes, sorted(nested), spec.block_size,
                                                      spec.num_blocks, sc.max_num_batched_tokens, self.tp)
@@ -105,16 +112,19 @@ class Worker:
             # tree="auto": time the verify step for several tree sizes on this device, keep the best.
             self.tree_autotune = autotune_tree(self.runner, self.head_accuracy, spec.block_size,
                                                spec.num_blocks, self.tp)
+        if proposer is not None and self.subtrees is None:
+            full = self.runner.tree
+            self.subtrees = {full.num_nodes - 1: list(range(full.num_nodes - 1))}
         if graphs is not None:
             # Every tree a step may verify, and plain decoding, at every batch bucket up front, so
             # no request waits for a capture.
-            sc = cfg.scheduler
             graphs.capture([None] + sorted(self.runner.trees.values(), key=lambda t: t.num_nodes),
                            sc.max_num_seqs, sc.max_num_batched_tokens)
 
     def info(self) -> WorkerInfo:
         tree, g = self.runner.tree, self.runner.graphs
-        return WorkerInfo(tree=[list(c) for c in tree.choices] if tree else None, head_accuracy=self.head_accuracy,
+        return WorkerInfo(tree=[list(c) for c in tree.choices] if tree else None, subtrees=self.subtrees,
+                          head_accuracy=self.head_accuracy,
                           tree_autotune=self.tree_autotune, pid=os.getpid(), step_latency=self.step_latency,
                           num_graphs=len(g.graphs) if g else 0, graph_capture_s=round(g.capture_seconds, 2) if g else 0.0)
 
@@ -123,22 +133,11 @@ class Worker:
 
 
 def use_cuda_graphs(config: EngineConfig, device: torch.device, backend: str, world_size: int) -> bool:
-    """Graphs need the xformers backend (its biases update in place) on CUDA. Under tensor
-    parallelism steps stay eager: capturing the NCCL all-reduces is not validated here."""
-    return (not config.model.enforce_eager and device.type == "cuda" and backend == "xformers"
+    """Graphs need a backend whose metadata refreshes in place (it declares ``cuda_graphs``) on
+    CUDA. Under tensor parallelism steps stay eager: capturing the NCCL all-reduces is not
+    validated here."""
+    return (not config.model.enforce_eager and device.type == "cuda" and ATTENTION_BACKENDS[backend].cuda_graphs
             and world_size == 1)
-
-
-def build_backend(name: str, kv_cache: PagedKVCache, device: torch.device):
-    if name == "torch":
-        from engine.attention.torch_ref import TorchAttentionBackend
-
-        return TorchAttentionBackend(kv_cache, device)
-    if device.type != "cuda":
-        raise ValueError("attention_backend: 'xformers' needs a CUDA device (it has no CPU kernels)")
-    from engine.attention.xformers_backend import XformersAttentionBackend
-
-    return XformersAttentionBackend(kv_cache, device)
 
 
 def build_proposer(config: EngineConfig, model, arch, device, dtype):
@@ -194,25 +193,23 @@ def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, tp
     with the most expected tokens per second. Runs before any request exists, so the KV
     blocks it scribbles on are free. Under tensor parallelism every rank times the same
     steps (they run in lockstep) and rank 0's choice is broadcast, so all ranks agree."""
-    from scheduler.outputs import ScheduledSeq
-    from spec_decode.tree import expected_accept_length
-
     rows, trees = [], []
     for n in AUTO_TREE_SIZES:
         tree = build_tree_from_accuracy(acc, n)
         need = -(-(ctx + 1 + tree.depth) // block_size)
         if need > num_blocks:
             break
-        runner.set_tree(tree)
+        runner.set_trees({tree.num_nodes - 1: tree})
         seq = ScheduledSeq(seq_id=0, token_ids=[1], start_pos=ctx, block_table=list(range(need)), sample=True,
-                           candidates=[1] * (tree.num_nodes - 1), params=SamplingParams(temperature=0))
+                           tree=tree.num_nodes - 1, candidates=[1] * (tree.num_nodes - 1),
+                           params=SamplingParams(temperature=0))
         latency = _median_step_seconds(runner, SchedulerOutput(step_id=-1, seqs=[seq]))
         expected = expected_accept_length(tree.choices, acc)
         rows.append({"nodes": n, "latency_ms": round(latency * 1e3, 3), "expected_tokens_per_step": round(expected, 3),
                      "expected_tokens_per_s": round(expected / latency, 1)})
         trees.append(tree)
     best = tp.broadcast_object(max(range(len(rows)), key=lambda i: rows[i]["expected_tokens_per_s"]))
-    runner.set_tree(trees[best])
+    runner.set_trees({trees[best].num_nodes - 1: trees[best]})
     return tp.broadcast_object(rows)
 
 
@@ -223,8 +220,6 @@ def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: lis
     step token budget are skipped (the scheduler never runs them). Before any request exists,
     so the blocks it writes are free; all sequences share one block table. Under TP rank 0's
     table is broadcast, so every rank holds the same model."""
-    from scheduler.outputs import ScheduledSeq
-
     depth = runner.tree.depth
     ctx = max(1, min(ctx, num_blocks * block_size - depth - 2))
     table = list(range(-(-(ctx + 1 + depth) // block_size)))
@@ -235,7 +230,7 @@ def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: lis
             if b * (n + 1) > token_budget:
                 continue
             seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=ctx, block_table=table, sample=True,
-                                 candidates=[1] * n, params=greedy) for i in range(b)]
+                                 tree=n, candidates=[1] * n, params=greedy) for i in range(b)]
             out = SchedulerOutput(step_id=-1, seqs=seqs, propose=n > 0)
             rows.append([b, n, round(1e3 * _median_step_seconds(runner, out), 4)])
     return tp.broadcast_object(rows)

@@ -31,9 +31,6 @@ class BlockManager:
         """Blocks that must still be allocated for ``seq_id`` to hold ``num_tokens`` slots."""
         return max(0, self.blocks_needed(num_tokens) - len(self._tables.get(seq_id, ())))
 
-    def can_allocate(self, seq_id: int, num_tokens: int) -> bool:
-        return self.num_missing(seq_id, num_tokens) <= len(self._free)
-
     def allocate(self, seq_id: int, num_tokens: int) -> bool:
         """Grow the table of ``seq_id`` to hold ``num_tokens`` slots. False (and no change) if short."""
         missing = self.num_missing(seq_id, num_tokens)

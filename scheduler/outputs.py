@@ -2,6 +2,9 @@
 
 Both are msgspec Structs: they are the wire format between the driver and (Ray) workers,
 so the scheduler never touches tensors and every rank decodes the same bytes.
+
+Naming: a step's *input* tokens are ``ScheduledSeq.token_ids`` (whose K/V the step computes);
+what it *produces* is ``SeqResult.sampled_token_ids``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ class ScheduledSeq(msgspec.Struct, kw_only=True, array_like=True):
     block_table: list[int]
     # True when this chunk reaches the end of the sequence: sample the next token(s).
     sample: bool
-    # Medusa tree candidates (one per non-root tree node) following token_ids[-1];
-    # empty for plain decoding and prefill.
+    # The Medusa tree this sequence verifies, named by its number of candidates: a key of the
+    # engine's tree set (the full tree and the smaller trees nested in it); 0: none.
+    tree: int = 0
+    # That tree's candidate tokens (one per non-root node) following token_ids[-1].
     candidates: list[int] = []
     params: Optional[SamplingParams] = None
     seed: int = 0
@@ -34,10 +39,9 @@ class ScheduledSeq(msgspec.Struct, kw_only=True, array_like=True):
 class SchedulerOutput(msgspec.Struct, kw_only=True):
     step_id: int
     seqs: list[ScheduledSeq]
-    # Sequences whose state workers may drop (finished, aborted, preempted).
-    finished_seq_ids: list[int] = []
-    # Run the Medusa heads for the next step (back-off turns this off when the next step is
-    # expected to decode without speculation: the heads' lm_head projections are not free).
+    # Run the Medusa heads for the next step. The scheduler turns this off when its policy
+    # expects the next step to decode without speculation: then the step does exactly the
+    # work of an engine built without speculation (no proposals nobody reads).
     propose: bool = True
 
     @property
@@ -48,11 +52,11 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
 class SeqResult(msgspec.Struct, kw_only=True, array_like=True):
     seq_id: int
     # New tokens: accepted candidates followed by the bonus (model-sampled) token.
-    token_ids: list[int]
-    # Candidates for the next step (empty without speculation).
+    sampled_token_ids: list[int]
+    # Candidates of the full tree for the next step (empty without proposals).
     next_candidates: list[int] = []
     logprobs: list[float] = []
-    # Number of tree candidates accepted (len(token_ids) - 1 for a decode step).
+    # Number of tree candidates accepted (len(sampled_token_ids) - 1 for a decode step).
     num_accepted: int = 0
     # Per tree depth: was a candidate at that depth accepted (for per-head acceptance rates).
     accepted_per_depth: list[int] = []

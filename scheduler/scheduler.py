@@ -1,5 +1,6 @@
 """Continuous batching: FCFS waiting queue, running set, token budget, chunked prefill,
-KV reservation for speculation, preemption by recompute.
+KV reservation for speculation, preemption by recompute — and the step's speculation policy
+(which tree decoding sequences verify, whether to propose for the next step).
 
 Each step every running request gets work (its next prefill chunk, or its pending token plus
 its Medusa tree), then waiting requests are admitted while the budget and KV blocks allow.
@@ -12,14 +13,13 @@ produces exactly the tokens it would have produced without the preemption.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
 from scheduler.block_manager import BlockManager
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, StepResult
-
-StopCheck = Callable[[Request], Optional[str]]
+from spec_decode.policy import SpeculationPolicy
 
 
 class Scheduler:
@@ -29,18 +29,23 @@ class Scheduler:
         block_manager: BlockManager,
         max_model_len: int,
         tree_depth: int = 0,
+        policy: Optional[SpeculationPolicy] = None,
     ) -> None:
         self.config = config
         self.blocks = block_manager
         self.max_model_len = max_model_len
         # Extra KV slots a decode step may write: one per accepted tree level.
         self.tree_depth = tree_depth
+        # None: no speculation (no sequence ever has candidates).
+        self.policy = policy
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._by_seq_id: dict[int, Request] = {}
         self._step_id = 0
-        # seq_id -> (tokens computed, sampled) for the step in flight.
+        # seq_id -> (tokens computed, sampled) for the step in flight, and that step.
         self._in_flight: dict[int, tuple[int, bool]] = {}
+        self._in_flight_step: Optional[SchedulerOutput] = None
+        self._step_tree = 0  # the tree size the policy chose for the step in flight
         self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------
@@ -50,15 +55,8 @@ class Scheduler:
         self._by_seq_id[request.seq_id] = request
         self.waiting.append(request)
 
-    def get(self, seq_id: int) -> Request:
-        return self._by_seq_id[seq_id]
-
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
 
     def abort(self, seq_ids: Iterable[int]) -> list[Request]:
         """Remove requests wherever they are and free their blocks. Unknown ids are ignored."""
@@ -67,11 +65,16 @@ class Scheduler:
             req = self._by_seq_id.get(seq_id)
             if req is None:
                 continue
-            self._finish(req, "abort")
+            self.finish(req, "abort")
             aborted.append(req)
         return aborted
 
-    def _finish(self, req: Request, reason: str) -> None:
+    def finish(self, req: Request, reason: str) -> None:
+        """End a request (wherever it is) and free its blocks: an abort, or a stop that only the
+        output processor can see (a stop string)."""
+        if req.status is RequestStatus.FINISHED:
+            req.finish_reason = reason
+            return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status is RequestStatus.WAITING:
@@ -97,26 +100,25 @@ class Scheduler:
         """Running requests whose next step is a decode (one pending token)."""
         return [r for r in self.running if r.num_tokens - r.num_computed == 1]
 
-    def num_decoding(self) -> int:
-        return len(self._decoding())
-
-    def schedule(self, keep: Optional[Sequence[int]] = None) -> SchedulerOutput:
-        """``keep``: which of each request's tree candidates this step verifies (indices into
-        its full candidate list; None: all, empty: plain decoding — back-off's choice).
-        Trees go to every decoding sequence or to none, so a step stays uniform (one tree
-        size, which CUDA graphs need) — when the budget cannot hold them all, plain decoding
-        of the whole batch beats trees for some and a wait or a plain step for the rest."""
-        if self._in_flight:
+    def schedule(self) -> SchedulerOutput:
+        """The next step. The policy picks the tree size for the number of decoding sequences
+        (without one: no trees). Trees go to every decoding sequence or to none, so a step
+        stays uniform (one tree size, which CUDA graphs need) — when the budget cannot hold
+        them all, plain decoding of the whole batch beats trees for some and a wait or a
+        plain step for the rest."""
+        if self._in_flight_step is not None:
             raise RuntimeError("schedule() called again before update() of the previous step")
         budget = self.config.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         preempted_before = self.num_preemptions
+        decoding = self._decoding()
+        n = self.policy.tree_for(len(decoding), budget) if self.policy is not None else 0
 
         def cut(cands: list[int]) -> list[int]:
-            return list(cands) if keep is None else [cands[i] for i in keep]
+            return self.policy.cut(n, cands) if cands else []
 
-        tree_tokens = sum(1 + len(cut(r.candidates)) for r in self._decoding() if r.candidates)
-        trees = tree_tokens <= budget
+        tree_tokens = sum(1 + len(cut(r.candidates)) for r in decoding if r.candidates)
+        trees = n > 0 and tree_tokens <= budget
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -135,7 +137,7 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 break  # req preempted itself: everything after it is gone too
-            out.append(self._scheduled(req, chunk, reaches_end, cands))
+            out.append(self._scheduled(req, chunk, reaches_end, cands, n if cands else 0))
             budget -= chunk + len(cands)
             i += 1
 
@@ -150,13 +152,20 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.append(self._scheduled(req, chunk, chunk == pending, []))
+            out.append(self._scheduled(req, chunk, chunk == pending, [], 0))
             budget -= chunk
 
         self._step_id += 1
-        return SchedulerOutput(step_id=self._step_id, seqs=out)
+        step = SchedulerOutput(step_id=self._step_id, seqs=out)
+        if self.policy is not None:
+            step.propose = self.policy.propose_next(sum(1 for s in out if s.sample))
+            if any(s.sample and len(s.token_ids) == 1 for s in out):
+                self.policy.record(n if any(s.candidates for s in out) else 0)
+        self._in_flight_step = step
+        self._step_tree = n
+        return step
 
-    def _scheduled(self, req: Request, chunk: int, sample: bool, cands: list[int]) -> ScheduledSeq:
+    def _scheduled(self, req: Request, chunk: int, sample: bool, cands: list[int], tree: int) -> ScheduledSeq:
         self._in_flight[req.seq_id] = (chunk, sample)
         req.metrics.num_steps += 1
         start = req.num_computed
@@ -166,16 +175,23 @@ class Scheduler:
             start_pos=start,
             block_table=list(self.blocks.block_table(req.seq_id)),
             sample=sample,
+            tree=tree,
             candidates=list(cands),
             params=req.params,
             seed=req.seed,
             num_output_tokens=len(req.output_token_ids),
         )
 
-    def update(self, result: StepResult, stop_check: StopCheck) -> list[Request]:
-        """Apply a step's results: advance KV accounting, append tokens (stopping exactly at
-        the first stop condition, never overshooting), free finished requests.
+    def update(self, result: StepResult, execute_ms: Optional[float] = None) -> list[Request]:
+        """Apply a step's results: advance KV accounting, append tokens (stopping exactly at the
+        first stop condition that token ids decide — EOS, stop token ids, lengths — never
+        overshooting), free finished requests. Stop strings are the output processor's: it
+        trims and finishes requests through ``finish``. ``execute_ms``: what the step took on
+        the workers (a pure decode step's cost corrects the speculation policy).
         Returns the requests that received tokens or finished this step."""
+        step = self._in_flight_step
+        if step is None:
+            raise RuntimeError("update() without a scheduled step")
         touched = []
         for res in result.results:
             chunk, sampled = self._in_flight.pop(res.seq_id)
@@ -191,16 +207,29 @@ class Scheduler:
             if was_decode:
                 req.metrics.record_decode(res.num_accepted, res.accepted_per_depth)
             reason = None
-            for j, tok in enumerate(res.token_ids):
+            for j, tok in enumerate(res.sampled_token_ids):
                 req.output_token_ids.append(tok)
                 if res.logprobs:
                     req.output_logprobs.append(res.logprobs[j])
-                reason = req.token_stop_reason(self.max_model_len) or stop_check(req)
+                reason = req.token_stop_reason(self.max_model_len)
                 if reason:
                     break
             req.candidates = list(res.next_candidates)
             touched.append(req)
             if reason:
-                self._finish(req, reason)
+                self.finish(req, reason)
         self._in_flight.clear()
+        self._in_flight_step = None
+        if execute_ms is not None:
+            self._observe(step, result, execute_ms)
         return touched
+
+    def _observe(self, step: SchedulerOutput, result: StepResult, execute_ms: float) -> None:
+        """A pure decode step, every sequence verifying the tree the policy chose (or none, with
+        no proposals when it chose none): what it cost and yielded corrects the policy."""
+        n = self._step_tree
+        if self.policy is None or not step.seqs or step.propose != (n > 0):
+            return
+        if all(s.sample and len(s.token_ids) == 1 and len(s.candidates) == n for s in step.seqs):
+            made = [len(r.sampled_token_ids) for r in result.results]
+            self.policy.observe(len(made), n, execute_ms, sum(made) / len(made))

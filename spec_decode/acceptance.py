@@ -17,11 +17,15 @@ model at the last accepted node. Randomness is keyed by the produced token's pos
   p(x) and renormalise; if all are rejected, sample the next token from what remains. The
   token distribution equals plain sampling from p at every position.
 Greedy requests (temperature 0) always use the greedy rule: for them all three coincide.
+
+Rules are registered by name (``ACCEPTANCE_RULES``): config, sampling parameters and the CLI
+take their choices from there, so a new rule is one function plus one ``register_rule``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -33,6 +37,28 @@ from spec_decode.tree import MedusaTree
 class Accepted:
     path: list[int]  # node ids, root first
     bonus: int
+
+
+@dataclass(frozen=True)
+class AcceptanceRule:
+    name: str
+    # (tree, node_tokens, logits, params, seed, first_pos, epsilon, alpha) -> Accepted
+    accept: Callable[..., Accepted]
+    # Output tokens follow plain sampling's distribution exactly (greedy: the same tokens).
+    lossless: bool
+    summary: str
+
+
+ACCEPTANCE_RULES: dict[str, AcceptanceRule] = {}
+
+
+def register_rule(name: str, lossless: bool, summary: str):
+    def add(fn: Callable[..., Accepted]) -> Callable[..., Accepted]:
+        if name in ACCEPTANCE_RULES:
+            raise ValueError(f"acceptance rule {name!r} is registered twice")
+        ACCEPTANCE_RULES[name] = AcceptanceRule(name, fn, lossless, summary)
+        return fn
+    return add
 
 
 def _best_path(tree: MedusaTree, ok: torch.Tensor, score: torch.Tensor | None = None) -> list[int]:
@@ -143,14 +169,22 @@ def accept_rejection(tree: MedusaTree, node_tokens: torch.Tensor, logits: torch.
         node = nxt
 
 
+register_rule("greedy", lossless=True, summary="exact match with plain decoding's token")(
+    lambda tree, tokens, logits, params, seed, first_pos, epsilon, alpha:
+    accept_exact(tree, tokens, logits, params, seed, first_pos))
+register_rule("typical", lossless=False, summary="Medusa's typical acceptance (entropy-scaled threshold)")(
+    accept_typical)
+register_rule("rejection", lossless=True, summary="multi-candidate speculative sampling")(
+    lambda tree, tokens, logits, params, seed, first_pos, epsilon, alpha:
+    accept_rejection(tree, tokens, logits, params, seed, first_pos))
+
+
 def accept(rule: str, tree: MedusaTree, node_tokens: torch.Tensor, logits: torch.Tensor,
            params: SamplingParams, seed: int, first_pos: int, epsilon: float = 0.09,
            alpha: float = 0.3) -> Accepted:
-    """Dispatch on the rule; ``first_pos`` is the position of the token the root's row predicts."""
-    if params.greedy or rule == "greedy":
-        return accept_exact(tree, node_tokens, logits, params, seed, first_pos)
-    if rule == "typical":
-        return accept_typical(tree, node_tokens, logits, params, seed, first_pos, epsilon, alpha)
-    if rule == "rejection":
-        return accept_rejection(tree, node_tokens, logits, params, seed, first_pos)
-    raise ValueError(f"acceptance: unknown rule {rule!r}")
+    """Dispatch on the rule; ``first_pos`` is the position of the token the root's row predicts.
+    Greedy requests always take the greedy rule (for them every rule coincides)."""
+    name = "greedy" if params.greedy else rule
+    if name not in ACCEPTANCE_RULES:
+        raise ValueError(f"acceptance: unknown rule {rule!r}; known: {sorted(ACCEPTANCE_RULES)}")
+    return ACCEPTANCE_RULES[name].accept(tree, node_tokens, logits, params, seed, first_pos, epsilon, alpha)

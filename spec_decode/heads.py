@@ -19,6 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+# The heads shipped for the bundled default model (``speculative={"heads": "default"}``).
+BUNDLED_HEADS_DIR = Path(__file__).resolve().parent / "bundled_heads"
+
 WEIGHTS_SAFETENSORS = "medusa_lm_head.safetensors"
 WEIGHTS_PT = "medusa_lm_head.pt"
 

@@ -18,6 +18,9 @@ import torch
 # Max top-k a head provides to a tree (Medusa's TOPK).
 MAX_TOPK = 10
 
+# Node budgets that tree="auto" times and back-off nests in the full tree (mc_sim_7b_63's size last).
+AUTO_TREE_SIZES = (1, 2, 4, 8, 16, 32, 63)
+
 # Tree of FasterDecoding/Medusa (medusa/model/medusa_choices.py, Apache-2.0), tuned there for
 # Vicuna-7B; 63 nodes + root, depth 4.
 MC_SIM_7B_63 = [
@@ -205,6 +208,11 @@ class SubTree:
     # For each of the sub-tree's candidates, its index among the full tree's candidates (so a
     # sequence's full candidate list is cut down with ``[cands[i] for i in nodes]``).
     nodes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, full: MedusaTree, nodes: Sequence[int]) -> "SubTree":
+        """The sub-tree of ``full`` made of these candidates (in the sub-tree's node order)."""
+        return cls(MedusaTree(tuple(full.choices[i] for i in nodes)), tuple(nodes))
 
 
 def nested_subtrees(full: MedusaTree, acc: Optional[Sequence[Sequence[float]]],

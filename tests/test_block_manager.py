@@ -8,6 +8,7 @@ from engine.sampling import SamplingParams
 from scheduler.block_manager import BlockManager
 from scheduler.outputs import SeqResult, StepResult
 from scheduler.scheduler import Scheduler
+from spec_decode.policy import SpeculationPolicy
 
 
 def test_allocate_free_roundtrip():
@@ -34,12 +35,12 @@ def _fake_step(sched: Scheduler, rng: random.Random, tree_depth: int) -> None:
     results = []
     for s in out.seqs:
         if not s.sample:
-            results.append(SeqResult(seq_id=s.seq_id, token_ids=[]))
+            results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=[]))
             continue
         acc = rng.randint(0, tree_depth) if s.candidates else 0
-        results.append(SeqResult(seq_id=s.seq_id, token_ids=[rng.randint(3, 99) for _ in range(acc + 1)],
+        results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=[rng.randint(3, 99) for _ in range(acc + 1)],
                                  num_accepted=acc, next_candidates=[5] * tree_depth if tree_depth else []))
-    sched.update(StepResult(step_id=out.step_id, results=results), lambda r: None)
+    sched.update(StepResult(step_id=out.step_id, results=results))
     sched.blocks.check_invariants()
 
 
@@ -48,11 +49,11 @@ def test_random_workload_frees_every_block():
     bm = BlockManager(num_blocks=64, block_size=4)
     tree_depth = 3
     sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64), bm,
-                      max_model_len=120, tree_depth=tree_depth)
+                      max_model_len=120, tree_depth=tree_depth, policy=SpeculationPolicy({3: range(3)}))
     reqs = []
     for i in range(500):
         prompt = [rng.randint(3, 99) for _ in range(rng.randint(1, 60))]
-        reqs.append(Request(request_id=str(i), seq_id=i, prompt_token_ids=prompt, eos_token_id=2,
+        reqs.append(Request(request_id=str(i), seq_id=i, prompt_token_ids=prompt, eos_token_ids=frozenset({2}),
                             params=SamplingParams(temperature=0, max_tokens=rng.randint(1, 40)), seed=i))
     pending = list(reqs)
     steps = 0
@@ -76,28 +77,73 @@ def test_random_workload_frees_every_block():
             assert len(r.output_token_ids) == r.params.max_tokens or r.num_tokens >= 120
 
 
-def _decoding_scheduler(n_seqs: int, budget: int, n_cands: int) -> Scheduler:
-    """``n_seqs`` requests past their prefill, each holding ``n_cands`` candidates."""
+class _FixedChoice:
+    """A back-off stand-in that always picks the n-candidate tree."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def choose(self, batch_size: int, max_candidates: int) -> int:
+        return self.n
+
+
+def _decoding_scheduler(n_seqs: int, budget: int, n_cands: int, choice=None) -> Scheduler:
+    """``n_seqs`` requests past their prefill, each holding ``n_cands`` candidates; ``choice``:
+    the tree size the policy picks (None: always the full tree), 3 being candidates 0, 2, 5."""
+    policy = SpeculationPolicy({n_cands: range(n_cands), 3: (0, 2, 5)},
+                               _FixedChoice(choice) if choice is not None else None)
     sched = Scheduler(SchedulerConfig(max_num_seqs=n_seqs, max_num_batched_tokens=budget),
-                      BlockManager(num_blocks=256, block_size=4), max_model_len=200, tree_depth=2)
+                      BlockManager(num_blocks=256, block_size=4), max_model_len=200, tree_depth=2, policy=policy)
     for i in range(n_seqs):
-        sched.add(Request(request_id=str(i), seq_id=i, prompt_token_ids=[3, 4, 5], eos_token_id=2,
+        sched.add(Request(request_id=str(i), seq_id=i, prompt_token_ids=[3, 4, 5], eos_token_ids=frozenset({2}),
                           params=SamplingParams(temperature=0, max_tokens=50), seed=i))
     out = sched.schedule()  # prefill, all of it fits
     sched.update(StepResult(step_id=out.step_id, results=[
-        SeqResult(seq_id=s.seq_id, token_ids=[7], next_candidates=list(range(10, 10 + n_cands))) for s in out.seqs]),
-        lambda r: None)
+        SeqResult(seq_id=s.seq_id, sampled_token_ids=[7], next_candidates=list(range(10, 10 + n_cands)))
+        for s in out.seqs]))
     return sched
 
 
 def test_trees_go_to_every_decoding_sequence_or_to_none():
     # 4 sequences x (1 + 6) = 28 tokens: fits a budget of 28, not one of 27.
     out = _decoding_scheduler(4, 28, 6).schedule()
-    assert [len(s.candidates) for s in out.seqs] == [6] * 4
+    assert [len(s.candidates) for s in out.seqs] == [6] * 4 and [s.tree for s in out.seqs] == [6] * 4
     out = _decoding_scheduler(4, 27, 6).schedule()
-    assert len(out.seqs) == 4 and all(s.candidates == [] for s in out.seqs)  # plain, not mixed
-    # Back-off's cut (candidates 0, 2 and 5 of each tree) makes them fit again.
-    out = _decoding_scheduler(4, 27, 6).schedule(keep=(0, 2, 5))
-    assert [s.candidates for s in out.seqs] == [[10, 12, 15]] * 4
-    out = _decoding_scheduler(4, 28, 6).schedule(keep=())
-    assert all(s.candidates == [] for s in out.seqs)
+    assert len(out.seqs) == 4 and all(s.candidates == [] and s.tree == 0 for s in out.seqs)  # plain, not mixed
+    # Back-off's smaller tree (candidates 0, 2 and 5 of each full tree) makes them fit again,
+    # and the step names it.
+    out = _decoding_scheduler(4, 27, 6, choice=3).schedule()
+    assert [s.candidates for s in out.seqs] == [[10, 12, 15]] * 4 and [s.tree for s in out.seqs] == [3] * 4
+    out = _decoding_scheduler(4, 28, 6, choice=0).schedule()
+    assert all(s.candidates == [] and s.tree == 0 for s in out.seqs)
+    # Choosing no tree also turns the next step's proposals off: the step is plain decoding.
+    assert out.propose is False
+
+
+def test_served_decode_steps_correct_the_policy():
+    """A pure decode step on the chosen tree reports its cost and yield to the policy."""
+    seen = []
+
+    class Recording(_FixedChoice):
+        def observe(self, batch_size, n, ms, tokens_per_seq):
+            seen.append((batch_size, n, ms, tokens_per_seq))
+
+    policy = SpeculationPolicy({6: range(6), 3: (0, 2, 5)}, Recording(3))
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64),
+                      BlockManager(num_blocks=64, block_size=4), max_model_len=200, tree_depth=2, policy=policy)
+    for i in range(2):
+        sched.add(Request(request_id=str(i), seq_id=i, prompt_token_ids=[3, 4, 5], eos_token_ids=frozenset({2}),
+                          params=SamplingParams(temperature=0, max_tokens=50), seed=i))
+    out = sched.schedule()  # prefill: not a decode step, nothing observed
+    sched.update(StepResult(step_id=out.step_id, results=[
+        SeqResult(seq_id=s.seq_id, sampled_token_ids=[7], next_candidates=list(range(10, 16))) for s in out.seqs]),
+        execute_ms=5.0)
+    assert seen == []
+    out = sched.schedule()
+    assert [s.tree for s in out.seqs] == [3, 3]
+    sched.update(StepResult(step_id=out.step_id, results=[
+        SeqResult(seq_id=0, sampled_token_ids=[10, 8], num_accepted=1, next_candidates=list(range(10, 16))),
+        SeqResult(seq_id=1, sampled_token_ids=[9], num_accepted=0, next_candidates=list(range(10, 16)))]),
+        execute_ms=2.5)
+    assert seen == [(2, 3, 2.5, 1.5)]
+    assert policy.steps_by_tree_size == {3: 1}

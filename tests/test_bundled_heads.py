@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from engine.engine import BUNDLED_HEADS_DIR, Engine
+from engine import Engine
+from spec_decode.heads import BUNDLED_HEADS_DIR
 from engine.sampling import SamplingParams
 from tests.conftest import PROMPTS
 

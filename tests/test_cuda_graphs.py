@@ -12,7 +12,7 @@ TREE = MedusaTree.build("small_12", 4)
 
 def seq(i, start, table, tokens=(7,), cands=()):
     return ScheduledSeq(seq_id=i, token_ids=list(tokens), start_pos=start, block_table=list(table), sample=True,
-                        candidates=list(cands))
+                        tree=len(cands), candidates=list(cands))
 
 
 def test_padded_batch_is_the_smallest_bucket_that_fits():
@@ -27,16 +27,32 @@ def test_width_buckets_grow_x4_and_end_at_the_longest():
     assert width_buckets(5) == (5,)
 
 
-def test_graphable_nodes_only_for_uniform_decode_or_verify_steps():
+def test_only_uniform_decode_or_verify_steps_replay_graphs(bundled_dir):
+    """The runner finds the uniform shape (one pending token plus the same tree, or nothing
+    more) and the graph runner takes it if the tables fit and the batch has a bucket."""
+    from engine.model_runner import ModelRunner
+
     n = TREE.num_nodes - 1
-    assert graphable_nodes([seq(0, 5, [0]), seq(1, 9, [1])], TREE, 4) == 1  # plain decode
-    assert graphable_nodes([seq(0, 5, [0], cands=[1] * n)] * 3, TREE, 4) == TREE.num_nodes  # verify
-    assert graphable_nodes([seq(0, 5, [0], cands=[1] * n), seq(1, 5, [1])], TREE, 4) is None  # mixed
-    assert graphable_nodes([seq(0, 0, [0], tokens=[1, 2, 3])], TREE, 4) is None  # prefill chunk
-    assert graphable_nodes([seq(0, 5, [0], cands=[1] * (n - 1))], TREE, 4) is None  # not this tree
-    assert graphable_nodes([seq(0, 5, [0], cands=[1] * n)], None, 4) is None
-    assert graphable_nodes([seq(0, 5, [0, 1, 2, 3, 4])], TREE, 4) is None  # table wider than the graphs'
-    assert graphable_nodes([], TREE, 4) is None
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.trees, runner.block_size = {n: TREE, 2: MedusaTree.build("chain:2", 4)}, 16
+    runner.kv_cache = type("KV", (), {"scratch_slot0": 10_000, "scratch_tokens": 4096})()
+
+    def nodes(seqs):
+        from scheduler.outputs import SchedulerOutput
+
+        return runner.prepare(SchedulerOutput(step_id=1, seqs=seqs)).uniform_nodes
+
+    assert nodes([seq(0, 5, [0]), seq(1, 9, [1])]) == 1  # plain decode
+    assert nodes([seq(0, 5, [0], cands=[1] * n)] * 3) == TREE.num_nodes  # verify
+    assert nodes([seq(0, 5, [0], cands=[1] * n), seq(1, 5, [1])]) is None  # mixed
+    assert nodes([seq(0, 0, [0], tokens=[1, 2, 3])]) is None  # prefill chunk
+    with pytest.raises(ValueError, match="one tree per step"):
+        nodes([seq(0, 5, [0], cands=[1] * n), seq(1, 5, [1], cands=[1, 1])])
+    assert graphable_nodes([seq(0, 5, [0])], 1, 4)
+    assert not graphable_nodes([seq(0, 5, [0])], None, 4)
+    assert not graphable_nodes([seq(0, 5, [0, 1, 2, 3, 4])], 1, 4)  # table wider than the graphs'
+    assert not graphable_nodes([seq(0, 5, [0])] * (BATCH_BUCKETS[-1] + 1), 1, 4)  # no bucket
+    assert not graphable_nodes([], 1, 4)
 
 
 @pytest.mark.parametrize("tree", [None, TREE])
@@ -47,13 +63,13 @@ def test_pack_lays_out_inputs_and_padding(tree):
     seqs = [seq(0, 20, [5, 2]), seq(1, 3, [7])]
     ids = list(range(100, 100 + 2 * nodes))
     positions = [s.start_pos + d for s in seqs for d in (tree.depths if tree else [0])]
-    roots = [2 * block + 4, 7 * block + 3]
-    buf = layout.pack(seqs, ids, positions, roots, pad_block, block)
+    slots = list(range(500, 500 + 2 * nodes))
+    buf = layout.pack(seqs, ids, positions, slots, pad_block, block)
     assert buf.numel() == layout.size
     v = {k: x.tolist() for k, x in layout.views(buf).items()}
     assert v["ids"] == ids + [0] * (2 * nodes)
     assert v["positions"] == positions + [0] * (2 * nodes)
-    assert v["slots"] == roots + [pad_block * block] * 2
+    assert v["slots"] == slots + [pad_block * block] * (2 * nodes)  # padding writes the pad block
     # Plain decode attends to its cache including the new token; a tree's prefix stops before the root.
     extra = 0 if tree else 1
     assert v["kv_lens"] == [20 + extra, 3 + extra, 1, 1]
@@ -101,9 +117,9 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         graphs = eng.executor.worker.runner.graphs
         assert graphs is not None and not graphs.captured
         calls = {"forward": 0, "tail": 0}
-        run_fwd, run_tail = graphs.run, graphs.run_greedy_tail
+        run_fwd, run_tail = graphs.run, graphs.run_tail
         graphs.run = lambda *a, **k: (calls.__setitem__("forward", calls["forward"] + 1), run_fwd(*a, **k))[1]
-        graphs.run_greedy_tail = lambda *a, **k: (calls.__setitem__("tail", calls["tail"] + 1), run_tail(*a, **k))[1]
+        graphs.run_tail = lambda *a, **k: (calls.__setitem__("tail", calls["tail"] + 1), run_tail(*a, **k))[1]
         toks = [[o.token_ids for o in eng.generate_batch(p, params)] for p, params in batches]
         assert toks == ref[i], spec
         assert calls["forward"] > calls["tail"] > 0, calls  # the sampled request's steps skip the tail

@@ -29,6 +29,7 @@ def test_xformers_attention_matches_torch_reference(page):
     shapes = [(37, 0, False), (20, 100, False), (1, 300, False), (tree.num_nodes, 150, True),
               (tree.num_nodes, 5, True), (1, 70, False)]
     seqs, slots, used = [], [], 0
+    scratch0 = (n_blocks + 1) * page  # PagedKVCache's scratch region: tree nodes are written there
     for q_len, ctx, is_tree in shapes:
         total = ctx + (1 if is_tree else q_len) + tree.depth
         nb = -(-total // page)
@@ -37,7 +38,7 @@ def test_xformers_attention_matches_torch_reference(page):
         seqs.append(SeqAttn(q_len, ctx, table, tree.mask if is_tree else None))
         new = 1 if is_tree else q_len
         slots += [table[p // page] * page + p % page for p in range(ctx, ctx + new)]
-        slots += [-1] * (q_len - new)
+        slots += [scratch0 + len(slots) + i for i in range(q_len - new)]
     assert used <= n_blocks
     t = sum(q for q, _, _ in shapes)
     q = torch.randn(t, h, d, device=dev, dtype=dtype)
@@ -45,12 +46,12 @@ def test_xformers_attention_matches_torch_reference(page):
     v = torch.randn(t, g, d, device=dev, dtype=dtype)
     outs = []
     for cls in (TorchAttentionBackend, XformersAttentionBackend):
-        cache = PagedKVCache(1, n_blocks, page, g, d, dtype, dev)
+        cache = PagedKVCache(1, n_blocks, page, g, d, dtype, dev, scratch_tokens=sum(q for q, _, _ in shapes))
         torch.manual_seed(1)
         cache.k[0].copy_(torch.randn_like(cache.k[0]))
         cache.v[0].copy_(torch.randn_like(cache.v[0]))
         backend = cls(cache, dev)
-        inputs = StepAttnInputs(seqs=seqs, slot_mapping=torch.tensor(slots), keep_kv=True)
+        inputs = StepAttnInputs(seqs=seqs, slot_mapping=torch.tensor(slots))
         outs.append(backend.forward(0, q, k, v, backend.prepare(inputs)).float())
     ref, got = outs
     rel = ((got - ref).norm() / ref.norm()).item()
@@ -94,9 +95,9 @@ def test_16bit_agreement_report(dtype):
 
 @needs_cuda
 def test_cuda_graph_replay_equals_eager_forward():
-    """A captured decode/verify graph, replayed, gives bit-identical hidden states, step K/V and
-    cache writes to the same work run eagerly — for padded batches — and padding sequences
-    write only into the pad block."""
+    """A captured decode/verify graph, replayed, gives bit-identical hidden states and cache
+    writes (request slots, pad block, scratch) to the same work run eagerly — for padded
+    batches — and padding sequences write only into the pad block."""
     import random
 
     from engine.engine import Engine
@@ -120,21 +121,24 @@ def _check_replays(runner, cache, page, pad, rng):
     from engine.cuda_graphs import padded_batch
     from scheduler.outputs import ScheduledSeq
 
+    scratch0 = cache.scratch_slot0
     for tree in (None, runner.tree):
         for b in (1, 3, 5, 8):
             blocks = rng.sample(range(pad), 6 * b)
-            seqs, ids, positions, roots = [], [], [], []
+            seqs, ids, positions, roots, slots = [], [], [], [], []
             for i in range(b):
                 ctx = rng.randrange(1, 5 * page)
                 table = blocks[6 * i:6 * i + 6]
                 cands = [rng.randrange(49152) for _ in range(tree.num_nodes - 1)] if tree else []
                 seqs.append(ScheduledSeq(seq_id=i, token_ids=[rng.randrange(49152)], start_pos=ctx, block_table=table,
-                                         sample=True, candidates=cands, params=SamplingParams(temperature=0)))
+                                         sample=True, tree=len(cands), candidates=cands,
+                                         params=SamplingParams(temperature=0)))
+                roots.append(table[ctx // page] * page + ctx % page)
+                slots += [roots[-1]] + [scratch0 + len(ids) + 1 + j for j in range(len(cands))]
                 ids += seqs[-1].token_ids + cands
                 positions += [ctx + d for d in (tree.depths if tree else [0])]
-                roots.append(table[ctx // page] * page + ctx % page)
             g = runner.graphs._graph(tree, padded_batch(b), runner.graphs.widths[0])
-            g.buf.copy_(g.layout.pack(seqs, ids, positions, roots, pad, page))
+            g.buf.copy_(g.layout.pack(seqs, ids, positions, slots, pad, page))
             if tree is not None:
                 # Make the root's first child the model's own next token, so paths get accepted
                 # and the tail's commit has something to write.
@@ -143,19 +147,17 @@ def _check_replays(runner, cache, page, pad, rng):
                 top = runner.model.lm_head(g.hidden[torch.arange(b, device=g.hidden.device) * n]).argmax(-1).tolist()
                 for i, s in enumerate(seqs):
                     s.candidates[0] = ids[i * n + 1] = top[i]
-                g.buf.copy_(g.layout.pack(seqs, ids, positions, roots, pad, page))
+                g.buf.copy_(g.layout.pack(seqs, ids, positions, slots, pad, page))
             before = cache.k_all.clone(), cache.v_all.clone()
-            eager = [x.clone() if x is not None else None for x in g.forward()]
+            eager = g.forward().clone()
             after_eager = cache.k_all.clone(), cache.v_all.clone()
             cache.k_all.copy_(before[0])
             cache.v_all.copy_(before[1])
             g.replay()
-            assert torch.equal(g.hidden, eager[0]), (tree is not None, b)
-            if tree is not None:
-                assert torch.equal(g.step_k, eager[1]) and torch.equal(g.step_v, eager[2])
+            assert torch.equal(g.hidden, eager), (tree is not None, b)
             assert torch.equal(cache.k_all, after_eager[0]) and torch.equal(cache.v_all, after_eager[1])
             changed = (cache.k_all != before[0]).any(-1).any(-1).any(0).nonzero().flatten().tolist()
-            allowed = set(roots) | set(range(pad * page, (pad + 1) * page))
+            allowed = set(roots) | set(range(pad * page, (pad + 1) * page)) | set(range(scratch0, scratch0 + len(ids)))
             # (A tree step's root K/V was already written by the replay that picked the
             # candidates above, with the same values, so only a plain step must show changes.)
             assert (changed or tree is not None) and set(changed) <= allowed, (tree is not None, b)
@@ -174,8 +176,14 @@ def _check_greedy_tail(runner, cache, g, tree, seqs, page, pad):
     toks = g.layout.views(g.buf)["ids"].view(bp, n)
     want = (accept_greedy_batch(tree, toks, logits) if tree is not None
             else [type("A", (), {"path": [0], "bonus": int(x)}) for x in logits[:, 0].argmax(-1)])
-    hidden, step_k = g.hidden.clone(), (g.step_k.clone() if g.step_k is not None else None)
-    rows = runner.graphs.run_greedy_tail(g, runner.proposer).tolist()
+    scratch0 = cache.scratch_slot0
+    hidden, step_k = g.hidden.clone(), cache.k_all[:, scratch0:scratch0 + bp * n].clone()
+    v = g.views
+
+    def build(g):  # what ModelRunner.greedy_tail captures
+        return lambda: runner.tail.greedy(g.hidden, tree, v["ids"].view(bp, n), v["positions"].view(bp, n)[:, :1],
+                                          v["tables"], True)
+    rows = runner.graphs.run_tail(g, ("test", tree), build).tolist()
     depth = tree.depth if tree is not None else 0
     last = torch.tensor([i * n + a.path[-1] for i, a in enumerate(want)], device=hidden.device)
     cands = runner.proposer.propose(hidden.index_select(0, last)).tolist()
@@ -200,12 +208,23 @@ def test_cuda_graphs_give_eager_tokens_end_to_end():
     round differently, so a near-tie can flip; report every prompt and require almost all."""
     from engine.engine import Engine
 
+    from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint
+
     params = SamplingParams(temperature=0, max_tokens=64)
     for spec in (None, {"tree": "mc_sim_7b_63"}, {"tree": "auto", "backoff": True}):
         toks = {}
-        for eager in (True, False):
+        grid = None
+        for eager in (False, True):
             eng = Engine("default", dtype="bfloat16", speculative=spec, enforce_eager=eager, max_num_seqs=16)
             assert (eng.num_graphs == 0) == eager
+            if eng.backoff is not None:
+                # Both engines take the graph engine's measured latency grid, unlearned: back-off
+                # then makes the same choices in both, so the tokens compare like for like
+                # (each engine's own timings would pick different trees, and bf16 rounds a
+                # verify step and a plain step differently at near-ties).
+                grid = grid or eng.step_latency
+                eng.backoff = BackoffPolicy(LatencyModel([LatencyPoint(int(b), int(n), ms) for b, n, ms in grid]),
+                                            eng.backoff.expected, learning_rate=0.0)
             toks[eager] = ([o.token_ids for o in eng.generate_batch(PROMPTS, params)]
                            + [o.token_ids for p in PROMPTS[:3] for o in eng.generate_batch([p], params)])
             eng.shutdown()

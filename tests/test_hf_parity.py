@@ -11,8 +11,10 @@ from tests.conftest import PROMPTS, hf_greedy
 GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=False)
 
 
-def _truncate_at_eos(tokens: list[int], eos: int) -> list[int]:
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+def _truncate_at_eos(tokens: list[int], eos: frozenset[int]) -> list[int]:
+    """Up to and including the first token of the EOS set."""
+    cut = next((i for i, t in enumerate(tokens) if t in eos), None)
+    return tokens if cut is None else tokens[: cut + 1]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def test_bundled_batch1_matches_hf(bundled_engine, hf_bundled):
     for prompt in PROMPTS[:8]:
         ids = bundled_engine.encode(prompt)
         [out] = bundled_engine.generate_batch([ids], GREEDY)
-        ref = _truncate_at_eos(hf_greedy(hf_bundled, ids, 64), bundled_engine.eos_token_id)
+        ref = _truncate_at_eos(hf_greedy(hf_bundled, ids, 64), bundled_engine.eos_token_ids)
         assert out.token_ids == ref, prompt
 
 
@@ -34,7 +36,7 @@ def test_bundled_mixed_batch_matches_hf(bundled_engine, hf_bundled):
     params = [SamplingParams(temperature=0, max_tokens=16 + 8 * (i % 4)) for i in range(len(prompts))]
     outs = bundled_engine.generate_batch(prompts, params)
     for ids, p, out in zip(prompts, params, outs):
-        ref = _truncate_at_eos(hf_greedy(hf_bundled, ids, p.max_tokens), bundled_engine.eos_token_id)
+        ref = _truncate_at_eos(hf_greedy(hf_bundled, ids, p.max_tokens), bundled_engine.eos_token_ids)
         assert out.token_ids == ref
 
 

@@ -21,7 +21,8 @@ from safetensors import safe_open
 
 from engine.engine import Engine
 from engine.executor import WorkerError
-from engine.models.llama import ArchConfig, LlamaForCausalLM
+from engine.models.config import ArchConfig
+from engine.models.llama import LlamaForCausalLM
 from engine.models.loader import read_arch_config
 from engine.parallel import ShardPlan, read_shard, shard_tensor, split_range
 from engine.sampling import SamplingParams

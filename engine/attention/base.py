@@ -3,14 +3,20 @@
 One step's tokens are flat ([T, heads, head_dim]), laid out sequence after sequence. Every
 sequence attends to (a) its prefix already in the paged cache — all of it visible — and (b) its
 own new tokens, under a local mask: causal for prefill chunks, the Medusa ancestor mask for a
-tree (root = the pending token, then one node per candidate). Tokens with a slot are written
-into the cache; tree nodes (slot -1) are not: their K/V are kept for the step so the runner can
-commit the accepted path afterwards.
+tree (root = the pending token, then one node per candidate). Every token's K/V is written to
+its slot: prefill and pending tokens to their sequence's blocks, tree nodes to the cache's
+scratch region (the runner commits the accepted ones afterwards).
+
+A backend builds its metadata in ``prepare``. Steps of one uniform shape — every sequence
+runs its pending token alone, or its pending token plus the same tree — go through
+``uniform_metadata``, and ``graph_inputs`` (CUDA graphs) calls that same builder on static
+tensors that are refreshed in place before each replay: a graph step and an eager step of
+the same shape run the same attention.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
@@ -31,11 +37,8 @@ class SeqAttn:
 @dataclass
 class StepAttnInputs:
     seqs: list[SeqAttn]
-    # [T] flat slot of each token, -1 for tree nodes (kept in step_kv instead).
+    # [T] slot each token's K/V is written to.
     slot_mapping: torch.Tensor
-    # Keep every layer's K/V of this step (needed when the step verifies trees).
-    keep_kv: bool
-    step_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -56,28 +59,31 @@ class AttentionBackend(Protocol):
         """Build the backend's per-step metadata (masks, gather indices) once, for all layers."""
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: object) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, KVH, D] → [T, H, D]. Writes k/v of slotted tokens into the cache."""
+        """q: [T, H, D], k/v: [T, KVH, D] → [T, H, D]. Writes k/v of every token to its slot."""
 
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
-                     write_slots: torch.Tensor, pad_block: int, keep_kv: bool) -> GraphAttnInputs:
+                     write_slots: torch.Tensor, pad_block: int) -> GraphAttnInputs:
         """Metadata for ``batch`` sequences of ``nodes`` query tokens each (1: plain decode,
         else a tree rooted at the pending token), block tables ``width`` pages wide."""
 
 
-def write_plan(slot_mapping: torch.Tensor, device: torch.device) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-    """(rows to write or None for all, their slots) on ``device``: tree nodes (slot -1) are skipped."""
-    written = slot_mapping >= 0
-    if bool(written.all()):
-        return None, slot_mapping.to(device)
-    return torch.nonzero(written).flatten().to(device), slot_mapping[written].to(device)
+def uniform_shape(seqs: list[SeqAttn]) -> Optional[tuple[int, Optional[torch.Tensor]]]:
+    """(nodes, tree mask) when every sequence runs the same query shape over the cache — one
+    pending token (nodes 1, no mask), or a pending token plus the same tree — else None."""
+    if not seqs:
+        return None
+    first = seqs[0]
+    if first.tree_mask is None:
+        return (1, None) if all(s.q_len == 1 and s.tree_mask is None for s in seqs) else None
+    if all(s.tree_mask is first.tree_mask for s in seqs):
+        return first.q_len, first.tree_mask
+    return None
 
 
-def write_and_keep(kv_cache: PagedKVCache, inputs: StepAttnInputs, write_idx: Optional[torch.Tensor],
-                   write_slots: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """The cache-side half of every backend's forward (shared so backends agree on it)."""
-    if write_idx is None:
-        kv_cache.write(layer, write_slots, k, v)
-    elif write_idx.numel():
-        kv_cache.write(layer, write_slots, k.index_select(0, write_idx), v.index_select(0, write_idx))
-    if inputs.keep_kv:
-        inputs.step_kv.append((k, v))
+def block_tables(tables: list[list[int]], device: torch.device, width: Optional[int] = None) -> torch.Tensor:
+    """[len(tables), width] int32 block tables, zero-padded."""
+    width = width or max(1, max(len(t) for t in tables))
+    out = torch.zeros(len(tables), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    return out.to(device)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from engine.attention.base import GraphAttnInputs, SeqAttn, StepAttnInputs, write_and_keep, write_plan
+from engine.attention.base import GraphAttnInputs, SeqAttn, StepAttnInputs
 from engine.kv_cache import PagedKVCache
 
 # Query blocks up to this long are batched together (covers decode steps and Medusa trees).
@@ -32,19 +32,17 @@ class _Group:
 
 @dataclass
 class TorchAttnMeta:
-    inputs: StepAttnInputs
-    write_idx: Optional[torch.Tensor]  # None: every token is written
-    write_slots: torch.Tensor
+    slots: torch.Tensor  # [T] where each token's K/V is written
     groups: list[_Group]
 
 
 @dataclass
 class TorchStaticMeta:
     """A fixed-shape step (engine/cuda_graphs.py): its group is derived on the device from the
-    in-place lengths and tables at every call, so nothing depends on host-side lists."""
-    inputs: StepAttnInputs
-    write_idx: Optional[torch.Tensor]
-    write_slots: torch.Tensor
+    in-place lengths and tables at every call, so nothing depends on host-side lists. (Eager
+    steps keep the exact-width groups above: this backend is the CPU path and the ground
+    truth, and its fixed-shape variant only has to mirror what a captured step does.)"""
+    slots: torch.Tensor
     batch: int
     nodes: int
     local: torch.Tensor  # [nodes, nodes] bool: the tree mask, or [[True]] for a decode token
@@ -66,8 +64,7 @@ class TorchAttentionBackend:
         long = [[i] for i, s in enumerate(inputs.seqs) if s.q_len > SHORT_QUERY]
         groups = [self._group([inputs.seqs[i] for i in g], [starts[i] for i in g])
                   for g in ([short] if short else []) + long]
-        write_idx, write_slots = write_plan(inputs.slot_mapping, self.device)
-        return TorchAttnMeta(inputs=inputs, write_idx=write_idx, write_slots=write_slots, groups=groups)
+        return TorchAttnMeta(slots=inputs.slot_mapping.to(self.device), groups=groups)
 
     def _group(self, seqs: list[SeqAttn], starts: list[int]) -> _Group:
         dev, b = self.device, len(seqs)
@@ -98,14 +95,12 @@ class TorchAttentionBackend:
                       prefix_slots=prefix_slots.to(dev), mask=mask[:, None].to(dev))
 
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
-                     write_slots: torch.Tensor, pad_block: int, keep_kv: bool) -> GraphAttnInputs:
+                     write_slots: torch.Tensor, pad_block: int) -> GraphAttnInputs:
         dev = self.device
         tables = torch.full((batch, width), pad_block, dtype=torch.int32, device=dev)
         kv_lens = torch.ones(batch, dtype=torch.int32, device=dev)
         local = tree_mask if tree_mask is not None else torch.ones(1, 1, dtype=torch.bool)
-        meta = TorchStaticMeta(inputs=StepAttnInputs(seqs=[], slot_mapping=torch.empty(0), keep_kv=keep_kv),
-                               write_idx=torch.arange(batch, device=dev) * nodes if nodes > 1 else None,
-                               write_slots=write_slots, batch=batch, nodes=nodes, local=local.to(dev),
+        meta = TorchStaticMeta(slots=write_slots, batch=batch, nodes=nodes, local=local.to(dev),
                                kv_lens=kv_lens, tables=tables)
         return GraphAttnInputs(meta=meta, kv_lens=kv_lens, block_tables=tables)
 
@@ -124,7 +119,7 @@ class TorchAttentionBackend:
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: TorchAttnMeta) -> torch.Tensor:
-        write_and_keep(self.kv_cache, meta.inputs, meta.write_idx, meta.write_slots, layer, k, v)
+        self.kv_cache.write(layer, meta.slots, k, v)
         if isinstance(meta, TorchStaticMeta):
             return self._attend(layer, q, k, v, self._static_group(meta))
         if len(meta.groups) == 1:

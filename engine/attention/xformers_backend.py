@@ -21,37 +21,27 @@ from typing import Optional
 
 import torch
 
-from engine.attention.base import GraphAttnInputs, StepAttnInputs, write_and_keep, write_plan
+from engine.attention.base import GraphAttnInputs, StepAttnInputs, block_tables, uniform_shape
 from engine.kv_cache import PagedKVCache
 
 
 @dataclass
 class XformersAttnMeta:
-    inputs: StepAttnInputs
-    write_idx: Optional[torch.Tensor]
-    write_slots: torch.Tensor
-    causal_idx: Optional[torch.Tensor]
-    causal_bias: object
+    slots: torch.Tensor  # [T] where each token's K/V is written
+    causal_idx: Optional[torch.Tensor] = None
+    causal_bias: object = None
     # Set unless every causal query block is one token (pure decode): xformers 0.0.35 without
     # FA3 has no paged causal kernel for longer or unequal blocks (split-K takes equal blocks of
     # <= 16), so their K/V are gathered into a padded contiguous buffer.
-    causal_gather: Optional[torch.Tensor]
-    tree_idx: Optional[torch.Tensor]
-    tree_batch: int
-    tree_nodes: int
-    tree_spec_bias: Optional[torch.Tensor]
-    tree_prefix_bias: object
+    causal_gather: Optional[torch.Tensor] = None
+    tree_idx: Optional[torch.Tensor] = None
+    tree_batch: int = 0
+    tree_nodes: int = 0
+    tree_spec_bias: Optional[torch.Tensor] = None
+    tree_prefix_bias: object = None
     # Every row of the step is causal (or every row is in a tree): no gather/scatter of rows.
     causal_all: bool = False
     tree_all: bool = False
-
-
-def _block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    width = max(1, max(len(t) for t in tables))
-    out = torch.zeros(len(tables), width, dtype=torch.int32)
-    for i, t in enumerate(tables):
-        out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    return out.to(device)
 
 
 class XformersAttentionBackend:
@@ -62,13 +52,45 @@ class XformersAttentionBackend:
             raise ValueError(f"block_size: xformers paged attention needs a multiple of 64, got {kv_cache.block_size}")
         self.kv_cache = kv_cache
         self.device = device
+        # Additive tree biases by mask (trees live for the engine's lifetime): built once.
+        self._spec_bias: dict[torch.Tensor, torch.Tensor] = {}
 
-    def prepare(self, inputs: StepAttnInputs) -> XformersAttnMeta:
-        from xformers.ops.fmha.attn_bias import (BlockDiagonalCausalWithOffsetPaddedKeysMask,
-                                                 PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
+    def _tree_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        if mask not in self._spec_bias:
+            bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
+            self._spec_bias[mask] = bias.to(device=self.device, dtype=self.kv_cache.k[0].dtype)
+        return self._spec_bias[mask]
+
+    def uniform_metadata(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], kv_lens: list[int],
+                         tables: torch.Tensor, slots: torch.Tensor) -> XformersAttnMeta:
+        """Every sequence runs one pending token (``tree_mask`` None; ``kv_lens`` include it) or
+        its pending token plus the same ``nodes``-node tree (``kv_lens``: the prefix before the
+        root). Pending tokens read the cache in place (paged Triton split-K); trees go through
+        ``tree_attention`` (paged prefix + tree suffix merged by log-sum-exp)."""
+        from xformers.ops.fmha.attn_bias import (PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
                                                  PagedBlockDiagonalPaddedKeysMask)
 
-        dev, page = self.device, self.kv_cache.block_size
+        page = self.kv_cache.block_size
+        if tree_mask is None:
+            bias = PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+                q_seqlen=[1] * batch, kv_seqlen=kv_lens, block_tables=tables, page_size=page, device=self.device)
+            return XformersAttnMeta(slots=slots, causal_bias=bias, causal_all=True)
+        bias = PagedBlockDiagonalPaddedKeysMask.from_seqlens(
+            q_seqlen=[nodes] * batch, kv_seqlen=kv_lens, block_tables=tables, page_size=page, device=self.device)
+        return XformersAttnMeta(slots=slots, tree_batch=batch, tree_nodes=nodes,
+                                tree_spec_bias=self._tree_bias(tree_mask), tree_prefix_bias=bias, tree_all=True)
+
+    def prepare(self, inputs: StepAttnInputs) -> XformersAttnMeta:
+        from xformers.ops.fmha.attn_bias import BlockDiagonalCausalWithOffsetPaddedKeysMask
+
+        dev = self.device
+        slots = inputs.slot_mapping.to(dev)
+        shape = uniform_shape(inputs.seqs)
+        if shape is not None:
+            nodes, mask = shape
+            extra = 1 if mask is None else 0
+            return self.uniform_metadata(len(inputs.seqs), nodes, mask, [s.ctx_len + extra for s in inputs.seqs],
+                                         block_tables([s.block_table for s in inputs.seqs], dev), slots)
         causal_rows: list[int] = []
         causal = []
         tree_rows: list[int] = []
@@ -84,75 +106,41 @@ class XformersAttentionBackend:
                 trees.append(s)
             offset += s.q_len
 
-        causal_bias = causal_gather = None
+        meta = XformersAttnMeta(slots=slots)
         if causal:
             kv_lens = [s.ctx_len + s.q_len for s in causal]
-            tables = _block_tables([s.block_table for s in causal], dev)
+            tables = block_tables([s.block_table for s in causal], dev)
             if all(s.q_len == 1 for s in causal):
-                causal_bias = PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-                    q_seqlen=[s.q_len for s in causal], kv_seqlen=kv_lens, block_tables=tables,
-                    page_size=page, device=dev)
+                meta = self.uniform_metadata(len(causal), 1, None, kv_lens, tables, slots)
             else:
                 pad = max(kv_lens)
                 pos = torch.arange(pad, device=dev).expand(len(causal), pad)
                 pos = torch.minimum(pos, torch.tensor(kv_lens, device=dev)[:, None] - 1)
-                causal_gather = self.kv_cache.slots(tables.long(), pos).flatten()
-                causal_bias = BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+                meta.causal_gather = self.kv_cache.slots(tables.long(), pos).flatten()
+                meta.causal_bias = BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
                     q_seqlen=[s.q_len for s in causal], kv_padding=pad, kv_seqlen=kv_lens, device=dev)
-        spec_bias = prefix_bias = None
-        n_nodes = trees[0].q_len if trees else 0
+            meta.causal_idx = torch.tensor(causal_rows, device=dev)
+            meta.causal_all = len(causal_rows) == offset
         if trees:
+            n_nodes = trees[0].q_len
             if any(s.q_len != n_nodes for s in trees):
                 raise ValueError("xformers backend: all trees of a step must have the same size")
-            mask = trees[0].tree_mask
-            spec_bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
-            spec_bias = spec_bias.to(device=dev, dtype=self.kv_cache.k[0].dtype)
-            prefix_bias = PagedBlockDiagonalPaddedKeysMask.from_seqlens(
-                q_seqlen=[n_nodes] * len(trees),
-                kv_seqlen=[s.ctx_len for s in trees],
-                block_tables=_block_tables([s.block_table for s in trees], dev),
-                page_size=page, device=dev)
-
-        write_idx, write_slots = write_plan(inputs.slot_mapping, dev)
-        return XformersAttnMeta(
-            inputs=inputs,
-            write_idx=write_idx,
-            write_slots=write_slots,
-            causal_idx=torch.tensor(causal_rows, device=dev) if causal else None,
-            causal_bias=causal_bias, causal_gather=causal_gather,
-            tree_idx=torch.tensor(tree_rows, device=dev) if trees else None,
-            tree_batch=len(trees), tree_nodes=n_nodes,
-            tree_spec_bias=spec_bias, tree_prefix_bias=prefix_bias,
-            causal_all=len(causal_rows) == offset, tree_all=len(tree_rows) == offset,
-        )
+            tree = self.uniform_metadata(len(trees), n_nodes, trees[0].tree_mask, [s.ctx_len for s in trees],
+                                         block_tables([s.block_table for s in trees], dev), slots)
+            meta.tree_batch, meta.tree_nodes = tree.tree_batch, tree.tree_nodes
+            meta.tree_spec_bias, meta.tree_prefix_bias = tree.tree_spec_bias, tree.tree_prefix_bias
+            meta.tree_idx = torch.tensor(tree_rows, device=dev)
+            meta.tree_all = len(tree_rows) == offset
+        return meta
 
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
-                     write_slots: torch.Tensor, pad_block: int, keep_kv: bool) -> GraphAttnInputs:
-        """Metadata of a step of ``batch`` sequences with ``nodes`` query tokens each (1: plain
-        decode; >1: a tree whose root is the pending token), for CUDA graph capture. Shapes are
-        fixed (block tables ``width`` pages wide); lengths and tables are refreshed in place."""
-        from xformers.ops.fmha.attn_bias import (PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
-                                                 PagedBlockDiagonalPaddedKeysMask)
-
-        dev, page = self.device, self.kv_cache.block_size
-        tables = torch.full((batch, width), pad_block, dtype=torch.int32, device=dev)
-        inputs = StepAttnInputs(seqs=[], slot_mapping=torch.empty(0), keep_kv=keep_kv)
-        common = dict(inputs=inputs, write_slots=write_slots, causal_idx=None, causal_gather=None, tree_idx=None,
-                      tree_batch=batch, tree_nodes=nodes, tree_spec_bias=None, tree_prefix_bias=None,
-                      causal_bias=None)
-        if tree_mask is None:
-            bias = PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-                q_seqlen=[1] * batch, kv_seqlen=[1] * batch, block_tables=tables, page_size=page, device=dev)
-            meta = XformersAttnMeta(**{**common, "causal_bias": bias}, write_idx=None, causal_all=True)
-        else:
-            # Only each tree's root (the pending token) goes into the cache; its nodes stay in
-            # the step's K/V until the accepted path is committed.
-            spec_bias = torch.zeros(tree_mask.shape, dtype=torch.float32).masked_fill(~tree_mask, float("-inf"))
-            bias = PagedBlockDiagonalPaddedKeysMask.from_seqlens(
-                q_seqlen=[nodes] * batch, kv_seqlen=[1] * batch, block_tables=tables, page_size=page, device=dev)
-            meta = XformersAttnMeta(**{**common, "tree_spec_bias": spec_bias.to(device=dev, dtype=self.kv_cache.k[0].dtype),
-                                       "tree_prefix_bias": bias},
-                                    write_idx=torch.arange(batch, device=dev) * nodes, tree_all=True)
+                     write_slots: torch.Tensor, pad_block: int) -> GraphAttnInputs:
+        """``uniform_metadata`` on static tensors for CUDA graph capture: block tables ``width``
+        pages wide (all the pad block until refreshed) and the bias's own length tensor, both
+        refreshed in place before each replay."""
+        tables = torch.full((batch, width), pad_block, dtype=torch.int32, device=self.device)
+        meta = self.uniform_metadata(batch, nodes, tree_mask, [1] * batch, tables, write_slots)
+        bias = meta.causal_bias if tree_mask is None else meta.tree_prefix_bias
         return GraphAttnInputs(meta=meta, kv_lens=bias.k_seqinfo.seqlen, block_tables=tables)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -161,7 +149,7 @@ class XformersAttentionBackend:
         from xformers.ops.fmha import triton_splitk
         from xformers.ops.tree_attention import tree_attention
 
-        write_and_keep(self.kv_cache, meta.inputs, meta.write_idx, meta.write_slots, layer, k, v)
+        self.kv_cache.write(layer, meta.slots, k, v)
         _, h, d = q.shape
         g = k.shape[1]
         hg = h // g

@@ -8,91 +8,14 @@ and writes the paged cache; the model itself is stateless between steps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
+from engine.models.config import ArchConfig
 from engine.models.ops import EAGER_OPS, ModelOps
-
-if TYPE_CHECKING:
-    from engine.parallel import ShardPlan, TPGroup
-
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-
-
-@dataclass(frozen=True)
-class ArchConfig:
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: Optional[dict]
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    eos_token_ids: tuple[int, ...]
-
-    @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "ArchConfig":
-        by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-        archs = cfg.get("architectures") or ([by_type[cfg["model_type"]]] if cfg.get("model_type") in by_type else [])
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ValueError(
-                f"config.json architectures={archs!r}: unsupported; this engine runs "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        if arch == "MistralForCausalLM" and cfg.get("sliding_window") not in (None, 0):
-            # A sliding window narrower than the context changes the attention pattern.
-            if cfg["sliding_window"] < cfg.get("max_position_embeddings", 0):
-                raise ValueError(f"config.json sliding_window={cfg['sliding_window']}: "
-                                 "Mistral sliding-window attention is not supported")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads"):
-            if key not in cfg:
-                raise ValueError(f"config.json: missing required field {key!r}")
-        num_heads = cfg["num_attention_heads"]
-        rope = cfg.get("rope_parameters") or {}
-        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("llama3", "default", None):
-                raise ValueError(f"config.json rope_scaling type {kind!r}: only 'llama3' is supported")
-            if kind != "llama3":
-                scaling = None
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return cls(
-            architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=dict(scaling) if scaling else None,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            eos_token_ids=eos_ids,
-        )
-
+from engine.parallel import ShardPlan, TPGroup
 
 def rope_inv_freq(cfg: ArchConfig) -> torch.Tensor:
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
@@ -134,7 +57,7 @@ class Attention(nn.Module):
     """This rank's query heads (column-parallel QKV) and its part of O (row-parallel, all-reduced).
     Loaded as HF's q/k/v_proj; ``fuse()`` then merges them into one qkv_proj."""
 
-    def __init__(self, cfg: ArchConfig, layer_idx: int, plan: "ShardPlan", tp: "TPGroup") -> None:
+    def __init__(self, cfg: ArchConfig, layer_idx: int, plan: ShardPlan, tp: TPGroup) -> None:
         super().__init__()
         self.layer_idx, self.tp = layer_idx, tp
         self.num_heads, self.num_kv_heads, self.head_dim = plan.num_q_heads, plan.num_kv_heads, cfg.head_dim
@@ -159,7 +82,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """This rank's intermediate features (column-parallel gate/up, row-parallel down)."""
 
-    def __init__(self, cfg: ArchConfig, plan: "ShardPlan", tp: "TPGroup") -> None:
+    def __init__(self, cfg: ArchConfig, plan: ShardPlan, tp: TPGroup) -> None:
         super().__init__()
         self.tp = tp
         inter = len(plan.intermediate)
@@ -180,7 +103,7 @@ class VocabParallelLMHead(nn.Linear):
     """The lm_head rows of this rank's vocabulary slice; returns full-vocabulary logits on every
     rank (all-gather), so callers (sampling, Medusa heads sharing it) never see the split."""
 
-    def __init__(self, hidden: int, plan: "ShardPlan", tp: "TPGroup") -> None:
+    def __init__(self, hidden: int, plan: ShardPlan, tp: TPGroup) -> None:
         super().__init__(hidden, len(plan.vocab), bias=False)
         self.tp = tp
 
@@ -189,7 +112,7 @@ class VocabParallelLMHead(nn.Linear):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, layer_idx: int, plan: "ShardPlan", tp: "TPGroup") -> None:
+    def __init__(self, cfg: ArchConfig, layer_idx: int, plan: ShardPlan, tp: TPGroup) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx, plan, tp)
         self.mlp = MLP(cfg, plan, tp)
@@ -210,7 +133,7 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ArchConfig, plan: "ShardPlan", tp: "TPGroup") -> None:
+    def __init__(self, cfg: ArchConfig, plan: ShardPlan, tp: TPGroup) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(len(plan.vocab), cfg.hidden_size)  # this rank's vocab rows
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, plan, tp) for i in range(cfg.num_layers))
@@ -220,10 +143,8 @@ class DecoderModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The whole model (default) or one tensor-parallel rank's shard of it (``plan``, ``tp``)."""
 
-    def __init__(self, cfg: ArchConfig, plan: Optional["ShardPlan"] = None, tp: Optional["TPGroup"] = None) -> None:
+    def __init__(self, cfg: ArchConfig, plan: Optional[ShardPlan] = None, tp: Optional[TPGroup] = None) -> None:
         super().__init__()
-        from engine.parallel import ShardPlan, TPGroup
-
         self.cfg = cfg
         self.plan = plan if plan is not None else ShardPlan.full(cfg)
         self.tp = tp if tp is not None else TPGroup(self.plan)
@@ -233,6 +154,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.ops = EAGER_OPS
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Compute the non-persistent buffers (RoPE frequencies) for real on ``device``: a model
+        built on the meta device and loaded with ``assign=True`` has none."""
+        self.inv_freq = rope_inv_freq(self.cfg).to(device)
 
     def fuse(self, compiled: bool) -> "LlamaForCausalLM":
         """After loading: one GEMM for Q/K/V and one for gate/up per layer, and (``compiled``,

