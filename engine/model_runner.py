@@ -20,7 +20,7 @@ sequence verifies and whether to propose come from the scheduler.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -150,7 +150,7 @@ class ModelRunner:
         propose = self.proposer is not None and batch.out.propose
         tree = batch.tree
 
-        def build(g) -> callable:
+        def build(g) -> Callable[[], torch.Tensor]:
             v, b, n = g.views, g.layout.batch, g.layout.nodes
             tokens, start = v["ids"].view(b, n), v["positions"].view(b, n)[:, :1]
             return lambda: self.tail.greedy(g.hidden, tree, tokens, start, v["tables"], propose)
