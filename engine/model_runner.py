@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from engine.attention.base import AttentionBackend, SeqAttn, StepAttnInputs
+from engine.attention.base import AttentionBackend, SeqAttn, StepAttnInputs, block_tables
 from engine.config import SpeculativeConfig
 from engine.cuda_graphs import CudaGraphRunner, graphable_nodes
 from engine.sampling import SamplingParams, processed_probs, sample_token
@@ -159,8 +159,7 @@ class ModelRunner:
             return self.graphs.run_tail(graph, (propose, tree), build)[:len(batch.seqs)].cpu()
         b, n = len(batch.seqs), batch.uniform_nodes
         dev = self.device
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs], device=dev)
+        tables = block_tables([s.block_table for s in batch.seqs], dev).long()
         tokens = torch.tensor(batch.ids, device=dev).view(b, n)
         start = torch.tensor([s.start_pos for s in batch.seqs], device=dev)[:, None]
         return self.tail.greedy(hidden, tree, tokens, start, tables, propose).cpu()

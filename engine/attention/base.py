@@ -80,9 +80,9 @@ def uniform_shape(seqs: list[SeqAttn]) -> Optional[tuple[int, Optional[torch.Ten
     return None
 
 
-def block_tables(tables: list[list[int]], device: torch.device, width: Optional[int] = None) -> torch.Tensor:
-    """[len(tables), width] int32 block tables, zero-padded."""
-    width = width or max(1, max(len(t) for t in tables))
+def block_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[len(tables), longest] int32 block tables, zero-padded."""
+    width = max(1, max(len(t) for t in tables))
     out = torch.zeros(len(tables), width, dtype=torch.int32)
     for i, t in enumerate(tables):
         out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
