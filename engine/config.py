@@ -89,6 +89,10 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True):
     # Size the tree every step from the number of decoding sequences and a latency model
     # measured at start-up (down to no speculation); needs heads with measured accuracies.
     backoff: bool = False
+    # Which tokens the heads may propose: "heads" — the heads' proposal vocabulary when their
+    # directory ships one (proposal_vocab.json), else the full vocabulary —, or "full". Output
+    # is exact either way; only the candidates (and the proposal's cost) change.
+    proposal_vocab: str = "heads"
 
     def __post_init__(self) -> None:
         from spec_decode.acceptance import ACCEPTANCE_RULES
@@ -99,6 +103,8 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True):
         _check(0 < self.epsilon < 1, "speculative.epsilon", "in (0, 1)", self.epsilon)
         _check(0 < self.alpha <= 1, "speculative.alpha", "in (0, 1]", self.alpha)
         _check(1 <= self.num_heads <= 16, "speculative.num_heads", "in [1, 16]", self.num_heads)
+        _check(self.proposal_vocab in ("heads", "full"), "speculative.proposal_vocab", "'heads' or 'full'",
+               self.proposal_vocab)
 
 
 class ParallelConfig(msgspec.Struct, kw_only=True):

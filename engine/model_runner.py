@@ -214,7 +214,8 @@ class ModelRunner:
             self.tail.commit(torch.tensor(commit_rows, device=self.device),
                              torch.tensor(commit_dst, device=self.device))
         if self.proposer is not None and last_rows and out.propose:
-            cands = iter(self.tail.propose(hidden[torch.tensor(last_rows, device=self.device)]).tolist())
+            roots = torch.tensor([r.sampled_token_ids[-1] for r in results if r.sampled_token_ids], device=self.device)
+            cands = iter(self.tail.propose(hidden[torch.tensor(last_rows, device=self.device)], roots).tolist())
             for res in results:
                 if res.sampled_token_ids:
                     res.next_candidates = next(cands)

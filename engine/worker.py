@@ -110,8 +110,8 @@ class Worker:
                                                      spec.num_blocks, sc.max_num_batched_tokens, self.tp)
         elif proposer is not None and cfg.speculative.tree == "auto":
             # tree="auto": time the verify step for several tree sizes on this device, keep the best.
-            self.tree_autotune = autotune_tree(self.runner, self.head_accuracy, spec.block_size,
-                                               spec.num_blocks, self.tp)
+            self.tree_autotune = autotune_tree(self.runner, self.head_accuracy, spec.block_size, spec.num_blocks,
+                                               sc.max_num_batched_tokens, sc.max_num_seqs, self.tp)
         if proposer is not None and self.subtrees is None:
             full = self.runner.tree
             self.subtrees = {full.num_nodes - 1: list(range(full.num_nodes - 1))}
@@ -142,7 +142,7 @@ def use_cuda_graphs(config: EngineConfig, device: torch.device, backend: str, wo
 
 def build_proposer(config: EngineConfig, model, arch, device, dtype):
     from spec_decode.heads import MedusaHeads
-    from spec_decode.proposer import MedusaProposer
+    from spec_decode.proposer import MedusaProposer, read_proposal_vocab
 
     spec = config.speculative
     if spec is None:
@@ -168,9 +168,11 @@ def build_proposer(config: EngineConfig, model, arch, device, dtype):
         tree = build_tree_from_accuracy(acc, AUTO_TREE_SIZES[-1])
     else:
         tree = MedusaTree.build(spec.tree, heads.num_heads)
+    vocab = read_proposal_vocab(path, arch.vocab_size) if path is not None and spec.proposal_vocab == "heads" else None
     # The heads' ResBlocks are replicated on every rank; shared heads project through the
-    # base lm_head, which is vocab-parallel like the model's.
-    return MedusaProposer(heads.to(device=device, dtype=dtype).eval(), tree, model.lm_head), acc
+    # base lm_head, which is vocab-parallel like the model's (a proposal vocabulary's rows are
+    # gathered once).
+    return MedusaProposer(heads.to(device=device, dtype=dtype).eval(), tree, model.lm_head, model.embed, vocab), acc
 
 
 def _median_step_seconds(runner: ModelRunner, out: SchedulerOutput) -> float:
@@ -187,36 +189,51 @@ def _median_step_seconds(runner: ModelRunner, out: SchedulerOutput) -> float:
     return sorted(times)[1]
 
 
-def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, tp: TPGroup,
-                  ctx: int = 128) -> list[dict]:
-    """Time one verify step (batch 1, ``ctx`` tokens of context) per tree size; keep the tree
-    with the most expected tokens per second. Runs before any request exists, so the KV
-    blocks it scribbles on are free. Under tensor parallelism every rank times the same
-    steps (they run in lockstep) and rank 0's choice is broadcast, so all ranks agree."""
-    rows, trees = [], []
-    for n in AUTO_TREE_SIZES:
-        tree = build_tree_from_accuracy(acc, n)
-        need = -(-(ctx + 1 + tree.depth) // block_size)
-        if need > num_blocks:
-            break
-        runner.set_trees({tree.num_nodes - 1: tree})
-        seq = ScheduledSeq(seq_id=0, token_ids=[1], start_pos=ctx, block_table=list(range(need)), sample=True,
-                           tree=tree.num_nodes - 1, candidates=[1] * (tree.num_nodes - 1),
-                           params=SamplingParams(temperature=0))
-        latency = _median_step_seconds(runner, SchedulerOutput(step_id=-1, seqs=[seq]))
+# Batch sizes tree="auto" times: one fixed tree serves every step, so it is chosen for the small
+# batches where a fixed tree pays (back-off sizes the tree per step for the rest). On a CPU the
+# verify step's cost grows with batch x nodes (it is compute-bound), so batch 1 alone picked
+# trees too large for the README demo's batch of 4 (0.82x plain there).
+AUTOTUNE_BATCH_SIZES = (1, 4)
+
+
+def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, token_budget: int,
+                  max_num_seqs: int, tp: TPGroup, ctx: int = 128) -> list[dict]:
+    """Time plain decoding and one verify step per tree size (``ctx`` tokens of context) at
+    batch 1 and 4; keep the tree with the best estimated speed-up (expected tokens per step x
+    plain step time / verify step time, averaged over the batch sizes). Runs before any
+    request exists, so the KV blocks it scribbles on are free. Under tensor parallelism every
+    rank times the same steps (they run in lockstep) and rank 0's choice is broadcast, so all
+    ranks agree."""
+    trees = {n: build_tree_from_accuracy(acc, n) for n in AUTO_TREE_SIZES}
+    batches = sorted({min(b, max_num_seqs) for b in AUTOTUNE_BATCH_SIZES})
+    ms: dict[tuple[int, int], float] = {}
+    for n, tree in trees.items():
+        # Each tree alone, so its step proposes for that tree only (as it will when chosen).
+        runner.set_trees({n: tree})
+        grid = measure_step_latency(runner, batches, [n], block_size, num_blocks, token_budget, tp, ctx,
+                                    plain=not ms)
+        ms.update({(int(b), int(k)): t for b, k, t in grid})
+    rows = []
+    for n, tree in trees.items():
         expected = expected_accept_length(tree.choices, acc)
-        rows.append({"nodes": n, "latency_ms": round(latency * 1e3, 3), "expected_tokens_per_step": round(expected, 3),
-                     "expected_tokens_per_s": round(expected / latency, 1)})
-        trees.append(tree)
-    best = tp.broadcast_object(max(range(len(rows)), key=lambda i: rows[i]["expected_tokens_per_s"]))
-    runner.set_trees({trees[best].num_nodes - 1: trees[best]})
+        timed = [b for b in batches if (b, n) in ms]
+        if not timed:
+            continue
+        speedup = {b: expected * ms[(b, 0)] / ms[(b, n)] for b in timed}
+        rows.append({"nodes": n, "latency_ms": {str(b): ms[(b, n)] for b in timed},
+                     "plain_ms": {str(b): ms[(b, 0)] for b in timed},
+                     "expected_tokens_per_step": round(expected, 3),
+                     "est_speedup": round(sum(speedup.values()) / len(speedup), 3)})
+    best = tp.broadcast_object(max(rows, key=lambda r: r["est_speedup"])["nodes"])
+    runner.set_trees({best: trees[best]})
     return tp.broadcast_object(rows)
 
 
 def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: list[int], block_size: int,
-                         num_blocks: int, token_budget: int, tp: TPGroup, ctx: int = 128) -> list[list[float]]:
+                         num_blocks: int, token_budget: int, tp: TPGroup, ctx: int = 128,
+                         plain: bool = True) -> list[list[float]]:
     """[batch size, candidates, ms] for decode steps of B sequences verifying n-candidate trees
-    (n = 0: plain decoding, no proposals), ``ctx`` tokens of context each; combinations over the
+    (n = 0: plain decoding, no proposals; unless ``plain`` is False), ``ctx`` tokens of context each; combinations over the
     step token budget are skipped (the scheduler never runs them). Before any request exists,
     so the blocks it writes are free; all sequences share one block table. Under TP rank 0's
     table is broadcast, so every rank holds the same model."""
@@ -225,7 +242,7 @@ def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: lis
     table = list(range(-(-(ctx + 1 + depth) // block_size)))
     greedy = SamplingParams(temperature=0)
     rows = []
-    for n in [0] + [s for s in sizes if s > 0]:
+    for n in [0] * plain + [s for s in sizes if s > 0]:
         for b in batch_sizes:
             if b * (n + 1) > token_budget:
                 continue

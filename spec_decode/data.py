@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "train_prompts.jsonl"
+DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DEFAULT_PROMPTS = DATA_DIR / "train_prompts.jsonl"
+EXTRA_PROMPTS = DATA_DIR / "train_prompts_extra.jsonl"
 
 
 def is_heldout(prompt_id: str) -> bool:

@@ -42,9 +42,10 @@ class SpecTail:
         every layer at once."""
         self.kv_cache.copy_slots(step_rows + self.kv_cache.scratch_slot0, dst_slots)
 
-    def propose(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, H] at each sequence's last accepted token → the full tree's candidates [S, C]."""
-        return self.proposer.propose(hidden)
+    def propose(self, hidden: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+        """hidden [S, H] at each sequence's last accepted token, roots [S] the token chosen there
+        (the next step's pending token) → the full tree's candidates [S, C]."""
+        return self.proposer.propose(hidden, roots)
 
     def paths(self, tree: MedusaTree, device: torch.device) -> torch.Tensor:
         key = (tree, device)
@@ -81,7 +82,8 @@ class SpecTail:
             dst = self.kv_cache.slots(tables, (start + steps).clamp(max=tables.shape[1] * page - 1))
             dst = torch.where(steps[None, :] <= n_acc[:, None], dst, self.kv_cache.pad_slot)
             self.commit((seq[:, None] * n + path[:, 1:]).flatten(), dst.flatten())
-        parts = [n_acc[:, None], accepted, argmax.gather(1, last)]
+        bonus = argmax.gather(1, last)
+        parts = [n_acc[:, None], accepted, bonus]
         if propose:
-            parts.append(self.propose(hidden.index_select(0, seq * n + last[:, 0])))
+            parts.append(self.propose(hidden.index_select(0, seq * n + last[:, 0]), bonus[:, 0]))
         return torch.cat(parts, dim=1)

@@ -62,14 +62,16 @@ def test_xformers_attention_matches_torch_reference(page):
 @needs_cuda
 def test_medusa_lossless_on_gpu_float32_reference_path():
     """float32 on the GPU (torch reference attention; xformers' kernels take only 16-bit):
-    Medusa with random heads gives exactly plain greedy's tokens."""
+    Medusa with random heads and with the bundled (sequential) heads gives exactly plain
+    greedy's tokens."""
     from engine.engine import Engine
 
     params = SamplingParams(temperature=0, max_tokens=48)
     plain = Engine("default", attention_backend="torch", dtype="float32").generate_batch(PROMPTS, params)
-    spec = Engine("default", attention_backend="torch", dtype="float32",
-                  speculative={"heads": "random", "tree": "mc_sim_7b_63"}).generate_batch(PROMPTS, params)
-    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    for heads in ("random", "default"):
+        spec = Engine("default", attention_backend="torch", dtype="float32",
+                      speculative={"heads": heads, "tree": "mc_sim_7b_63"}).generate_batch(PROMPTS, params)
+        assert [o.token_ids for o in spec] == [o.token_ids for o in plain], heads
 
 
 @needs_cuda

@@ -62,3 +62,77 @@ def test_vllm_layout_round_trip(tmp_path, shared):
         assert torch.equal(again.logits(x, lm_head), heads.logits(x, lm_head))
     with pytest.raises(ValueError, match="need the base model's lm_head"):
         export_vllm(MedusaHeads(1, 1, 16, 40, shared_lm_head=True), tmp_path / "w")
+
+
+def test_root_conditioned_heads_round_trip_and_refuse_vllm_export(tmp_path):
+    from spec_decode.heads import export_vllm
+
+    heads = MedusaHeads(3, 2, hidden_size=16, vocab_size=40, kind="root_conditioned").randomize(2)
+    heads.save(tmp_path / "h")
+    back = MedusaHeads.load(tmp_path / "h", 16, 40)
+    assert back.kind == "root_conditioned"
+    lm_head = torch.nn.Linear(16, 40, bias=False)
+    x, e = torch.randn(4, 16), torch.randn(4, 1, 16)  # root-conditioned: the path is the root
+    with torch.no_grad():
+        assert torch.equal(back.logits(x, lm_head, e), heads.logits(x, lm_head, e))
+        # The root matters: another root, other logits.
+        assert not torch.equal(back.logits(x, lm_head, e), back.logits(x, lm_head, e + 1))
+    with pytest.raises(ValueError, match="root token"):
+        back.logits(x, lm_head)
+    with pytest.raises(ValueError, match="no root_conditioned heads"):
+        export_vllm(heads, tmp_path / "v", lm_head.weight)
+    # A checkpoint whose config says Medusa-1 but carries root weights is refused, not half-loaded.
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    cfg["medusa_head_kind"] = "medusa"
+    (tmp_path / "h" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not describe"):
+        MedusaHeads.load(tmp_path / "h", 16, 40)
+
+
+def _reference_candidates(heads, lm_head, embed, tree, x, roots, vocab):
+    """Node by node, from the heads' own (teacher-forcing) logits: a node's candidate is its
+    rank among head d-1's top-k given the tokens on its path (only the root for
+    root-conditioned heads, nothing for Medusa-1)."""
+    k = heads.num_heads
+    tokens = [[int(r)] for r in roots]  # per sequence, node order
+    for i in range(1, tree.num_nodes):
+        d, rank, parent = tree.depths[i], tree.choices[i - 1][-1], tree.parents[i]
+        for s in range(len(roots)):
+            path, j = [], parent
+            while j != -1:
+                path.append(tokens[s][j])
+                j = tree.parents[j]
+            path = path[::-1] + [0] * (k - len(path))  # root first; heads read only their share
+            emb = embed(torch.tensor(path))[None] if heads.kind != "medusa" else None
+            logits = heads.logits(x[s:s + 1], lm_head, emb)[0, d - 1]
+            if vocab is not None:
+                ids = torch.tensor(vocab)[torch.topk(logits[vocab], tree.topk).indices]
+            else:
+                ids = torch.topk(logits, tree.topk).indices
+            tokens[s].append(int(ids[rank]))
+    return torch.tensor([t[1:] for t in tokens])
+
+
+def test_proposer_matches_the_heads_logits():
+    """The proposer's stacked GEMMs, depth-by-depth sequential pass and proposal-vocabulary
+    projection give the candidates the heads' own logits give."""
+    from spec_decode.proposer import MedusaProposer
+    from spec_decode.tree import MedusaTree
+
+    torch.manual_seed(0)
+    tree = MedusaTree.build([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 1]], 3)
+    for kind in ("medusa", "root_conditioned", "sequential"):
+        for shared in (True, False):
+            heads = MedusaHeads(3, 2, hidden_size=16, vocab_size=40, shared_lm_head=shared, kind=kind).randomize(3)
+            heads = heads.double()
+            with torch.no_grad():
+                for p in heads.path_proj.parameters() if heads.path_proj is not None else []:
+                    p.mul_(50)  # the path must matter
+            lm_head = torch.nn.Linear(16, 40, bias=False).double()
+            embed = torch.nn.Embedding(40, 16).double()
+            x, roots = torch.randn(5, 16, dtype=torch.float64), torch.tensor([1, 5, 7, 9, 11])
+            with torch.no_grad():
+                for vocab in (None, [3, 7, 8, 12, 20, 21, 30, 39]):
+                    got = MedusaProposer(heads, tree, lm_head, embed, vocab).propose(x, roots)
+                    want = _reference_candidates(heads, lm_head, embed, tree, x, roots, vocab)
+                    assert torch.equal(got, want), (kind, shared, vocab)

@@ -1,6 +1,8 @@
 """Greedy with Medusa == greedy without, token for token (bundled model, several trees,
 batch 1, mixed batches with joins/aborts, forced preemption)."""
 
+import json
+
 import pytest
 
 from engine.engine import Engine
@@ -74,3 +76,52 @@ def test_stops_exact_when_several_tokens_accepted(bundled_dir, reference):
     out = eng.generate_batch([prompt], SamplingParams(temperature=0, max_tokens=MAX, stop=[stop_str]))[0]
     assert out.finish_reason == "stop" and out.text == full_text[: full_text.index(stop_str)]
     assert out.token_ids == ref[: len(out.token_ids)] and len(out.token_ids) < len(ref)
+
+
+@pytest.fixture(scope="module", params=["root_conditioned", "sequential"])
+def root_heads(bundled_dir, reference, tmp_path_factory, request):
+    """Random heads that read the path (root-conditioned, sequential) with a proposal
+    vocabulary: the tokens of the reference outputs (so candidates are often right) plus the
+    500 lowest ids."""
+
+    from engine.models.loader import read_arch_config
+    from spec_decode.heads import MedusaHeads
+
+    arch = read_arch_config(bundled_dir)
+    path = tmp_path_factory.mktemp("root_heads")
+    MedusaHeads(4, 1, arch.hidden_size, arch.vocab_size, kind=request.param).randomize(7).save(path)
+    vocab = sorted({t for ids in reference.values() for t in ids} | set(range(500)))
+    (path / "proposal_vocab.json").write_text(json.dumps({"token_ids": vocab}))
+    return path, vocab
+
+
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "small_12"])
+def test_lossless_path_reading_heads_with_a_proposal_vocab(bundled_dir, reference, root_heads, tree):
+    path, vocab = root_heads
+    eng = Engine(str(bundled_dir), speculative={"heads": str(path), "tree": tree}, max_num_seqs=16)
+    proposer = eng.executor.worker.runner.proposer
+    assert proposer.heads.kind == json.loads((path / "config.json").read_text())["medusa_head_kind"]
+    assert proposer.proposal_vocab_size == len(vocab)
+    assert eng.generate_batch([PROMPTS[0]], GREEDY)[0].token_ids == reference[PROMPTS[0]]
+    outs = eng.generate_batch(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [reference[p] for p in PROMPTS]
+    assert eng.stats.mean_accepted_length > 1.0
+    # Every candidate proposed came from the proposal vocabulary.
+    import torch
+
+    hidden = torch.randn(5, proposer.heads.hidden_size)
+    cands = proposer.propose(hidden, torch.tensor([1, 2, 3, 4, 5]))
+    assert set(cands.flatten().tolist()) <= set(vocab)
+    full = Engine(str(bundled_dir), speculative={"heads": str(path), "tree": tree, "proposal_vocab": "full"})
+    assert full.executor.worker.runner.proposer.proposal_vocab_size == proposer.heads.vocab_size
+
+
+def test_lossless_path_reading_heads_under_preemption(bundled_dir, root_heads):
+    params = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True)
+    ref = [o.token_ids for o in Engine(str(bundled_dir), max_num_seqs=8).generate_batch(PROMPTS[:6], params)]
+    eng = Engine(str(bundled_dir), speculative={"heads": str(root_heads[0]), "tree": "small_12", "acceptance": "greedy"},
+                 num_blocks=7, block_size=16, max_num_seqs=6)
+    outs = eng.generate_batch(PROMPTS[:6], params)
+    assert eng.stats.num_preemptions > 0
+    assert [o.token_ids for o in outs] == ref
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks

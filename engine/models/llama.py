@@ -74,9 +74,20 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, backend, meta, ops: ModelOps = EAGER_OPS) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = ops.qkv_rope(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        q, k, v = ops.qkv_rope(linear(self.qkv_proj, x), cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
         out = backend.forward(self.layer_idx, q, k, v, meta)
-        return self.tp.all_reduce(self.o_proj(out.reshape(t, self.num_heads * self.head_dim)))
+        return self.tp.all_reduce(linear(self.o_proj, out.reshape(t, self.num_heads * self.head_dim)))
+
+
+def linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, with 2 or 3 rows on a CPU padded to 4: MKL's CPU GEMM runs 2 and 3 rows as
+    2 and 3 matrix-vector products, each as slow as the whole 4-row GEMM (measured on the
+    2-core CI box, 576 x 49,152 lm_head: 1 row 7.0 ms, 2 rows 14.0, 3 rows 21.0, 4 rows 9.6),
+    which made a batch-1 verify step of a 1- or 2-node tree cost twice a plain step there."""
+    n = x.shape[0]
+    if x.device.type != "cpu" or n not in (2, 3) or x.dim() != 2:
+        return layer(x)
+    return layer(torch.cat([x, x.new_zeros(4 - n, x.shape[1])]))[:n]
 
 
 class MLP(nn.Module):
@@ -96,7 +107,7 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor, ops: ModelOps = EAGER_OPS) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(ops.silu_mul(self.gate_up_proj(x))))
+        return self.tp.all_reduce(linear(self.down_proj, ops.silu_mul(linear(self.gate_up_proj, x))))
 
 
 class VocabParallelLMHead(nn.Linear):
@@ -108,7 +119,7 @@ class VocabParallelLMHead(nn.Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_vocab(super().forward(x))
+        return self.tp.all_gather_vocab(linear(super().forward, x))
 
 
 class DecoderLayer(nn.Module):
@@ -178,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
             raise RuntimeError("LlamaForCausalLM: call fuse() after loading the weights (load_model does)")
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        x = self._embed(input_ids)
+        x = self.embed(input_ids)
         cos, sin = emb.cos()[:, None, :].to(x.dtype), emb.sin()[:, None, :].to(x.dtype)
         residual = None
         for layer in self.model.layers:
@@ -186,7 +197,8 @@ class LlamaForCausalLM(nn.Module):
         norm = self.model.norm
         return self.ops.add_rms_norm(x, residual, norm.weight, norm.eps)[0]
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, H] (also the input of root-conditioned Medusa heads)."""
         if self.tp.world_size == 1:
             return self.model.embed_tokens(input_ids)
         # Vocab-parallel lookup: rows outside this rank's slice contribute zeros to the sum.
