@@ -9,12 +9,19 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from spec_decode.tree import PRESETS
+
 DEMO_PROMPTS = [
     "Explain in three sentences why the sky is blue.",
     "Write a short Python function that checks whether a number is prime.",
     "List five tips for staying productive when working from home.",
     "What is the difference between a list and a tuple in Python?",
 ]
+
+
+def _tree_arg(text: str):
+    """--tree: a name, or a JSON list of choice tuples."""
+    return json.loads(text) if text.lstrip().startswith("[") else text
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -30,27 +37,34 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     """The engine and Medusa flags that `generate` and `serve` share (read by _engine_kwargs
     and _speculative)."""
     p.add_argument("--medusa", action="store_true", help="speculate with Medusa heads")
-    p.add_argument("--heads", default="default", help="'default', 'random' or a heads directory")
-    p.add_argument("--tree", default="mc_sim_7b_63")
+    p.add_argument("--heads", default="default",
+                   help="'default' (the bundled model's heads), 'random' or a heads directory (default: %(default)s)")
+    p.add_argument("--tree", default="mc_sim_7b_63",
+                   help="'auto' (timed on this device), a preset (" + ", ".join(sorted(PRESETS)) + "), 'chain:K', "
+                        "or a JSON list of choice tuples (default: %(default)s)")
     from spec_decode.acceptance import ACCEPTANCE_RULES
 
     p.add_argument("--acceptance", default="typical", choices=list(ACCEPTANCE_RULES),
-                   help="acceptance rule: " + "; ".join(f"{r.name}: {r.summary}" for r in ACCEPTANCE_RULES.values()))
+                   help="acceptance rule: " + "; ".join(f"{r.name}: {r.summary}" for r in ACCEPTANCE_RULES.values())
+                        + " (default: %(default)s)")
     p.add_argument("--backoff", action="store_true", help="size the tree per step from measured step latency")
     p.add_argument("--proposal-vocab", default="heads", choices=["heads", "full"],
                    help="tokens the heads may propose: the heads' proposal_vocab.json when shipped (heads), "
-                        "or the full vocabulary (full); output is exact either way (default: heads)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-num-seqs", type=int, default=0)
+                        "or the full vocabulary (full); output is exact either way (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=0,
+                   help="most sequences in one step (default: 0 = the engine's default)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode/verify steps")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
-                   help="split the model over this many Ray workers (docs/ray.md)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto': the one on this machine)")
+                   help="split the model over this many Ray workers, docs/ray.md (default: %(default)s)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster ('auto': the one on this machine; default: a local Ray)")
 
 
 def _speculative(args: argparse.Namespace) -> dict:
-    return {"heads": args.heads, "tree": args.tree, "acceptance": args.acceptance, "backoff": args.backoff,
+    return {"heads": args.heads, "tree": _tree_arg(args.tree), "acceptance": args.acceptance, "backoff": args.backoff,
             "proposal_vocab": args.proposal_vocab}
 
 
@@ -161,25 +175,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kw = _engine_kwargs(args)
     if args.medusa:
         kw["speculative"] = _speculative(args)
-    serve(kw, args.model, args.host, args.port, args.served_model_name)
+    serve(kw, args.model, args.host, args.port, args.served_model_name, args.max_request_bytes, args.drain_timeout_s)
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medusa-engine")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="medusa-engine")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text; with --medusa, compare with plain decoding")
-    g.add_argument("--model", default="default")
+    model_help = "'default' (the bundled SmolLM2-135M-Instruct) or a local HF directory (default: %(default)s)"
+    g.add_argument("--model", default="default", help=model_help)
     g.add_argument("--prompt", action="append", help="repeat for a batch (default: demo prompts)")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     _engine_flags(g)
     g.add_argument("--json", help="write the timing rows here")
     t = sub.add_parser("train-heads", help="train Medusa heads on self-distilled data (Medusa-1)")
-    t.add_argument("--model", default="default")
+    t.add_argument("--model", default="default", help=model_help)
     t.add_argument("--out", required=True, help="heads directory to write")
     from dataclasses import MISSING, fields
 
@@ -193,20 +218,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         t.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
                        default=None if f.default is MISSING else f.default, choices=TRAIN_CHOICES.get(f.name),
                        help="default: %(default)s")
-    t.add_argument("--dtype", default="auto")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
+    t.add_argument("--dtype", default="auto", help="(default: %(default)s)")
+    t.add_argument("--device", default="auto", help="(default: %(default)s)")
+    t.add_argument("--kv-cache-memory-gb", type=float, default=4.0,
+                   help="KV cache of the distilling engine (default: %(default)s)")
     e = sub.add_parser("export-heads", help="write heads in vLLM's Medusa checkpoint layout")
-    e.add_argument("--heads", required=True)
-    e.add_argument("--out", required=True)
+    e.add_argument("--heads", required=True, help="heads directory (Medusa-1 heads)")
+    e.add_argument("--out", required=True, help="directory to write")
     e.add_argument("--model", default="default", help="base model (its lm_head is stored for shared heads)")
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    sv.add_argument("--model", default="default")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--served-model-name", default=None)
+    sv.add_argument("--model", default="default", help=model_help)
+    sv.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
+    sv.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    sv.add_argument("--served-model-name", default=None,
+                    help="the model name clients use (default: the --model value; SmolLM2-135M-Instruct for default)")
+    sv.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
+                    help="larger request bodies get 413 (default: %(default)s)")
+    sv.add_argument("--drain-timeout-s", type=float, default=30.0,
+                    help="on SIGTERM/SIGINT, how long in-flight requests may finish before they are aborted "
+                         "(default: %(default)s)")
     _engine_flags(sv)
     args = ap.parse_args(argv)
+    import logging
+
+    # Start-up progress (model conversion, graph capture, timings) on stderr; results on stdout.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         return {"generate": cmd_generate, "train-heads": cmd_train_heads, "export-heads": cmd_export_heads,
                 "serve": cmd_serve}[args.cmd](args)

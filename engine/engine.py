@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -35,10 +36,13 @@ from engine.request import DecodeCounters, Request, RequestOutput
 from engine.sampling import SamplingParams
 from engine.worker import WorkerSpec
 from scheduler.block_manager import BlockManager
+from scheduler.outputs import SchedulerOutput, SeqResult, StepResult
 from scheduler.scheduler import Scheduler
 from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint
 from spec_decode.policy import SpeculationPolicy
 from spec_decode.tree import MedusaTree, SubTree, expected_accept_length
+
+logger = logging.getLogger("medusa_engine")
 
 Prompt = Union[str, list[int]]
 
@@ -131,6 +135,11 @@ class Engine:
                             dtype=str(self.dtype).removeprefix("torch."), attention_backend=backend.name,
                             block_size=block_size, num_blocks=num_blocks, eos_token_ids=sorted(self.eos_token_ids),
                             rank=r, world_size=tp) for r in range(tp)]
+        spec = self.config.speculative
+        logger.info("starting %d worker(s): %s on %s (%s)%s%s", tp, self.model_path.name, specs[0].device, specs[0].dtype,
+                    f", Medusa heads {spec.heads}, tree {spec.tree if isinstance(spec.tree, str) else 'custom'}"
+                    if spec else "", ", back-off: measuring the step-latency grid" if spec and spec.backoff else "")
+        t0 = time.perf_counter()
         if pc.executor == "ray":
             from engine.executor.ray_executor import RayExecutor
 
@@ -138,6 +147,8 @@ class Engine:
         else:
             self.executor = UniprocExecutor(specs[0])
         info = self.executor.info
+        logger.info("engine ready in %.1f s (%d CUDA graphs captured in %.1f s)", time.perf_counter() - t0,
+                    info.num_graphs, info.graph_capture_s)
         self.head_accuracy = info.head_accuracy
         # CUDA graphs the workers captured at start-up (0: every step runs eagerly).
         self.num_graphs, self.graph_capture_s = info.num_graphs, info.graph_capture_s
@@ -202,7 +213,7 @@ class Engine:
             if chat:
                 return self.encode_messages([{"role": "user", "content": prompt}])
             return list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             if chat:
                 raise ValueError("prompt: chat=True needs a string prompt, got token ids")
             vocab = self.arch.vocab_size
@@ -219,9 +230,9 @@ class Engine:
         if not messages:
             raise ValueError("messages: must not be empty")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
                     or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}]: expected {{'role': system|user|assistant, 'content': str}}")
+                raise ValueError(f"messages[{i}]: expected {{'role': system|user|assistant|tool, 'content': str}}")
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -260,6 +271,7 @@ class Engine:
         if req is None:
             return False
         self.scheduler.abort([req.seq_id])
+        self._account(req)  # what it generated before the abort counts too
         return True
 
     def has_unfinished(self) -> bool:
@@ -275,12 +287,22 @@ class Engine:
         if not out.seqs:
             return []
         t0 = time.perf_counter()
+        failed: list[Request] = []
         try:
             result = self.executor.execute(out)
         except WorkerError as e:
             raise self._fail_all(e) from None
+        except Exception as e:  # a bug or a bad request inside the step: not the worker's death
+            result, failed_ids = self._isolate_failure(out, e)
+            by_seq = {r.seq_id: r for r in self._requests.values()}
+            failed = [by_seq[i] for i in failed_ids]
         execute_ms = 1e3 * (time.perf_counter() - t0)
-        touched = self.scheduler.update(result, execute_ms)
+        touched = self.scheduler.update(result, None if failed else execute_ms)
+        for req in failed:
+            # Finished with 'error': blocks freed, reported once; the engine keeps serving.
+            self.scheduler.finish(req, "error")
+            if req not in touched:
+                touched.append(req)
         outputs = self.output_processor.process(touched)
         for req in touched:
             if req.finished:
@@ -292,6 +314,26 @@ class Engine:
             self.stats.num_decode_only_steps += 1
             self.stats.decode_only_seconds += time.perf_counter() - started
         return outputs
+
+    def _isolate_failure(self, out: SchedulerOutput, exc: Exception) -> tuple[StepResult, list[int]]:
+        """A step raised. Run its sequences again one at a time, so that only the ones that
+        fail alone fail; the others get their tokens as if nothing happened (a re-run writes
+        the same K/V to the same slots and draws the same keyed samples, so it is safe).
+        Returns the step's results and the seq ids that failed."""
+        logger.error("engine step %d failed (%s: %s); re-running its %d sequences one by one",
+                     out.step_id, type(exc).__name__, exc, len(out.seqs))
+        results, failed = [], []
+        for s in out.seqs:
+            try:
+                res = self.executor.execute(SchedulerOutput(step_id=out.step_id, seqs=[s], propose=out.propose))
+                results += res.results
+            except WorkerError as e:
+                raise self._fail_all(e) from None
+            except Exception as e:
+                logger.exception("request of seq %d failed in step %d: %s", s.seq_id, out.step_id, e)
+                failed.append(s.seq_id)
+                results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=[]))
+        return StepResult(step_id=out.step_id, results=results), failed
 
     def _check_alive(self) -> None:
         if self._dead is not None:

@@ -32,25 +32,42 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str, got: object) -> ValueError:
-            return ValueError(f"SamplingParams.{field}: expected {expected}, got {got!r}")
+            return ValueError(f"SamplingParams.{field}: expected {expected}, got {got!r:.200}")
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        def is_int(v) -> bool:  # bool is an int to Python, never to this API
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if not is_int(self.max_tokens) or self.max_tokens <= 0:
             raise bad("max_tokens", "an int > 0", self.max_tokens)
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]", self.min_tokens)
-        if not self.temperature >= 0:
-            raise bad("temperature", ">= 0 (0 = greedy)", self.temperature)
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not is_real(self.temperature) or not self.temperature >= 0 or self.temperature == float("inf"):
+            raise bad("temperature", "a number >= 0 (0 = greedy)", self.temperature)
+        if not is_int(self.top_k) or self.top_k < -1:
             raise bad("top_k", "-1 or 0 (off) or a positive int", self.top_k)
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", "a float in (0, 1]", self.top_p)
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise bad("stop", "a list of non-empty strings", self.stop)
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "a number in (0, 1]", self.top_p)
+        if self.seed is not None and (not is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64):
+            raise bad("seed", "None or an int (64-bit)", self.seed)
+        # One stop string may come bare, as OpenAI clients send it; None means none.
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise bad("stop", "a non-empty string or a list of them", self.stop)
+        self.stop = list(self.stop)
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(not is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative ints", self.stop_token_ids)
+        for flag in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise bad(flag, "True or False", getattr(self, flag))
         from spec_decode.acceptance import ACCEPTANCE_RULES  # (acceptance imports this module)
 
-        if self.acceptance is not None and self.acceptance not in ACCEPTANCE_RULES:
+        if self.acceptance is not None and (not isinstance(self.acceptance, str) or self.acceptance not in ACCEPTANCE_RULES):
             raise bad("acceptance", f"None or one of {tuple(ACCEPTANCE_RULES)}", self.acceptance)
 
     @property

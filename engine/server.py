@@ -8,26 +8,48 @@ model is a 404. A client that disconnects mid-stream aborts its request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from engine.async_engine import AsyncEngine, StreamOutput
 from engine.sampling import SamplingParams
 
 
-class ChatMessage(msgspec.Struct, forbid_unknown_fields=False):
+# How often a non-streaming request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+# Request bodies larger than this are refused with 413 before they are read in full.
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
+
+class TextPart(msgspec.Struct, forbid_unknown_fields=True):
+    type: str
+    text: str
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: str
-    content: str
+    # A string, text parts (joined), or null (an assistant turn that only called tools).
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+    tool_call_id: Optional[str] = None
 
 
-class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
-    model: str
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Fields both endpoints take. Unknown fields are a 400 (nothing is silently ignored);
+    known fields this server does not implement are a 400 naming them unless they hold their
+    no-op value (see ``_refuse_unsupported``)."""
+    model: Optional[str] = None
     max_tokens: Optional[int] = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -35,18 +57,35 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
     stream: bool = False
+    stream_options: Optional[StreamOptions] = None
     n: int = 1
     min_tokens: int = 0
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None  # an end-user id for the caller's records; it does not change the output
 
 
 class CompletionRequest(_Common, kw_only=True):
-    prompt: Union[str, list[int]]
+    # A string, a list of strings, a list of token ids, or a list of token-id lists.
+    prompt: Union[str, list[Any]]
+    logprobs: Optional[int] = None
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class APIError(Exception):
@@ -71,9 +110,93 @@ def _decode(body: bytes, cls):
         raise APIError(400, f"invalid request: {text}", param) from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"malformed JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"request body: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def build_app(engine: AsyncEngine, model_name: str):
+def _refuse_unsupported(req: _Common) -> None:
+    """400 for a field this server does not implement, unless it holds its no-op value."""
+    def no(field: str, why: str = "is not supported by this server") -> None:
+        raise APIError(400, f"{field}: {why}", field)
+
+    if req.presence_penalty:
+        no("presence_penalty")
+    if req.frequency_penalty:
+        no("frequency_penalty")
+    if req.repetition_penalty != 1.0:
+        no("repetition_penalty")
+    if req.logit_bias:
+        no("logit_bias")
+    if not 1 <= req.n <= 16:
+        no("n", "must be in [1, 16]")
+    if isinstance(req, CompletionRequest):
+        if req.logprobs:
+            no("logprobs", "only 0 (the chosen tokens' log-probabilities) is supported, not alternatives")
+        if req.suffix:
+            no("suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            no("best_of", "must equal n (no server-side best-of selection)")
+    else:
+        if req.top_logprobs:
+            no("top_logprobs", "only 0 is supported (the chosen tokens' log-probabilities)")
+        if req.response_format is not None and req.response_format.get("type", "text") != "text":
+            no("response_format", "only {'type': 'text'} is supported (no JSON mode or schemas)")
+        if req.tools:
+            no("tools", "tool calling is not supported")
+        if req.tool_choice not in (None, "none"):
+            no("tool_choice", "tool calling is not supported")
+
+
+def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """OpenAI message shapes → the chat template's {role, content}: text parts are joined,
+    assistant content null is empty, 'developer' is the system role of newer clients."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            bad = [p.type for p in content if p.type != "text"]
+            if bad:
+                raise APIError(400, f"messages[{i}].content: only text parts are supported, got {bad[0]!r}",
+                               f"messages[{i}].content")
+            content = "".join(p.text for p in content)
+        if content is None:
+            if m.role != "assistant":
+                raise APIError(400, f"messages[{i}].content: null is only allowed for assistant messages",
+                               f"messages[{i}].content")
+            content = ""
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+def _completion_prompts(prompt) -> list:
+    """The prompts of a completions request: a string, a list of strings, a token-id list, or
+    a list of token-id lists."""
+    def is_ids(x) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str) or is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        return list(prompt)
+    raise APIError(400, "prompt: expected a string, a list of strings, a list of token ids or a list of "
+                        "token-id lists (none empty)", "prompt")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (without reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body: {int(declared)} bytes, the limit is {limit}", None, "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body: more than {limit} bytes", None, "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
     app = FastAPI(title="medusa-engine")
     eng = engine.engine
     started = int(time.time())
@@ -84,117 +207,206 @@ def build_app(engine: AsyncEngine, model_name: str):
                                        "code": exc.status}}, status_code=exc.status)
 
     def _check_model(req: _Common) -> None:
-        if req.model != model_name:
+        if req.model is not None and req.model != model_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                            "model", "model_not_found")
 
-    def _params(req: _Common, prompt_len: int) -> SamplingParams:
-        if req.n != 1:
-            raise APIError(400, "n: only 1 is supported", "n")
+    def _params(req: _Common, prompt_len: int, index: int) -> SamplingParams:
         if prompt_len >= eng.max_model_len:
             raise APIError(400, f"prompt: {prompt_len} tokens, but the context holds {eng.max_model_len}", "prompt")
         room = eng.max_model_len - prompt_len
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if max_tokens is None:
-            max_tokens = max(1, min(room, 256))
+            max_tokens = room  # OpenAI and vLLM: the rest of the context
         if max_tokens > room:
             raise APIError(400, f"max_tokens: {max_tokens} requested, but the prompt ({prompt_len} tokens) "
                                 f"leaves room for {room} in the {eng.max_model_len}-token context", "max_tokens")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        # n > 1 with a seed: choice i samples with seed + i (distinct, and reproducible).
+        seed = req.seed + index if req.seed is not None and req.n > 1 else req.seed
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, stop=stop, seed=req.seed, min_tokens=req.min_tokens,
-                                  ignore_eos=req.ignore_eos)
+                                  top_k=req.top_k, stop=req.stop, seed=seed, min_tokens=req.min_tokens,
+                                  ignore_eos=req.ignore_eos, logprobs=bool(req.logprobs is not None
+                                                                           and req.logprobs is not False))
         except ValueError as e:
             raise APIError.bad_input(e) from None
 
-    def _encode(fn, *args):
-        try:
-            return fn(*args)
+    async def _encode(fn, *args):
+        try:  # tokenising a large prompt takes a while: off the event loop
+            return await asyncio.to_thread(fn, *args)
         except ValueError as e:
             raise APIError.bad_input(e) from None
+        except UnicodeError as e:  # e.g. a lone surrogate escape in the JSON text
+            raise APIError(400, f"prompt: text is not valid Unicode ({e.reason})", "prompt") from None
 
-    async def _run(ids, params, body_stream: bool, render_chunk, render_final):
+    def _token_logprobs(out: StreamOutput, tokens: list[int]) -> list[tuple[str, float]]:
+        lps = out.logprobs or []
+        first = len(out.token_ids) - len(tokens)
+        return [(eng.tokenizer.decode([t]), lps[first + i]) for i, t in enumerate(tokens) if first + i < len(lps)]
+
+    async def _run(request: Request, prompts: list[list[int]], req: _Common, render_chunk, render_final,
+                   render_usage):
+        """One engine request per choice (prompt x n); stream their chunks as they come, or
+        answer once all are done. A client that leaves aborts every choice."""
+        choices = [(i * req.n + k, ids, _params(req, len(ids), k)) for i, ids in enumerate(prompts)
+                   for k in range(req.n)]
         rid = f"cmpl-{uuid.uuid4().hex}"
+        gens = []
         try:
-            gen = engine.generate(None, params, request_id=rid, prompt_token_ids=ids)
-            first = await gen.__anext__()
+            for index, ids, params in choices:
+                gens.append(engine.generate(None, params, request_id=f"{rid}-{index}", prompt_token_ids=ids))
+            firsts = [await g.__anext__() for g in gens]
         except ValueError as e:
+            for g in gens:
+                await g.aclose()
             raise APIError.bad_input(e) from None
-        if not body_stream:
-            last = first
-            async for out in gen:
-                last = out
-            return JSONResponse(render_final(rid, last))
+        if not req.stream:
+            async def consume(g, first):
+                last = first
+                async for out in g:
+                    last = out
+                return last
+
+            # Nobody notices a client that hangs up on a non-streaming request unless we look:
+            # poll for the disconnect while the request runs, and abort it (cancelling the
+            # consumers closes the streams, whose exits abort the requests and free their blocks).
+            task = asyncio.ensure_future(asyncio.gather(*(consume(g, f) for g, f in zip(gens, firsts))))
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            lasts = task.result()
+            return JSONResponse(render_final(rid, [(c[0], out) for c, out in zip(choices, lasts)]))
 
         async def sse():
-            try:
+            merged: asyncio.Queue = asyncio.Queue()
+
+            async def pump(index, g, first):
                 out = first
-                while True:
-                    yield f"data: {json.dumps(render_chunk(rid, out))}\n\n"
+                await merged.put((index, out))
+                while not out.finished:
+                    out = await g.__anext__()
+                    await merged.put((index, out))
+
+            tasks = [asyncio.ensure_future(pump(c[0], g, f)) for c, g, f in zip(choices, gens, firsts)]
+            lasts = {}
+            try:
+                while len(lasts) < len(choices):
+                    index, out = await merged.get()
+                    yield f"data: {json.dumps(render_chunk(rid, index, out))}\n\n"
                     if out.finished:
-                        break
-                    out = await gen.__anext__()
+                        lasts[index] = out
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield f"data: {json.dumps(render_usage(rid, list(lasts.values())))}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                await gen.aclose()  # aborts the request if the client went away
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for g in gens:
+                    await g.aclose()  # aborts the requests if the client went away
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    def _usage(out: StreamOutput) -> dict:
-        p, c = len(out.prompt_token_ids), len(out.token_ids)
+    def _usage(outs: list[StreamOutput]) -> dict:
+        # Every choice of one prompt shares it: count each prompt once.
+        p = sum(len(o.prompt_token_ids) for o in {id(o.prompt_token_ids): o for o in outs}.values())
+        c = sum(len(o.token_ids) for o in outs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def _reason(out: StreamOutput) -> Optional[str]:
         return out.finish_reason if out.finished else None
 
+    def _usage_chunk(obj: str):
+        def render(rid, outs):
+            return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": [],
+                    "usage": _usage(outs)}
+        return render
+
+    async def _body(request: Request, cls):
+        req = _decode(await read_body(request, max_request_bytes), cls)
+        _check_model(req)
+        _refuse_unsupported(req)
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options: only allowed with stream=true", "stream_options")
+        return req
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = _decode(await request.body(), CompletionRequest)
-        _check_model(req)
-        ids = _encode(eng.encode, req.prompt)
-        params = _params(req, len(ids))
+        req = await _body(request, CompletionRequest)
+        prompts = [await _encode(eng.encode, p) for p in _completion_prompts(req.prompt)]
+        echo = {i: eng.tokenizer.decode(ids, skip_special_tokens=True) if req.echo else "" for i, ids in enumerate(prompts)}
+        sent_echo: set[int] = set()
 
-        def chunk(rid, out):
+        def lp(out, tokens):
+            pairs = _token_logprobs(out, tokens)
+            return {"tokens": [t for t, _ in pairs], "token_logprobs": [v for _, v in pairs],
+                    "top_logprobs": None, "text_offset": None}
+
+        def chunk(rid, index, out):
+            text = out.delta_text
+            if index not in sent_echo:
+                sent_echo.add(index)
+                text = echo[index // req.n] + text
             return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "text": out.delta_text, "logprobs": None,
+                    "choices": [{"index": index, "text": text,
+                                 "logprobs": lp(out, out.delta_token_ids) if req.logprobs is not None else None,
                                  "finish_reason": _reason(out)}]}
 
-        def final(rid, out):
+        def final(rid, results):
             return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}],
-                    "usage": _usage(out)}
+                    "choices": [{"index": i, "text": echo[i // req.n] + out.text,
+                                 "logprobs": lp(out, out.token_ids) if req.logprobs is not None else None,
+                                 "finish_reason": out.finish_reason} for i, out in results],
+                    "usage": _usage([out for _, out in results])}
 
-        return await _run(ids, params, req.stream, chunk, final)
+        return await _run(request, prompts, req, chunk, final, _usage_chunk("text_completion"))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = _decode(await request.body(), ChatCompletionRequest)
-        _check_model(req)
-        ids = _encode(eng.encode_messages, [{"role": m.role, "content": m.content} for m in req.messages])
-        params = _params(req, len(ids))
-        sent_role: set[str] = set()
+        req = await _body(request, ChatCompletionRequest)
+        ids = await _encode(eng.encode_messages, _message_dicts(req.messages))
+        sent_role: set[int] = set()
 
-        def chunk(rid, out):
+        def lp(out, tokens):
+            return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
+                                for t, v in _token_logprobs(out, tokens)]}
+
+        def chunk(rid, index, out):
             delta = {"content": out.delta_text}
-            if rid not in sent_role:
-                sent_role.add(rid)
+            if index not in sent_role:
+                sent_role.add(index)
                 delta["role"] = "assistant"
             return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": _reason(out)}]}
+                    "choices": [{"index": index, "delta": delta,
+                                 "logprobs": lp(out, out.delta_token_ids) if req.logprobs else None,
+                                 "finish_reason": _reason(out)}]}
 
-        def final(rid, out):
+        def final(rid, results):
             return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                                 "finish_reason": out.finish_reason}],
-                    "usage": _usage(out)}
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
+                                 "logprobs": lp(out, out.token_ids) if req.logprobs else None,
+                                 "finish_reason": out.finish_reason} for i, out in results],
+                    "usage": _usage([out for _, out in results])}
 
-        return await _run(ids, params, req.stream, chunk, final)
+        return await _run(request, [ids], req, chunk, final, _usage_chunk("chat.completion.chunk"))
+
+    def _model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": started, "owned_by": "medusa-engine",
+                "max_model_len": eng.max_model_len}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                            "owned_by": "medusa-engine", "max_model_len": eng.max_model_len}]}
+        return {"object": "list", "data": [_model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {model_name!r}",
+                           "model", "model_not_found")
+        return _model_card()
 
     @app.get("/health")
     async def health():
@@ -242,14 +454,22 @@ def prometheus_text(engine: AsyncEngine) -> str:
     return "\n".join(lines) + "\n"
 
 
-def serve(engine_kwargs: dict, model: str, host: str, port: int, served_model_name: Optional[str]) -> None:
+def serve(engine_kwargs: dict, model: str, host: str, port: int, served_model_name: Optional[str],
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, drain_timeout_s: float = 30.0) -> None:
+    """Run the server until SIGTERM/SIGINT. Then: no new connections; in-flight requests get
+    ``drain_timeout_s`` to finish, after which uvicorn cancels them (each ends with 'abort',
+    its blocks freed); the engine (and its Ray workers) shut down; exit status 0."""
+    import logging
+
     import uvicorn
 
     from engine.engine import Engine
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     name = served_model_name or ("SmolLM2-135M-Instruct" if model == "default" else model)
     engine = Engine(model, **engine_kwargs)
     try:
-        uvicorn.run(build_app(AsyncEngine(engine), name), host=host, port=port, log_level="info")
+        uvicorn.run(build_app(AsyncEngine(engine), name, max_request_bytes), host=host, port=port, log_level="info",
+                    timeout_graceful_shutdown=drain_timeout_s)
     finally:
         engine.shutdown()  # Ray workers and their placement group go with the server

