@@ -1,0 +1,120 @@
+"""Where a decode step's time goes: a plain step and a verify step, split into the captured
+forward (the model over the step's tokens, attention included), the captured tail (lm_head
+over the rows acceptance reads, the greedy decision, the K/V commit, the heads' proposal) and
+the host (building the step's inputs, copying results back).
+
+    python -m benchmarks.profile_step --batch-sizes 1 16 64
+    python benchmarks/dummy_model.py llama-8b /tmp/llama-8b
+    python -m benchmarks.profile_step --model /tmp/llama-8b --load-format dummy --heads random
+
+Each row times, with CUDA events, ``--iters`` replays of the forward graph alone, of the tail
+graph alone (with and without the proposal), and of the whole ``ModelRunner.execute`` (what a
+step costs the engine); host = execute - forward - tail. CUDA graphs on a GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import environment, print_table, write_results
+from engine.cuda_graphs import padded_batch
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+from scheduler.outputs import ScheduledSeq, SchedulerOutput
+
+
+def _cuda_ms(fn, iters: int) -> float:
+    fn()
+    if not torch.cuda.is_available():  # --cpu-dry-run: the same code path, wall time
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return 1e3 * (time.perf_counter() - t0) / iters
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--heads", default="default")
+    ap.add_argument("--tree", default="mc_sim_7b_63")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--ctx", type=int, default=256, help="context tokens per sequence")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="run the graph runner's code uncaptured on the CPU (checks the script, times nothing real)")
+    args = ap.parse_args()
+    if args.cpu_dry_run:
+        import engine.worker
+
+        engine.worker.use_cuda_graphs = lambda *a: True
+    elif not torch.cuda.is_available():
+        raise SystemExit("profile_step times CUDA graph replays: it needs a GPU (or --cpu-dry-run)")
+    eng = Engine(args.model, load_format=args.load_format, speculative={"heads": args.heads, "tree": args.tree},
+                 max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb,
+                 max_num_batched_tokens=max(2048, max(args.batch_sizes) * 64))
+    runner = eng.executor.worker.runner
+    tree = runner.tree
+    n = tree.num_nodes - 1
+    bs = eng.block_manager.block_size
+    table = list(range(-(-(args.ctx + tree.depth + 1) // bs)))
+    greedy = SamplingParams(temperature=0)
+    env = {**environment(runner.device, runner.model.dtype, eng.model_path.name), "heads": args.heads,
+           "tree": args.tree, "ctx": args.ctx}
+    rows = []
+    for b in args.batch_sizes:
+        for mode, cands in (("plain", 0), (args.tree, n)):
+            seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=args.ctx, block_table=table, sample=True,
+                                 tree=cands, candidates=[1] * cands, params=greedy) for i in range(b)]
+            timings = {}
+            for propose in ((False,) if cands == 0 else (False, True)):
+                out = SchedulerOutput(step_id=-1, seqs=seqs, propose=propose)
+                runner.execute(out)  # captures the tail on first use
+                timings[propose] = _cuda_ms(lambda: runner.execute(out), args.iters)
+            shape = tree if cands else None
+            width = next(w for w in runner.graphs.widths if w >= len(table))  # the graph execute replayed
+            g = runner.graphs.graphs[(shape, padded_batch(b), width)]
+            forward = _cuda_ms(g.replay, args.iters)
+            tails = {k[0]: _cuda_ms(fn, args.iters) for k, (fn, _) in g.tails.items() if k[1] == shape}
+            step = timings[max(timings)]
+            tail = tails.get(True, tails.get(False, 0.0))
+            rows.append({"model": eng.model_path.name, "batch_size": b, "mode": mode, "nodes": cands + 1,
+                         "graph_batch": g.layout.batch, "step_ms": round(step, 3), "forward_ms": round(forward, 3),
+                         "tail_ms": round(tail, 3),
+                         "proposal_ms": round(tails[True] - tails[False], 3) if True in tails and False in tails else 0.0,
+                         "host_ms": round(step - forward - tail, 3)})
+            print(rows[-1])
+    for r in rows:
+        plain = next(p for p in rows if p["batch_size"] == r["batch_size"] and p["mode"] == "plain")
+        r["step_vs_plain"] = round(r["step_ms"] / plain["step_ms"], 2)
+    print_table(rows, ["model", "batch_size", "mode", "step_ms", "step_vs_plain", "forward_ms", "tail_ms",
+                       "proposal_ms", "host_ms"])
+
+    def plot(ax, rows):
+        labels = [f"{r['mode'][:6]} b{r['batch_size']}" for r in rows]
+        bottom = [0.0] * len(rows)
+        for part in ("forward_ms", "tail_ms", "host_ms"):
+            vals = [max(0.0, r[part]) for r in rows]
+            ax.bar(labels, vals, bottom=bottom, label=part)
+            bottom = [x + y for x, y in zip(bottom, vals)]
+        ax.set_ylabel("ms per step")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+
+    print(f"wrote {write_results('profile-step', env, rows, plot)}")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():  # the graphs' buffers are inference tensors
+        main()
