@@ -459,7 +459,10 @@ def serve(engine_kwargs: dict, model: str, host: str, port: int, served_model_na
     """Run the server until SIGTERM/SIGINT. Then: no new connections; in-flight requests get
     ``drain_timeout_s`` to finish, after which uvicorn cancels them (each ends with 'abort',
     its blocks freed); the engine (and its Ray workers) shut down; exit status 0."""
+    import contextlib
     import logging
+    import signal
+    import threading
 
     import uvicorn
 
@@ -468,8 +471,30 @@ def serve(engine_kwargs: dict, model: str, host: str, port: int, served_model_na
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     name = served_model_name or ("SmolLM2-135M-Instruct" if model == "default" else model)
     engine = Engine(model, **engine_kwargs)
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn re-raises a captured SIGTERM/SIGINT after its graceful shutdown, so the
+        process would die by the signal (status -15). Here the signal is the orderly way to
+        stop: drain, shut the engine down, exit 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    async_engine = AsyncEngine(engine)
+    config = uvicorn.Config(build_app(async_engine, name, max_request_bytes), host=host, port=port,
+                            log_level="info", timeout_graceful_shutdown=drain_timeout_s)
     try:
-        uvicorn.run(build_app(AsyncEngine(engine), name, max_request_bytes), host=host, port=port, log_level="info",
-                    timeout_graceful_shutdown=drain_timeout_s)
+        DrainingServer(config).run()
     finally:
-        engine.shutdown()  # Ray workers and their placement group go with the server
+        # The engine thread finishes its step and the aborts of the cut requests, then the
+        # workers stop (Ray: the actors and their placement group go with the server).
+        asyncio.run(async_engine.shutdown())

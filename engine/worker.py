@@ -9,8 +9,11 @@ crosses process boundaries as it is) and it reports back a WorkerInfo.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,6 +32,8 @@ from engine.sampling import SamplingParams
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, StepResult
 from spec_decode.heads import BUNDLED_HEADS_DIR
 from spec_decode.tree import AUTO_TREE_SIZES, MedusaTree, build_tree_from_accuracy, expected_accept_length, nested_subtrees
+
+logger = logging.getLogger("medusa_engine")
 
 
 class WorkerSpec(msgspec.Struct, kw_only=True):
@@ -106,8 +111,21 @@ class Worker:
             self.runner.set_trees({n: st.tree for n, st in nested.items()})
             self.subtrees = {n: list(st.nodes) for n, st in nested.items()}
             batch_sizes = sorted({min(2 ** i, sc.max_num_seqs) for i in range(16)})
-            self.step_latency = measure_step_latency(self.runner, batch_sizes, sorted(nested), spec.block_size,
-                                                     spec.num_blocks, sc.max_num_batched_tokens, self.tp)
+            key = latency_cache_key(spec, self.device, sorted(nested), batch_sizes, self.runner.tree, use_graphs)
+            # Rank 0 decides (load or measure) for every rank: the measurement's steps are collective.
+            cached = self.tp.broadcast_object(load_latency_grid(key) if spec.rank == 0 else None)
+            if cached is not None:
+                self.step_latency = cached
+                logger.info("back-off: step-latency grid loaded from the cache (%d points)", len(cached))
+            else:
+                logger.info("back-off: measuring the step-latency grid (%d batch sizes x %d tree sizes); "
+                            "cached for the next start", len(batch_sizes), len(nested) + 1)
+                t0 = time.perf_counter()
+                self.step_latency = measure_step_latency(self.runner, batch_sizes, sorted(nested), spec.block_size,
+                                                         spec.num_blocks, sc.max_num_batched_tokens, self.tp)
+                logger.info("back-off: grid measured in %.1f s", time.perf_counter() - t0)
+                if spec.rank == 0:
+                    save_latency_grid(key, self.step_latency)
         elif proposer is not None and cfg.speculative.tree == "auto":
             # tree="auto": time the verify step for several tree sizes on this device, keep the best.
             self.tree_autotune = autotune_tree(self.runner, self.head_accuracy, spec.block_size, spec.num_blocks,
@@ -130,6 +148,66 @@ class Worker:
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.runner.execute(out)
+
+
+def latency_cache_key(spec: WorkerSpec, device: torch.device, sizes: list[int], batch_sizes: list[int],
+                      tree, graphs: bool) -> dict:
+    """What a measured step-latency grid depends on: the device, the software, the model and
+    heads (by their files' sizes and times), the tree set and the step shapes."""
+    cfg = spec.config
+
+    def files(path) -> list:
+        p = Path(path)
+        if not p.is_dir():
+            return [str(path)]
+        return sorted([f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in p.iterdir()
+                      if f.suffix in (".json", ".safetensors", ".pt", ".bin"))
+
+    heads = cfg.speculative.heads
+    heads_dir = BUNDLED_HEADS_DIR if heads == "default" else heads
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}",
+            "torch": torch.__version__, "dtype": spec.dtype, "backend": spec.attention_backend, "graphs": graphs,
+            "model": [spec.model_path, files(spec.model_path)], "heads": [str(heads_dir), files(heads_dir)],
+            "proposal_vocab": cfg.speculative.proposal_vocab, "tree": [list(c) for c in tree.choices],
+            "sizes": sizes, "batch_sizes": batch_sizes, "block_size": spec.block_size,
+            "token_budget": cfg.scheduler.max_num_batched_tokens, "world_size": spec.world_size,
+            "version": LATENCY_CACHE_VERSION}
+
+
+# Bump when what a grid point measures changes (the cache then re-measures everywhere).
+LATENCY_CACHE_VERSION = 1
+
+
+def _latency_cache_file(key: dict) -> Path:
+    from engine.models.loader import cache_dir
+
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "step-latency" / f"{digest}.json"
+
+
+def load_latency_grid(key: dict) -> Optional[list[list[float]]]:
+    """A grid measured before under the same key; None if there is none (or
+    MEDUSA_ENGINE_REMEASURE=1 asks for a fresh measurement)."""
+    if os.environ.get("MEDUSA_ENGINE_REMEASURE") == "1":
+        return None
+    f = _latency_cache_file(key)
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return data["grid"] if data.get("key") == key else None
+
+
+def save_latency_grid(key: dict, grid: list[list[float]]) -> None:
+    f = _latency_cache_file(key)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".part")
+        tmp.write_text(json.dumps({"key": key, "grid": grid, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        os.replace(tmp, f)
+    except OSError as e:  # a read-only cache only costs the next start a measurement
+        logger.warning("back-off: could not cache the step-latency grid (%s)", e)
 
 
 def use_cuda_graphs(config: EngineConfig, device: torch.device, backend: str, world_size: int) -> bool:

@@ -7,6 +7,9 @@ import torch
 from tests.tiny import make_tiny_model
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# Every test engine measures its back-off latency grid afresh (the on-disk cache is tested on
+# its own, in a temporary directory).
+os.environ["MEDUSA_ENGINE_REMEASURE"] = "1"
 
 # Varied prompts for end-to-end checks on the bundled model.
 PROMPTS = [

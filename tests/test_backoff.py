@@ -134,3 +134,30 @@ def test_a_one_off_stall_does_not_price_a_tree_out():
     for _ in range(40):
         policy.observe(1, 4, 7.0, 2.0)  # 2.9x the measurement: real, learned
     assert policy.choose(1, 63) == 0
+
+
+def test_latency_grid_is_cached_per_device_model_and_heads(tiny_llama, tiny_heads, tmp_path, monkeypatch):
+    """A restart loads the grid it measured before instead of re-measuring; other heads (or
+    anything else in the key) measure their own."""
+    import engine.worker as worker
+
+    monkeypatch.delenv("MEDUSA_ENGINE_REMEASURE")
+    monkeypatch.setattr(worker, "_latency_cache_file",
+                        lambda key: tmp_path / (__import__("hashlib").sha1(json.dumps(key, sort_keys=True).encode()).hexdigest() + ".json"))
+    calls = []
+    real = worker.measure_step_latency
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(worker, "measure_step_latency", counting)
+    spec = {"heads": str(tiny_heads), "tree": "auto", "backoff": True}
+    first = Engine(str(tiny_llama), speculative=spec, max_num_seqs=8)
+    second = Engine(str(tiny_llama), speculative=spec, max_num_seqs=8)
+    assert len(calls) == 1 and second.step_latency == first.step_latency and len(list(tmp_path.iterdir())) == 1
+    Engine(str(tiny_llama), speculative=spec, max_num_seqs=4)  # another batch range: its own grid
+    assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 2
+    monkeypatch.setenv("MEDUSA_ENGINE_REMEASURE", "1")
+    Engine(str(tiny_llama), speculative=spec, max_num_seqs=8)
+    assert len(calls) == 3
