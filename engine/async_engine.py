@@ -73,7 +73,8 @@ def stream_delta(text: str, sent: str, hold: int, finished: bool) -> str:
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._queues: dict[str, asyncio.Queue] = {}
+        # request id → (its consumer's event loop, its output queue)
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._commands: "queue.SimpleQueue" = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -132,6 +133,7 @@ class AsyncEngine:
 
     def _abort(self, rid: str) -> None:
         """Abort ``rid`` on the engine thread, between steps (any thread may call this)."""
+        self._queues.pop(rid, None)
         self._commands.put((None, None, self.engine.abort, (rid,)))
         self._wakeup.set()
 

@@ -310,19 +310,19 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    def _usage(outs: list[StreamOutput]) -> dict:
-        # Every choice of one prompt shares it: count each prompt once.
-        p = sum(len(o.prompt_token_ids) for o in {id(o.prompt_token_ids): o for o in outs}.values())
+    def _usage(prompts: list[list[int]], outs: list[StreamOutput]) -> dict:
+        # n choices of one prompt share it: each prompt counts once (as OpenAI counts).
+        p = sum(len(ids) for ids in prompts)
         c = sum(len(o.token_ids) for o in outs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def _reason(out: StreamOutput) -> Optional[str]:
         return out.finish_reason if out.finished else None
 
-    def _usage_chunk(obj: str):
+    def _usage_chunk(obj: str, prompts: list[list[int]]):
         def render(rid, outs):
             return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": [],
-                    "usage": _usage(outs)}
+                    "usage": _usage(prompts, outs)}
         return render
 
     async def _body(request: Request, cls):
@@ -360,9 +360,9 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
                     "choices": [{"index": i, "text": echo[i // req.n] + out.text,
                                  "logprobs": lp(out, out.token_ids) if req.logprobs is not None else None,
                                  "finish_reason": out.finish_reason} for i, out in results],
-                    "usage": _usage([out for _, out in results])}
+                    "usage": _usage(prompts, [out for _, out in results])}
 
-        return await _run(request, prompts, req, chunk, final, _usage_chunk("text_completion"))
+        return await _run(request, prompts, req, chunk, final, _usage_chunk("text_completion", prompts))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -389,9 +389,9 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
                     "choices": [{"index": i, "message": {"role": "assistant", "content": out.text},
                                  "logprobs": lp(out, out.token_ids) if req.logprobs else None,
                                  "finish_reason": out.finish_reason} for i, out in results],
-                    "usage": _usage([out for _, out in results])}
+                    "usage": _usage([ids], [out for _, out in results])}
 
-        return await _run(request, [ids], req, chunk, final, _usage_chunk("chat.completion.chunk"))
+        return await _run(request, [ids], req, chunk, final, _usage_chunk("chat.completion.chunk", [ids]))
 
     def _model_card() -> dict:
         return {"id": model_name, "object": "model", "created": started, "owned_by": "medusa-engine",

@@ -227,7 +227,7 @@ def test_openai_fields_are_honoured(bundled_server):
     again = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=8, temperature=1.0, n=2, seed=3)
     assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text != two.choices[1].text
     assert [c.text for c in two.choices] == [c.text for c in again.choices]
-    assert two.usage.completion_tokens == 16
+    assert two.usage.completion_tokens == 16 and two.usage.prompt_tokens == len(bundled_server.engine.encode("Once upon a time"))
     # logprobs of the chosen tokens (greedy: each is the argmax, so <= 0 and finite).
     lp = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
                                         temperature=0, logprobs=True)
