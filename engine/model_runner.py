@@ -27,7 +27,7 @@ import torch
 from engine.attention.base import AttentionBackend, SeqAttn, StepAttnInputs, block_tables
 from engine.config import SpeculativeConfig
 from engine.cuda_graphs import CudaGraphRunner, graphable_nodes
-from engine.sampling import SamplingParams, processed_probs, sample_token
+from engine.sampling import SamplingParams, apply_penalties, processed_probs, sample_token
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, SeqResult, StepResult
 from spec_decode.acceptance import Accepted, accept, accept_greedy_batch
 from spec_decode.proposer import MedusaProposer
@@ -184,7 +184,10 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         for s, rr in zip(out.seqs, row_ranges):
             if rr is not None:
-                self._mask_before_min_tokens(logits[rr[0]:rr[0] + rr[1]], s, s.params or SamplingParams(), tree)
+                params = s.params or SamplingParams()
+                if params.penalized:
+                    self._penalize(logits[rr[0]:rr[0] + rr[1]], s, params, tree)
+                self._mask_before_min_tokens(logits[rr[0]:rr[0] + rr[1]], s, params, tree)
         decided = self._decide(out.seqs, row_ranges, logits, tree)
 
         results: list[SeqResult] = []
@@ -262,12 +265,13 @@ class ModelRunner:
     @staticmethod
     def _greedy_tail_applies(batch: InputBatch) -> bool:
         """The device tail decides every sequence of the step: a uniform step, all sampling
-        greedily, no logprobs, no min_tokens still masking stop tokens (those need the host path)."""
+        greedily, no logprobs, no min_tokens still masking stop tokens, no penalties (those
+        need the host path)."""
         if batch.uniform_nodes is None:
             return False
         for s in batch.seqs:
             p = s.params or SamplingParams()
-            if not (s.sample and p.greedy) or p.logprobs or p.min_tokens > s.num_output_tokens:
+            if not (s.sample and p.greedy) or p.logprobs or p.min_tokens > s.num_output_tokens or p.penalized:
                 return False
         return True
 
@@ -281,6 +285,23 @@ class ModelRunner:
                 seq_id=s.seq_id, sampled_token_ids=r[1:1 + n] + [r[1 + depth]], next_candidates=r[2 + depth:],
                 num_accepted=n, accepted_per_depth=[int(n > d) for d in range(depth)]))
         return results
+
+    @staticmethod
+    def _penalize(logits: torch.Tensor, s: ScheduledSeq, params: SamplingParams, tree: Optional[MedusaTree]) -> None:
+        """Penalties and logit bias, each row with its own history: row i (tree node i)
+        follows the output and the candidates on node i's path."""
+        n_out = s.num_output_tokens
+        prompt, output = s.history[:len(s.history) - n_out], s.history[len(s.history) - n_out:]
+        paths = [[]]
+        if s.tree:
+            tokens = [0] + list(s.candidates)
+            for i in range(1, logits.shape[0]):
+                path, j = [], i
+                while j > 0:
+                    path.append(tokens[j])
+                    j = tree.parents[j]
+                paths.append(path[::-1])
+        apply_penalties(logits, params, prompt, output, paths)
 
     def _mask_before_min_tokens(self, logits: torch.Tensor, s: ScheduledSeq, params: SamplingParams,
                                 tree: Optional[MedusaTree]) -> None:

@@ -29,6 +29,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: bool = False
     # Per-request override of the engine's acceptance rule (greedy | typical | rejection).
     acceptance: Optional[str] = None
+    # OpenAI's penalties on the tokens generated so far: logit -= presence * [count > 0] +
+    # frequency * count. repetition_penalty (HF/vLLM, over prompt and output): a seen token's
+    # logit is divided by it when positive, multiplied when negative. logit_bias: token id →
+    # added to its logit. In a Medusa tree every node is penalised with its own history (the
+    # output plus the candidates on its path), so speculation stays exact under them.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str, got: object) -> ValueError:
@@ -65,6 +74,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         for flag in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "True or False", getattr(self, flag))
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not is_real(v) or not -2.0 <= v <= 2.0:
+                raise bad(name, "a number in [-2, 2]", v)
+        if not is_real(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            raise bad("repetition_penalty", "a number in (0, 10] (1 = off)", self.repetition_penalty)
+        if not isinstance(self.logit_bias, dict) or any(
+                not is_int(k) or k < 0 or not is_real(v) or not -100 <= v <= 100 for k, v in self.logit_bias.items()):
+            raise bad("logit_bias", "a dict of token id (int >= 0) to a number in [-100, 100]", self.logit_bias)
         from spec_decode.acceptance import ACCEPTANCE_RULES  # (acceptance imports this module)
 
         if self.acceptance is not None and (not isinstance(self.acceptance, str) or self.acceptance not in ACCEPTANCE_RULES):
@@ -73,6 +91,42 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Logits depend on the token history (penalties) or are biased."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
+                    paths: list[list[int]]) -> None:
+    """In place: row r of ``logits`` [R, V] predicts the token after ``output`` + ``paths[r]``
+    (a tree node's candidates on its path; [] for the plain row). Plain decoding calls this
+    with one row and the same history, so a tree node's processed logits equal what plain
+    decoding computes at that position."""
+    v = logits.shape[-1]
+    dev = logits.device
+    if params.logit_bias:
+        ids = torch.tensor([k for k in params.logit_bias if k < v], dtype=torch.long, device=dev)
+        bias = torch.tensor([b for k, b in params.logit_bias.items() if k < v], dtype=logits.dtype, device=dev)
+        logits[:, ids] += bias
+    base_out = torch.bincount(torch.tensor(output, dtype=torch.long, device=dev), minlength=v).to(logits.dtype) \
+        if output else torch.zeros(v, dtype=logits.dtype, device=dev)
+    seen_prompt = torch.zeros(v, dtype=torch.bool, device=dev)
+    if prompt:
+        seen_prompt[torch.tensor(prompt, dtype=torch.long, device=dev)] = True
+    for r, path in enumerate(paths):
+        counts = base_out.clone()
+        if path:
+            counts += torch.bincount(torch.tensor(path, dtype=torch.long, device=dev), minlength=v).to(logits.dtype)
+        row = logits[r]
+        if params.repetition_penalty != 1.0:
+            seen = seen_prompt | (counts > 0)
+            rp = params.repetition_penalty
+            row[:] = torch.where(seen, torch.where(row > 0, row / rp, row * rp), row)
+        if params.frequency_penalty or params.presence_penalty:
+            row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def position_generator(seed: int, position: int, device: torch.device) -> torch.Generator:

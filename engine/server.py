@@ -119,14 +119,6 @@ def _refuse_unsupported(req: _Common) -> None:
     def no(field: str, why: str = "is not supported by this server") -> None:
         raise APIError(400, f"{field}: {why}", field)
 
-    if req.presence_penalty:
-        no("presence_penalty")
-    if req.frequency_penalty:
-        no("frequency_penalty")
-    if req.repetition_penalty != 1.0:
-        no("repetition_penalty")
-    if req.logit_bias:
-        no("logit_bias")
     if not 1 <= req.n <= 16:
         no("n", "must be in [1, 16]")
     if isinstance(req, CompletionRequest):
@@ -223,11 +215,18 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
                                 f"leaves room for {room} in the {eng.max_model_len}-token context", "max_tokens")
         # n > 1 with a seed: choice i samples with seed + i (distinct, and reproducible).
         seed = req.seed + index if req.seed is not None and req.n > 1 else req.seed
+        bias = {}
+        for k, v in (req.logit_bias or {}).items():
+            if not k.isdigit() or int(k) >= eng.arch.vocab_size:
+                raise APIError(400, f"logit_bias: key {k!r} is not a token id below {eng.arch.vocab_size}", "logit_bias")
+            bias[int(k)] = v
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   top_k=req.top_k, stop=req.stop, seed=seed, min_tokens=req.min_tokens,
                                   ignore_eos=req.ignore_eos, logprobs=bool(req.logprobs is not None
-                                                                           and req.logprobs is not False))
+                                                                           and req.logprobs is not False),
+                                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                  repetition_penalty=req.repetition_penalty, logit_bias=bias)
         except ValueError as e:
             raise APIError.bad_input(e) from None
 

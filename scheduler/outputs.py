@@ -34,6 +34,9 @@ class ScheduledSeq(msgspec.Struct, kw_only=True, array_like=True):
     seed: int = 0
     # Number of tokens the request has generated before this step (for stop/min_tokens math).
     num_output_tokens: int = 0
+    # Prompt and output tokens so far, only for a sampling step of a request with penalties
+    # (params.penalized): the output is the last num_output_tokens of it.
+    history: list[int] = []
 
 
 class SchedulerOutput(msgspec.Struct, kw_only=True):

@@ -180,6 +180,7 @@ class Scheduler:
             params=req.params,
             seed=req.seed,
             num_output_tokens=len(req.output_token_ids),
+            history=req.all_token_ids if sample and req.params.penalized else [],
         )
 
     def update(self, result: StepResult, execute_ms: Optional[float] = None) -> list[Request]:

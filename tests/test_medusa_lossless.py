@@ -125,3 +125,26 @@ def test_lossless_path_reading_heads_under_preemption(bundled_dir, root_heads):
     assert eng.stats.num_preemptions > 0
     assert [o.token_ids for o in outs] == ref
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "small_12"])
+def test_lossless_under_penalties_and_logit_bias(bundled_dir, tree):
+    """Penalties depend on the token history: every tree node is penalised with its own path,
+    so greedy Medusa still equals greedy plain decoding under them (and they do change it)."""
+    prompts = PROMPTS[:5]
+    params = [SamplingParams(temperature=0, max_tokens=MAX, frequency_penalty=0.6, presence_penalty=0.4),
+              SamplingParams(temperature=0, max_tokens=MAX, repetition_penalty=1.4),
+              SamplingParams(temperature=0, max_tokens=MAX, logit_bias={13: -5.0, 28: 3.0}, presence_penalty=1.0),
+              SamplingParams(temperature=0, max_tokens=MAX, frequency_penalty=-0.5),
+              SamplingParams(temperature=0, max_tokens=MAX, repetition_penalty=0.8, frequency_penalty=0.3)]
+    plain = Engine(str(bundled_dir), max_num_seqs=8)
+    ref = [o.token_ids for o in plain.generate_batch(prompts, params)]
+    unpenalized = [o.token_ids for o in plain.generate_batch(prompts, GREEDY)]
+    assert sum(a != b for a, b in zip(ref, unpenalized)) >= 3
+    from spec_decode.heads import BUNDLED_HEADS_DIR
+
+    eng = Engine(str(bundled_dir), speculative={"heads": str(BUNDLED_HEADS_DIR), "tree": tree}, max_num_seqs=8)
+    assert [o.token_ids for o in eng.generate_batch(prompts, params)] == ref
+    assert eng.stats.mean_accepted_length > 1.2
+    # One at a time too (batch 1, a different step mix).
+    assert eng.generate_batch([prompts[0]], params[0])[0].token_ids == ref[0]

@@ -250,13 +250,21 @@ def test_openai_fields_are_honoured(bundled_server):
     by_ids = client.completions.create(model=NAME, prompt=[ids, ids], max_tokens=3, temperature=0)
     assert [c.index for c in batch.choices] == [0, 1]
     assert by_ids.choices[0].text == by_ids.choices[1].text == batch.choices[0].text
+    # Penalties and logit bias are applied (and change a greedy answer).
+    base = client.completions.create(model=NAME, prompt="1, 2, 3, 4,", max_tokens=8, temperature=0)
+    pen = client.completions.create(model=NAME, prompt="1, 2, 3, 4,", max_tokens=8, temperature=0,
+                                    frequency_penalty=2.0, presence_penalty=2.0)
+    banned = bundled_server.engine.encode(base.choices[0].text)[0]
+    biased = client.completions.create(model=NAME, prompt="1, 2, 3, 4,", max_tokens=8, temperature=0,
+                                       logit_bias={str(banned): -100})
+    assert pen.choices[0].text != base.choices[0].text and biased.choices[0].text != base.choices[0].text
     # model may be left out.
     r = httpx.post(bundled_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200 and r.json()["model"] == NAME
 
 
 @pytest.mark.parametrize("field, value", [
-    ("presence_penalty", 0.5), ("frequency_penalty", 1.0), ("repetition_penalty", 1.2), ("logit_bias", {"5": 10}),
+    ("presence_penalty", 3.0), ("repetition_penalty", 0), ("logit_bias", {"x": 10}), ("logit_bias", {"5": 500}),
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "auto"), ("top_logprobs", 3), ("n", 0), ("made_up_field", 1),
 ])
