@@ -43,8 +43,10 @@ class StreamOutput:
     finish_reason: Optional[str]
     prompt_token_ids: list[int]
     metrics: RequestMetrics
-    # Log-probabilities of token_ids (all so far) when the request asked for them.
+    # Log-probabilities of token_ids (all so far) when the request asked for them, and the
+    # top alternatives at each position (SamplingParams.top_logprobs).
     logprobs: Optional[list[float]] = None
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
 
 
 def _settle(fut: "asyncio.Future", result, exc: Optional[BaseException]) -> None:
@@ -188,7 +190,8 @@ class AsyncEngine:
                 # Tokens whose text is still held back wait for the next output: no empty deltas.
                 if delta or finished:
                     yield StreamOutput(rid, delta, new_tokens, sent_text, list(out.token_ids), finished,
-                                       out.finish_reason, out.prompt_token_ids, out.metrics, out.logprobs)
+                                       out.finish_reason, out.prompt_token_ids, out.metrics, out.logprobs,
+                                       out.top_logprobs)
         finally:
             self._queues.pop(rid, None)
             if not finished:

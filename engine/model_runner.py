@@ -204,13 +204,17 @@ class ModelRunner:
                 commit_rows.append(offset + node)
                 commit_dst.append(self._slots(s.block_table, s.start_pos + tree.depths[node], 1)[0])
             logprobs: list[float] = []
+            top: list[list[tuple[int, float]]] = []
             if params.logprobs:
                 lp = torch.log_softmax(logits[rr[0]:rr[0] + rr[1]], dim=-1)
                 logprobs = [float(lp[node, tok]) for node, tok in zip(path, new_tokens)]
+                if params.top_logprobs:
+                    vals, ids = torch.topk(lp[path], params.top_logprobs, dim=-1)
+                    top = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
             last_rows.append(offset + len(s.token_ids) - 1 + path[-1])
             n_acc = len(path) - 1
             results.append(SeqResult(
-                seq_id=s.seq_id, sampled_token_ids=new_tokens, logprobs=logprobs, num_accepted=n_acc,
+                seq_id=s.seq_id, sampled_token_ids=new_tokens, logprobs=logprobs, top_logprobs=top, num_accepted=n_acc,
                 accepted_per_depth=[int(n_acc > d) for d in range(tree.depth)] if s.tree else [],
             ))
         if commit_rows:

@@ -92,6 +92,7 @@ class OutputProcessor:
                 detok.limit = min(hits)
                 del ids[n:]
                 del req.output_logprobs[n:]
+                del req.output_top_logprobs[n:]
                 self.finish(req, "stop")
                 return
 
@@ -127,6 +128,7 @@ class OutputProcessor:
             prompt_token_ids=req.prompt_token_ids,
             source_token_ids=req.output_token_ids,
             source_logprobs=req.output_logprobs if req.params.logprobs else None,
+            source_top_logprobs=req.output_top_logprobs if req.params.top_logprobs else None,
             num_tokens=n,
             text_source=text,
             finish_reason=req.finish_reason,

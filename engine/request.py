@@ -82,6 +82,7 @@ class Request:
     detokenizer: Optional["IncrementalDetokenizer"] = None
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     # Tokens whose K/V are in the paged cache (positions [0, num_computed)).
     num_computed: int = 0
@@ -132,6 +133,7 @@ class RequestOutput:
     finished: bool = True
     source_token_ids: list[int] = field(default_factory=list, repr=False)
     source_logprobs: Optional[list[float]] = field(default=None, repr=False)
+    source_top_logprobs: Optional[list[list[tuple[int, float]]]] = field(default=None, repr=False)
     num_tokens: int = 0
     # The text of token_ids (cut before a stop string).
     text_source: Optional[Callable[[], str]] = field(default=None, repr=False)
@@ -143,6 +145,11 @@ class RequestOutput:
     @cached_property
     def logprobs(self) -> Optional[list[float]]:
         return None if self.source_logprobs is None else self.source_logprobs[: self.num_tokens]
+
+    @cached_property
+    def top_logprobs(self) -> Optional[list[list[tuple[int, float]]]]:
+        """Per token, the most likely [token id, logprob] pairs there (SamplingParams.top_logprobs)."""
+        return None if self.source_top_logprobs is None else self.source_top_logprobs[: self.num_tokens]
 
     @cached_property
     def text(self) -> str:

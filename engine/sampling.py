@@ -25,8 +25,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     stop: list[str] = []
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
-    # Return the log-probability of every chosen token (under the processed distribution).
+    # Return the log-probability of every chosen token (under the processed distribution),
+    # and with top_logprobs = k the k most likely tokens at each position with theirs.
     logprobs: bool = False
+    top_logprobs: int = 0
     # Per-request override of the engine's acceptance rule (greedy | typical | rejection).
     acceptance: Optional[str] = None
     # OpenAI's penalties on the tokens generated so far: logit -= presence * [count > 0] +
@@ -74,6 +76,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         for flag in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "True or False", getattr(self, flag))
+        if not is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= 20:
+            raise bad("top_logprobs", "an int in [0, 20]", self.top_logprobs)
+        if self.top_logprobs and not self.logprobs:
+            raise bad("top_logprobs", "0 unless logprobs=True", self.top_logprobs)
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not is_real(v) or not -2.0 <= v <= 2.0:

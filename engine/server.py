@@ -122,21 +122,28 @@ def _refuse_unsupported(req: _Common) -> None:
     if not 1 <= req.n <= 16:
         no("n", "must be in [1, 16]")
     if isinstance(req, CompletionRequest):
-        if req.logprobs:
-            no("logprobs", "only 0 (the chosen tokens' log-probabilities) is supported, not alternatives")
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            no("logprobs", "must be in [0, 20] (alternatives per token)")
         if req.suffix:
             no("suffix")
         if req.best_of is not None and req.best_of != req.n:
             no("best_of", "must equal n (no server-side best-of selection)")
     else:
-        if req.top_logprobs:
-            no("top_logprobs", "only 0 is supported (the chosen tokens' log-probabilities)")
+        if req.top_logprobs and not req.logprobs:
+            no("top_logprobs", "needs logprobs=true")
         if req.response_format is not None and req.response_format.get("type", "text") != "text":
             no("response_format", "only {'type': 'text'} is supported (no JSON mode or schemas)")
         if req.tools:
             no("tools", "tool calling is not supported")
         if req.tool_choice not in (None, "none"):
             no("tool_choice", "tool calling is not supported")
+
+
+def _top_logprobs(req: _Common) -> int:
+    """Alternatives per token: completions' logprobs=k, chat's top_logprobs."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs or 0
+    return req.top_logprobs or 0
 
 
 def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -225,6 +232,7 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
                                   top_k=req.top_k, stop=req.stop, seed=seed, min_tokens=req.min_tokens,
                                   ignore_eos=req.ignore_eos, logprobs=bool(req.logprobs is not None
                                                                            and req.logprobs is not False),
+                                  top_logprobs=_top_logprobs(req),
                                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                   repetition_penalty=req.repetition_penalty, logit_bias=bias)
         except ValueError as e:
@@ -238,10 +246,13 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
         except UnicodeError as e:  # e.g. a lone surrogate escape in the JSON text
             raise APIError(400, f"prompt: text is not valid Unicode ({e.reason})", "prompt") from None
 
-    def _token_logprobs(out: StreamOutput, tokens: list[int]) -> list[tuple[str, float]]:
-        lps = out.logprobs or []
+    def _token_logprobs(out: StreamOutput, tokens: list[int]) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        """(token text, logprob, [(alternative text, logprob)]) for ``tokens``, the last of out's."""
+        lps, tops = out.logprobs or [], out.top_logprobs or []
         first = len(out.token_ids) - len(tokens)
-        return [(eng.tokenizer.decode([t]), lps[first + i]) for i, t in enumerate(tokens) if first + i < len(lps)]
+        return [(eng.tokenizer.decode([t]), lps[first + i],
+                 [(eng.tokenizer.decode([a]), v) for a, v in tops[first + i]] if first + i < len(tops) else [])
+                for i, t in enumerate(tokens) if first + i < len(lps)]
 
     async def _run(request: Request, prompts: list[list[int]], req: _Common, render_chunk, render_final,
                    render_usage):
@@ -340,9 +351,10 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
         sent_echo: set[int] = set()
 
         def lp(out, tokens):
-            pairs = _token_logprobs(out, tokens)
-            return {"tokens": [t for t, _ in pairs], "token_logprobs": [v for _, v in pairs],
-                    "top_logprobs": None, "text_offset": None}
+            rows = _token_logprobs(out, tokens)
+            return {"tokens": [t for t, _, _ in rows], "token_logprobs": [v for _, v, _ in rows],
+                    "top_logprobs": [dict(alts) for _, _, alts in rows] if req.logprobs else None,
+                    "text_offset": None}
 
         def chunk(rid, index, out):
             text = out.delta_text
@@ -370,8 +382,10 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
         sent_role: set[int] = set()
 
         def lp(out, tokens):
-            return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
-                                for t, v in _token_logprobs(out, tokens)]}
+            return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
+                                 "top_logprobs": [{"token": a, "logprob": av, "bytes": list(a.encode())}
+                                                  for a, av in alts]}
+                                for t, v, alts in _token_logprobs(out, tokens)]}
 
         def chunk(rid, index, out):
             delta = {"content": out.delta_text}

@@ -59,6 +59,8 @@ class SeqResult(msgspec.Struct, kw_only=True, array_like=True):
     # Candidates of the full tree for the next step (empty without proposals).
     next_candidates: list[int] = []
     logprobs: list[float] = []
+    # Per sampled token, the top_logprobs most likely [token id, logprob] pairs there.
+    top_logprobs: list[list[tuple[int, float]]] = []
     # Number of tree candidates accepted (len(sampled_token_ids) - 1 for a decode step).
     num_accepted: int = 0
     # Per tree depth: was a candidate at that depth accepted (for per-head acceptance rates).

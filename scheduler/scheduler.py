@@ -212,6 +212,8 @@ class Scheduler:
                 req.output_token_ids.append(tok)
                 if res.logprobs:
                     req.output_logprobs.append(res.logprobs[j])
+                if res.top_logprobs:
+                    req.output_top_logprobs.append(res.top_logprobs[j])
                 reason = req.token_stop_reason(self.max_model_len)
                 if reason:
                     break

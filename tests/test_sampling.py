@@ -1,5 +1,6 @@
 """Sampling controls on a tiny model: min_tokens, logprobs, top-k/top-p, per-position keys."""
 
+import pytest
 import torch
 
 from engine.engine import Engine
@@ -45,3 +46,19 @@ def test_min_tokens_with_medusa_equals_plain(tiny_llama):
     a = plain.generate_batch([prompt], params)[0]
     b = spec.generate_batch([prompt], params)[0]
     assert a.token_ids == b.token_ids and len(a.token_ids) >= 6
+
+
+def test_top_logprobs_equal_with_and_without_medusa(tiny_llama):
+    """Every produced token's logprob and its top alternatives come from the (tree node's)
+    distribution it was decided from: the same with Medusa as in plain decoding."""
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=True, top_logprobs=3)
+    prompts = [[5, 9, 11], [7, 7, 7, 7]]
+    plain = Engine(str(tiny_llama), block_size=4, num_blocks=256).generate_batch(prompts, params)
+    spec = Engine(str(tiny_llama), block_size=4, num_blocks=256,
+                  speculative={"heads": "random", "num_heads": 2, "tree": "chain:2"}).generate_batch(prompts, params)
+    for a, b in zip(plain, spec):
+        assert a.token_ids == b.token_ids and len(a.top_logprobs) == len(a.token_ids)
+        for tok, lp, alts, alts_b in zip(a.token_ids, a.logprobs, a.top_logprobs, b.top_logprobs):
+            assert [t for t, _ in alts] == [t for t, _ in alts_b] and alts[0][0] == tok
+            assert alts[0][1] == pytest.approx(lp, abs=1e-5)
+            assert [v for _, v in alts] == pytest.approx([v for _, v in alts_b], abs=1e-4)

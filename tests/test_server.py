@@ -236,6 +236,14 @@ def test_openai_fields_are_honoured(bundled_server):
     assert "".join(t.token for t in content) == lp.choices[0].message.content
     clp = client.completions.create(model=NAME, prompt="1, 2, 3,", max_tokens=4, temperature=0, logprobs=0)
     assert len(clp.choices[0].logprobs.token_logprobs) == 4
+    # top_logprobs: the k likeliest tokens at each position; greedy chose the first of them.
+    top = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                         temperature=0, logprobs=True, top_logprobs=3)
+    for t in top.choices[0].logprobs.content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob) and t.logprob >= t.top_logprobs[1].logprob
+    ctop = client.completions.create(model=NAME, prompt="1, 2, 3,", max_tokens=4, temperature=0, logprobs=2)
+    assert all(len(alts) == 2 for alts in ctop.choices[0].logprobs.top_logprobs)
     # include_usage: a last chunk with usage and no choices.
     chunks = list(client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
                                                  max_tokens=6, temperature=0, stream=True,
@@ -266,13 +274,13 @@ def test_openai_fields_are_honoured(bundled_server):
 @pytest.mark.parametrize("field, value", [
     ("presence_penalty", 3.0), ("repetition_penalty", 0), ("logit_bias", {"x": 10}), ("logit_bias", {"5": 500}),
     ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "auto"), ("top_logprobs", 3), ("n", 0), ("made_up_field", 1),
+    ("tool_choice", "auto"), ("top_logprobs", 30), ("n", 0), ("made_up_field", 1),
 ])
 def test_openai_fields_not_implemented_are_refused(bundled_server, field, value):
     body = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, field: value}
     r = httpx.post(bundled_server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400 and field in r.text, r.text
-    for field, value in (("suffix", "x"), ("best_of", 3), ("logprobs", 2)):
+    for field, value in (("suffix", "x"), ("best_of", 3), ("logprobs", 21)):
         r = httpx.post(bundled_server.url + "/v1/completions",
                        json={"model": NAME, "prompt": "Hi", "max_tokens": 2, field: value}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
