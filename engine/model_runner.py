@@ -297,14 +297,9 @@ class ModelRunner:
         n_out = s.num_output_tokens
         prompt, output = s.history[:len(s.history) - n_out], s.history[len(s.history) - n_out:]
         paths = [[]]
-        if s.tree:
+        if s.tree:  # node i's candidates from depth 1 down to itself (the root is already output)
             tokens = [0] + list(s.candidates)
-            for i in range(1, logits.shape[0]):
-                path, j = [], i
-                while j > 0:
-                    path.append(tokens[j])
-                    j = tree.parents[j]
-                paths.append(path[::-1])
+            paths += [[tokens[j] for j in tree.node_paths[i][1:]] for i in range(1, logits.shape[0])]
         apply_penalties(logits, params, prompt, output, paths)
 
     def _mask_before_min_tokens(self, logits: torch.Tensor, s: ScheduledSeq, params: SamplingParams,

@@ -149,13 +149,7 @@ class MedusaProposer:
             for d in range(1, tree.depth + 1):
                 kids = [i for i in range(1, tree.num_nodes) if tree.depths[i] == d]
                 parents = sorted({tree.parents[i] for i in kids})
-                anc = []
-                for p in parents:
-                    chain, j = [], p
-                    while j != -1:
-                        chain.append(j)
-                        j = tree.parents[j]
-                    anc.append(chain[::-1])
+                anc = [tree.node_paths[p] for p in parents]
                 slot = [parents.index(tree.parents[i]) for i in kids]
                 rank = [tree.choices[i - 1][-1] for i in kids]
                 out.append(tuple(torch.tensor(v, dtype=torch.long, device=device) for v in (anc, slot, rank)))

@@ -135,29 +135,31 @@ class MedusaTree:
         return kids
 
     @cached_property
+    def node_paths(self) -> list[list[int]]:
+        """For every node, the node ids from the root down to it (root first, itself last)."""
+        out = []
+        for i in range(self.num_nodes):
+            path, j = [], i
+            while j != -1:
+                path.append(j)
+                j = self.parents[j]
+            out.append(path[::-1])
+        return out
+
+    @cached_property
     def mask(self) -> torch.Tensor:
         """[N, N] bool: node i may attend to node j iff j is i or an ancestor of i."""
         n = self.num_nodes
         m = torch.zeros(n, n, dtype=torch.bool)
-        for i in range(n):
-            j = i
-            while j != -1:
-                m[i, j] = True
-                j = self.parents[j]
+        for i, path in enumerate(self.node_paths):
+            m[i, path] = True
         return m
 
     @cached_property
     def paths(self) -> torch.Tensor:
         """[num_leaves, depth + 1] node ids from the root to every leaf, padded with -1."""
         leaves = [i for i in range(self.num_nodes) if not self.children[i]]
-        rows = []
-        for leaf in leaves:
-            path, j = [], leaf
-            while j != -1:
-                path.append(j)
-                j = self.parents[j]
-            path.reverse()
-            rows.append(path + [-1] * (self.depth + 1 - len(path)))
+        rows = [self.node_paths[leaf] + [-1] * (self.depth + 1 - len(self.node_paths[leaf])) for leaf in leaves]
         return torch.tensor(rows, dtype=torch.long)
 
 
