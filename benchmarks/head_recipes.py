@@ -53,9 +53,8 @@ def main() -> None:
     t0 = time.perf_counter()
     train_ex, eval_ex = distill_split(base, engine)
     t_distill = time.perf_counter() - t0
-    store = engine.device if engine.device.type == "cuda" else None
-    train_data = response_hidden_states(engine.model, train_ex, engine.device, 4, store=store)
-    eval_data = response_hidden_states(engine.model, eval_ex, engine.device, 4, store=store)
+    train_data = response_hidden_states(engine.model, train_ex, engine.device, 4)
+    eval_data = response_hidden_states(engine.model, eval_ex, engine.device, 4)
     env = environment(engine.device, engine.model.dtype, str(engine.model_path))
     model_path = str(engine.model_path)
     prompts = eval_prompts(args.eval_prompts)

@@ -159,8 +159,9 @@ class DenseCausalBackend:
 def response_hidden_states(model, examples: list[dict], device: torch.device, num_heads: int,
                            pack_tokens: int = 4096, store: Optional[torch.device] = None) -> HeadData:
     """Rows for every t from the last prompt token on (see HeadData). ``store``: where the rows
-    are kept (default: the CPU, float32; on the GPU they stay in the model's dtype)."""
-    store = store or torch.device("cpu")
+    are kept (default: the GPU the model runs on, in its dtype — training reads them there —
+    else the CPU, float32)."""
+    store = store or (device if device.type == "cuda" else torch.device("cpu"))
     dtype = torch.float32 if store.type == "cpu" else model.dtype
     hiddens, roots, labels = [], [], []
     pack: list[dict] = []
@@ -364,7 +365,7 @@ def distill_split(cfg: TrainConfig, engine) -> tuple[list[dict], list[dict]]:
 
 
 def fit_heads(cfg: TrainConfig, engine, train_data: HeadData, eval_data: HeadData,
-              train_ex: list[dict], eval_ex: list[dict]) -> dict:
+              train_ex: list[dict], eval_ex: list[dict], extra: Optional[dict] = None) -> dict:
     """Train heads per ``cfg`` on the rows, evaluate them on the held-out rows and write the
     heads directory (weights, tree.json, proposal_vocab.json, train_report.json) to cfg.out."""
     out = Path(cfg.out)
@@ -405,6 +406,7 @@ def fit_heads(cfg: TrainConfig, engine, train_data: HeadData, eval_data: HeadDat
         report["proposal_vocab"] = {"size": len(vocab), "heldout_coverage": round(coverage, 5)}
     else:
         (out / PROPOSAL_VOCAB_FILE).unlink(missing_ok=True)
+    report.update(extra or {})
     (out / "train_report.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -414,13 +416,9 @@ def run_training(cfg: TrainConfig, engine) -> dict:
     t0 = time.perf_counter()
     train_ex, eval_ex = distill_split(cfg, engine)
     t_data = time.perf_counter() - t0
-    store = engine.device if engine.device.type == "cuda" else None
-    train_data = response_hidden_states(engine.model, train_ex, engine.device, cfg.num_heads, store=store)
-    eval_data = response_hidden_states(engine.model, eval_ex, engine.device, cfg.num_heads, store=store)
-    report = fit_heads(cfg, engine, train_data, eval_data, train_ex, eval_ex)
-    report["distill_seconds"] = round(t_data, 1)
-    (Path(cfg.out) / "train_report.json").write_text(json.dumps(report, indent=1))
-    return report
+    train_data = response_hidden_states(engine.model, train_ex, engine.device, cfg.num_heads)
+    eval_data = response_hidden_states(engine.model, eval_ex, engine.device, cfg.num_heads)
+    return fit_heads(cfg, engine, train_data, eval_data, train_ex, eval_ex, {"distill_seconds": round(t_data, 1)})
 
 
 def measure_acceptance(model: str, heads_dir: str, prompts: list[str], max_tokens: int, tree="mc_sim_7b_63",
