@@ -2,15 +2,19 @@
 # Everything the device machine checks and times in one call (see README "GPU runs").
 # Expects: the engine importable (PYTHONPATH), MEDUSA_ENGINE_GGUF pointing at the bundled GGUF,
 # MEDUSA_ENGINE_PROMPTS at held-out prompts, $OUT for the results.
-# PARTS picks what runs (default: all three); a call has 600 s, and the Medusa table over five
-# batch sizes and three trees needs most of one call by itself.
+# PARTS picks what runs (default: tests, throughput, speculative); a call has 600 s, and the
+# Medusa table (plain / fixed tree / back-off x batch 1…128 x greedy and typical T=0.7) needs
+# most of one call by itself. PARTS=steps8b adds the Llama-3.1-8B shape's step costs (random
+# weights, benchmarks/profile_step.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PARTS=${PARTS:-tests throughput speculative}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, xformers; print('torch', torch.__version__, 'xformers', xformers.__version__)"
 python3 -c "from engine.models.loader import resolve_model_path; print(resolve_model_path('default'))" 2>&1 | tail -1
-save() { cp benchmarks/results/* "$OUT"/ 2>/dev/null; true; }
+STAMP=$(mktemp); touch "$STAMP"
+# Only this call's results come back ($OUT takes a few files): JSON, PNG, logs written after $STAMP.
+save() { find benchmarks/results -type f -newer "$STAMP" -exec cp {} "$OUT"/ \; 2>/dev/null; true; }
 trap save EXIT  # results come back even when the call's time limit cuts a part short
 if [[ " $PARTS " == *" tests "* ]]; then
     python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | grep --line-buffered -v -i warn
@@ -20,7 +24,13 @@ if [[ " $PARTS " == *" throughput "* ]]; then
         | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/throughput.log" | tail -8
 fi
 if [[ " $PARTS " == *" speculative "* ]]; then
-    python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${TREES:-mc_sim_7b_63 auto backoff} \
-        --batch-sizes ${SP_BS:-1 4 16 64 128} --max-tokens ${SP_TOKENS:-128} ${SP_FLAGS:---hf --eager --kv-cache-memory-gb 8} 2>&1 \
-        | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/speculative.log" | tail -16
+    python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${TREES:-mc_sim_7b_63 backoff} \
+        --batch-sizes ${SP_BS:-1 4 16 64 128} --temperatures ${SP_TEMPS:-0 0.7} --max-tokens ${SP_TOKENS:-128} \
+        ${SP_FLAGS:---kv-cache-memory-gb 8} 2>&1 \
+        | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/speculative.log" | tail -24
+fi
+if [[ " $PARTS " == *" steps8b "* ]]; then
+    python3 benchmarks/dummy_model.py llama-8b /tmp/llama-8b >/dev/null
+    python3 -m benchmarks.profile_step --model /tmp/llama-8b --load-format dummy --heads random \
+        --batch-sizes ${P8_BS:-1 8 32} 2>&1 | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/steps8b.log" | tail -12
 fi

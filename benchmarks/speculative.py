@@ -25,11 +25,11 @@ from engine.engine import Engine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 
 
-def run(engine, prompts, max_tokens, batch_size):
+def run(engine, prompts, max_tokens, batch_size, temperature=0.0):
     """Generate ``prompts`` in rounds of ``batch_size`` (several rounds at small batch sizes, so
     one prompt's acceptance does not decide the row). Returns (outputs, tokens/s, ms per engine
     step, ms per decode-only step)."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature else None)
     rounds = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     # Warm-up on the very batches: one-time work (CUDA graphs for a new batch or width bucket
     # are captured on first use, ~1 s each) stays out of the timing.
@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--heads", default="default")
     ap.add_argument("--trees", nargs="+", default=["mc_sim_7b_63", "small_12", "chain:3"])
-    ap.add_argument("--acceptance", default="typical")
+    ap.add_argument("--acceptance", default="typical", help="the rule for sampled requests (temperature > 0)")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0],
+                    help="0: greedy (Medusa must match plain token for token); > 0: sampled, --acceptance decides")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--min-prompts", type=int, default=8,
@@ -72,10 +74,11 @@ def main() -> None:
     rows = []
     base = {}
     extra: dict[int, dict] = {bs: {} for bs in args.batch_sizes}
-    for bs in args.batch_sizes:
-        base[bs] = run(plain, prompts_for(bs), args.max_tokens, bs)
-        print(f"plain batch {bs}: {base[bs][1]:.1f} tok/s, {base[bs][2]:.2f} ms/step, "
-              f"{base[bs][3]:.2f} ms/decode step", flush=True)
+    cells = [(bs, t) for t in args.temperatures for bs in args.batch_sizes]
+    for bs, t in cells:
+        base[bs, t] = run(plain, prompts_for(bs), args.max_tokens, bs, t)
+        print(f"plain batch {bs} T={t}: {base[bs, t][1]:.1f} tok/s, {base[bs, t][2]:.2f} ms/step, "
+              f"{base[bs, t][3]:.2f} ms/decode step", flush=True)
     if args.hf:
         from transformers import AutoModelForCausalLM
 
@@ -84,7 +87,7 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(str(plain.model_path), dtype=plain.dtype).to(plain.device).eval()
         for bs in args.batch_sizes:
             n, dt = bench_hf(hf, plain.tokenizer, eval_prompts(bs), args.max_tokens, plain.device)
-            extra[bs].update(hf_tok_s=n / dt, plain_vs_hf=base[bs][1] / (n / dt))
+            extra[bs].update(hf_tok_s=n / dt, plain_vs_hf=base[bs, args.temperatures[0]][1] / (n / dt))
         del hf
     plain.shutdown()
     del plain
@@ -93,7 +96,7 @@ def main() -> None:
         for bs in args.batch_sizes:
             _, tok_s, step_ms, decode_ms = run(eager, prompts_for(bs), args.max_tokens, bs)
             extra[bs].update(plain_eager_tok_s=tok_s, plain_eager_step_ms=step_ms, plain_eager_decode_ms=decode_ms,
-                             graphs_vs_eager=base[bs][1] / tok_s)
+                             graphs_vs_eager=base[bs, args.temperatures[0]][1] / tok_s)
         eager.shutdown()
         del eager
     for tree in args.trees:
@@ -103,41 +106,48 @@ def main() -> None:
         eng = Engine(args.model, speculative=spec, **kw)
         if eng.backoff is not None:
             print("back-off latency model [batch, candidates, ms]:", eng.step_latency, flush=True)
-        for bs in args.batch_sizes:
-            outs, tok_s, step_ms, decode_ms = run(eng, prompts_for(bs), args.max_tokens, bs)
-            ref_outs, plain_tok_s, plain_step_ms, plain_decode_ms = base[bs]
-            rows.append({**env, "tree": tree, "tree_nodes": eng.tree.num_nodes,
-                         "acceptance": args.acceptance, "batch_size": bs,
+        for bs, t in cells:
+            outs, tok_s, step_ms, decode_ms = run(eng, prompts_for(bs), args.max_tokens, bs, t)
+            ref_outs, plain_tok_s, plain_step_ms, plain_decode_ms = base[bs, t]
+            rows.append({**env, "config": f"{tree} T={t:g}", "tree": tree, "tree_nodes": eng.tree.num_nodes,
+                         "temperature": t, "acceptance": args.acceptance if t else "greedy", "batch_size": bs,
                          "plain_tok_s": plain_tok_s, "medusa_tok_s": tok_s, "speedup": tok_s / plain_tok_s,
                          "plain_step_ms": plain_step_ms, "medusa_step_ms": step_ms,
                          "plain_decode_ms": plain_decode_ms, "medusa_decode_ms": decode_ms, **extra[bs],
                          "mean_accepted": eng.stats.mean_accepted_length,
                          "per_head_acceptance": [round(x, 3) for x in eng.stats.per_head_acceptance],
                          "steps_by_tree_size": dict(eng.stats.steps_by_tree_size),
-                         "greedy_identical": [o.token_ids for o in outs] == [o.token_ids for o in ref_outs]})
-            print_table([rows[-1]], ["tree", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup", "mean_accepted"])
+                         "greedy_identical": ([o.token_ids for o in outs] == [o.token_ids for o in ref_outs]
+                                              if t == 0 else None)})
+            print_table([rows[-1]], ["config", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup",
+                                     "mean_accepted", "plain_decode_ms", "medusa_decode_ms"])
         eng.shutdown()
         del eng
 
     def plot(ax, rows):
         bss = sorted({r["batch_size"] for r in rows})
-        first = [r for r in rows if r["tree"] == rows[0]["tree"]]
+        first = [r for r in rows if r["config"] == rows[0]["config"]]
         ax.plot(bss, [r["plain_tok_s"] for r in first], "k--o", label="plain decoding")
         if "plain_eager_tok_s" in first[0]:
             ax.plot(bss, [r["plain_eager_tok_s"] for r in first], "k:x", label="plain decoding, eager")
         if "hf_tok_s" in first[0]:
             ax.plot(bss, [r["hf_tok_s"] for r in first], "s:", color="grey", label="HF transformers generate")
-        for tree in dict.fromkeys(r["tree"] for r in rows):
-            tr = [r for r in rows if r["tree"] == tree]
-            ax.plot([r["batch_size"] for r in tr], [r["medusa_tok_s"] for r in tr], "o-", label=f"Medusa {tree}")
+        for t in dict.fromkeys(r["temperature"] for r in rows):
+            if t:  # sampled plain decoding: its own baseline
+                tr = [r for r in rows if r["tree"] == rows[0]["tree"] and r["temperature"] == t]
+                ax.plot([r["batch_size"] for r in tr], [r["plain_tok_s"] for r in tr], "--^", color="grey",
+                        label=f"plain decoding T={t:g}")
+        for config in dict.fromkeys(r["config"] for r in rows):
+            tr = [r for r in rows if r["config"] == config]
+            ax.plot([r["batch_size"] for r in tr], [r["medusa_tok_s"] for r in tr], "o-", label=f"Medusa {config}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_ylabel("generated tokens / s")
 
     print(f"\n{env}")
-    print_table(rows, ["tree", "tree_nodes", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup",
-                       "mean_accepted", "greedy_identical"])
-    print_table([r for r in rows if r["tree"] == rows[0]["tree"]],
+    print_table(rows, ["config", "tree_nodes", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup",
+                       "mean_accepted", "plain_decode_ms", "medusa_decode_ms", "greedy_identical"])
+    print_table([r for r in rows if r["config"] == rows[0]["config"]],
                 ["batch_size", "plain_step_ms", "plain_decode_ms", "plain_eager_decode_ms", "graphs_vs_eager",
                  "hf_tok_s", "plain_vs_hf"])
     print("wrote", write_results("speculative", env, rows, plot))

@@ -2,8 +2,9 @@
 
     prepare   flat ids / positions / K/V slots and attention inputs for every scheduled token
               (prefill chunks, pending tokens, tree candidates)
-    forward   the model over all of them — a CUDA graph replay for fixed-shape steps
-              (engine/cuda_graphs.py), else eager; either way the final hidden states
+    forward   the model over all of them — a CUDA graph replay for fixed-shape steps (decode,
+              verify, and new prompts prefilled from position 0; engine/cuda_graphs.py), else
+              eager; either way the final hidden states
     logits    the lm_head on the rows a decision reads
     decide    acceptance: the accepted tree path and bonus token (or the sampled token)
     commit    the accepted tree nodes' K/V from the cache's scratch region into their slots
@@ -94,9 +95,12 @@ class ModelRunner:
             return StepResult(step_id=out.step_id, results=[])
         batch = self.prepare(out)
         graph = None
+        prefill = self.graphs.prefill_shape(out.seqs) if self.graphs is not None else None
         if self.graphs is not None and graphable_nodes(out.seqs, batch.uniform_nodes, self.graphs.width):
             graph = self.graphs.run(batch.tree, out.seqs, batch.ids, batch.positions, batch.slots)
             hidden = graph.hidden
+        elif prefill is not None:
+            hidden = self.graphs.run_prefill(prefill, out.seqs, batch.ids, batch.positions, batch.slots)
         else:
             hidden = self.forward(batch)
         if self._greedy_tail_applies(batch):

@@ -38,10 +38,16 @@ class SpeculationPolicy:
             return list(candidates)
         return [candidates[i] for i in self.subtrees[n]] if n else []
 
-    def propose_next(self, num_sampling: int) -> bool:
+    def propose_next(self, num_sampling: int, token_budget: int) -> bool:
         """Should this step's heads propose for the next one? Not when the next step, with as
-        many sequences, would decode plainly anyway."""
-        return self.backoff is None or self.backoff.choose(num_sampling, self.full) > 0
+        many sequences, would decode plainly anyway: back-off would choose no tree, or (the full
+        tree without back-off) the trees would not fit the step's token budget. Proposals nobody
+        reads cost a plain step a third of its time (H100, batch 64: 2.83 vs 2.13 ms)."""
+        if num_sampling <= 0:
+            return False
+        if self.backoff is None:
+            return num_sampling * (1 + self.full) <= token_budget
+        return self.tree_for(num_sampling, token_budget) > 0
 
     def record(self, n: int) -> None:
         self.steps_by_tree_size[n] = self.steps_by_tree_size.get(n, 0) + 1

@@ -108,8 +108,11 @@ def test_trees_go_to_every_decoding_sequence_or_to_none():
     # 4 sequences x (1 + 6) = 28 tokens: fits a budget of 28, not one of 27.
     out = _decoding_scheduler(4, 28, 6).schedule()
     assert [len(s.candidates) for s in out.seqs] == [6] * 4 and [s.tree for s in out.seqs] == [6] * 4
+    assert _decoding_scheduler(4, 28, 6).schedule().propose is True
     out = _decoding_scheduler(4, 27, 6).schedule()
     assert len(out.seqs) == 4 and all(s.candidates == [] and s.tree == 0 for s in out.seqs)  # plain, not mixed
+    # ... and the next step would not fit them either: no proposals nobody reads.
+    assert out.propose is False
     # Back-off's smaller tree (candidates 0, 2 and 5 of each full tree) makes them fit again,
     # and the step names it.
     out = _decoding_scheduler(4, 27, 6, choice=3).schedule()
@@ -118,6 +121,51 @@ def test_trees_go_to_every_decoding_sequence_or_to_none():
     assert all(s.candidates == [] and s.tree == 0 for s in out.seqs)
     # Choosing no tree also turns the next step's proposals off: the step is plain decoding.
     assert out.propose is False
+
+
+def _answer(sched: Scheduler, out, n_cands: int = 6) -> None:
+    sched.update(StepResult(step_id=out.step_id, results=[
+        SeqResult(seq_id=s.seq_id, sampled_token_ids=[7] if s.sample else [],
+                  next_candidates=list(range(10, 10 + n_cands)) if s.sample else []) for s in out.seqs]))
+
+
+def test_prefill_first_new_prompts_alone_and_no_trees_beside_a_prefill():
+    """Prefill first: a new prompt gets a step of its own (never two such steps in a row, so
+    arrivals cannot starve the decodes); a step that does mix prefill with decodes verifies no
+    trees, so the chunks get the budget; a prompt that cannot be admitted holds nothing back."""
+    def req(rid, seq_id, n):
+        return Request(request_id=rid, seq_id=seq_id, prompt_token_ids=list(range(3, 3 + n)),
+                       eos_token_ids=frozenset({2}), params=SamplingParams(temperature=0, max_tokens=50), seed=seq_id)
+
+    sched = _decoding_scheduler(4, 64, 6)
+    sched.config.max_num_seqs = 6
+    sched.add(req("new", 99, 40))
+    out = sched.schedule()
+    assert [len(s.token_ids) for s in out.seqs] == [40]  # the prompt alone
+    _answer(sched, out)
+    sched.add(req("next", 98, 10))
+    out = sched.schedule()  # right after a prompt-only step: everyone, and no trees
+    assert [len(s.token_ids) for s in out.seqs] == [1, 1, 1, 1, 1, 10]
+    assert all(s.tree == 0 and s.candidates == [] for s in out.seqs)
+    _answer(sched, out)
+    out = sched.schedule()  # everyone decodes: trees again, the new requests' included
+    assert [s.tree for s in out.seqs] == [6] * 6
+    _answer(sched, out)
+    # A waiting request beyond max_num_seqs cannot be admitted: the trees stay.
+    sched.add(req("late", 100, 2))
+    out = sched.schedule()
+    assert [s.tree for s in out.seqs] == [6] * 6 and len(sched.waiting) == 1
+    # A prompt longer than the budget: its first chunk alone, then its last chunk beside the
+    # decodes (no trees), then trees for all.
+    sched = _decoding_scheduler(2, 24, 6)
+    sched.config.max_num_seqs = 3
+    sched.add(req("long", 7, 40))
+    steps = []
+    for _ in range(3):
+        out = sched.schedule()
+        steps.append([(len(s.token_ids), s.tree) for s in out.seqs])
+        _answer(sched, out)
+    assert steps == [[(24, 0)], [(1, 0), (1, 0), (16, 0)], [(1, 6)] * 3]
 
 
 def test_served_decode_steps_correct_the_policy():

@@ -55,6 +55,26 @@ def test_only_uniform_decode_or_verify_steps_replay_graphs(bundled_dir):
     assert not graphable_nodes([], 1, 4)
 
 
+def test_fresh_prompts_replay_a_prefill_graph_of_their_padded_shape():
+    """Prompts prefilled from position 0 take the graph of the next length bucket and batch
+    bucket within the token budget; a later chunk, a decode token or a tree does not."""
+    from engine.cuda_graphs import PREFILL_BUCKETS, CudaGraphRunner, FreshPrefill
+
+    graphs = CudaGraphRunner.__new__(CudaGraphRunner)
+    graphs.max_prefill_tokens = 2048
+    assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40))]) == FreshPrefill(64)
+    assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(2)), seq(1, 0, [1], tokens=range(16)),
+                                 seq(2, 0, [2], tokens=range(17))]) == FreshPrefill(32)  # 4 x 32 tokens
+    assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(2000))]) == FreshPrefill(2048)
+    assert graphs.prefill_shape([seq(i, 0, [i], tokens=range(100)) for i in range(9)]) == FreshPrefill(128)
+    assert graphs.prefill_shape([seq(i, 0, [i], tokens=range(100)) for i in range(17)]) is None  # 24 x 128
+    assert graphs.prefill_shape([seq(0, 64, [0], tokens=range(40))]) is None  # a later chunk: cached prefix
+    assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40)), seq(1, 9, [1])]) is None  # mixed
+    assert graphs.prefill_shape([seq(0, 0, [0], tokens=[5])]) is None  # one token: the decode graphs' shape
+    assert FreshPrefill(16).mask.tolist() == [[j <= i for j in range(16)] for i in range(16)]
+    assert list(PREFILL_BUCKETS) == sorted(PREFILL_BUCKETS)
+
+
 @pytest.mark.parametrize("tree", [None, TREE])
 def test_pack_lays_out_inputs_and_padding(tree):
     nodes = tree.num_nodes if tree else 1
@@ -116,13 +136,16 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         eng = engine_for(spec)
         graphs = eng.executor.worker.runner.graphs
         assert graphs is not None and not graphs.captured
-        calls = {"forward": 0, "tail": 0}
-        run_fwd, run_tail = graphs.run, graphs.run_tail
-        graphs.run = lambda *a, **k: (calls.__setitem__("forward", calls["forward"] + 1), run_fwd(*a, **k))[1]
-        graphs.run_tail = lambda *a, **k: (calls.__setitem__("tail", calls["tail"] + 1), run_tail(*a, **k))[1]
+        calls = {"forward": 0, "tail": 0, "prefill": 0}
+
+        def counted(name, fn):
+            return lambda *a, **k: (calls.__setitem__(name, calls[name] + 1), fn(*a, **k))[1]
+        graphs.run, graphs.run_tail = counted("forward", graphs.run), counted("tail", graphs.run_tail)
+        graphs.run_prefill = counted("prefill", graphs.run_prefill)
         toks = [[o.token_ids for o in eng.generate_batch(p, params)] for p, params in batches]
         assert toks == ref[i], spec
         assert calls["forward"] > calls["tail"] > 0, calls  # the sampled request's steps skip the tail
+        assert calls["prefill"] == len(batches), calls  # every batch's prompts: one padded prefill graph
         if spec:
             assert eng.stats.accepted_per_depth[0] > 5  # paths were accepted and committed
         if eng.backoff is not None:  # plain steps and a subtree smaller than the full tree

@@ -62,9 +62,11 @@ class AttentionBackend(Protocol):
         """q: [T, H, D], k/v: [T, KVH, D] → [T, H, D]. Writes k/v of every token to its slot."""
 
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
-                     write_slots: torch.Tensor, pad_block: int) -> GraphAttnInputs:
+                     write_slots: torch.Tensor, pad_block: int, fresh: bool = False) -> GraphAttnInputs:
         """Metadata for ``batch`` sequences of ``nodes`` query tokens each (1: plain decode,
-        else a tree rooted at the pending token), block tables ``width`` pages wide."""
+        else a tree rooted at the pending token), block tables ``width`` pages wide. ``fresh``:
+        nothing is cached yet — each sequence's ``nodes`` tokens (a prompt's first chunk, padded
+        at its end) attend causally among themselves, and lengths and tables are not read."""
 
 
 def uniform_shape(seqs: list[SeqAttn]) -> Optional[tuple[int, Optional[torch.Tensor]]]:

@@ -48,6 +48,7 @@ class TorchStaticMeta:
     local: torch.Tensor  # [nodes, nodes] bool: the tree mask, or [[True]] for a decode token
     kv_lens: torch.Tensor
     tables: torch.Tensor
+    fresh: bool = False  # nothing cached: no prefix to gather (a prompt's first chunk)
 
 
 class TorchAttentionBackend:
@@ -95,18 +96,18 @@ class TorchAttentionBackend:
                       prefix_slots=prefix_slots.to(dev), mask=mask[:, None].to(dev))
 
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
-                     write_slots: torch.Tensor, pad_block: int) -> GraphAttnInputs:
+                     write_slots: torch.Tensor, pad_block: int, fresh: bool = False) -> GraphAttnInputs:
         dev = self.device
         tables = torch.full((batch, width), pad_block, dtype=torch.int32, device=dev)
         kv_lens = torch.ones(batch, dtype=torch.int32, device=dev)
         local = tree_mask if tree_mask is not None else torch.ones(1, 1, dtype=torch.bool)
         meta = TorchStaticMeta(slots=write_slots, batch=batch, nodes=nodes, local=local.to(dev),
-                               kv_lens=kv_lens, tables=tables)
+                               kv_lens=kv_lens, tables=tables, fresh=fresh)
         return GraphAttnInputs(meta=meta, kv_lens=kv_lens, block_tables=tables)
 
     def _static_group(self, meta: TorchStaticMeta) -> _Group:
         b, n, dev = meta.batch, meta.nodes, self.device
-        span = meta.tables.shape[1] * self.kv_cache.block_size
+        span = 0 if meta.fresh else meta.tables.shape[1] * self.kv_cache.block_size
         pos = torch.arange(span, device=dev).expand(b, span)
         # The prefix in the cache: a decode token's own slot is attended through ``local``.
         ctx = meta.kv_lens.long() - (1 if n == 1 else 0)

@@ -42,6 +42,10 @@ class XformersAttnMeta:
     # Every row of the step is causal (or every row is in a tree): no gather/scatter of rows.
     causal_all: bool = False
     tree_all: bool = False
+    # A graph step of fresh prompts (nothing cached): ``fresh_batch`` blocks of ``fresh_len``
+    # tokens, causal within each block (flash, no lengths or tables to read).
+    fresh_batch: int = 0
+    fresh_len: int = 0
 
 
 class XformersAttentionBackend:
@@ -134,11 +138,15 @@ class XformersAttentionBackend:
         return meta
 
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
-                     write_slots: torch.Tensor, pad_block: int) -> GraphAttnInputs:
+                     write_slots: torch.Tensor, pad_block: int, fresh: bool = False) -> GraphAttnInputs:
         """``uniform_metadata`` on static tensors for CUDA graph capture: block tables ``width``
         pages wide (all the pad block until refreshed) and the bias's own length tensor, both
-        refreshed in place before each replay."""
+        refreshed in place before each replay. ``fresh`` prompts need neither."""
         tables = torch.full((batch, width), pad_block, dtype=torch.int32, device=self.device)
+        if fresh:
+            meta = XformersAttnMeta(slots=write_slots, fresh_batch=batch, fresh_len=nodes)
+            return GraphAttnInputs(meta=meta, kv_lens=torch.zeros(batch, dtype=torch.int32, device=self.device),
+                                   block_tables=tables)
         meta = self.uniform_metadata(batch, nodes, tree_mask, [1] * batch, tables, write_slots)
         bias = meta.causal_bias if tree_mask is None else meta.tree_prefix_bias
         return GraphAttnInputs(meta=meta, kv_lens=bias.k_seqinfo.seqlen, block_tables=tables)
@@ -155,6 +163,15 @@ class XformersAttentionBackend:
         hg = h // g
         cache_k = self.kv_cache.k[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
         cache_v = self.kv_cache.v[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
+        if meta.fresh_batch:
+            from xformers.ops.fmha.attn_bias import LowerTriangularMask
+
+            b, n = meta.fresh_batch, meta.fresh_len
+            kf = k.view(b, n, g, 1, d).expand(-1, -1, -1, hg, -1)
+            vf = v.view(b, n, g, 1, d).expand(-1, -1, -1, hg, -1)
+            of = fmha.memory_efficient_attention_forward(q.view(b, n, g, hg, d), kf, vf,
+                                                         attn_bias=LowerTriangularMask())
+            return of.reshape(-1, h, d)
         out = torch.empty_like(q)
         if meta.causal_all or meta.causal_idx is not None:
             qc = (q if meta.causal_all else q.index_select(0, meta.causal_idx)).view(1, -1, g, hg, d)

@@ -1,0 +1,155 @@
+"""Where an engine's wall time goes, step by step: every engine step of a timed run, by kind.
+
+    python -m benchmarks.step_trace --batch-size 64 --trees none backoff mc_sim_7b_63
+
+Runs each configuration on the same held-out prompts (warm-up on the very batch first, as
+benchmarks/speculative.py does), times every ``Engine.step`` with the device synchronised, and
+groups the steps by kind: prefill-only, mixed (prefill chunks + decoding sequences), decode
+(plain or the verified tree size). Prints per kind the step count, total and mean ms, and the
+slowest steps; writes the rows to ``benchmarks/results/step-trace-*.json``. It answers "why
+does this engine spend N ms per step here" before anyone guesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import environment, eval_prompts, print_table, write_results  # noqa: E402
+from benchmarks.throughput import sync  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+
+
+def step_kind(out) -> str:
+    prefill = sum(len(s.token_ids) for s in out.seqs if len(s.token_ids) > 1)
+    decoding = [s for s in out.seqs if len(s.token_ids) == 1]
+    trees = sorted({s.tree for s in decoding})
+    if not decoding:
+        return "prefill"
+    kind = "decode" + "/".join(f"[{t}]" for t in trees)
+    return f"mixed {kind}" if prefill else kind
+
+
+def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int) -> list[dict]:
+    """``prompts`` in rounds of ``batch_size`` (after a warm-up on them): a row per engine step."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    rounds = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    for r in rounds:
+        engine.generate_batch(r, params, chat=True)
+    steps: list[dict] = []
+    execute = engine.executor.execute
+
+    def timed_execute(out):
+        sync(engine.device)
+        t0 = time.perf_counter()
+        result = execute(out)
+        sync(engine.device)
+        steps.append({"kind": step_kind(out), "seqs": len(out.seqs), "propose": out.propose,
+                      "tokens": sum(len(s.token_ids) + s.tree for s in out.seqs),
+                      "produced": sum(len(r.sampled_token_ids) for r in result.results),
+                      "schedule_ms": 1e3 * (t0 - scheduled_at[0]),
+                      "execute_ms": 1e3 * (time.perf_counter() - t0)})
+        return result
+
+    schedule = engine.scheduler.schedule
+    scheduled_at = [0.0]
+
+    def timed_schedule():
+        scheduled_at[0] = time.perf_counter()
+        return schedule()
+
+    engine.executor.execute = timed_execute
+    engine.scheduler.schedule = timed_schedule
+    try:
+        for r in rounds:
+            for p in r:
+                engine.add_request(p, params, chat=True)
+            while engine.has_unfinished():
+                sync(engine.device)
+                t0 = time.perf_counter()
+                engine.step()
+                sync(engine.device)
+                if steps and "step_ms" not in steps[-1]:
+                    steps[-1]["step_ms"] = 1e3 * (time.perf_counter() - t0)
+    finally:
+        engine.executor.execute = execute
+        engine.scheduler.schedule = schedule
+    return steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--heads", default="default")
+    ap.add_argument("--trees", nargs="+", default=["none", "backoff", "mc_sim_7b_63"],
+                    help="'none': an engine without speculation; 'backoff': tree auto + back-off")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=0,
+                    help="prompts in all, run in rounds of --batch-size (default: one round)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
+    ap.add_argument("--slowest", type=int, default=8, help="list this many slowest steps per config")
+    args = ap.parse_args()
+
+    prompts = eval_prompts(max(args.num_prompts, args.batch_size))
+    rows, env = [], None
+    for tree in args.trees:
+        kw = dict(max_num_seqs=args.batch_size, kv_cache_memory_gb=args.kv_cache_memory_gb)
+        if tree != "none":
+            spec = {"heads": args.heads, "tree": tree}
+            if tree == "backoff":
+                spec.update(tree="auto", backoff=True)
+            kw["speculative"] = spec
+        engine = Engine(args.model, **kw)
+        env = env or environment(engine.device, engine.dtype, "SmolLM2-135M-Instruct" if args.model == "default"
+                                 else args.model)
+        steps = trace(engine, prompts, args.max_tokens, args.batch_size)
+        by_kind: dict[str, list[dict]] = defaultdict(list)
+        for s in steps:
+            by_kind[s["kind"]].append(s)
+        total = sum(s["step_ms"] for s in steps)
+        print(f"\n== {tree}: {len(steps)} steps, {total:.1f} ms ({len(prompts)} prompts, batch {args.batch_size})",
+              flush=True)
+        table = []
+        for kind, ss in sorted(by_kind.items(), key=lambda kv: -sum(s["step_ms"] for s in kv[1])):
+            row = {"config": tree, "batch_size": args.batch_size, "num_prompts": len(prompts), "kind": kind,
+                   "steps": len(ss),
+                   "total_ms": sum(s["step_ms"] for s in ss), "mean_ms": sum(s["step_ms"] for s in ss) / len(ss),
+                   "mean_execute_ms": sum(s["execute_ms"] for s in ss) / len(ss),
+                   "mean_schedule_ms": sum(s["schedule_ms"] for s in ss) / len(ss),
+                   "tokens_per_ms": sum(s["produced"] for s in ss) / sum(s["step_ms"] for s in ss),
+                   "max_ms": max(s["step_ms"] for s in ss), "run_total_ms": total}
+            table.append(row)
+        rows += table
+        print_table(table, ["kind", "steps", "total_ms", "mean_ms", "mean_schedule_ms", "mean_execute_ms", "max_ms",
+                           "tokens_per_ms"])
+        if engine.backoff is not None:
+            print("back-off latency grid [batch, candidates, ms]:", engine.step_latency)
+            print("back-off expected tokens per step by tree size:", engine.backoff.expected)
+        for s in sorted(steps, key=lambda s: -s["step_ms"])[:args.slowest]:
+            print("  slow:", {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()})
+        engine.shutdown()
+
+    def plot(ax, rows):
+        configs = list(dict.fromkeys(r["config"] for r in rows))
+        kinds = list(dict.fromkeys(r["kind"].split(" [")[0].split("[")[0] for r in rows))
+        bottom = [0.0] * len(configs)
+        for kind in kinds:
+            vals = [sum(r["total_ms"] for r in rows if r["config"] == c and r["kind"].startswith(kind))
+                    for c in configs]
+            ax.bar(configs, vals, bottom=bottom, label=kind)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_ylabel("ms per run")
+        ax.set_title(f"engine time by step kind, batch {args.batch_size}, {env['device']}")
+        ax.legend()
+
+    write_results("step-trace", env, rows, plot)
+
+
+if __name__ == "__main__":
+    main()
