@@ -46,6 +46,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 # Prompt lengths fresh-prefill graphs are captured for: a prompt is padded up to the next one.
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# A fresh-prefill graph may hold this many times the step's token budget once padded (16
+# prompts of 60–155 tokens: 16 x 256 slots for ~1,000 tokens). Padding costs GPU time that an
+# eager step of the bundled model (~40 ms, host-bound) would cost many times over.
+PREFILL_GRAPH_PADDING = 4
 
 
 @lru_cache(maxsize=None)
@@ -229,9 +233,11 @@ class CudaGraphRunner:
                             reverse=True):
                 self._graph(shape, b)
 
-    def capture_prefill(self) -> None:
-        """Capture the one-prompt fresh-prefill graph of every length bucket that fits."""
-        for length in sorted((n for n in PREFILL_BUCKETS if n <= self.max_prefill_tokens), reverse=True):
+    def capture_prefill(self, max_prompt_tokens: int) -> None:
+        """Capture the one-prompt fresh-prefill graph of every length bucket a step's prompt
+        chunk (at most ``max_prompt_tokens``) may need; several prompts' on first use."""
+        top = next((n for n in PREFILL_BUCKETS if n >= max_prompt_tokens), PREFILL_BUCKETS[-1])
+        for length in sorted((n for n in PREFILL_BUCKETS if n <= min(top, self.max_prefill_tokens)), reverse=True):
             self._graph(FreshPrefill(length), 1)
 
     def prefill_shape(self, seqs: list[ScheduledSeq]) -> Optional[FreshPrefill]:

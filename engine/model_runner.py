@@ -28,7 +28,7 @@ import torch
 from engine.attention.base import AttentionBackend, SeqAttn, StepAttnInputs, block_tables
 from engine.config import SpeculativeConfig
 from engine.cuda_graphs import CudaGraphRunner, graphable_nodes
-from engine.sampling import SamplingParams, apply_penalties, processed_probs, sample_token
+from engine.sampling import SamplingParams, apply_penalties, decides_on_host, processed_probs, sample_token
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, SeqResult, StepResult
 from spec_decode.acceptance import Accepted, accept, accept_greedy_batch
 from spec_decode.proposer import MedusaProposer
@@ -275,13 +275,8 @@ class ModelRunner:
         """The device tail decides every sequence of the step: a uniform step, all sampling
         greedily, no logprobs, no min_tokens still masking stop tokens, no penalties (those
         need the host path)."""
-        if batch.uniform_nodes is None:
-            return False
-        for s in batch.seqs:
-            p = s.params or SamplingParams()
-            if not (s.sample and p.greedy) or p.logprobs or p.min_tokens > s.num_output_tokens or p.penalized:
-                return False
-        return True
+        return batch.uniform_nodes is not None and all(
+            s.sample and not decides_on_host(s.params, s.num_output_tokens) for s in batch.seqs)
 
     @staticmethod
     def _tail_results(out: SchedulerOutput, tree: Optional[MedusaTree], rows: list[list[int]]) -> list[SeqResult]:

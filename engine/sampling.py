@@ -105,6 +105,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                     or self.logit_bias)
 
 
+def decides_on_host(params: Optional["SamplingParams"], num_output_tokens: int) -> bool:
+    """Is a sampling step of this request decided on the host (the acceptance rules and the
+    sampler) rather than by the device's greedy tail? Sampled requests, logprobs, penalties or
+    logit bias, and min_tokens still masking stop tokens."""
+    p = params or SamplingParams()
+    return not p.greedy or bool(p.logprobs) or p.min_tokens > num_output_tokens or p.penalized
+
+
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
                     paths: list[list[int]]) -> None:
     """In place: row r of ``logits`` [R, V] predicts the token after ``output`` + ``paths[r]``

@@ -91,13 +91,13 @@ class Worker:
         backend = ATTENTION_BACKENDS[spec.attention_backend].build(self.kv_cache, self.device)
         graphs = None
         if use_graphs:
-            from engine.cuda_graphs import CudaGraphRunner
+            from engine.cuda_graphs import PREFILL_GRAPH_PADDING, CudaGraphRunner
 
             longest = min(cfg.model.max_model_len or self.arch.max_position_embeddings,
                           spec.num_blocks * spec.block_size)
             width = min(spec.num_blocks, -(-(longest + 64) // spec.block_size))  # + a tree's lookahead
             graphs = CudaGraphRunner(self.model, backend, self.device, width, pad_block=self.kv_cache.pad_block,
-                                     max_prefill_tokens=cfg.scheduler.max_num_batched_tokens)
+                                     max_prefill_tokens=PREFILL_GRAPH_PADDING * cfg.scheduler.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, backend, self.device, tuple(spec.eos_token_ids), proposer,
                                   cfg.speculative, graphs)
         self.tree_autotune: Optional[list[dict]] = None
@@ -139,7 +139,7 @@ class Worker:
             # no request waits for a capture.
             graphs.capture([None] + sorted(self.runner.trees.values(), key=lambda t: t.num_nodes),
                            sc.max_num_seqs, sc.max_num_batched_tokens)
-            graphs.capture_prefill()
+            graphs.capture_prefill(sc.max_num_batched_tokens)
 
     def info(self) -> WorkerInfo:
         tree, g = self.runner.tree, self.runner.graphs

@@ -45,27 +45,53 @@ class LatencyModel:
                 row[b] = floor
             prev = row
 
-        # Per tree size, observed / predicted step time (EMA over served steps): start-up
-        # timings are a few samples on a possibly busy machine at one context length.
-        self.correction: dict[int, float] = {n: 1.0 for n in self.table}
+        # Per (tree size, decided on the host), observed / measured step time (EMA over served
+        # steps): start-up timings are a few samples on a possibly busy machine at one context
+        # length, of greedy steps only. A step of sampled requests (or logprobs, penalties)
+        # decides on the host instead of the captured tail and costs several times more (H100,
+        # batch 16, T=0.7, typical: 13.8 ms against 2.7 ms greedy) — a cost of its own.
+        self.correction: dict[tuple[int, bool], float] = {(n, False): 1.0 for n in self.table}
+        self._surprises: dict[tuple[int, bool], int] = {}
 
     @property
     def sizes(self) -> list[int]:
         return sorted(self.table)
 
-    # Served steps this far off the measurement are one-off stalls (a CUDA graph captured on
+    # A served step this far off the prediction is a one-off stall (a CUDA graph captured on
     # first use, allocator growth, a GC pause), not the step's cost: learning from one would
-    # price a tree size out for good, since back-off then never runs it again to unlearn.
+    # price a tree size out for good, since back-off then never runs it again to unlearn. The
+    # same surprise PERSISTENT times running is the step's real cost, and is taken at once.
     OUTLIER_RATIO = 4.0
+    PERSISTENT = 3
 
-    def observe(self, batch_size: int, n: int, ms: float, weight: float = 0.1) -> None:
-        ratio = ms / self._measured(batch_size, n)
-        if not 1 / self.OUTLIER_RATIO <= ratio <= self.OUTLIER_RATIO:
+    def _correction(self, n: int, host: bool) -> float:
+        if (n, host) in self.correction:
+            return self.correction[n, host]
+        if n == 0:  # plain decoding's prior: as measured, so back-off falls back to it readily
+            return 1.0
+        # A host-path tree size not served yet: what the served ones learned so far, else what
+        # plain decoding's host steps did (deciding a tree on the host costs no less than
+        # sampling one token there: without this prior back-off pays a few slow steps per size
+        # to learn it, measured at batch 64, T=0.7).
+        known = [c for (m, h), c in self.correction.items() if h == host and m > 0]
+        return sum(known) / len(known) if known else self.correction.get((0, host), 1.0)
+
+    def observe(self, batch_size: int, n: int, ms: float, weight: float = 0.1, host: bool = False) -> None:
+        if weight <= 0:  # learning off
             return
-        self.correction[n] += weight * (ratio - self.correction[n])
+        key, measured = (n, host), self._measured(batch_size, n)
+        corr = self._correction(n, host)
+        if not 1 / self.OUTLIER_RATIO <= ms / (measured * corr) <= self.OUTLIER_RATIO:
+            self._surprises[key] = self._surprises.get(key, 0) + 1
+            if self._surprises[key] >= self.PERSISTENT:
+                self.correction[key] = ms / measured
+                self._surprises[key] = 0
+            return
+        self._surprises[key] = 0
+        self.correction[key] = corr + weight * (ms / measured - corr)
 
-    def ms(self, batch_size: int, n: int) -> float:
-        return self._measured(batch_size, n) * self.correction[n]
+    def ms(self, batch_size: int, n: int, host: bool = False) -> float:
+        return self._measured(batch_size, n) * self._correction(n, host)
 
     def _measured(self, batch_size: int, n: int) -> float:
         row = self.table[n]
@@ -98,24 +124,26 @@ class BackoffPolicy:
         if missing:
             raise ValueError(f"back-off: no expected accepted length for tree sizes {missing}")
 
-    def observe(self, batch_size: int, n: int, ms: float, tokens_per_seq: float) -> None:
+    def observe(self, batch_size: int, n: int, ms: float, tokens_per_seq: float, host: bool = False) -> None:
         """A served step of ``batch_size`` decoding sequences with n-candidate trees took ``ms``
-        and produced ``tokens_per_seq`` tokens per sequence: pull the model toward it."""
-        self.latency.observe(batch_size, n, ms, self.learning_rate)
+        and produced ``tokens_per_seq`` tokens per sequence (``host``: it decided on the host):
+        pull the model toward it."""
+        self.latency.observe(batch_size, n, ms, self.learning_rate, host)
         if n:
             self.expected[n] += self.learning_rate * (tokens_per_seq - self.expected[n])
 
-    def rate(self, batch_size: int, n: int) -> float:
+    def rate(self, batch_size: int, n: int, host: bool = False) -> float:
         """Expected tokens per second with B sequences and an n-candidate tree."""
-        return batch_size * self.expected[n] / self.latency.ms(batch_size, n) * 1e3
+        return batch_size * self.expected[n] / self.latency.ms(batch_size, n, host) * 1e3
 
-    def choose(self, batch_size: int, max_candidates: int) -> int:
+    def choose(self, batch_size: int, max_candidates: int, host: bool = False) -> int:
         """The number of candidates per sequence for a step decoding ``batch_size`` sequences
-        (at most ``max_candidates``, e.g. what the token budget allows)."""
+        (at most ``max_candidates``, e.g. what the token budget allows; ``host``: the step will
+        decide on the host — sampled requests, logprobs, penalties)."""
         if batch_size <= 0:
             return 0
         options = [n for n in self.latency.sizes if 0 < n <= max_candidates]
         if not options:
             return 0
-        best = max(options, key=lambda n: (self.rate(batch_size, n), -n))
-        return best if self.rate(batch_size, best) >= self.margin * self.rate(batch_size, 0) else 0
+        best = max(options, key=lambda n: (self.rate(batch_size, n, host), -n))
+        return best if self.rate(batch_size, best, host) >= self.margin * self.rate(batch_size, 0, host) else 0

@@ -83,7 +83,7 @@ class _FixedChoice:
     def __init__(self, n: int) -> None:
         self.n = n
 
-    def choose(self, batch_size: int, max_candidates: int) -> int:
+    def choose(self, batch_size: int, max_candidates: int, host: bool = False) -> int:
         return self.n
 
 
@@ -173,8 +173,8 @@ def test_served_decode_steps_correct_the_policy():
     seen = []
 
     class Recording(_FixedChoice):
-        def observe(self, batch_size, n, ms, tokens_per_seq):
-            seen.append((batch_size, n, ms, tokens_per_seq))
+        def observe(self, batch_size, n, ms, tokens_per_seq, host):
+            seen.append((batch_size, n, ms, tokens_per_seq, host))
 
     policy = SpeculationPolicy({6: range(6), 3: (0, 2, 5)}, Recording(3))
     sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64),
@@ -193,5 +193,5 @@ def test_served_decode_steps_correct_the_policy():
         SeqResult(seq_id=0, sampled_token_ids=[10, 8], num_accepted=1, next_candidates=list(range(10, 16))),
         SeqResult(seq_id=1, sampled_token_ids=[9], num_accepted=0, next_candidates=list(range(10, 16)))]),
         execute_ms=2.5)
-    assert seen == [(2, 3, 2.5, 1.5)]
+    assert seen == [(2, 3, 2.5, 1.5, False)]
     assert policy.steps_by_tree_size == {3: 1}
