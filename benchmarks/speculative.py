@@ -25,24 +25,49 @@ from engine.engine import Engine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 
 
-def run(engine, prompts, max_tokens, batch_size, temperature=0.0):
+def _rounds(prompts, batch_size):
+    return [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+
+
+def _params(max_tokens, temperature):
+    return SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature else None)
+
+
+def warm_up(engine, prompts, max_tokens, batch_size, temperature=0.0):
+    """One pass over the very batches: one-time work (CUDA graphs for a new batch, prompt or
+    width bucket are captured on first use, ~1 s each) stays out of the timing."""
+    for r in _rounds(prompts, batch_size):
+        engine.generate_batch(r, _params(max_tokens, temperature), chat=True)
+
+
+def timed(engine, prompts, max_tokens, batch_size, temperature=0.0) -> dict:
     """Generate ``prompts`` in rounds of ``batch_size`` (several rounds at small batch sizes, so
-    one prompt's acceptance does not decide the row). Returns (outputs, tokens/s, ms per engine
-    step, ms per decode-only step)."""
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature else None)
-    rounds = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    # Warm-up on the very batches: one-time work (CUDA graphs for a new batch or width bucket
-    # are captured on first use, ~1 s each) stays out of the timing.
-    for r in rounds:
-        engine.generate_batch(r, params, chat=True)
+    one prompt's acceptance does not decide the row): outputs, tokens/s, ms per engine step and
+    per decode-only step, and the engine's speculation counters for this run."""
     engine.reset_stats()
     sync(engine.device)
     t0 = time.perf_counter()
-    outs = [o for r in rounds for o in engine.generate_batch(r, params, chat=True)]
+    outs = [o for r in _rounds(prompts, batch_size)
+            for o in engine.generate_batch(r, _params(max_tokens, temperature), chat=True)]
     sync(engine.device)
     dt = time.perf_counter() - t0
-    return (outs, sum(len(o.token_ids) for o in outs) / dt, 1e3 * dt / max(1, engine.stats.num_steps),
-            engine.stats.decode_step_ms)
+    st = engine.stats
+    return {"outs": outs, "tok_s": sum(len(o.token_ids) for o in outs) / dt,
+            "step_ms": 1e3 * dt / max(1, st.num_steps), "decode_ms": st.decode_step_ms,
+            "mean_accepted": st.mean_accepted_length,
+            "per_head_acceptance": [round(x, 3) for x in st.per_head_acceptance],
+            "steps_by_tree_size": dict(st.steps_by_tree_size)}
+
+
+def run(engine, prompts, max_tokens, batch_size, temperature=0.0):
+    """Warm-up, then one timed pass: (outputs, tokens/s, ms per engine step, ms per decode step)."""
+    warm_up(engine, prompts, max_tokens, batch_size, temperature)
+    r = timed(engine, prompts, max_tokens, batch_size, temperature)
+    return r["outs"], r["tok_s"], r["step_ms"], r["decode_ms"]
+
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
 
 
 def main() -> None:
@@ -62,35 +87,73 @@ def main() -> None:
                     help="GPU: enough for the largest batch, or preemption (recompute) is what gets timed")
     ap.add_argument("--hf", action="store_true", help="also time HF transformers generate (plain, greedy)")
     ap.add_argument("--eager", action="store_true", help="also time plain decoding without CUDA graphs")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs per configuration and cell, alternating between configurations; the median")
     args = ap.parse_args()
 
     kw = dict(dtype=args.dtype, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb)
 
     def prompts_for(bs: int) -> list[str]:
         return eval_prompts(bs * max(1, -(-args.min_prompts // bs)))
-    plain = Engine(args.model, **kw)
+    # Every configuration lives side by side and the timed runs alternate between them
+    # (--repeats rounds, the median kept): a machine that drifts or stalls mid-run (a busy host
+    # CPU moves this small model's steps by 2x) hits plain and Medusa alike.
+    engines = {"plain": Engine(args.model, **kw)}
+    plain = engines["plain"]
     env = environment(plain.device, plain.dtype, "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
-    env.update(heads=args.heads, cuda_graphs=plain.num_graphs > 0, graph_capture_s=plain.graph_capture_s)
+    env.update(heads=args.heads, cuda_graphs=plain.num_graphs > 0, graph_capture_s=plain.graph_capture_s,
+               repeats=args.repeats)
+    for tree in args.trees:
+        spec = {"heads": args.heads, "tree": tree, "acceptance": args.acceptance}
+        if tree == "backoff":
+            spec.update(tree="auto", backoff=True)
+        engines[tree] = Engine(args.model, speculative=spec, **kw)
+        if engines[tree].backoff is not None:
+            print("back-off latency model [batch, candidates, ms]:", engines[tree].step_latency, flush=True)
     rows = []
     base = {}
     extra: dict[int, dict] = {bs: {} for bs in args.batch_sizes}
     cells = [(bs, t) for t in args.temperatures for bs in args.batch_sizes]
     for bs, t in cells:
-        base[bs, t] = run(plain, prompts_for(bs), args.max_tokens, bs, t)
-        print(f"plain batch {bs} T={t}: {base[bs, t][1]:.1f} tok/s, {base[bs, t][2]:.2f} ms/step, "
-              f"{base[bs, t][3]:.2f} ms/decode step", flush=True)
+        prompts = prompts_for(bs)
+        runs: dict[str, list[dict]] = {name: [] for name in engines}
+        for eng in engines.values():
+            warm_up(eng, prompts, args.max_tokens, bs, t)
+        for _ in range(args.repeats):
+            for name, eng in engines.items():
+                runs[name].append(timed(eng, prompts, args.max_tokens, bs, t))
+        ref = median_run(runs["plain"])
+        base[bs, t] = ref["outs"], ref["tok_s"], ref["step_ms"], ref["decode_ms"]
+        print(f"plain batch {bs} T={t}: {ref['tok_s']:.1f} tok/s, {ref['step_ms']:.2f} ms/step, "
+              f"{ref['decode_ms']:.2f} ms/decode step", flush=True)
+        for tree in args.trees:
+            r, eng = median_run(runs[tree]), engines[tree]
+            rows.append({**env, "config": f"{tree} T={t:g}", "tree": tree, "tree_nodes": eng.tree.num_nodes,
+                         "temperature": t, "acceptance": args.acceptance if t else "greedy", "batch_size": bs,
+                         "plain_tok_s": ref["tok_s"], "medusa_tok_s": r["tok_s"], "speedup": r["tok_s"] / ref["tok_s"],
+                         "speedup_runs": [round(m["tok_s"] / p["tok_s"], 3) for m, p in zip(runs[tree], runs["plain"])],
+                         "plain_step_ms": ref["step_ms"], "medusa_step_ms": r["step_ms"],
+                         "plain_decode_ms": ref["decode_ms"], "medusa_decode_ms": r["decode_ms"], **extra[bs],
+                         "mean_accepted": r["mean_accepted"], "per_head_acceptance": r["per_head_acceptance"],
+                         "steps_by_tree_size": r["steps_by_tree_size"],
+                         "greedy_identical": ([o.token_ids for o in r["outs"]] == [o.token_ids for o in ref["outs"]]
+                                              if t == 0 else None)})
+            print_table([rows[-1]], ["config", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup",
+                                     "mean_accepted", "plain_decode_ms", "medusa_decode_ms"])
+    model_path, dtype, device, tokenizer = plain.model_path, plain.dtype, plain.device, plain.tokenizer
+    for eng in engines.values():
+        eng.shutdown()
+    del engines, plain, eng
     if args.hf:
         from transformers import AutoModelForCausalLM
 
         from benchmarks.throughput import bench_hf
 
-        hf = AutoModelForCausalLM.from_pretrained(str(plain.model_path), dtype=plain.dtype).to(plain.device).eval()
+        hf = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).to(device).eval()
         for bs in args.batch_sizes:
-            n, dt = bench_hf(hf, plain.tokenizer, eval_prompts(bs), args.max_tokens, plain.device)
+            n, dt = bench_hf(hf, tokenizer, eval_prompts(bs), args.max_tokens, device)
             extra[bs].update(hf_tok_s=n / dt, plain_vs_hf=base[bs, args.temperatures[0]][1] / (n / dt))
         del hf
-    plain.shutdown()
-    del plain
     if args.eager:
         eager = Engine(args.model, enforce_eager=True, **kw)
         for bs in args.batch_sizes:
@@ -99,30 +162,8 @@ def main() -> None:
                              graphs_vs_eager=base[bs, args.temperatures[0]][1] / tok_s)
         eager.shutdown()
         del eager
-    for tree in args.trees:
-        spec = {"heads": args.heads, "tree": tree, "acceptance": args.acceptance}
-        if tree == "backoff":
-            spec.update(tree="auto", backoff=True)
-        eng = Engine(args.model, speculative=spec, **kw)
-        if eng.backoff is not None:
-            print("back-off latency model [batch, candidates, ms]:", eng.step_latency, flush=True)
-        for bs, t in cells:
-            outs, tok_s, step_ms, decode_ms = run(eng, prompts_for(bs), args.max_tokens, bs, t)
-            ref_outs, plain_tok_s, plain_step_ms, plain_decode_ms = base[bs, t]
-            rows.append({**env, "config": f"{tree} T={t:g}", "tree": tree, "tree_nodes": eng.tree.num_nodes,
-                         "temperature": t, "acceptance": args.acceptance if t else "greedy", "batch_size": bs,
-                         "plain_tok_s": plain_tok_s, "medusa_tok_s": tok_s, "speedup": tok_s / plain_tok_s,
-                         "plain_step_ms": plain_step_ms, "medusa_step_ms": step_ms,
-                         "plain_decode_ms": plain_decode_ms, "medusa_decode_ms": decode_ms, **extra[bs],
-                         "mean_accepted": eng.stats.mean_accepted_length,
-                         "per_head_acceptance": [round(x, 3) for x in eng.stats.per_head_acceptance],
-                         "steps_by_tree_size": dict(eng.stats.steps_by_tree_size),
-                         "greedy_identical": ([o.token_ids for o in outs] == [o.token_ids for o in ref_outs]
-                                              if t == 0 else None)})
-            print_table([rows[-1]], ["config", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup",
-                                     "mean_accepted", "plain_decode_ms", "medusa_decode_ms"])
-        eng.shutdown()
-        del eng
+    for row in rows:
+        row.update(extra[row["batch_size"]])
 
     def plot(ax, rows):
         bss = sorted({r["batch_size"] for r in rows})

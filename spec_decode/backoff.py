@@ -57,11 +57,13 @@ class LatencyModel:
     def sizes(self) -> list[int]:
         return sorted(self.table)
 
-    # A served step this far off the prediction is a one-off stall (a CUDA graph captured on
-    # first use, allocator growth, a GC pause), not the step's cost: learning from one would
-    # price a tree size out for good, since back-off then never runs it again to unlearn. The
-    # same surprise PERSISTENT times running is the step's real cost, and is taken at once.
-    OUTLIER_RATIO = 4.0
+    # A served step this far off the prediction is a surprise: maybe a one-off stall (a CUDA
+    # graph captured on first use, allocator growth, a GC pause), not the step's cost — learning
+    # from one would price a tree size out for good, since back-off then never runs it again to
+    # unlearn. PERSISTENT surprises running are the step's real cost, and are taken at once (an
+    # EMA would pay for dozens of slow steps first: a sampled step on the host costs 2.5–5x the
+    # greedy step the grid measured). Closer observations pull the estimate by the EMA.
+    SURPRISE_RATIO = 1.5
     PERSISTENT = 3
 
     def _correction(self, n: int, host: bool) -> float:
@@ -81,7 +83,7 @@ class LatencyModel:
             return
         key, measured = (n, host), self._measured(batch_size, n)
         corr = self._correction(n, host)
-        if not 1 / self.OUTLIER_RATIO <= ms / (measured * corr) <= self.OUTLIER_RATIO:
+        if not 1 / self.SURPRISE_RATIO <= ms / (measured * corr) <= self.SURPRISE_RATIO:
             self._surprises[key] = self._surprises.get(key, 0) + 1
             if self._surprises[key] >= self.PERSISTENT:
                 self.correction[key] = ms / measured
