@@ -128,9 +128,18 @@ class Worker:
                 if spec.rank == 0:
                     save_latency_grid(key, self.step_latency)
         elif proposer is not None and cfg.speculative.tree == "auto":
-            # tree="auto": time the verify step for several tree sizes on this device, keep the best.
+            # tree="auto": time the verify step for several tree sizes on this device, keep the best
+            # (the timings are cached on disk like the back-off grid: a restart only re-picks).
+            batches = sorted({min(b, sc.max_num_seqs) for b in AUTOTUNE_BATCH_SIZES})
+            key = {**latency_cache_key(spec, self.device, list(AUTO_TREE_SIZES), batches, self.runner.tree,
+                                       use_graphs), "what": "tree-auto"}
+            cached = self.tp.broadcast_object(load_latency_grid(key) if spec.rank == 0 else None)
+            if cached is not None:
+                logger.info("tree=auto: step timings loaded from the cache")
             self.tree_autotune = autotune_tree(self.runner, self.head_accuracy, spec.block_size, spec.num_blocks,
-                                               sc.max_num_batched_tokens, sc.max_num_seqs, self.tp)
+                                               sc.max_num_batched_tokens, sc.max_num_seqs, self.tp, timed_rows=cached)
+            if cached is None and spec.rank == 0:
+                save_latency_grid(key, self.tree_autotune)
         if proposer is not None and self.subtrees is None:
             full = self.runner.tree
             self.subtrees = {full.num_nodes - 1: list(range(full.num_nodes - 1))}
@@ -209,7 +218,7 @@ def save_latency_grid(key: dict, grid: list[list[float]]) -> None:
         tmp.write_text(json.dumps({"key": key, "grid": grid, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}))
         os.replace(tmp, f)
     except OSError as e:  # a read-only cache only costs the next start a measurement
-        logger.warning("back-off: could not cache the step-latency grid (%s)", e)
+        logger.warning("could not cache the step timings in %s (%s)", f, e)
 
 
 def use_cuda_graphs(config: EngineConfig, device: torch.device, backend: str, world_size: int) -> bool:
@@ -277,22 +286,28 @@ AUTOTUNE_BATCH_SIZES = (1, 4)
 
 
 def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, token_budget: int,
-                  max_num_seqs: int, tp: TPGroup, ctx: int = 128) -> list[dict]:
+                  max_num_seqs: int, tp: TPGroup, ctx: int = 128,
+                  timed_rows: Optional[list[dict]] = None) -> list[dict]:
     """Time plain decoding and one verify step per tree size (``ctx`` tokens of context) at
     batch 1 and 4; keep the tree with the best estimated speed-up (expected tokens per step x
     plain step time / verify step time, averaged over the batch sizes). Runs before any
     request exists, so the KV blocks it scribbles on are free. Under tensor parallelism every
     rank times the same steps (they run in lockstep) and rank 0's choice is broadcast, so all
-    ranks agree."""
+    ranks agree. ``timed_rows``: this function's rows from an earlier start (cached), whose
+    timings are used instead of measuring."""
     trees = {n: build_tree_from_accuracy(acc, n) for n in AUTO_TREE_SIZES}
     batches = sorted({min(b, max_num_seqs) for b in AUTOTUNE_BATCH_SIZES})
     ms: dict[tuple[int, int], float] = {}
-    for n, tree in trees.items():
-        # Each tree alone, so its step proposes for that tree only (as it will when chosen).
-        runner.set_trees({n: tree})
-        grid = measure_step_latency(runner, batches, [n], block_size, num_blocks, token_budget, tp, ctx,
-                                    plain=not ms)
-        ms.update({(int(b), int(k)): t for b, k, t in grid})
+    for row in timed_rows or []:
+        ms.update({(int(b), row["nodes"]): t for b, t in row["latency_ms"].items()})
+        ms.update({(int(b), 0): t for b, t in row["plain_ms"].items()})
+    if timed_rows is None:
+        for n, tree in trees.items():
+            # Each tree alone, so its step proposes for that tree only (as it will when chosen).
+            runner.set_trees({n: tree})
+            grid = measure_step_latency(runner, batches, [n], block_size, num_blocks, token_budget, tp, ctx,
+                                        plain=not ms)
+            ms.update({(int(b), int(k)): t for b, k, t in grid})
     rows = []
     for n, tree in trees.items():
         expected = expected_accept_length(tree.choices, acc)

@@ -187,3 +187,27 @@ def test_latency_grid_is_cached_per_device_model_and_heads(tiny_llama, tiny_head
     monkeypatch.setenv("MEDUSA_ENGINE_REMEASURE", "1")
     Engine(str(tiny_llama), speculative=spec, max_num_seqs=8)
     assert len(calls) == 3
+
+
+def test_tree_auto_timings_are_cached_too(tiny_llama, tiny_heads, tmp_path, monkeypatch):
+    """tree="auto" times every tree size at start-up; a restart re-picks from the cached
+    timings (same tree, no step timed) instead of measuring again."""
+    import engine.worker as worker
+
+    monkeypatch.delenv("MEDUSA_ENGINE_REMEASURE")
+    monkeypatch.setenv("MEDUSA_ENGINE_CACHE", str(tmp_path))
+    calls = []
+    real = worker.measure_step_latency
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(worker, "measure_step_latency", counting)
+    spec = {"heads": str(tiny_heads), "tree": "auto"}
+    first = Engine(str(tiny_llama), speculative=spec, max_num_seqs=4)
+    timed = len(calls)
+    second = Engine(str(tiny_llama), speculative=spec, max_num_seqs=4)
+    assert timed > 0 and len(calls) == timed
+    assert second.tree_autotune == first.tree_autotune and second.tree.choices == first.tree.choices
+    assert len(list((tmp_path / "step-latency").iterdir())) == 1
