@@ -95,11 +95,10 @@ class ModelRunner:
             return StepResult(step_id=out.step_id, results=[])
         batch = self.prepare(out)
         graph = None
-        prefill = self.graphs.prefill_shape(out.seqs) if self.graphs is not None else None
         if self.graphs is not None and graphable_nodes(out.seqs, batch.uniform_nodes, self.graphs.width):
             graph = self.graphs.run(batch.tree, out.seqs, batch.ids, batch.positions, batch.slots)
             hidden = graph.hidden
-        elif prefill is not None:
+        elif self.graphs is not None and (prefill := self.graphs.prefill_shape(out.seqs)) is not None:
             hidden = self.graphs.run_prefill(prefill, out.seqs, batch.ids, batch.positions, batch.slots)
         else:
             hidden = self.forward(batch)

@@ -16,7 +16,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import msgspec
 import torch
@@ -113,33 +113,21 @@ class Worker:
             self.subtrees = {n: list(st.nodes) for n, st in nested.items()}
             batch_sizes = sorted({min(2 ** i, sc.max_num_seqs) for i in range(16)})
             key = latency_cache_key(spec, self.device, sorted(nested), batch_sizes, self.runner.tree, use_graphs)
-            # Rank 0 decides (load or measure) for every rank: the measurement's steps are collective.
-            cached = self.tp.broadcast_object(load_latency_grid(key) if spec.rank == 0 else None)
-            if cached is not None:
-                self.step_latency = cached
-                logger.info("back-off: step-latency grid loaded from the cache (%d points)", len(cached))
-            else:
-                logger.info("back-off: measuring the step-latency grid (%d batch sizes x %d tree sizes); "
-                            "cached for the next start", len(batch_sizes), len(nested) + 1)
-                t0 = time.perf_counter()
-                self.step_latency = measure_step_latency(self.runner, batch_sizes, sorted(nested), spec.block_size,
-                                                         spec.num_blocks, sc.max_num_batched_tokens, self.tp)
-                logger.info("back-off: grid measured in %.1f s", time.perf_counter() - t0)
-                if spec.rank == 0:
-                    save_latency_grid(key, self.step_latency)
+            self.step_latency = self._cached_timings(
+                key, f"back-off step-latency grid ({len(batch_sizes)} batch sizes x {len(nested) + 1} tree sizes)",
+                lambda cached: cached if cached is not None else measure_step_latency(
+                    self.runner, batch_sizes, sorted(nested), spec.block_size, spec.num_blocks,
+                    sc.max_num_batched_tokens, self.tp))
         elif proposer is not None and cfg.speculative.tree == "auto":
             # tree="auto": time the verify step for several tree sizes on this device, keep the best
-            # (the timings are cached on disk like the back-off grid: a restart only re-picks).
+            # (from cached timings a restart only re-picks).
             batches = sorted({min(b, sc.max_num_seqs) for b in AUTOTUNE_BATCH_SIZES})
             key = {**latency_cache_key(spec, self.device, list(AUTO_TREE_SIZES), batches, self.runner.tree,
                                        use_graphs), "what": "tree-auto"}
-            cached = self.tp.broadcast_object(load_latency_grid(key) if spec.rank == 0 else None)
-            if cached is not None:
-                logger.info("tree=auto: step timings loaded from the cache")
-            self.tree_autotune = autotune_tree(self.runner, self.head_accuracy, spec.block_size, spec.num_blocks,
-                                               sc.max_num_batched_tokens, sc.max_num_seqs, self.tp, timed_rows=cached)
-            if cached is None and spec.rank == 0:
-                save_latency_grid(key, self.tree_autotune)
+            self.tree_autotune = self._cached_timings(
+                key, f"tree=auto step timings ({len(AUTO_TREE_SIZES)} tree sizes)",
+                lambda cached: autotune_tree(self.runner, self.head_accuracy, spec.block_size, spec.num_blocks,
+                                             sc.max_num_batched_tokens, sc.max_num_seqs, self.tp, timed_rows=cached))
         if proposer is not None and self.subtrees is None:
             full = self.runner.tree
             self.subtrees = {full.num_nodes - 1: list(range(full.num_nodes - 1))}
@@ -149,6 +137,23 @@ class Worker:
             graphs.capture([None] + sorted(self.runner.trees.values(), key=lambda t: t.num_nodes),
                            sc.max_num_seqs, sc.max_num_batched_tokens)
             graphs.capture_prefill(sc.max_num_batched_tokens)
+
+    def _cached_timings(self, key: dict, what: str, measure: Callable[[Optional[list]], list]) -> list:
+        """Start-up timings kept on disk under ``key``: ``measure(cached)`` gets what an earlier
+        start stored (None: nothing, or MEDUSA_ENGINE_REMEASURE=1) and returns the timings, which
+        are stored when they were measured. Rank 0 decides (load or measure) for every rank: the
+        measurement's steps are collective."""
+        cached = self.tp.broadcast_object(load_timings(key) if self.spec.rank == 0 else None)
+        if cached is not None:
+            logger.info("%s: loaded from the cache", what)
+            return measure(cached)
+        logger.info("%s: measuring; cached for the next start", what)
+        t0 = time.perf_counter()
+        timings = measure(None)
+        logger.info("%s: measured in %.1f s", what, time.perf_counter() - t0)
+        if self.spec.rank == 0:
+            save_timings(key, timings)
+        return timings
 
     def info(self) -> WorkerInfo:
         tree, g = self.runner.tree, self.runner.graphs
@@ -163,8 +168,9 @@ class Worker:
 
 def latency_cache_key(spec: WorkerSpec, device: torch.device, sizes: list[int], batch_sizes: list[int],
                       tree, graphs: bool) -> dict:
-    """What a measured step-latency grid depends on: the device, the software, the model and
-    heads (by their files' sizes and times), the tree set and the step shapes."""
+    """What measured step timings (back-off's grid, tree=auto's) depend on: the device, the
+    software, the model and heads (by their files' sizes and times), the tree set and the step
+    shapes."""
     cfg = spec.config
 
     def files(path) -> list:
@@ -197,8 +203,8 @@ def _latency_cache_file(key: dict) -> Path:
     return cache_dir() / "step-latency" / f"{digest}.json"
 
 
-def load_latency_grid(key: dict) -> Optional[list[list[float]]]:
-    """A grid measured before under the same key; None if there is none (or
+def load_timings(key: dict) -> Optional[list]:
+    """Timings measured before under the same key; None if there are none (or
     MEDUSA_ENGINE_REMEASURE=1 asks for a fresh measurement)."""
     if os.environ.get("MEDUSA_ENGINE_REMEASURE") == "1":
         return None
@@ -210,12 +216,12 @@ def load_latency_grid(key: dict) -> Optional[list[list[float]]]:
     return data["grid"] if data.get("key") == key else None
 
 
-def save_latency_grid(key: dict, grid: list[list[float]]) -> None:
+def save_timings(key: dict, timings: list) -> None:
     f = _latency_cache_file(key)
     try:
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(".part")
-        tmp.write_text(json.dumps({"key": key, "grid": grid, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        tmp.write_text(json.dumps({"key": key, "grid": timings, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}))
         os.replace(tmp, f)
     except OSError as e:  # a read-only cache only costs the next start a measurement
         logger.warning("could not cache the step timings in %s (%s)", f, e)

@@ -162,36 +162,10 @@ def test_steps_decided_on_the_host_are_priced_on_their_own():
     assert m.ms(16, 8, host=True) == pytest.approx(2.7 * 6) and policy.choose(16, 63, host=True) == 8
 
 
-def test_latency_grid_is_cached_per_device_model_and_heads(tiny_llama, tiny_heads, tmp_path, monkeypatch):
-    """A restart loads the grid it measured before instead of re-measuring; other heads (or
-    anything else in the key) measure their own."""
-    import engine.worker as worker
-
-    monkeypatch.delenv("MEDUSA_ENGINE_REMEASURE")
-    monkeypatch.setattr(worker, "_latency_cache_file",
-                        lambda key: tmp_path / (__import__("hashlib").sha1(json.dumps(key, sort_keys=True).encode()).hexdigest() + ".json"))
-    calls = []
-    real = worker.measure_step_latency
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(worker, "measure_step_latency", counting)
-    spec = {"heads": str(tiny_heads), "tree": "auto", "backoff": True}
-    first = Engine(str(tiny_llama), speculative=spec, max_num_seqs=8)
-    second = Engine(str(tiny_llama), speculative=spec, max_num_seqs=8)
-    assert len(calls) == 1 and second.step_latency == first.step_latency and len(list(tmp_path.iterdir())) == 1
-    Engine(str(tiny_llama), speculative=spec, max_num_seqs=4)  # another batch range: its own grid
-    assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 2
-    monkeypatch.setenv("MEDUSA_ENGINE_REMEASURE", "1")
-    Engine(str(tiny_llama), speculative=spec, max_num_seqs=8)
-    assert len(calls) == 3
-
-
-def test_tree_auto_timings_are_cached_too(tiny_llama, tiny_heads, tmp_path, monkeypatch):
-    """tree="auto" times every tree size at start-up; a restart re-picks from the cached
-    timings (same tree, no step timed) instead of measuring again."""
+@pytest.fixture
+def timed_starts(tmp_path, monkeypatch):
+    """A fresh timings cache (MEDUSA_ENGINE_CACHE=tmp_path, re-measuring off) and the list that
+    grows by one per call of the worker's step timing."""
     import engine.worker as worker
 
     monkeypatch.delenv("MEDUSA_ENGINE_REMEASURE")
@@ -204,6 +178,29 @@ def test_tree_auto_timings_are_cached_too(tiny_llama, tiny_heads, tmp_path, monk
         return real(*a, **k)
 
     monkeypatch.setattr(worker, "measure_step_latency", counting)
+    return calls
+
+
+def test_latency_grid_is_cached_per_device_model_and_heads(tiny_llama, tiny_heads, tmp_path, monkeypatch,
+                                                           timed_starts):
+    """A restart loads the grid it measured before instead of re-measuring; other heads (or
+    anything else in the key) measure their own."""
+    calls, cached = timed_starts, tmp_path / "step-latency"
+    spec = {"heads": str(tiny_heads), "tree": "auto", "backoff": True}
+    first = Engine(str(tiny_llama), speculative=spec, max_num_seqs=8)
+    second = Engine(str(tiny_llama), speculative=spec, max_num_seqs=8)
+    assert len(calls) == 1 and second.step_latency == first.step_latency and len(list(cached.iterdir())) == 1
+    Engine(str(tiny_llama), speculative=spec, max_num_seqs=4)  # another batch range: its own grid
+    assert len(calls) == 2 and len(list(cached.iterdir())) == 2
+    monkeypatch.setenv("MEDUSA_ENGINE_REMEASURE", "1")
+    Engine(str(tiny_llama), speculative=spec, max_num_seqs=8)
+    assert len(calls) == 3
+
+
+def test_tree_auto_timings_are_cached_too(tiny_llama, tiny_heads, tmp_path, timed_starts):
+    """tree="auto" times every tree size at start-up; a restart re-picks from the cached
+    timings (same tree, no step timed) instead of measuring again."""
+    calls = timed_starts
     spec = {"heads": str(tiny_heads), "tree": "auto"}
     first = Engine(str(tiny_llama), speculative=spec, max_num_seqs=4)
     timed = len(calls)

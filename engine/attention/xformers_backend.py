@@ -161,8 +161,6 @@ class XformersAttentionBackend:
         _, h, d = q.shape
         g = k.shape[1]
         hg = h // g
-        cache_k = self.kv_cache.k[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
-        cache_v = self.kv_cache.v[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
         if meta.fresh_batch:
             from xformers.ops.fmha.attn_bias import LowerTriangularMask
 
@@ -172,6 +170,8 @@ class XformersAttentionBackend:
             of = fmha.memory_efficient_attention_forward(q.view(b, n, g, hg, d), kf, vf,
                                                          attn_bias=LowerTriangularMask())
             return of.reshape(-1, h, d)
+        cache_k = self.kv_cache.k[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
+        cache_v = self.kv_cache.v[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
         out = torch.empty_like(q)
         if meta.causal_all or meta.causal_idx is not None:
             qc = (q if meta.causal_all else q.index_select(0, meta.causal_idx)).view(1, -1, g, hg, d)
