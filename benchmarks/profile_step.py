@@ -3,7 +3,7 @@ forward (the model over the step's tokens, attention included), the captured tai
 over the rows acceptance reads, the greedy decision, the K/V commit, the heads' proposal) and
 the host (building the step's inputs, copying results back).
 
-    python -m benchmarks.profile_step --batch-sizes 1 16 64
+    python -m benchmarks.profile_step --batch-sizes 1 16 64 [--temperature 0.7]
     python benchmarks/dummy_model.py llama-8b /tmp/llama-8b
     python -m benchmarks.profile_step --model /tmp/llama-8b --load-format dummy --heads random
 
@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--ctx", type=int, default=256, help="context tokens per sequence")
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="> 0 adds rows of sampled steps (seeded, the engine's acceptance rule: typical) beside greedy ones")
     ap.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="run the graph runner's code uncaptured on the CPU (checks the script, times nothing real)")
@@ -71,13 +73,16 @@ def main() -> None:
     bs = eng.block_manager.block_size
     table = list(range(-(-(args.ctx + tree.depth + 1) // bs)))
     greedy = SamplingParams(temperature=0)
+    sampled = SamplingParams(temperature=args.temperature, seed=0)
+    kinds = [("", greedy)] + ([(f" T={args.temperature:g}", sampled)] if args.temperature > 0 else [])
     env = {**environment(runner.device, runner.model.dtype, eng.model_path.name), "heads": args.heads,
            "tree": args.tree, "ctx": args.ctx}
     rows = []
     for b in args.batch_sizes:
-        for mode, cands in (("plain", 0), (args.tree, n)):
+        for mode, cands, suffix, params in [(m, c, k, p) for k, p in kinds for m, c in (("plain", 0), (args.tree, n))]:
+            mode += suffix
             seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=args.ctx, block_table=table, sample=True,
-                                 tree=cands, candidates=[1] * cands, params=greedy) for i in range(b)]
+                                 tree=cands, candidates=[1] * cands, params=params, seed=i) for i in range(b)]
             timings = {}
             for propose in ((False,) if cands == 0 else (False, True)):
                 out = SchedulerOutput(step_id=-1, seqs=seqs, propose=propose)
@@ -87,7 +92,9 @@ def main() -> None:
             width = next(w for w in runner.graphs.widths if w >= len(table))  # the graph execute replayed
             g = runner.graphs.graphs[(shape, padded_batch(b), width)]
             forward = _cuda_ms(g.replay, args.iters)
-            tails = {k[0]: _cuda_ms(fn, args.iters) for k, (fn, _) in g.tails.items() if k[1] == shape}
+            # Tails are keyed (propose, tree, sampled, rules, filters): this mode's, with and without proposing.
+            tails = {k[0]: _cuda_ms(fn, args.iters) for k, (fn, _) in g.tails.items()
+                     if k[1] == shape and k[2] == (not params.greedy)}
             step = timings[max(timings)]
             tail = tails.get(True, tails.get(False, 0.0))
             rows.append({"model": eng.model_path.name, "batch_size": b, "mode": mode, "nodes": cands + 1,
@@ -98,12 +105,16 @@ def main() -> None:
             print(rows[-1])
     for r in rows:
         plain = next(p for p in rows if p["batch_size"] == r["batch_size"] and p["mode"] == "plain")
+        if " T=" in r["mode"]:  # sampled rows: also against the greedy row of the same shape
+            greedy_row = next(p for p in rows if p["batch_size"] == r["batch_size"]
+                              and p["mode"] == r["mode"].split(" T=")[0])
+            r["step_vs_greedy"] = round(r["step_ms"] / greedy_row["step_ms"], 2)
         r["step_vs_plain"] = round(r["step_ms"] / plain["step_ms"], 2)
-    print_table(rows, ["model", "batch_size", "mode", "step_ms", "step_vs_plain", "forward_ms", "tail_ms",
-                       "proposal_ms", "host_ms"])
+    print_table(rows, ["model", "batch_size", "mode", "step_ms", "step_vs_plain", "step_vs_greedy", "forward_ms",
+                       "tail_ms", "proposal_ms", "host_ms"])
 
     def plot(ax, rows):
-        labels = [f"{r['mode'][:6]} b{r['batch_size']}" for r in rows]
+        labels = [f"{r['mode'][:6]}{' T' if ' T=' in r['mode'] else ''} b{r['batch_size']}" for r in rows]
         bottom = [0.0] * len(rows)
         for part in ("forward_ms", "tail_ms", "host_ms"):
             vals = [max(0.0, r[part]) for r in rows]

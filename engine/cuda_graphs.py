@@ -10,12 +10,15 @@ decide–commit–propose tail) is handed in as a callable and captured after it
 forward's static outputs: this module knows nothing of what that callable does.
 
 Inputs of a graph live in one static int64 buffer, filled by a single host→device copy
-before replay: token ids, positions, the slot each token's K/V is written to, the cached
-length each sequence attends to, and its block table padded to ``width`` pages. The graph
-starts by copying lengths and tables into the int32 tensors that the attention metadata
-holds — built once at capture by the backend's own builder and refreshed in place, as
-``xformers.ops.tree_attention`` describes for CUDA graphs. Padded sequences write their K/V
-into a pad block that no request owns and attend to one token of it.
+before replay: token ids, each sequence's start position and its block table padded to
+``width`` pages. Everything else is derived on the device at the start of the graph, so the
+host never builds per-token lists for a decode or verify step (at batch 64 with a 64-node
+tree those lists cost ~1 ms a step): positions are start + the node's depth; a pending token's
+K/V slot comes from its block table, a tree candidate's is its row of the cache's scratch
+region; the cached length each sequence attends to is start (+ 1 for a plain decode token,
+which attends to itself). Lengths and tables are copied into the int32 tensors that the
+attention metadata holds — built once at capture by the backend's own builder and refreshed
+in place. Padded sequences start at 0 in a pad block that no request owns.
 
 A step in which every sequence prefills its prompt from position 0 (nothing cached: a new
 request's prompt, or its first chunk) has a fixed shape too once padded: each prompt padded at
@@ -24,6 +27,7 @@ causally within their own block, so the padding never reaches a real token; pad 
 their K/V into the pad block. Eagerly such a step is bound by the host (measured on an H100,
 bundled model: ~36 ms for one prompt of 40–150 tokens, 30 decode steps' worth); replayed it
 is the GPU's work. Graphs of one prompt are captured at start-up, several prompts' on first use.
+Their K/V slots come from the host (a prompt's table may be wider than the graph's).
 
 The output (the final hidden states) is a tensor of the graphs' shared memory pool: valid
 until the next replay, which is enough because a step consumes it before the next starts.
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Hashable, Optional
 
+import numpy as np
 import torch
 
 from scheduler.outputs import ScheduledSeq
@@ -96,10 +101,13 @@ def graphable_nodes(seqs: list[ScheduledSeq], nodes: Optional[int], width: int) 
 
 @dataclass(frozen=True)
 class GraphLayout:
-    """Offsets of each input in a graph's int64 buffer (``batch`` padded sequences)."""
+    """Offsets of each input in a graph's int64 buffer (``batch`` padded sequences of ``nodes``
+    tokens): ids, starts, tables, and — for fresh prefills only (``host_slots``) — the slot
+    each token's K/V is written to."""
     batch: int
     nodes: int
     width: int
+    host_slots: bool = False
 
     @property
     def tokens(self) -> int:
@@ -107,33 +115,38 @@ class GraphLayout:
 
     @property
     def size(self) -> int:
-        return 3 * self.tokens + self.batch + self.batch * self.width
+        return self.tokens * (2 if self.host_slots else 1) + self.batch * (1 + self.width)
 
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         t, b = self.tokens, self.batch
-        return {"ids": buf[:t], "positions": buf[t:2 * t], "slots": buf[2 * t:3 * t],
-                "kv_lens": buf[3 * t:3 * t + b], "tables": buf[3 * t + b:].view(b, self.width)}
+        end = t + b + b * self.width
+        views = {"ids": buf[:t], "starts": buf[t:t + b], "tables": buf[t + b:end].view(b, self.width)}
+        if self.host_slots:
+            views["slots"] = buf[end:end + t]
+        return views
 
-    def pack(self, seqs: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int],
-             pad_block: int, block_size: int) -> torch.Tensor:
-        """The buffer's contents for a step (host tensor). Sequences beyond ``len(seqs)`` are
-        padding: token 0 at position 0, written into and reading one token of the pad block.
-        A plain decode token attends to its cache including itself (start_pos + 1); a tree's
-        nodes attend to the cache before the root (start_pos) plus the tree itself."""
-        pad = self.batch - len(seqs)
-        extra = 1 if self.nodes == 1 else 0
-        tables: list[int] = []
-        pad_row = [pad_block] * self.width
-        for s in seqs:
+    def pack(self, seqs: list[ScheduledSeq], ids: list[int], pad_block: int,
+             slots: Optional[list[int]] = None, pad_slot: int = 0) -> torch.Tensor:
+        """The buffer's contents for a step (host tensor). ``ids``: every sequence's ``nodes``
+        tokens, sequence after sequence; ``slots`` likewise (``host_slots`` layouts only;
+        sequences' missing ones — padding — go to ``pad_slot``). Sequences beyond
+        ``len(seqs)`` are padding: token 0 starting at 0, their table all the pad block."""
+        t, b, w = self.tokens, self.batch, self.width
+        buf = np.zeros(self.size, dtype=np.int64)
+        buf[:len(ids)] = ids
+        buf[t:t + len(seqs)] = [s.start_pos for s in seqs]
+        tables = buf[t + b:t + b + b * w].reshape(b, w)
+        tables[:] = pad_block
+        for i, s in enumerate(seqs):
             # (Only a fresh prefill's table can be wider than the graph's: it is not read.)
-            tables += s.block_table[:self.width]
-            tables += pad_row[len(s.block_table):]
-        pad_tokens = [0] * (pad * self.nodes)
-        values = (ids + pad_tokens + positions + pad_tokens
-                  + slots + [pad_block * block_size] * (pad * self.nodes)
-                  + [s.start_pos + extra for s in seqs] + [1] * pad
-                  + tables + pad_row * pad)
-        return torch.tensor(values, dtype=torch.long)
+            row = s.block_table[:w]
+            tables[i, :len(row)] = row
+        if self.host_slots:
+            end = t + b + b * w
+            buf[end:end + t] = pad_slot
+            if slots is not None:
+                buf[end:end + len(slots)] = slots
+        return torch.from_numpy(buf)
 
 
 def _capture(runner: "CudaGraphRunner", work):
@@ -165,25 +178,38 @@ class _Graph:
 
     def __init__(self, runner: "CudaGraphRunner", shape, batch: int, width: int) -> None:
         nodes = shape.num_nodes if shape is not None else 1
-        self.shape, self.layout = shape, GraphLayout(batch, nodes, width)
+        fresh = getattr(shape, "fresh", False)
+        self.shape, self.layout = shape, GraphLayout(batch, nodes, width, host_slots=fresh)
         dev = runner.device
-        self.buf = self.layout.pack([], [], [], [], runner.pad_block, runner.block_size).to(dev)
+        kv = runner.backend.kv_cache
+        self.buf = self.layout.pack([], [], runner.pad_block, pad_slot=kv.pad_slot).to(dev)
         self.views = self.layout.views(self.buf)
         v = self.views
+        # Each node's offset from its sequence's start: its depth in a tree, its index in a
+        # prompt, 0 for a decode token.
+        offsets = torch.tensor(shape.depths if hasattr(shape, "depths") else range(nodes), device=dev)
+        write_slots = v["slots"] if fresh else torch.zeros(batch * nodes, dtype=torch.long, device=dev)
+        # A tree's candidates are written to their rows of the scratch region.
+        scratch_rows = kv.scratch_slot0 + torch.arange(batch * nodes, device=dev).view(batch, nodes)[:, 1:]
         attn = runner.backend.graph_inputs(batch, nodes, shape.mask if shape is not None else None, width,
-                                           v["slots"], runner.pad_block, fresh=getattr(shape, "fresh", False))
+                                           write_slots, runner.pad_block, fresh=fresh)
         model, backend = runner.model, runner.backend
 
         def forward() -> torch.Tensor:
-            attn.kv_lens.copy_(v["kv_lens"])
-            attn.block_tables.copy_(v["tables"])
-            return model(v["ids"], v["positions"], backend, attn.meta)
+            starts, tables = v["starts"], v["tables"]
+            if not fresh:
+                root = kv.slots(tables, starts[:, None])  # the pending token's slot in its blocks
+                write_slots.copy_(torch.cat([root, scratch_rows], dim=1).flatten())
+                attn.kv_lens.copy_(starts + (1 if nodes == 1 else 0))
+                attn.block_tables.copy_(tables)
+            return model(v["ids"], (starts[:, None] + offsets).flatten(), backend, attn.meta)
 
         # The captured work, callable eagerly (tests compare the two); holding it also keeps
         # alive every tensor the graph reads by address (bias tensors, buffer views). The
         # warm-up runs on the padding inputs, which touch only the pad block.
         self.forward = forward
         self.tails: dict[Hashable, tuple[Callable[[], torch.Tensor], Callable]] = {}
+        self.tail_inputs: dict[Hashable, torch.Tensor] = {}  # see CudaGraphRunner.run_tail
         self._replay, self.hidden = _capture(runner, forward)
 
     def replay(self) -> torch.Tensor:
@@ -252,7 +278,7 @@ class CudaGraphRunner:
             return None
         return FreshPrefill(length)
 
-    def run_prefill(self, shape: FreshPrefill, seqs: list[ScheduledSeq], ids: list[int], positions: list[int],
+    def run_prefill(self, shape: FreshPrefill, seqs: list[ScheduledSeq], ids: list[int],
                     slots: list[int]) -> torch.Tensor:
         """Replay the fresh-prefill graph of ``shape`` for the step's flat inputs (sequence after
         sequence); returns the hidden states of the step's own tokens [T, H], in step order."""
@@ -260,36 +286,47 @@ class CudaGraphRunner:
         n = shape.num_nodes
         pad_slot = self.pad_block * self.block_size
         p_ids: list[int] = []
-        p_pos: list[int] = []
         p_slots: list[int] = []
         rows: list[int] = []
         start = 0
         for i, s in enumerate(seqs):
             k, pad = len(s.token_ids), n - len(s.token_ids)
             p_ids += ids[start:start + k] + [0] * pad
-            p_pos += positions[start:start + k] + [0] * pad
             p_slots += slots[start:start + k] + [pad_slot] * pad
             rows += range(i * n, i * n + k)
             start += k
-        g.buf.copy_(g.layout.pack(seqs, p_ids, p_pos, p_slots, self.pad_block, self.block_size))
+        g.buf.copy_(g.layout.pack(seqs, p_ids, self.pad_block, p_slots, pad_slot))
         return g.replay().index_select(0, torch.tensor(rows, device=self.device))
 
-    def run(self, shape, seqs: list[ScheduledSeq], ids: list[int], positions: list[int],
-            slots: list[int]) -> _Graph:
+    def run(self, shape, seqs: list[ScheduledSeq], ids: list[int]) -> _Graph:
         """Replay the step's forward graph (``shape``: None for one token per sequence, else the
-        query block). Its ``hidden`` [T', H] covers the padded batch: the step's own T tokens
-        come first."""
+        query block; ``ids``: each sequence's pending token, then its candidates). Its
+        ``hidden`` [T', H] covers the padded batch: the step's own T tokens come first."""
         need = max(len(s.block_table) for s in seqs)
         g = self._graph(shape, padded_batch(len(seqs)), next(w for w in self.widths if w >= need))
-        g.buf.copy_(g.layout.pack(seqs, ids, positions, slots, self.pad_block, self.block_size))
+        g.buf.copy_(g.layout.pack(seqs, ids, self.pad_block))
         g.replay()
         return g
 
-    def run_tail(self, g: _Graph, key: Hashable, build: Callable[[_Graph], Callable[[], torch.Tensor]]) -> torch.Tensor:
-        """After ``run``: replay the tail ``build(g)`` (captured on first use under ``key``): a
-        callable that reads g's static outputs and views and returns one tensor."""
+    def run_tail(self, g: _Graph, key: Hashable,
+                 build: Callable[[_Graph, Optional[torch.Tensor]], Callable[[], torch.Tensor]],
+                 inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """After ``run``: replay the tail ``build(g, static)`` (captured on first use under
+        ``key``): a callable that reads g's static outputs and views and returns one tensor.
+        ``inputs`` (a host tensor [b, k], b up to the graph's batch): per-sequence values the
+        tail reads, copied into ``static`` — a device buffer of the graph's batch, padding rows
+        zero — before each replay (None: no such values, ``static`` None)."""
+        static = None
+        if inputs is not None:
+            static = g.tail_inputs.get(key)
+            if static is None:
+                static = g.tail_inputs[key] = torch.zeros((g.layout.batch, inputs.shape[1]), dtype=inputs.dtype,
+                                                          device=self.device)
+            padded = torch.zeros(static.shape, dtype=inputs.dtype)
+            padded[:inputs.shape[0]] = inputs
+            static.copy_(padded)
         if key not in g.tails:
-            work = build(g)
+            work = build(g, static)
             replay, _ = self._timed(lambda: _capture(self, work))
             g.tails[key] = (replay, work)  # holding work keeps the tensors it reads alive
         return g.tails[key][0]()

@@ -1,7 +1,9 @@
 """ModelRunner: SchedulerOutput → one forward pass → StepResult, in phases:
 
-    prepare   flat ids / positions / K/V slots and attention inputs for every scheduled token
-              (prefill chunks, pending tokens, tree candidates)
+    prepare   flat ids for every scheduled token (prefill chunks, pending tokens, tree
+              candidates); for steps that run eagerly or prefill through a graph also their
+              positions, K/V slots and attention inputs (``locate``: a decode or verify graph
+              derives those on the device from each sequence's start and block table)
     forward   the model over all of them — a CUDA graph replay for fixed-shape steps (decode,
               verify, and new prompts prefilled from position 0; engine/cuda_graphs.py), else
               eager; either way the final hidden states
@@ -28,11 +30,12 @@ import torch
 from engine.attention.base import AttentionBackend, SeqAttn, StepAttnInputs, block_tables
 from engine.config import SpeculativeConfig
 from engine.cuda_graphs import CudaGraphRunner, graphable_nodes
-from engine.sampling import SamplingParams, apply_penalties, decides_on_host, processed_probs, sample_token
+from engine.sampling import (SamplingParams, apply_penalties, decides_on_host, processed_probs, sample_token,
+                             seed_key)
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, SeqResult, StepResult
 from spec_decode.acceptance import Accepted, accept, accept_greedy_batch
 from spec_decode.proposer import MedusaProposer
-from spec_decode.tail import SpecTail
+from spec_decode.tail import SAMPLED_RULES, SpecTail
 from spec_decode.tree import MedusaTree
 
 
@@ -43,9 +46,10 @@ class InputBatch:
     out: SchedulerOutput
     tree: Optional[MedusaTree]  # the tree this step's decoding sequences verify (one per step)
     ids: list[int]
+    offsets: list[int]  # first flat row of each sequence
+    # Filled by ModelRunner.locate (steps that are not a decode or verify graph's):
     positions: list[int]
     slots: list[int]  # where each token's K/V is written (tree nodes: the scratch region)
-    offsets: list[int]  # first flat row of each sequence
     attn: list[SeqAttn]
     # Query tokens per sequence when every sequence runs one pending token plus the same
     # tree (or nothing more): the step has a fixed shape. None otherwise.
@@ -66,7 +70,7 @@ class ModelRunner:
         self.graphs = graphs
         self.eos_token_ids = eos_token_ids
         self.proposer, self.spec = proposer, spec
-        self.tail = SpecTail(self.kv_cache, model.lm_head, proposer)
+        self.tail = SpecTail(self.kv_cache, model.lm_head, proposer, *((spec.epsilon, spec.alpha) if spec else ()))
         # Trees a step may verify, by candidate count: the full tree, and with back-off the
         # smaller trees nested in it (the scheduler cuts each sequence's candidates down).
         self.trees: dict[int, MedusaTree] = {}
@@ -96,14 +100,16 @@ class ModelRunner:
         batch = self.prepare(out)
         graph = None
         if self.graphs is not None and graphable_nodes(out.seqs, batch.uniform_nodes, self.graphs.width):
-            graph = self.graphs.run(batch.tree, out.seqs, batch.ids, batch.positions, batch.slots)
+            graph = self.graphs.run(batch.tree, out.seqs, batch.ids)
             hidden = graph.hidden
-        elif self.graphs is not None and (prefill := self.graphs.prefill_shape(out.seqs)) is not None:
-            hidden = self.graphs.run_prefill(prefill, out.seqs, batch.ids, batch.positions, batch.slots)
         else:
-            hidden = self.forward(batch)
-        if self._greedy_tail_applies(batch):
-            rows = self.greedy_tail(batch, hidden, graph)
+            self.locate(batch)
+            if self.graphs is not None and (prefill := self.graphs.prefill_shape(out.seqs)) is not None:
+                hidden = self.graphs.run_prefill(prefill, out.seqs, batch.ids, batch.slots)
+            else:
+                hidden = self.forward(batch)
+        if self._device_tail_applies(batch):
+            rows = self.device_tail(batch, hidden, graph)
             return StepResult(step_id=out.step_id, results=self._tail_results(out, batch.tree, rows.tolist()))
         return self.sample(batch, hidden)
 
@@ -113,9 +119,8 @@ class ModelRunner:
             raise ValueError(f"step {out.step_id}: trees {sorted(sizes)} do not fit the engine's "
                              f"trees {sorted(self.trees)} (one tree per step)")
         tree = self.trees[sizes.pop()] if sizes else None
-        batch = InputBatch(out=out, tree=tree, ids=[], positions=[], slots=[], offsets=[], attn=[],
+        batch = InputBatch(out=out, tree=tree, ids=[], offsets=[], positions=[], slots=[], attn=[],
                            uniform_nodes=None)
-        scratch = self.kv_cache.scratch_slot0
         for s in out.seqs:
             n = len(s.token_ids)
             if s.tree and (n != 1 or len(s.candidates) != s.tree):
@@ -123,15 +128,8 @@ class ModelRunner:
                                  f"and has {s.tree} candidates, got {n} tokens and {len(s.candidates)}")
             batch.offsets.append(len(batch.ids))
             batch.ids += s.token_ids
-            batch.positions += range(s.start_pos, s.start_pos + n)
-            batch.slots += self._slots(s.block_table, s.start_pos, n)
             if s.tree:
-                row = len(batch.ids)
                 batch.ids += s.candidates
-                batch.positions += [s.start_pos + d for d in tree.depths[1:]]
-                batch.slots += range(scratch + row, scratch + row + s.tree)
-            batch.attn.append(SeqAttn(q_len=n + s.tree, ctx_len=s.start_pos, block_table=s.block_table,
-                                      tree_mask=tree.mask if s.tree else None))
         if tree is not None and len(batch.ids) > self.kv_cache.scratch_tokens:
             raise ValueError(f"step {out.step_id}: {len(batch.ids)} tokens exceed the K/V scratch region "
                              f"({self.kv_cache.scratch_tokens})")
@@ -141,31 +139,66 @@ class ModelRunner:
                 batch.uniform_nodes = counts.pop() + 1
         return batch
 
+    def locate(self, batch: InputBatch) -> None:
+        """Every token's position, K/V slot (tree candidates: their rows of the scratch region)
+        and the attention inputs of each sequence."""
+        scratch, tree = self.kv_cache.scratch_slot0, batch.tree
+        for s, row in zip(batch.seqs, batch.offsets):
+            n = len(s.token_ids)
+            batch.positions += range(s.start_pos, s.start_pos + n)
+            batch.slots += self._slots(s.block_table, s.start_pos, n)
+            if s.tree:
+                batch.positions += [s.start_pos + d for d in tree.depths[1:]]
+                batch.slots += range(scratch + row + n, scratch + row + n + s.tree)
+            batch.attn.append(SeqAttn(q_len=n + s.tree, ctx_len=s.start_pos, block_table=s.block_table,
+                                      tree_mask=tree.mask if s.tree else None))
+
     def forward(self, batch: InputBatch) -> torch.Tensor:
         """Eager forward over the step's tokens → final hidden states [T, H]."""
         meta = self.backend.prepare(StepAttnInputs(seqs=batch.attn, slot_mapping=torch.tensor(batch.slots)))
         return self.model(torch.tensor(batch.ids, device=self.device),
                           torch.tensor(batch.positions, device=self.device), self.backend, meta)
 
-    def greedy_tail(self, batch: InputBatch, hidden: torch.Tensor, graph) -> torch.Tensor:
-        """Decide, commit and propose for a uniform greedy step on the device (spec_decode/tail.py):
-        replayed after the forward graph, or called eagerly. Rows of the real sequences."""
+    def device_tail(self, batch: InputBatch, hidden: torch.Tensor, graph) -> torch.Tensor:
+        """Decide, commit and propose for a uniform step on the device (spec_decode/tail.py):
+        the greedy tail when every sequence is greedy, else the sampled tail with each
+        sequence's sampling parameters and rule; replayed after the forward graph, or called
+        eagerly. Rows of the real sequences."""
         propose = self.proposer is not None and batch.out.propose
         tree = batch.tree
+        params = [s.params or SamplingParams() for s in batch.seqs]
+        sampled = not all(p.greedy for p in params)
+        inputs, rules, filters, greedy_rows = None, frozenset(), False, False
+        if sampled:
+            names = ["greedy" if p.greedy or self.spec is None else p.acceptance or self.spec.acceptance
+                     for p in params]
+            inputs = torch.tensor([[p.temperature, p.top_p, max(p.top_k, 0), seed_key(s.seed), SAMPLED_RULES.index(r)]
+                                   for p, s, r in zip(params, batch.seqs, names)], dtype=torch.float64)
+            rules = frozenset(names) if tree is not None else frozenset()
+            filters = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+            greedy_rows = any(p.greedy for p in params)
 
-        def build(g) -> Callable[[], torch.Tensor]:
+        def run(hidden, tokens, start, tables, static):
+            if not sampled:
+                return self.tail.greedy(hidden, tree, tokens, start, tables, propose)
+            return self.tail.sampled(hidden, tree, tokens, start, tables, propose, static, rules, filters,
+                                     greedy_rows)
+
+        def build(g, static) -> Callable[[], torch.Tensor]:
             v, b, n = g.views, g.layout.batch, g.layout.nodes
-            tokens, start = v["ids"].view(b, n), v["positions"].view(b, n)[:, :1]
-            return lambda: self.tail.greedy(g.hidden, tree, tokens, start, v["tables"], propose)
+            tokens, start = v["ids"].view(b, n), v["starts"][:, None]
+            return lambda: run(g.hidden, tokens, start, v["tables"], static)
 
         if graph is not None:
-            return self.graphs.run_tail(graph, (propose, tree), build)[:len(batch.seqs)].cpu()
+            key = (propose, tree, sampled, rules, filters, greedy_rows)
+            return self.graphs.run_tail(graph, key, build, inputs)[:len(batch.seqs)].cpu()
         b, n = len(batch.seqs), batch.uniform_nodes
         dev = self.device
         tables = block_tables([s.block_table for s in batch.seqs], dev).long()
         tokens = torch.tensor(batch.ids, device=dev).view(b, n)
         start = torch.tensor([s.start_pos for s in batch.seqs], device=dev)[:, None]
-        return self.tail.greedy(hidden, tree, tokens, start, tables, propose).cpu()
+        static = inputs.to(dev) if inputs is not None else None
+        return run(hidden, tokens, start, tables, static).cpu()
 
     def sample(self, batch: InputBatch, hidden: torch.Tensor) -> StepResult:
         """The host path: logits for the rows a decision reads, then per sequence the
@@ -270,10 +303,10 @@ class ModelRunner:
         return decided
 
     @staticmethod
-    def _greedy_tail_applies(batch: InputBatch) -> bool:
-        """The device tail decides every sequence of the step: a uniform step, all sampling
-        greedily, no logprobs, no min_tokens still masking stop tokens, no penalties (those
-        need the host path)."""
+    def _device_tail_applies(batch: InputBatch) -> bool:
+        """A device tail decides every sequence of the step: a uniform step, every sequence
+        sampling, none with logprobs, min_tokens still masking stop tokens, penalties or logit
+        bias (those need the host path)."""
         return batch.uniform_nodes is not None and all(
             s.sample and not decides_on_host(s.params, s.num_output_tokens) for s in batch.seqs)
 

@@ -1,9 +1,12 @@
 """Sampling parameters and the per-row sampler.
 
-Randomness is keyed by (request seed, token position): the draw for the token at position p
-of a request uses a generator seeded from both. A request therefore gets the same tokens
-alone or batched, before or after a preemption, with or without speculation's bookkeeping —
-and no generator state needs to live anywhere between steps.
+Randomness is keyed by (request seed, token position, draw): a uniform number is a hash of the
+three (``keyed_uniform``, counter-based like Philox, integer arithmetic only), so it is the
+same on the host and inside a captured CUDA graph, on any device. A request therefore gets
+the same tokens alone or batched, before or after a preemption, with or without
+speculation's bookkeeping, decided on the host or on the device — and no generator state
+lives anywhere between steps. A token is drawn by inverting the cumulative distribution at
+that uniform (``sample_rows``).
 """
 
 from __future__ import annotations
@@ -107,10 +110,22 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 def decides_on_host(params: Optional["SamplingParams"], num_output_tokens: int) -> bool:
     """Is a sampling step of this request decided on the host (the acceptance rules and the
-    sampler) rather than by the device's greedy tail? Sampled requests, logprobs, penalties or
+    sampler) rather than by a tail on the device (spec_decode/tail.py)? Logprobs, penalties or
     logit bias, and min_tokens still masking stop tokens."""
     p = params or SamplingParams()
-    return not p.greedy or bool(p.logprobs) or p.min_tokens > num_output_tokens or p.penalized
+    return bool(p.logprobs) or p.min_tokens > num_output_tokens or p.penalized
+
+
+DECISION_PATHS = ("greedy", "sampled", "host")  # cheapest first
+
+
+def decision_path(params: Optional["SamplingParams"], num_output_tokens: int) -> str:
+    """How a sampling step of this request decides: "greedy" (the device's greedy tail),
+    "sampled" (the device's sampled tail: keyed draws, typical or rejection) or "host"."""
+    p = params or SamplingParams()
+    if decides_on_host(p, num_output_tokens):
+        return "host"
+    return "greedy" if p.greedy else "sampled"
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
@@ -143,40 +158,109 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
             row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def position_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
-    """The generator for the token at ``position`` of a request seeded with ``seed``."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 0x9E3779B1 + position * 0x85EBCA77) & 0x7FFF_FFFF_FFFF_FFFF)
-    return gen
+# The draw of a rejection walk's residual sample (after every child of a node is rejected);
+# draws 0, 1, … are a node's children in rank order, draw 0 also a plain sample's.
+RESIDUAL_DRAW = 0xFFFF
+
+
+def seed_key(seed: int) -> int:
+    """A request's seed (any 64-bit int) folded to the 32-bit key ``keyed_uniform`` hashes."""
+    seed &= 0xFFFF_FFFF_FFFF_FFFF
+    return _mix32((seed & 0xFFFF_FFFF) ^ _mix32(seed >> 32))  # on Python ints: ~1 us, no tensors
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2**32 for 0 <= x < 2**32 (an int64 tensor or a Python int), without
+    overflowing int64 (16-bit halves)."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & 0xFFFF_FFFF
+
+
+def _mix32(x):
+    """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with p ~ 1/2."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def keyed_uniform(key: torch.Tensor, position: torch.Tensor, draw) -> torch.Tensor:
+    """Uniform numbers in (0, 1), float64, one per element of the broadcast of ``key`` (a
+    ``seed_key``), ``position`` (the produced token's) and ``draw`` (int64 tensors or ints)."""
+    # (Python ints stay Python ints: a host→device copy cannot be captured in a CUDA graph.)
+    h = _mix32(key & 0xFFFF_FFFF)
+    h = _mix32(h ^ (position & 0xFFFF_FFFF))
+    h = _mix32(h ^ ((draw * 0x9E37 + 0x79B9) & 0xFFFF_FFFF))
+    return (h.double() + 0.5) / 2.0 ** 32
+
+
+def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [R, V] (rows need not sum to 1), u [R] uniforms in (0, 1) → tokens [R]: the first
+    token whose cumulative mass reaches u times the row's total (never a zero-mass token)."""
+    cdf = probs.float().cumsum(-1)
+    x = (u.double() * cdf[:, -1].double()).float().clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.searchsorted(cdf, x[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]
+
+
+def processed_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                         top_p: torch.Tensor, filters: bool = True, greedy_rows: bool = True) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p, each row [R, V] with its own
+    temperature [R] (0: greedy, the one-hot of the argmax), top_k [R] (0: off) and top_p [R]
+    (1: off). ``filters`` False skips top-k/top-p (every row has them off): no sort;
+    ``greedy_rows`` False: no row is greedy, no one-hot (each skips passes over [R, V], which
+    at 16 sequences of a 64-node tree is 50M numbers a pass; a row's values never change)."""
+    greedy = temperature <= 0
+    # (bf16 logits / float32 temperatures: promoted to float32 in the one pass)
+    x = logits / torch.where(greedy, 1.0, temperature.float())[:, None]
+    if x.dtype != torch.float32:
+        x = x.float()
+    if filters:
+        v = x.shape[-1]
+        ordered = torch.sort(x, dim=-1, descending=True).values
+        k = top_k.long().clamp(min=0)
+        kth = ordered.gather(1, (k - 1).clamp(min=0, max=v - 1)[:, None])
+        x = x.masked_fill(((k > 0) & (k < v))[:, None] & (x < kth), float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if filters:
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p.float()[:, None]) & (top_p < 1.0)[:, None]
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
+        # Only rows that dropped mass are renormalised: a row's result never depends on
+        # whether another row of the batch turned the filters on.
+        probs = torch.where((top_p < 1.0)[:, None], probs / probs.sum(-1, keepdim=True), probs)
+    if not greedy_rows:
+        return probs
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.where(greedy[:, None], one_hot, probs)
+
+
+def params_rows(params: "SamplingParams", rows: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(temperature, top_k, top_p) [rows] for ``processed_probs_rows``."""
+    top_k = params.top_k if params.top_k > 0 else 0
+    return (torch.full((rows,), float(params.temperature), device=device),
+            torch.full((rows,), top_k, dtype=torch.long, device=device),
+            torch.full((rows,), float(params.top_p), device=device))
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities after temperature, top-k and top-p (rows of ``logits`` share ``params``).
 
     For greedy params this is the one-hot of the argmax, so acceptance rules can treat
-    greedy as the zero-temperature limit.
-    """
-    logits = logits.float()
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    greedy as the zero-temperature limit. The same function as the device tails' (one row's
+    result does not depend on the others)."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    filters = params.top_k > 0 or params.top_p < 1.0
+    out = processed_probs_rows(rows, *params_rows(params, rows.shape[0], logits.device), filters=filters,
+                               greedy_rows=params.greedy)
+    return out.view(logits.shape)
 
 
-def sample_token(probs: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
-    """Draw one token from a processed distribution (argmax when greedy)."""
+def sample_token(probs: torch.Tensor, params: SamplingParams, seed: int, position: int,
+                 draw: int = 0) -> int:
+    """Draw one token from a processed distribution [V] (argmax when greedy), keyed by the
+    request's seed, the token's position and the draw."""
     if params.greedy:
         return int(probs.argmax())
-    gen = position_generator(seed, position, probs.device)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    key = torch.tensor([seed_key(seed)], device=probs.device)
+    return int(sample_rows(probs[None], keyed_uniform(key, position, draw))[0])

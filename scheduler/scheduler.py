@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
-from engine.sampling import decides_on_host
+from engine.sampling import DECISION_PATHS, decision_path
 from scheduler.block_manager import BlockManager
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, StepResult
 from spec_decode.policy import SpeculationPolicy
@@ -47,7 +47,7 @@ class Scheduler:
         self._in_flight: dict[int, tuple[int, bool]] = {}
         self._in_flight_step: Optional[SchedulerOutput] = None
         self._step_tree = 0  # the tree size the policy chose for the step in flight
-        self._step_host = False  # ... and whether its decodes decide on the host
+        self._step_path = "greedy"  # ... and how its decodes decide (engine/sampling.py decision_path)
         self._last_prefill_only = False  # the previous step left the decoding sequences out
         self.num_preemptions = 0
 
@@ -116,9 +116,11 @@ class Scheduler:
         out: list[ScheduledSeq] = []
         preempted_before = self.num_preemptions
         decoding = self._decoding()
-        # Will the step decide on the host? Back-off prices such steps on their own.
-        host = any(decides_on_host(r.params, len(r.output_token_ids)) for r in decoding)
-        n = self.policy.tree_for(len(decoding), budget, host) if self.policy is not None else 0
+        # How will the step decide (the costliest of its requests' paths)? Back-off prices each
+        # path on its own.
+        path = max((decision_path(r.params, len(r.output_token_ids)) for r in decoding),
+                   key=DECISION_PATHS.index, default="greedy")
+        n = self.policy.tree_for(len(decoding), budget, path) if self.policy is not None else 0
 
         def cut(cands: list[int]) -> list[int]:
             return self.policy.cut(n, cands) if cands else []
@@ -176,11 +178,11 @@ class Scheduler:
         step = SchedulerOutput(step_id=self._step_id, seqs=out)
         if self.policy is not None:
             step.propose = self.policy.propose_next(sum(1 for s in out if s.sample),
-                                                    self.config.max_num_batched_tokens, host)
+                                                    self.config.max_num_batched_tokens, path)
             if any(s.sample and len(s.token_ids) == 1 for s in out):
                 self.policy.record(n if any(s.candidates for s in out) else 0)
         self._in_flight_step = step
-        self._step_tree, self._step_host = n, host
+        self._step_tree, self._step_path = n, path
         return step
 
     def _prefill_due(self, num_decoding: int, budget: int) -> bool:
@@ -271,4 +273,4 @@ class Scheduler:
             return
         if all(s.sample and len(s.token_ids) == 1 and len(s.candidates) == n for s in step.seqs):
             made = [len(r.sampled_token_ids) for r in result.results]
-            self.policy.observe(len(made), n, execute_ms, sum(made) / len(made), self._step_host)
+            self.policy.observe(len(made), n, execute_ms, sum(made) / len(made), self._step_path)

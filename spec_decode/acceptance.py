@@ -13,10 +13,18 @@ model at the last accepted node. Randomness is keyed by the produced token's pos
   model's processed distribution at the parent; the longest accepted path wins, ties go to
   the higher path likelihood.
 - rejection (SpecInfer-style multi-candidate speculative sampling with deterministic drafts):
-  at a node, try its children in rank order: accept child x with probability p(x), else zero
-  p(x) and renormalise; if all are rejected, sample the next token from what remains. The
-  token distribution equals plain sampling from p at every position.
+  at a node, try its children in rank order: accept child x with probability p(x) / r, r the
+  mass not yet rejected at that node (the same as zeroing each rejected token and
+  renormalising); if all are rejected, sample the next token from what remains. The token
+  distribution equals plain sampling from p at every position.
 Greedy requests (temperature 0) always use the greedy rule: for them all three coincide.
+
+Each rule exists twice: per sequence on the host (the readable reference, ``accept``) and
+batched on the device without a host sync (``greedy_tree_accept``, ``typical_tree_accept``,
+``rejection_tree_walk``; spec_decode/tail.py captures them in a CUDA graph). Both draw their
+randomness from ``engine.sampling.keyed_uniform`` with the same keys: (seed, position of the
+produced token, draw = the child's rank, or ``RESIDUAL_DRAW``), so for the same logits they
+accept the same path and produce the same tokens (tests/test_acceptance.py checks it).
 
 Rules are registered by name (``ACCEPTANCE_RULES``): config, sampling parameters and the CLI
 take their choices from there, so a new rule is one function plus one ``register_rule``.
@@ -29,7 +37,8 @@ from typing import Callable
 
 import torch
 
-from engine.sampling import SamplingParams, position_generator, processed_probs, sample_token
+from engine.sampling import (RESIDUAL_DRAW, SamplingParams, keyed_uniform, processed_probs, sample_rows,
+                             sample_token, seed_key)
 from spec_decode.tree import MedusaTree
 
 
@@ -131,7 +140,7 @@ def accept_typical(tree: MedusaTree, node_tokens: torch.Tensor, logits: torch.Te
                    params: SamplingParams, seed: int, first_pos: int, epsilon: float,
                    alpha: float) -> Accepted:
     probs = processed_probs(logits, params)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-10))).sum(-1)
+    entropy = torch.special.entr(probs).sum(-1)  # -sum p log p, one pass
     threshold = torch.clamp(alpha * torch.exp(-entropy), max=epsilon)
     parent, child, valid = _edges(tree, node_tokens)
     cand_p = probs[parent, node_tokens[child]]
@@ -147,26 +156,111 @@ def accept_rejection(tree: MedusaTree, node_tokens: torch.Tensor, logits: torch.
                      params: SamplingParams, seed: int, first_pos: int) -> Accepted:
     probs = processed_probs(logits, params)
     tokens = node_tokens.tolist()
+    key = torch.tensor([seed_key(seed)], device=probs.device)
     node, path = 0, [0]
     while True:
-        gen = position_generator(seed, first_pos + tree.depths[node], probs.device)
-        p = probs[node].clone()
+        position = first_pos + tree.depths[node]
+        p = probs[node]
+        rejected: list[int] = []
+        rejected_mass = 0.0  # float64, summed in rank order
         nxt = None
-        for child in tree.children[node]:
+        for draw, child in enumerate(tree.children[node]):
             x = tokens[child]
-            u = torch.rand((), generator=gen, device=p.device)
-            if u < p[x]:
+            px = 0.0 if x in rejected else float(p[x])  # a repeated guess was zeroed already
+            residual = 1.0 - rejected_mass
+            if residual <= 0:
+                break
+            if float(keyed_uniform(key, position, draw)) < px / residual:
                 nxt = child
                 break
-            p[x] = 0.0
-            total = p.sum()
-            if total <= 0:
-                break
-            p = p / total
+            rejected.append(x)
+            rejected_mass += px
         if nxt is None:
-            return Accepted(path, int(torch.multinomial(p, 1, generator=gen)))
+            rest = p.clone()
+            rest[rejected] = 0.0
+            bonus = sample_rows(rest[None], keyed_uniform(key, position, RESIDUAL_DRAW))
+            return Accepted(path, int(bonus[0]))
         path.append(nxt)
         node = nxt
+
+
+def keyed_targets(probs: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """probs [S, N, V] processed, keys [S] (``seed_key``), positions [S, N] of the token each
+    node's row produces → [S, N] the token plain decoding draws there (draw 0; the argmax for
+    greedy rows, whose probs are one-hot)."""
+    s, n, v = probs.shape
+    u = keyed_uniform(keys[:, None], positions, 0)
+    return sample_rows(probs.reshape(s * n, v), u.flatten()).view(s, n)
+
+
+def typical_tree_accept(paths: torch.Tensor, node_tokens: torch.Tensor, probs: torch.Tensor,
+                        epsilon: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``accept_typical`` for S sequences on the device: probs [S, N, V] processed,
+    node_tokens [S, N]. Returns the accepted path's index in ``paths`` and its accepted count
+    (longest first, then the likeliest; the bonus is ``keyed_targets`` at its last node)."""
+    s, n, v = probs.shape
+    entropy = torch.special.entr(probs).sum(-1)  # [S, N], as accept_typical computes it
+    threshold = torch.clamp(alpha * torch.exp(-entropy), max=epsilon)
+    parent, child, valid = _path_edges(paths)
+    cand_p = probs.reshape(s, n * v).gather(1, (parent[None] * v + node_tokens[:, child]).flatten(1))
+    cand_p = cand_p.view(s, *parent.shape)  # [S, P, D]
+    ok = (cand_p > threshold[:, parent]) & valid
+    run = ok.int().cumprod(2)
+    loglik = (torch.log(cand_p.clamp_min(1e-30)) * run).sum(2)
+    key = run.sum(2).double() * 1e6 + loglik.double()
+    best = key.argmax(dim=1)
+    return best, run.sum(2).gather(1, best[:, None])[:, 0]
+
+
+def rejection_tree_walk(tree: MedusaTree, children: torch.Tensor, depths: torch.Tensor,
+                        node_tokens: torch.Tensor, probs: torch.Tensor, keys: torch.Tensor,
+                        first_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``accept_rejection`` for S sequences on the device, one tree depth per iteration (no
+    host sync): children = tree.children_table, depths = tree.depths on the device,
+    node_tokens [S, N], probs [S, N, V] processed, keys [S], first_pos [S]. Returns the
+    accepted nodes [S, depth + 1] (root first, -1 after the last), the accepted count and
+    the bonus token."""
+    s, n, v = probs.shape
+    dev = probs.device
+    seq = torch.arange(s, device=dev)
+    width = children.shape[1]
+    earlier = torch.ones(width, width, dtype=torch.bool, device=dev).tril(-1)  # [j, i]: i < j
+    draws = torch.arange(width, device=dev)
+    node = torch.zeros(s, dtype=torch.long, device=dev)
+    path = torch.full((s, tree.depth + 1), -1, dtype=torch.long, device=dev)
+    path[:, 0] = 0
+    n_acc = torch.zeros(s, dtype=torch.long, device=dev)
+    bonus = torch.zeros(s, dtype=torch.long, device=dev)
+    done = torch.zeros(s, dtype=torch.bool, device=dev)
+    for step in range(tree.depth + 1):  # a leaf's turn only draws the residual
+        kids = children[node]  # [S, C]
+        valid = kids >= 0
+        x = node_tokens.gather(1, kids.clamp(min=0))
+        p = probs[seq, node]  # [S, V]
+        px = p.gather(1, x).double()
+        repeated = ((x[:, :, None] == x[:, None, :]) & valid[:, None, :] & earlier).any(2)
+        px = torch.where(valid & ~repeated, px, 0.0)
+        residual = 1.0 - (px.cumsum(1) - px)  # mass not yet rejected when child j is tried
+        position = first_pos + depths[node]
+        u = keyed_uniform(keys[:, None], position[:, None], draws[None])
+        # Children are tried until one is accepted, or no mass is left (residual <= 0).
+        tried = valid & (residual > 0).int().cumprod(1).bool()
+        ok = tried & (u < px / residual.clamp_min(1e-300))
+        first = ok.int().argmax(1)
+        moved = ok.any(1) & ~done
+        finish = ~ok.any(1) & ~done
+        # Every tried child was rejected: sample what remains (counts, since guesses repeat).
+        hits = torch.zeros(s, v, dtype=torch.int32, device=dev).scatter_add_(1, x, tried.int())
+        rest = p.masked_fill(hits > 0, 0.0)
+        drawn = sample_rows(rest, keyed_uniform(keys, position, RESIDUAL_DRAW))
+        bonus = torch.where(finish, drawn, bonus)
+        if step < tree.depth:
+            chosen = kids.gather(1, first[:, None])[:, 0]
+            path[:, step + 1] = torch.where(moved, chosen, -1)
+            node = torch.where(moved, chosen, node)
+        n_acc += moved.long()
+        done |= finish
+    return path, n_acc, bonus
 
 
 register_rule("greedy", lossless=True, summary="exact match with plain decoding's token")(

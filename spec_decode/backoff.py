@@ -45,13 +45,15 @@ class LatencyModel:
                 row[b] = floor
             prev = row
 
-        # Per (tree size, decided on the host), observed / measured step time (EMA over served
+        # Per (tree size, decision path), observed / measured step time (EMA over served
         # steps): start-up timings are a few samples on a possibly busy machine at one context
-        # length, of greedy steps only. A step of sampled requests (or logprobs, penalties)
-        # decides on the host instead of the captured tail and costs several times more (H100,
-        # batch 16, T=0.7, typical: 13.8 ms against 2.7 ms greedy) — a cost of its own.
-        self.correction: dict[tuple[int, bool], float] = {(n, False): 1.0 for n in self.table}
-        self._surprises: dict[tuple[int, bool], int] = {}
+        # length, of greedy steps only. The path (engine/sampling.py ``decision_path``) is how
+        # the step decides: the captured greedy tail, the captured sampled tail (probabilities
+        # over every tree row), or the host (logprobs, penalties: several times the greedy
+        # step — H100, batch 16, T=0.7, typical on the host: 13.8 ms against 2.7 ms) — each a
+        # cost of its own.
+        self.correction: dict[tuple[int, str], float] = {(n, "greedy"): 1.0 for n in self.table}
+        self._surprises: dict[tuple[int, str], int] = {}
 
     @property
     def sizes(self) -> list[int]:
@@ -61,28 +63,28 @@ class LatencyModel:
     # graph captured on first use, allocator growth, a GC pause), not the step's cost — learning
     # from one would price a tree size out for good, since back-off then never runs it again to
     # unlearn. PERSISTENT surprises running are the step's real cost, and are taken at once (an
-    # EMA would pay for dozens of slow steps first: a sampled step on the host costs 2.5–5x the
+    # EMA would pay for dozens of slow steps first: a step decided on the host costs 2.5–5x the
     # greedy step the grid measured). Closer observations pull the estimate by the EMA.
     SURPRISE_RATIO = 1.5
     PERSISTENT = 3
 
-    def _correction(self, n: int, host: bool) -> float:
-        if (n, host) in self.correction:
-            return self.correction[n, host]
+    def _correction(self, n: int, path: str) -> float:
+        if (n, path) in self.correction:
+            return self.correction[n, path]
         if n == 0:  # plain decoding's prior: as measured, so back-off falls back to it readily
             return 1.0
-        # A host-path tree size not served yet: what the served ones learned so far, else what
-        # plain decoding's host steps did (deciding a tree on the host costs no less than
-        # sampling one token there: without this prior back-off pays a few slow steps per size
-        # to learn it, measured at batch 64, T=0.7).
-        known = [c for (m, h), c in self.correction.items() if h == host and m > 0]
-        return sum(known) / len(known) if known else self.correction.get((0, host), 1.0)
+        # A tree size not served on this (non-greedy) path yet: what the served ones learned so
+        # far, else what plain decoding's steps on it did (deciding a tree there costs no less
+        # than sampling one token there: without this prior back-off pays a few slow steps per
+        # size to learn it, measured at batch 64, T=0.7 on the host).
+        known = [c for (m, h), c in self.correction.items() if h == path and m > 0]
+        return sum(known) / len(known) if known else self.correction.get((0, path), 1.0)
 
-    def observe(self, batch_size: int, n: int, ms: float, weight: float = 0.1, host: bool = False) -> None:
+    def observe(self, batch_size: int, n: int, ms: float, weight: float = 0.1, path: str = "greedy") -> None:
         if weight <= 0:  # learning off
             return
-        key, measured = (n, host), self._measured(batch_size, n)
-        corr = self._correction(n, host)
+        key, measured = (n, path), self._measured(batch_size, n)
+        corr = self._correction(n, path)
         if not 1 / self.SURPRISE_RATIO <= ms / (measured * corr) <= self.SURPRISE_RATIO:
             self._surprises[key] = self._surprises.get(key, 0) + 1
             if self._surprises[key] >= self.PERSISTENT:
@@ -92,8 +94,8 @@ class LatencyModel:
         self._surprises[key] = 0
         self.correction[key] = corr + weight * (ms / measured - corr)
 
-    def ms(self, batch_size: int, n: int, host: bool = False) -> float:
-        return self._measured(batch_size, n) * self._correction(n, host)
+    def ms(self, batch_size: int, n: int, path: str = "greedy") -> float:
+        return self._measured(batch_size, n) * self._correction(n, path)
 
     def _measured(self, batch_size: int, n: int) -> float:
         row = self.table[n]
@@ -126,26 +128,26 @@ class BackoffPolicy:
         if missing:
             raise ValueError(f"back-off: no expected accepted length for tree sizes {missing}")
 
-    def observe(self, batch_size: int, n: int, ms: float, tokens_per_seq: float, host: bool = False) -> None:
+    def observe(self, batch_size: int, n: int, ms: float, tokens_per_seq: float, path: str = "greedy") -> None:
         """A served step of ``batch_size`` decoding sequences with n-candidate trees took ``ms``
-        and produced ``tokens_per_seq`` tokens per sequence (``host``: it decided on the host):
+        and produced ``tokens_per_seq`` tokens per sequence (``path``: how it decided, ``decision_path``):
         pull the model toward it."""
-        self.latency.observe(batch_size, n, ms, self.learning_rate, host)
+        self.latency.observe(batch_size, n, ms, self.learning_rate, path)
         if n:
             self.expected[n] += self.learning_rate * (tokens_per_seq - self.expected[n])
 
-    def rate(self, batch_size: int, n: int, host: bool = False) -> float:
+    def rate(self, batch_size: int, n: int, path: str = "greedy") -> float:
         """Expected tokens per second with B sequences and an n-candidate tree."""
-        return batch_size * self.expected[n] / self.latency.ms(batch_size, n, host) * 1e3
+        return batch_size * self.expected[n] / self.latency.ms(batch_size, n, path) * 1e3
 
-    def choose(self, batch_size: int, max_candidates: int, host: bool = False) -> int:
+    def choose(self, batch_size: int, max_candidates: int, path: str = "greedy") -> int:
         """The number of candidates per sequence for a step decoding ``batch_size`` sequences
-        (at most ``max_candidates``, e.g. what the token budget allows; ``host``: the step will
-        decide on the host — sampled requests, logprobs, penalties)."""
+        (at most ``max_candidates``, e.g. what the token budget allows; ``path``: how the step
+        will decide — greedy or sampled tail, or the host)."""
         if batch_size <= 0:
             return 0
         options = [n for n in self.latency.sizes if 0 < n <= max_candidates]
         if not options:
             return 0
-        best = max(options, key=lambda n: (self.rate(batch_size, n, host), -n))
-        return best if self.rate(batch_size, best, host) >= self.margin * self.rate(batch_size, 0, host) else 0
+        best = max(options, key=lambda n: (self.rate(batch_size, n, path), -n))
+        return best if self.rate(batch_size, best, path) >= self.margin * self.rate(batch_size, 0, path) else 0

@@ -24,14 +24,14 @@ class SpeculationPolicy:
         # Engine steps per tree size (0 = plain) among steps in which sequences decoded.
         self.steps_by_tree_size: dict[int, int] = {}
 
-    def tree_for(self, num_decoding: int, token_budget: int, host: bool = False) -> int:
-        """The tree size for a step in which ``num_decoding`` sequences decode (``host``: the
-        step decides on the host, which back-off prices on its own)."""
+    def tree_for(self, num_decoding: int, token_budget: int, path: str = "greedy") -> int:
+        """The tree size for a step in which ``num_decoding`` sequences decode (``path``: how the
+        step decides — engine/sampling.py ``decision_path`` — which back-off prices on its own)."""
         if self.backoff is None:
             return self.full
         if num_decoding <= 0:
             return 0
-        return self.backoff.choose(num_decoding, token_budget // num_decoding - 1, host)
+        return self.backoff.choose(num_decoding, token_budget // num_decoding - 1, path)
 
     def cut(self, n: int, candidates: Sequence[int]) -> list[int]:
         """A sequence's full-tree candidates cut down to the n-candidate tree."""
@@ -39,7 +39,7 @@ class SpeculationPolicy:
             return list(candidates)
         return [candidates[i] for i in self.subtrees[n]] if n else []
 
-    def propose_next(self, num_sampling: int, token_budget: int, host: bool = False) -> bool:
+    def propose_next(self, num_sampling: int, token_budget: int, path: str = "greedy") -> bool:
         """Should this step's heads propose for the next one? Not when the next step, with as
         many sequences, would decode plainly anyway: back-off would choose no tree, or (the full
         tree without back-off) the trees would not fit the step's token budget. Proposals nobody
@@ -48,12 +48,12 @@ class SpeculationPolicy:
             return False
         if self.backoff is None:
             return num_sampling * (1 + self.full) <= token_budget
-        return self.tree_for(num_sampling, token_budget, host) > 0
+        return self.tree_for(num_sampling, token_budget, path) > 0
 
     def record(self, n: int) -> None:
         self.steps_by_tree_size[n] = self.steps_by_tree_size.get(n, 0) + 1
 
-    def observe(self, batch_size: int, n: int, ms: float, tokens_per_seq: float, host: bool = False) -> None:
+    def observe(self, batch_size: int, n: int, ms: float, tokens_per_seq: float, path: str = "greedy") -> None:
         """A pure decode step with n-candidate trees on every sequence took ``ms``."""
         if self.backoff is not None:
-            self.backoff.observe(batch_size, n, ms, tokens_per_seq, host)
+            self.backoff.observe(batch_size, n, ms, tokens_per_seq, path)

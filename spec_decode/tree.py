@@ -135,6 +135,12 @@ class MedusaTree:
         return kids
 
     @cached_property
+    def children_table(self) -> torch.Tensor:
+        """[N, most children] the children of every node in rank order, padded with -1."""
+        width = max(len(k) for k in self.children)
+        return torch.tensor([k + [-1] * (width - len(k)) for k in self.children], dtype=torch.long)
+
+    @cached_property
     def node_paths(self) -> list[list[int]]:
         """For every node, the node ids from the root down to it (root first, itself last)."""
         out = []

@@ -1,7 +1,6 @@
 """Acceptance rules against direct, loop-based implementations of their formulas."""
 
 import math
-import random
 
 import pytest
 import torch
@@ -117,3 +116,67 @@ def test_greedy_batch_equals_per_sequence(spec):
     for (t, l), got in zip(cases, batch):
         one = accept("greedy", tree, t, l, greedy, seed=0, first_pos=3)
         assert (got.path, got.bonus) == (one.path, one.bonus)
+
+
+@pytest.mark.parametrize("spec", TREES, ids=str)
+@pytest.mark.parametrize("rule", ["greedy", "typical", "rejection"])
+def test_device_rules_equal_the_host_rules_for_the_same_keys(spec, rule):
+    """The batched device rules (what spec_decode/tail.py captures) against the per-sequence
+    host rules, sequence by sequence: the same accepted path and produced tokens for the same
+    logits and keys — sampled rows with their own temperature / top-k / top-p / seed beside
+    greedy rows, in one batch. (tests/test_gpu.py runs it on CUDA too.)"""
+    check_device_rules(spec, rule, torch.device("cpu"))
+
+
+def check_device_rules(spec, rule: str, device: torch.device) -> None:
+    from engine.sampling import params_rows, processed_probs_rows, seed_key
+    from spec_decode.acceptance import greedy_tree_accept, keyed_targets, rejection_tree_walk, typical_tree_accept
+
+    tree = MedusaTree.build(spec, num_heads=4)
+    n, vocab = tree.num_nodes, 40
+    cases = [tuple(x.to(device) for x in _case(tree, vocab, seed)) for seed in range(32)]
+    params = [SamplingParams(temperature=0) if i % 5 == 0 else
+              SamplingParams(temperature=[0.5, 0.7, 1.0, 1.3][i % 4], top_k=[0, 5, 0, 12][i % 4],
+                             top_p=[1.0, 1.0, 0.8, 0.95][(i // 4) % 4], seed=1000 + i) for i in range(len(cases))]
+    seeds = [123 + 7 * i for i in range(len(cases))]
+    first_pos = [10 + 3 * i for i in range(len(cases))]
+    tokens = torch.stack([t for t, _ in cases])  # [S, N]
+    logits = torch.stack([lg for _, lg in cases]).view(-1, vocab)
+    cols = [torch.cat([params_rows(p, n, device)[c] for p in params]) for c in range(3)]
+    probs = processed_probs_rows(logits, *cols).view(len(cases), n, vocab)
+    keys = torch.tensor([seed_key(s) for s in seeds], device=device)
+    depths = torch.tensor(tree.depths, device=device)
+    positions = torch.tensor(first_pos, device=device)[:, None] + depths[None]
+    target = keyed_targets(probs, keys, positions)
+    paths = tree.paths.to(device)
+    if rule == "rejection":
+        path, n_acc, bonus = rejection_tree_walk(tree, tree.children_table.to(device), depths, tokens, probs, keys,
+                                                 torch.tensor(first_pos, device=device))
+    else:
+        best, n_acc = (greedy_tree_accept(paths, tokens, target) if rule == "greedy"
+                       else typical_tree_accept(paths, tokens, probs, 0.09, 0.3))
+        path = paths[best]
+        bonus = target.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
+    lengths = []
+    for i, (t, lg) in enumerate(cases):
+        want = accept(rule, tree, t, lg, params[i], seeds[i], first_pos[i], epsilon=0.09, alpha=0.3)
+        got = path[i, :int(n_acc[i]) + 1].tolist()
+        assert (got, int(bonus[i])) == (want.path, want.bonus), (i, params[i])
+        lengths.append(len(got))
+    assert max(lengths) >= 3  # paths were accepted, not only roots
+
+
+def test_keyed_uniforms_are_uniform_distinct_and_device_free():
+    """Counter-based keys: the same (key, position, draw) gives the same number from ints or
+    tensors, different draws/positions/keys differ, and the numbers look uniform."""
+    from engine.sampling import keyed_uniform, seed_key
+
+    keys = torch.tensor([seed_key(s) for s in (0, 1, -1, 2 ** 63, 12345678901234)])
+    assert len(set(keys.tolist())) == 5 and all(0 <= k < 2 ** 32 for k in keys.tolist())
+    pos = torch.arange(4000)
+    u = keyed_uniform(keys[:, None], pos[None], 0)
+    assert u.shape == (5, 4000) and 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    assert float(keyed_uniform(keys[1:2], 17, 3)) == float(u.new_tensor(keyed_uniform(keys[1], pos[17], 3)))
+    assert float(keyed_uniform(keys[1:2], 17, 3)) != float(keyed_uniform(keys[1:2], 17, 4))
+    assert len(set(u.flatten().tolist())) > 19_990  # no repeats to speak of across keys and positions

@@ -130,36 +130,36 @@ def test_a_one_off_stall_does_not_price_a_tree_out():
     m = LatencyModel([LatencyPoint(1, 0, 2.0), LatencyPoint(1, 4, 2.4)])
     policy = BackoffPolicy(m, {4: 2.0})
     policy.observe(1, 4, 1000.0, 2.0)
-    assert m.correction[4, False] == 1.0 and policy.choose(1, 63) == 4
+    assert m.correction[4, "greedy"] == 1.0 and policy.choose(1, 63) == 4
     for _ in range(40):
         policy.observe(1, 4, 7.0, 2.0)  # 2.9x the measurement: real, learned
     assert policy.choose(1, 63) == 0
 
 
 def test_steps_decided_on_the_host_are_priced_on_their_own():
-    """Sampled steps decide on the host and cost several times the greedy steps the grid
+    """Steps decided on the host (logprobs, penalties) cost several times the greedy steps the grid
     measured (H100, batch 16, T=0.7: 13.8 ms against 2.7). Surprises that persist are learned
     at once; the host path's prices do not touch the greedy path's; a tree size not served on
     the host yet starts from what the served ones learned, plain decoding from its own."""
     m = LatencyModel([LatencyPoint(16, n, ms) for n, ms in ((0, 1.5), (4, 2.4), (8, 2.7))])
     policy = BackoffPolicy(m, {4: 2.0, 8: 2.3})
-    assert policy.choose(16, 63, host=True) == 8  # nothing known of the host path yet
+    assert policy.choose(16, 63, path="host") == 8  # nothing known of the host path yet
     for _ in range(LatencyModel.PERSISTENT):
-        policy.observe(16, 8, 13.8, 2.3, host=True)
-    assert m.correction[8, True] == pytest.approx(13.8 / 2.7)
-    assert policy.choose(16, 63, host=True) == 0  # the 4-tree is priced like the 8-tree: plain wins
-    assert m.ms(16, 4, host=True) == pytest.approx(2.4 * 13.8 / 2.7) and m.ms(16, 0, host=True) == 1.5
+        policy.observe(16, 8, 13.8, 2.3, path="host")
+    assert m.correction[8, "host"] == pytest.approx(13.8 / 2.7)
+    assert policy.choose(16, 63, path="host") == 0  # the 4-tree is priced like the 8-tree: plain wins
+    assert m.ms(16, 4, path="host") == pytest.approx(2.4 * 13.8 / 2.7) and m.ms(16, 0, path="host") == 1.5
     assert policy.choose(16, 63) == 8  # greedy steps keep their own prices
     for _ in range(40):  # plain sampled steps really cost 2.5x: learned, and plain still wins
-        policy.observe(16, 0, 3.77, 1.0, host=True)
-    assert m.correction[0, True] == pytest.approx(3.77 / 1.5, rel=0.05)
-    assert policy.choose(16, 63, host=True) == 0
+        policy.observe(16, 0, 3.77, 1.0, path="host")
+    assert m.correction[0, "host"] == pytest.approx(3.77 / 1.5, rel=0.05)
+    assert policy.choose(16, 63, path="host") == 0
     # Before any tree was served on the host, plain decoding's host price is the trees' prior.
     m = LatencyModel([LatencyPoint(16, n, ms) for n, ms in ((0, 1.5), (4, 2.4), (8, 2.7))])
     policy = BackoffPolicy(m, {4: 2.0, 8: 2.3})
     for _ in range(LatencyModel.PERSISTENT):
-        policy.observe(16, 0, 9.0, 1.0, host=True)  # 6x the greedy plain step
-    assert m.ms(16, 8, host=True) == pytest.approx(2.7 * 6) and policy.choose(16, 63, host=True) == 8
+        policy.observe(16, 0, 9.0, 1.0, path="host")  # 6x the greedy plain step
+    assert m.ms(16, 8, path="host") == pytest.approx(2.7 * 6) and policy.choose(16, 63, path="host") == 8
 
 
 @pytest.fixture

@@ -193,5 +193,5 @@ def test_served_decode_steps_correct_the_policy():
         SeqResult(seq_id=0, sampled_token_ids=[10, 8], num_accepted=1, next_candidates=list(range(10, 16))),
         SeqResult(seq_id=1, sampled_token_ids=[9], num_accepted=0, next_candidates=list(range(10, 16)))]),
         execute_ms=2.5)
-    assert seen == [(2, 3, 2.5, 1.5, False)]
+    assert seen == [(2, 3, 2.5, 1.5, "greedy")]
     assert policy.steps_by_tree_size == {3: 1}

@@ -2,8 +2,9 @@
 packed input buffer (the capture and replay themselves are checked in test_gpu.py)."""
 
 import pytest
+import torch
 
-from engine.cuda_graphs import BATCH_BUCKETS, GraphLayout, graphable_nodes, padded_batch, width_buckets
+from engine.cuda_graphs import BATCH_BUCKETS, graphable_nodes, padded_batch, width_buckets
 from scheduler.outputs import ScheduledSeq
 from spec_decode.tree import MedusaTree
 
@@ -76,32 +77,58 @@ def test_fresh_prompts_replay_a_prefill_graph_of_their_padded_shape():
 
 
 @pytest.mark.parametrize("tree", [None, TREE])
-def test_pack_lays_out_inputs_and_padding(tree):
-    nodes = tree.num_nodes if tree else 1
-    layout = GraphLayout(batch=4, nodes=nodes, width=3)
-    block, pad_block = 16, 9
-    seqs = [seq(0, 20, [5, 2]), seq(1, 3, [7])]
-    ids = list(range(100, 100 + 2 * nodes))
-    positions = [s.start_pos + d for s in seqs for d in (tree.depths if tree else [0])]
-    slots = list(range(500, 500 + 2 * nodes))
-    buf = layout.pack(seqs, ids, positions, slots, pad_block, block)
-    assert buf.numel() == layout.size
-    v = {k: x.tolist() for k, x in layout.views(buf).items()}
-    assert v["ids"] == ids + [0] * (2 * nodes)
-    assert v["positions"] == positions + [0] * (2 * nodes)
-    assert v["slots"] == slots + [pad_block * block] * (2 * nodes)  # padding writes the pad block
-    # Plain decode attends to its cache including the new token; a tree's prefix stops before the root.
-    extra = 0 if tree else 1
-    assert v["kv_lens"] == [20 + extra, 3 + extra, 1, 1]
-    assert v["tables"] == [[5, 2, pad_block], [7, pad_block, pad_block]] + [[pad_block] * 3] * 2
+@torch.inference_mode()  # as the runner replays graphs
+def test_graphs_derive_positions_slots_and_lengths_like_the_eager_step(tree):
+    """A decode or verify graph gets only ids, starts and tables from the host and derives the
+    rest on the device: every real token's position and K/V slot equal what the eager step
+    computes (``ModelRunner.locate``), the attention lengths are the cached prefix (+ the
+    decode token itself), and padded sequences start at 0 in the pad block, their candidates in
+    scratch rows past the real ones."""
+    from engine.attention.torch_ref import TorchAttentionBackend
+    from engine.cuda_graphs import CudaGraphRunner
+    from engine.kv_cache import PagedKVCache
+    from engine.model_runner import ModelRunner
+    from scheduler.outputs import SchedulerOutput
+
+    block, nodes = 16, tree.num_nodes if tree else 1
+    cache = PagedKVCache(1, 20, block, 1, 8, torch.float32, torch.device("cpu"), scratch_tokens=4 * nodes)
+    backend = TorchAttentionBackend(cache, torch.device("cpu"))
+    seen = {}
+
+    def model(ids, positions, backend_, meta):  # records what the graph's forward hands the model
+        seen.update(ids=ids.tolist(), positions=positions.tolist(), slots=meta.slots.tolist(),
+                    kv_lens=meta.kv_lens.tolist(), tables=meta.tables.tolist())
+        return torch.zeros(len(ids), 4)
+
+    graphs = CudaGraphRunner(model, backend, torch.device("cpu"), width=3, pad_block=cache.pad_block)
+    cands = list(range(200, 200 + nodes - 1))
+    seqs = [seq(0, 20, [5, 2], cands=cands), seq(1, 3, [7], tokens=(8,), cands=cands[::-1])]
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.kv_cache, runner.block_size, runner.trees = cache, block, {nodes - 1: tree} if tree else {}
+    batch = runner.prepare(SchedulerOutput(step_id=1, seqs=seqs))
+    runner.locate(batch)
+    assert graphs.run(tree, seqs, batch.ids).layout.batch == 2
+    assert seen["ids"] == batch.ids
+    assert seen["positions"] == batch.positions and seen["slots"] == batch.slots
+    extra = 0 if tree else 1  # a decode token attends to itself; a tree's prefix stops before the root
+    assert seen["kv_lens"] == [20 + extra, 3 + extra]
+    assert seen["tables"] == [[5, 2, cache.pad_block], [7, cache.pad_block, cache.pad_block]]
+    # Three sequences run in the 4 graph: the fourth is padding.
+    three = seqs + [seq(2, 40, [3, 4, 6], tokens=(9,), cands=cands)]
+    graphs.run(tree, three, batch.ids + [9] + cands)
+    assert seen["positions"][3 * nodes:] == [d for d in (tree.depths if tree else [0])]
+    assert seen["slots"][3 * nodes] == cache.pad_slot
+    assert seen["slots"][3 * nodes + 1:] == list(range(cache.scratch_slot0 + 3 * nodes + 1, cache.scratch_slot0 + 4 * nodes))
+    assert seen["kv_lens"][3] == extra and seen["tables"][3] == [cache.pad_block] * 3
 
 
 def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
     """The CUDA graph path without the capture (what it does on CPU): padded fixed-shape steps
     through the static buffers and the pad block, the greedy tail deciding, committing and
     proposing on the device — the same tokens as the eager engine for plain decoding and
-    Medusa (bundled heads, so paths are accepted and committed), with a sampled request in the
-    batch (graph forward, host-side decision) and alone (greedy tail); no KV block leaked."""
+    Medusa (bundled heads, so paths are accepted and committed): a sampled request beside
+    greedy ones (the sampled tail), a request with logprobs (graph forward, host-side
+    decision), greedy ones alone (greedy tail); no KV block leaked."""
     import engine.worker
     from engine.engine import Engine
     from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint
@@ -110,7 +137,8 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
 
     greedy = SamplingParams(temperature=0, max_tokens=20)
     mixed = [greedy, greedy, SamplingParams(temperature=0.8, seed=1, max_tokens=20)]
-    batches = [(PROMPTS[:3], mixed), (PROMPTS[3:6], greedy), (PROMPTS[6:7], greedy)]
+    logprobs = [SamplingParams(temperature=0, max_tokens=20, logprobs=True), greedy]
+    batches = [(PROMPTS[:3], mixed), (PROMPTS[3:5], logprobs), (PROMPTS[6:7], greedy)]
     specs = (None, {"tree": "small_12"}, {"tree": "small_12", "backoff": True})
 
     def engine_for(spec):
@@ -144,7 +172,9 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         graphs.run_prefill = counted("prefill", graphs.run_prefill)
         toks = [[o.token_ids for o in eng.generate_batch(p, params)] for p, params in batches]
         assert toks == ref[i], spec
-        assert calls["forward"] > calls["tail"] > 0, calls  # the sampled request's steps skip the tail
+        assert calls["forward"] > calls["tail"] > 0, calls  # the logprobs request's steps skip the tail
+        tails = [key for g in graphs.graphs.values() for key in g.tails]
+        assert any(key[2] for key in tails) and any(not key[2] for key in tails), tails  # sampled, greedy
         assert calls["prefill"] == len(batches), calls  # every batch's prompts: one padded prefill graph
         if spec:
             assert eng.stats.accepted_per_depth[0] > 5  # paths were accepted and committed

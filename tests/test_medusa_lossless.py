@@ -61,6 +61,27 @@ def test_seeded_sampling_exact_match_rule_equals_plain(bundled_dir):
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
 
 
+@pytest.mark.parametrize("acceptance", ["typical", "rejection"])
+def test_device_tail_draws_what_the_host_rules_draw(bundled_dir, acceptance):
+    """Sampled requests decide on the device (spec_decode/tail.py ``sampled``) unless they ask
+    for logprobs, which sends their steps to the host rules: both must produce the same
+    tokens, step for step (the draws are keyed by seed, position and draw alike). A batch with
+    top-k / top-p and a greedy request beside sampled ones, the bundled heads so paths get
+    accepted."""
+    def batch(logprobs: bool) -> list[SamplingParams]:
+        return [SamplingParams(temperature=0.7, seed=1, max_tokens=MAX, logprobs=logprobs),
+                SamplingParams(temperature=1.0, top_p=0.9, top_k=40, seed=2, max_tokens=MAX, logprobs=logprobs),
+                SamplingParams(temperature=0, max_tokens=MAX, logprobs=logprobs),
+                SamplingParams(temperature=0.5, seed=3, max_tokens=MAX, logprobs=logprobs)]
+
+    runs = []
+    for logprobs in (False, True):
+        eng = Engine("default", speculative={"tree": "small_12", "acceptance": acceptance}, max_num_seqs=8)
+        runs.append([o.token_ids for o in eng.generate_batch(PROMPTS[:4], batch(logprobs))])
+        assert eng.stats.mean_accepted_length > 1.3, eng.stats.mean_accepted_length
+    assert runs[0] == runs[1]
+
+
 def test_stops_exact_when_several_tokens_accepted(bundled_dir, reference):
     eng = Engine(str(bundled_dir), speculative={"heads": "random", "tree": "mc_sim_7b_63"})
     prompt = PROMPTS[3]  # "1, 2, 3, 4, 5," — long accepted runs

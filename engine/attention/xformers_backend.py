@@ -6,10 +6,10 @@
   Triton split-K); prefill chunks have no paged kernel in xformers 0.0.35 without FA3 (split-K
   takes only equal query blocks of <= 16), so their K/V are gathered into a padded buffer
   (``BlockDiagonalCausalWithOffsetPaddedKeysMask``, flash).
-- Medusa trees: ``xformers.ops.tree_attention.tree_attention`` — the paged prefix (positions
-  before the root, all visible, ``PagedBlockDiagonalPaddedKeysMask``) and the tree suffix (the
-  step's own K/V under the ancestor mask) merged by log-sum-exp. The prefix op is named
-  explicitly (Triton split-K): xformers' automatic choice fails when FA3 is absent.
+- Medusa trees: one Triton kernel per layer (engine/attention/tree_kernel.py) streams the
+  paged prefix (positions before the root, all visible) and then the tree (the step's own K/V
+  under the ancestor mask) through one online softmax. xformers' ``tree_attention`` did the
+  same as two split-K attentions and a log-sum-exp merge, five launches per layer.
 Grouped-query attention uses xformers' 5-D layout [B, M, G, H/G, D] with K/V expanded along H/G.
 Paged Triton split-K needs a page size divisible by 64; the engine checks the block size.
 """
@@ -35,10 +35,9 @@ class XformersAttnMeta:
     # <= 16), so their K/V are gathered into a padded contiguous buffer.
     causal_gather: Optional[torch.Tensor] = None
     tree_idx: Optional[torch.Tensor] = None
-    tree_batch: int = 0
-    tree_nodes: int = 0
-    tree_spec_bias: Optional[torch.Tensor] = None
-    tree_prefix_bias: object = None
+    tree_mask: Optional[torch.Tensor] = None  # [N, N] int8, 1 = may attend
+    tree_kv_lens: Optional[torch.Tensor] = None  # [B] int32: cached positions before each root
+    tree_tables: Optional[torch.Tensor] = None  # [B, W] int32
     # Every row of the step is causal (or every row is in a tree): no gather/scatter of rows.
     causal_all: bool = False
     tree_all: bool = False
@@ -52,37 +51,36 @@ class XformersAttentionBackend:
     def __init__(self, kv_cache: PagedKVCache, device: torch.device) -> None:
         from xformers.ops import fmha  # noqa: F401  (fail at construction, not mid-step)
 
+        from engine.attention import tree_kernel  # noqa: F401  (Triton, which xformers' split-K needs too)
+
         if kv_cache.block_size % 64:
             raise ValueError(f"block_size: xformers paged attention needs a multiple of 64, got {kv_cache.block_size}")
         self.kv_cache = kv_cache
         self.device = device
-        # Additive tree biases by mask (trees live for the engine's lifetime): built once.
-        self._spec_bias: dict[torch.Tensor, torch.Tensor] = {}
+        # Tree masks on the device by mask (trees live for the engine's lifetime): made once.
+        self._tree_masks: dict[torch.Tensor, torch.Tensor] = {}
 
-    def _tree_bias(self, mask: torch.Tensor) -> torch.Tensor:
-        if mask not in self._spec_bias:
-            bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
-            self._spec_bias[mask] = bias.to(device=self.device, dtype=self.kv_cache.k[0].dtype)
-        return self._spec_bias[mask]
+    def _tree_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        if mask not in self._tree_masks:
+            self._tree_masks[mask] = mask.to(device=self.device, dtype=torch.int8).contiguous()
+        return self._tree_masks[mask]
 
     def uniform_metadata(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], kv_lens: list[int],
                          tables: torch.Tensor, slots: torch.Tensor) -> XformersAttnMeta:
         """Every sequence runs one pending token (``tree_mask`` None; ``kv_lens`` include it) or
         its pending token plus the same ``nodes``-node tree (``kv_lens``: the prefix before the
         root). Pending tokens read the cache in place (paged Triton split-K); trees go through
-        ``tree_attention`` (paged prefix + tree suffix merged by log-sum-exp)."""
-        from xformers.ops.fmha.attn_bias import (PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
-                                                 PagedBlockDiagonalPaddedKeysMask)
+        the fused tree kernel (paged prefix + tree in one online softmax)."""
+        from xformers.ops.fmha.attn_bias import PagedBlockDiagonalCausalWithOffsetPaddedKeysMask
 
         page = self.kv_cache.block_size
         if tree_mask is None:
             bias = PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
                 q_seqlen=[1] * batch, kv_seqlen=kv_lens, block_tables=tables, page_size=page, device=self.device)
             return XformersAttnMeta(slots=slots, causal_bias=bias, causal_all=True)
-        bias = PagedBlockDiagonalPaddedKeysMask.from_seqlens(
-            q_seqlen=[nodes] * batch, kv_seqlen=kv_lens, block_tables=tables, page_size=page, device=self.device)
-        return XformersAttnMeta(slots=slots, tree_batch=batch, tree_nodes=nodes,
-                                tree_spec_bias=self._tree_bias(tree_mask), tree_prefix_bias=bias, tree_all=True)
+        return XformersAttnMeta(slots=slots, tree_mask=self._tree_mask(tree_mask), tree_tables=tables,
+                                tree_kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=self.device),
+                                tree_all=True)
 
     def prepare(self, inputs: StepAttnInputs) -> XformersAttnMeta:
         from xformers.ops.fmha.attn_bias import BlockDiagonalCausalWithOffsetPaddedKeysMask
@@ -131,8 +129,7 @@ class XformersAttentionBackend:
                 raise ValueError("xformers backend: all trees of a step must have the same size")
             tree = self.uniform_metadata(len(trees), n_nodes, trees[0].tree_mask, [s.ctx_len for s in trees],
                                          block_tables([s.block_table for s in trees], dev), slots)
-            meta.tree_batch, meta.tree_nodes = tree.tree_batch, tree.tree_nodes
-            meta.tree_spec_bias, meta.tree_prefix_bias = tree.tree_spec_bias, tree.tree_prefix_bias
+            meta.tree_mask, meta.tree_kv_lens, meta.tree_tables = tree.tree_mask, tree.tree_kv_lens, tree.tree_tables
             meta.tree_idx = torch.tensor(tree_rows, device=dev)
             meta.tree_all = len(tree_rows) == offset
         return meta
@@ -148,14 +145,15 @@ class XformersAttentionBackend:
             return GraphAttnInputs(meta=meta, kv_lens=torch.zeros(batch, dtype=torch.int32, device=self.device),
                                    block_tables=tables)
         meta = self.uniform_metadata(batch, nodes, tree_mask, [1] * batch, tables, write_slots)
-        bias = meta.causal_bias if tree_mask is None else meta.tree_prefix_bias
-        return GraphAttnInputs(meta=meta, kv_lens=bias.k_seqinfo.seqlen, block_tables=tables)
+        kv_lens = meta.causal_bias.k_seqinfo.seqlen if tree_mask is None else meta.tree_kv_lens
+        return GraphAttnInputs(meta=meta, kv_lens=kv_lens, block_tables=tables)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: XformersAttnMeta) -> torch.Tensor:
         from xformers.ops import fmha
         from xformers.ops.fmha import triton_splitk
-        from xformers.ops.tree_attention import tree_attention
+
+        from engine.attention.tree_kernel import paged_tree_attention
 
         self.kv_cache.write(layer, meta.slots, k, v)
         _, h, d = q.shape
@@ -188,14 +186,10 @@ class XformersAttentionBackend:
                 return oc.view(-1, h, d)
             out.index_copy_(0, meta.causal_idx, oc.view(-1, h, d))
         if meta.tree_all or meta.tree_idx is not None:
-            b, n = meta.tree_batch, meta.tree_nodes
             rows = (lambda x: x) if meta.tree_all else (lambda x: x.index_select(0, meta.tree_idx))
-            qt = rows(q).view(b, n, g, hg, d)
-            kt = rows(k).view(b, n, g, 1, d).expand(-1, -1, -1, hg, -1)
-            vt = rows(v).view(b, n, g, 1, d).expand(-1, -1, -1, hg, -1)
-            ot = tree_attention(qt, kt, vt, cache_k, cache_v, meta.tree_spec_bias, meta.tree_prefix_bias,
-                                prefix_op=triton_splitk.FwOp, suffix_op=triton_splitk.FwOp)
+            ot = paged_tree_attention(rows(q), rows(k), rows(v), self.kv_cache.k[layer], self.kv_cache.v[layer],
+                                      meta.tree_tables, meta.tree_kv_lens, meta.tree_mask, self.kv_cache.block_size)
             if meta.tree_all:
-                return ot.reshape(-1, h, d)
-            out.index_copy_(0, meta.tree_idx, ot.reshape(-1, h, d))
+                return ot
+            out.index_copy_(0, meta.tree_idx, ot)
         return out
