@@ -131,6 +131,8 @@ def main() -> None:
         if engine.backoff is not None:
             print("back-off latency grid [batch, candidates, ms]:", engine.step_latency)
             print("back-off expected tokens per step by tree size:", engine.backoff.expected)
+            print("back-off corrections learned (observed / measured) by (tree size, path):",
+                  {k: round(v, 2) for k, v in engine.backoff.latency.correction.items()})
         for s in sorted(steps, key=lambda s: -s["step_ms"])[:args.slowest]:
             print("  slow:", {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()})
         engine.shutdown()

@@ -286,7 +286,6 @@ class Engine:
         out = self.scheduler.schedule()
         if not out.seqs:
             return []
-        t0 = time.perf_counter()
         failed: list[Request] = []
         try:
             result = self.executor.execute(out)
@@ -296,8 +295,11 @@ class Engine:
             result, failed_ids = self._isolate_failure(out, e)
             by_seq = {r.seq_id: r for r in self._requests.values()}
             failed = [by_seq[i] for i in failed_ids]
-        execute_ms = 1e3 * (time.perf_counter() - t0)
-        touched = self.scheduler.update(result, None if failed else execute_ms)
+        # What back-off learns from: the step's wall time from scheduling on. Scheduling a tree
+        # step costs more host time than a plain one (cutting and shipping every sequence's
+        # candidates), which the workers' execute time alone would hide.
+        step_ms = 1e3 * (time.perf_counter() - started)
+        touched = self.scheduler.update(result, None if failed else step_ms)
         for req in failed:
             # Finished with 'error': blocks freed, reported once; the engine keeps serving.
             self.scheduler.finish(req, "error")

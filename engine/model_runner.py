@@ -95,6 +95,12 @@ class ModelRunner:
     # ---- phases -----------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
+        captured_before = self.graphs.capture_seconds if self.graphs is not None else 0.0
+        result = self._execute(out)
+        result.captured = self.graphs is not None and self.graphs.capture_seconds > captured_before
+        return result
+
+    def _execute(self, out: SchedulerOutput) -> StepResult:
         if not out.seqs:
             return StepResult(step_id=out.step_id, results=[])
         batch = self.prepare(out)
@@ -178,27 +184,48 @@ class ModelRunner:
             filters = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
             greedy_rows = any(p.greedy for p in params)
 
-        def run(hidden, tokens, start, tables, static):
-            if not sampled:
-                return self.tail.greedy(hidden, tree, tokens, start, tables, propose)
-            return self.tail.sampled(hidden, tree, tokens, start, tables, propose, static, rules, filters,
-                                     greedy_rows)
-
-        def build(g, static) -> Callable[[], torch.Tensor]:
-            v, b, n = g.views, g.layout.batch, g.layout.nodes
-            tokens, start = v["ids"].view(b, n), v["starts"][:, None]
-            return lambda: run(g.hidden, tokens, start, v["tables"], static)
-
+        key = (propose, tree, sampled, rules, filters, greedy_rows)
         if graph is not None:
-            key = (propose, tree, sampled, rules, filters, greedy_rows)
-            return self.graphs.run_tail(graph, key, build, inputs)[:len(batch.seqs)].cpu()
+            return self.graphs.run_tail(graph, key, self._tail_builder(key), inputs)[:len(batch.seqs)].cpu()
         b, n = len(batch.seqs), batch.uniform_nodes
         dev = self.device
         tables = block_tables([s.block_table for s in batch.seqs], dev).long()
         tokens = torch.tensor(batch.ids, device=dev).view(b, n)
         start = torch.tensor([s.start_pos for s in batch.seqs], device=dev)[:, None]
         static = inputs.to(dev) if inputs is not None else None
-        return run(hidden, tokens, start, tables, static).cpu()
+        return self._tail(key, hidden, tokens, start, tables, static).cpu()
+
+    def _tail(self, key, hidden, tokens, start, tables, static) -> torch.Tensor:
+        """The device tail ``key`` = (propose, tree, sampled, rules, filters, greedy_rows) names."""
+        propose, tree, sampled, rules, filters, greedy_rows = key
+        if not sampled:
+            return self.tail.greedy(hidden, tree, tokens, start, tables, propose)
+        return self.tail.sampled(hidden, tree, tokens, start, tables, propose, static, rules, filters, greedy_rows)
+
+    def _tail_builder(self, key) -> Callable:
+        """What CudaGraphRunner.run_tail captures for the tail ``key``, reading a graph's views."""
+        def build(g, static) -> Callable[[], torch.Tensor]:
+            v, b, n = g.views, g.layout.batch, g.layout.nodes
+            tokens, start = v["ids"].view(b, n), v["starts"][:, None]
+            return lambda: self._tail(key, g.hidden, tokens, start, v["tables"], static)
+        return build
+
+    @torch.inference_mode()
+    def capture_greedy_tails(self) -> None:
+        """Capture the greedy tail (with and without proposals) after every decode and verify
+        graph captured so far. Captured on first use instead, a tail stalls that step, and back-off
+        meets new (tree size, batch bucket) pairs as a batch shrinks (H100, benchmarks/step_trace.py
+        at batch 64: the slowest decode step, 22 sequences on an 8-candidate tree — a shape the
+        warm-up had not met — took 14.9 ms against 3.5). Sampled tails (their key holds the
+        step's rules and filters) are still captured on first use."""
+        if self.graphs is None:
+            return
+        for g in list(self.graphs.graphs.values()):
+            if getattr(g.shape, "fresh", False):
+                continue
+            for propose in (False, True) if self.proposer is not None else (False,):
+                key = (propose, g.shape, False, frozenset(), False, False)
+                self.graphs.run_tail(g, key, self._tail_builder(key))
 
     def sample(self, batch: InputBatch, hidden: torch.Tensor) -> StepResult:
         """The host path: logits for the rows a decision reads, then per sequence the

@@ -136,6 +136,7 @@ class Worker:
             # no request waits for a capture.
             graphs.capture([None] + sorted(self.runner.trees.values(), key=lambda t: t.num_nodes),
                            sc.max_num_seqs, sc.max_num_batched_tokens)
+            self.runner.capture_greedy_tails()
             graphs.capture_prefill(sc.max_num_batched_tokens)
 
     def _cached_timings(self, key: dict, what: str, measure: Callable[[Optional[list]], list]) -> list:

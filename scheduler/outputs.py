@@ -70,6 +70,9 @@ class SeqResult(msgspec.Struct, kw_only=True, array_like=True):
 class StepResult(msgspec.Struct, kw_only=True):
     step_id: int
     results: list[SeqResult]
+    # The step captured a CUDA graph (a shape or tail on first use, ~1 s): its time is not the
+    # step's cost, and the speculation policy must not learn from it.
+    captured: bool = False
 
 
 ENCODER = msgspec.msgpack.Encoder()

@@ -225,8 +225,9 @@ class Scheduler:
         """Apply a step's results: advance KV accounting, append tokens (stopping exactly at the
         first stop condition that token ids decide — EOS, stop token ids, lengths — never
         overshooting), free finished requests. Stop strings are the output processor's: it
-        trims and finishes requests through ``finish``. ``execute_ms``: what the step took on
-        the workers (a pure decode step's cost corrects the speculation policy).
+        trims and finishes requests through ``finish``. ``execute_ms``: what the step took —
+        scheduling and the workers' execution (a pure decode step's cost corrects the
+        speculation policy, unless the step captured a CUDA graph).
         Returns the requests that received tokens or finished this step."""
         step = self._in_flight_step
         if step is None:
@@ -261,7 +262,7 @@ class Scheduler:
                 self.finish(req, reason)
         self._in_flight.clear()
         self._in_flight_step = None
-        if execute_ms is not None:
+        if execute_ms is not None and not result.captured:
             self._observe(step, result, execute_ms)
         return touched
 

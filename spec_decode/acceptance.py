@@ -194,15 +194,19 @@ def keyed_targets(probs: torch.Tensor, keys: torch.Tensor, positions: torch.Tens
 
 
 def typical_tree_accept(paths: torch.Tensor, node_tokens: torch.Tensor, probs: torch.Tensor,
-                        epsilon: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``accept_typical`` for S sequences on the device: probs [S, N, V] processed,
-    node_tokens [S, N]. Returns the accepted path's index in ``paths`` and its accepted count
-    (longest first, then the likeliest; the bonus is ``keyed_targets`` at its last node)."""
-    s, n, v = probs.shape
-    entropy = torch.special.entr(probs).sum(-1)  # [S, N], as accept_typical computes it
+                        parent_row: torch.Tensor, epsilon: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``accept_typical`` for S sequences on the device: probs [S, R, V] processed, at the
+    tree's nodes that have children only (``tree.parent_nodes``: a leaf's row is never
+    compared against, and at 16 sequences of a 64-node tree each row skipped saves a pass over
+    49k numbers), parent_row [N] = ``tree.parent_row``, node_tokens [S, N]. Returns the
+    accepted path's index in ``paths`` and its accepted count (longest first, then the
+    likeliest; the bonus is drawn at its last node)."""
+    s, r, v = probs.shape
+    entropy = torch.special.entr(probs).sum(-1)  # [S, R], as accept_typical computes it
     threshold = torch.clamp(alpha * torch.exp(-entropy), max=epsilon)
     parent, child, valid = _path_edges(paths)
-    cand_p = probs.reshape(s, n * v).gather(1, (parent[None] * v + node_tokens[:, child]).flatten(1))
+    parent = parent_row[parent]  # (padding edges land on row 0, and are masked by valid)
+    cand_p = probs.reshape(s, r * v).gather(1, (parent[None] * v + node_tokens[:, child]).flatten(1))
     cand_p = cand_p.view(s, *parent.shape)  # [S, P, D]
     ok = (cand_p > threshold[:, parent]) & valid
     run = ok.int().cumprod(2)
@@ -213,16 +217,16 @@ def typical_tree_accept(paths: torch.Tensor, node_tokens: torch.Tensor, probs: t
 
 
 def rejection_tree_walk(tree: MedusaTree, children: torch.Tensor, depths: torch.Tensor,
-                        node_tokens: torch.Tensor, probs: torch.Tensor, keys: torch.Tensor,
-                        first_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        node_tokens: torch.Tensor, probs_at: Callable[[torch.Tensor], torch.Tensor],
+                        keys: torch.Tensor, first_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``accept_rejection`` for S sequences on the device, one tree depth per iteration (no
     host sync): children = tree.children_table, depths = tree.depths on the device,
-    node_tokens [S, N], probs [S, N, V] processed, keys [S], first_pos [S]. Returns the
-    accepted nodes [S, depth + 1] (root first, -1 after the last), the accepted count and
+    node_tokens [S, N], probs_at(node [S]) → [S, V] each sequence's processed probabilities
+    at its node (only the walked rows are ever computed), keys [S], first_pos [S]. Returns
+    the accepted nodes [S, depth + 1] (root first, -1 after the last), the accepted count and
     the bonus token."""
-    s, n, v = probs.shape
-    dev = probs.device
-    seq = torch.arange(s, device=dev)
+    s = node_tokens.shape[0]
+    dev = node_tokens.device
     width = children.shape[1]
     earlier = torch.ones(width, width, dtype=torch.bool, device=dev).tril(-1)  # [j, i]: i < j
     draws = torch.arange(width, device=dev)
@@ -236,7 +240,8 @@ def rejection_tree_walk(tree: MedusaTree, children: torch.Tensor, depths: torch.
         kids = children[node]  # [S, C]
         valid = kids >= 0
         x = node_tokens.gather(1, kids.clamp(min=0))
-        p = probs[seq, node]  # [S, V]
+        p = probs_at(node)  # [S, V]
+        v = p.shape[-1]
         px = p.gather(1, x).double()
         repeated = ((x[:, :, None] == x[:, None, :]) & valid[:, None, :] & earlier).any(2)
         px = torch.where(valid & ~repeated, px, 0.0)

@@ -95,27 +95,38 @@ class SpecTail:
         on the device (no host sync): params [B, 5] float64 per sequence — temperature (0:
         greedy), top_p, top_k, seed key (engine/sampling.py ``seed_key``), rule (an index
         of ``SAMPLED_RULES``); ``rules`` the rules present, ``filters`` whether any sequence
-        uses top-k or top-p, ``greedy_rows`` whether any is greedy. Every draw is keyed by (seed, position of the produced token,
-        draw), as on the host, so the host rules give the same tokens for the same logits."""
+        uses top-k or top-p, ``greedy_rows`` whether any is greedy. Every draw is keyed by
+        (seed, position of the produced token, draw), as on the host, so the host rules give
+        the same tokens for the same logits."""
         b, n = tokens.shape
         dev = hidden.device
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden).view(b, n, -1)
         temperature, top_p, top_k, keys, rule = params.unbind(1)
-        probs = processed_probs_rows(logits, temperature.repeat_interleave(n), top_k.long().repeat_interleave(n),
-                                     top_p.repeat_interleave(n), filters, greedy_rows).view(b, n, -1)
-        keys, rule = keys.long(), rule.long()
+        keys, rule, top_k = keys.long(), rule.long(), top_k.long()
+        seq = torch.arange(b, device=dev)
+
+        def probs_of(rows: torch.Tensor) -> torch.Tensor:
+            """Processed probabilities of each sequence's logits rows [B, R, V] (each sequence
+            with its own parameters): only the rows a decision reads are ever computed."""
+            r = rows.shape[1]
+            out = processed_probs_rows(rows.flatten(0, 1), temperature.repeat_interleave(r),
+                                       top_k.repeat_interleave(r), top_p.repeat_interleave(r), filters, greedy_rows)
+            return out.view(b, r, -1)
+
         depths = self.device_tensor(tree, "depths") if tree is not None else torch.zeros(1, dtype=torch.long,
                                                                                          device=dev)
         # The token each node's row produces is at start + 1 + the node's depth.
         positions = start + 1 + depths[None]
+
+        def draw_at(node: torch.Tensor) -> torch.Tensor:
+            """Plain decoding's keyed draw at each sequence's ``node`` [B]."""
+            rows = logits[seq, node][:, None]
+            return keyed_targets(probs_of(rows), keys, positions.gather(1, node[:, None]))[:, 0]
+
         if tree is None:
             path = torch.zeros(b, 1, dtype=torch.long, device=dev)
-            bonus = keyed_targets(probs, keys, positions)[:, 0]
-            return self._finish(hidden, tree, tokens, start, tables, propose, path, path[:, 0], bonus)
+            return self._finish(hidden, tree, tokens, start, tables, propose, path, path[:, 0], draw_at(path[:, 0]))
         paths = self.device_tensor(tree, "paths")
-        # Plain decoding's draw at every node: the exact-match rule compares candidates with
-        # them (typical acceptance only draws at the last accepted node: one row, not N).
-        target = keyed_targets(probs, keys, positions) if "greedy" in rules else None
         # Each present rule decides every sequence; each sequence keeps its own rule's answer.
         path = torch.zeros(b, tree.depth + 1, dtype=torch.long, device=dev)
         n_acc = torch.zeros(b, dtype=torch.long, device=dev)
@@ -123,17 +134,18 @@ class SpecTail:
         for name in rules:
             if name == "rejection":
                 p, k, x = rejection_tree_walk(tree, self.device_tensor(tree, "children_table"), depths, tokens,
-                                              probs, keys, start[:, 0] + 1)
-            elif name == "greedy":
-                best, k = greedy_tree_accept(paths, tokens, target)
-                p = paths[best]
-                x = target.gather(1, p.clamp(min=0).gather(1, k[:, None]))[:, 0]
+                                              lambda node: probs_of(logits[seq, node][:, None])[:, 0], keys,
+                                              start[:, 0] + 1)
             else:
-                best, k = typical_tree_accept(paths, tokens, probs, self.epsilon, self.alpha)
+                if name == "greedy":  # exact match against plain decoding's draw at every node
+                    target = keyed_targets(probs_of(logits), keys, positions)
+                    best, k = greedy_tree_accept(paths, tokens, target)
+                else:  # typical: the rows of nodes with children, then one draw at the last node
+                    parents = probs_of(logits[:, self.device_tensor(tree, "parent_nodes")])
+                    best, k = typical_tree_accept(paths, tokens, parents, self.device_tensor(tree, "parent_row"),
+                                                  self.epsilon, self.alpha)
                 p = paths[best]
-                last = p.clamp(min=0).gather(1, k[:, None])  # [B, 1]
-                x = keyed_targets(probs.gather(1, last[:, :, None].expand(-1, -1, probs.shape[-1])), keys,
-                                  positions.gather(1, last))[:, 0]
+                x = draw_at(p.clamp(min=0).gather(1, k[:, None])[:, 0])
             mine = rule == SAMPLED_RULES.index(name)
             path = torch.where(mine[:, None], p, path)
             n_acc, bonus = torch.where(mine, k, n_acc), torch.where(mine, x, bonus)

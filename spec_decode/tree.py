@@ -141,6 +141,19 @@ class MedusaTree:
         return torch.tensor([k + [-1] * (width - len(k)) for k in self.children], dtype=torch.long)
 
     @cached_property
+    def parent_nodes(self) -> list[int]:
+        """The nodes that have children (whose rows a typical decision reads), in node order."""
+        return [i for i in range(self.num_nodes) if self.children[i]]
+
+    @cached_property
+    def parent_row(self) -> list[int]:
+        """Every node's index in ``parent_nodes`` (0 for a leaf: never read as a parent)."""
+        row = [0] * self.num_nodes
+        for r, node in enumerate(self.parent_nodes):
+            row[node] = r
+        return row
+
+    @cached_property
     def node_paths(self) -> list[list[int]]:
         """For every node, the node ids from the root down to it (root first, itself last)."""
         out = []

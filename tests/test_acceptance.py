@@ -149,12 +149,16 @@ def check_device_rules(spec, rule: str, device: torch.device) -> None:
     positions = torch.tensor(first_pos, device=device)[:, None] + depths[None]
     target = keyed_targets(probs, keys, positions)
     paths = tree.paths.to(device)
+    seq = torch.arange(len(cases), device=device)
     if rule == "rejection":
-        path, n_acc, bonus = rejection_tree_walk(tree, tree.children_table.to(device), depths, tokens, probs, keys,
+        path, n_acc, bonus = rejection_tree_walk(tree, tree.children_table.to(device), depths, tokens,
+                                                 lambda node: probs[seq, node], keys,
                                                  torch.tensor(first_pos, device=device))
     else:
+        parents = probs[:, torch.tensor(tree.parent_nodes, device=device)]  # the rows typical reads
         best, n_acc = (greedy_tree_accept(paths, tokens, target) if rule == "greedy"
-                       else typical_tree_accept(paths, tokens, probs, 0.09, 0.3))
+                       else typical_tree_accept(paths, tokens, parents, torch.tensor(tree.parent_row, device=device),
+                                                0.09, 0.3))
         path = paths[best]
         bonus = target.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
     lengths = []

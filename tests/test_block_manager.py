@@ -169,7 +169,8 @@ def test_prefill_first_new_prompts_alone_and_no_trees_beside_a_prefill():
 
 
 def test_served_decode_steps_correct_the_policy():
-    """A pure decode step on the chosen tree reports its cost and yield to the policy."""
+    """A pure decode step on the chosen tree reports its cost and yield to the policy (unless
+    it captured a CUDA graph)."""
     seen = []
 
     class Recording(_FixedChoice):
@@ -195,3 +196,9 @@ def test_served_decode_steps_correct_the_policy():
         execute_ms=2.5)
     assert seen == [(2, 3, 2.5, 1.5, "greedy")]
     assert policy.steps_by_tree_size == {3: 1}
+    # A step that captured a CUDA graph (first use of a shape: ~1 s) teaches the policy nothing.
+    out = sched.schedule()
+    sched.update(StepResult(step_id=out.step_id, captured=True, results=[
+        SeqResult(seq_id=s.seq_id, sampled_token_ids=[9], next_candidates=list(range(10, 16))) for s in out.seqs]),
+        execute_ms=900.0)
+    assert len(seen) == 1 and policy.steps_by_tree_size == {3: 2}

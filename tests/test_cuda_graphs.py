@@ -164,6 +164,10 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         eng = engine_for(spec)
         graphs = eng.executor.worker.runner.graphs
         assert graphs is not None and not graphs.captured
+        # Greedy tails were captured at start-up after every decode / verify graph, proposing or not.
+        decode_graphs = [g for g in graphs.graphs.values() if not getattr(g.shape, "fresh", False)]
+        assert decode_graphs and all({k[0] for k in g.tails if not k[2]} == ({False, True} if spec else {False})
+                                     for g in decode_graphs)
         calls = {"forward": 0, "tail": 0, "prefill": 0}
 
         def counted(name, fn):
