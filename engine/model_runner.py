@@ -12,11 +12,11 @@
     commit    the accepted tree nodes' K/V from the cache's scratch region into their slots
     propose   the Medusa heads at each sequence's last accepted token
 
-Decide → commit → propose is spec_decode/tail.py: for a uniform step of greedy sequences it
-runs wholly on the device (captured after the forward graph on CUDA, called eagerly
-elsewhere) and returns one small int tensor; other steps (sampled requests, logprobs,
-min_tokens masking, prefill in the step) decide on the host with the acceptance rules and
-then use the same commit and propose. The runner makes no policy decisions: which tree each
+Decide → commit → propose is spec_decode/tail.py: for a uniform step it runs wholly on the
+device — the greedy tail, or the sampled tail when some sequence samples — captured after the
+forward graph on CUDA, called eagerly elsewhere, and returns one small int tensor; other steps
+(logprobs, penalties, min_tokens masking, prefill in the step) decide on the host with the
+acceptance rules and then use the same commit and propose. The runner makes no policy decisions: which tree each
 sequence verifies and whether to propose come from the scheduler.
 """
 
