@@ -23,8 +23,8 @@ at every node, ``keyed_targets``), typical acceptance (probabilities at the node
 children only, then one draw at the last accepted node) or the rejection walk (one depth per
 iteration, probabilities of the visited rows only). The draws are the host rules'
 (engine/sampling.py ``keyed_uniform``), so both give the same tokens. A T=0.7 typical step
-cost 2.2x the greedy step on the host path, 1.15x here (H100, batch 1: 4.85 vs 2.21 ms, now
-2.10 vs 1.84).
+cost 2.2x the greedy step on the host path, 1.13x here (H100, batch 1: 4.85 vs 2.21 ms, now
+2.07 vs 1.83).
 """
 
 from __future__ import annotations

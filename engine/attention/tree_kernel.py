@@ -8,7 +8,8 @@ with its own reduction, then a log-sum-exp merge: five launches per layer, which
 model at batch 1 cost more than the attention's arithmetic (issue 15's profile: a 64-node
 verify forward 0.52 ms over a plain one, 30 layers). Here one program streams the prefix and
 then the tree through a single online softmax (FlashAttention's running max and sum), so the
-merge is the loop itself.
+merge is the loop itself. Measured (H100, bf16, bundled model, 256 tokens of context): the
+verify forward 1.56 → 1.31 ms at batch 1 (plain 1.04), 3.28 → 1.98 at 16, 7.17 → 4.67 at 64.
 
 Grid: (sequence × KV head, blocks of query rows). Grouped-query attention reads each K/V tile
 once for all the query heads that share it: a program's rows are (node, query head of this KV
