@@ -30,8 +30,8 @@ import torch
 from engine.attention.base import AttentionBackend, SeqAttn, StepAttnInputs, block_tables
 from engine.config import SpeculativeConfig
 from engine.cuda_graphs import CudaGraphRunner, graphable_nodes
-from engine.sampling import (SamplingParams, apply_penalties, decides_on_host, processed_probs, sample_token,
-                             seed_key)
+from engine.sampling import (SamplingParams, apply_penalties, decides_on_host, keyed_uniform, processed_probs_rows,
+                             sample_rows, seed_key)
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, SeqResult, StepResult
 from spec_decode.acceptance import Accepted, accept, accept_greedy_batch
 from spec_decode.proposer import MedusaProposer
@@ -295,7 +295,8 @@ class ModelRunner:
                 tree: Optional[MedusaTree]) -> dict[int, tuple[list[int], list[int]]]:
         """seq_id → (accepted path, new tokens) for every sequence that samples. Greedy ones are
         decided together, one device→host copy for the batch: trees by the batched greedy rule,
-        plain decodes by one argmax; the others by their acceptance rule or sampler."""
+        plain decodes by one argmax; sampled plain rows by one batched keyed draw; sampled trees
+        by their acceptance rule."""
         decided: dict[int, tuple[list[int], list[int]]] = {}
         greedy = [(s, rr) for s, rr in zip(seqs, row_ranges) if rr is not None and (s.params or SamplingParams()).greedy]
         greedy_tree = [(s, rr) for s, rr in greedy if s.tree]
@@ -310,23 +311,37 @@ class ModelRunner:
             idx = torch.tensor([r0 for _, (r0, _) in greedy_plain], device=self.device)
             for (s, _), tok in zip(greedy_plain, logits.index_select(0, idx).argmax(-1).tolist()):
                 decided[s.seq_id] = [0], [tok]
+        # Sampled plain rows (a prompt's first token, a decode without a tree) in one batched
+        # draw — per row what sample_token draws (the same keys, a row's probabilities do not
+        # depend on the others) — instead of a few dozen small kernels and a sync per sequence.
+        sampled_plain = [(s, rr) for s, rr in zip(seqs, row_ranges)
+                         if rr is not None and not s.tree and s.seq_id not in decided]
+        if sampled_plain:
+            ps = [s.params or SamplingParams() for s, _ in sampled_plain]
+            dev = self.device
+            probs = processed_probs_rows(
+                logits.index_select(0, torch.tensor([r0 for _, (r0, _) in sampled_plain], device=dev)),
+                torch.tensor([p.temperature for p in ps], device=dev),
+                torch.tensor([max(p.top_k, 0) for p in ps], device=dev),
+                torch.tensor([p.top_p for p in ps], device=dev),
+                filters=any(p.top_k > 0 or p.top_p < 1.0 for p in ps), greedy_rows=False)
+            u = keyed_uniform(torch.tensor([seed_key(s.seed) for s, _ in sampled_plain], device=dev),
+                              torch.tensor([s.start_pos + len(s.token_ids) for s, _ in sampled_plain], device=dev), 0)
+            for (s, _), tok in zip(sampled_plain, sample_rows(probs, u).tolist()):
+                decided[s.seq_id] = [0], [tok]
         for s, rr in zip(seqs, row_ranges):
             if rr is None or s.seq_id in decided:
                 continue
             params = s.params or SamplingParams()
             seq_logits = logits[rr[0]:rr[0] + rr[1]]
             first_pos = s.start_pos + len(s.token_ids)  # position of the first token produced
-            if s.tree:
-                node_list = s.token_ids[-1:] + s.candidates
-                acc = accepted.get(s.seq_id)
-                if acc is None:
-                    acc = accept(params.acceptance or self.spec.acceptance, tree,
-                                 torch.tensor(node_list, device=self.device), seq_logits,
-                                 params, s.seed, first_pos, self.spec.epsilon, self.spec.alpha)
-                decided[s.seq_id] = acc.path, [node_list[i] for i in acc.path[1:]] + [acc.bonus]
-            else:
-                probs = processed_probs(seq_logits[0], params)
-                decided[s.seq_id] = [0], [sample_token(probs, params, s.seed, first_pos)]
+            node_list = s.token_ids[-1:] + s.candidates  # (every sequence left verifies a tree)
+            acc = accepted.get(s.seq_id)
+            if acc is None:
+                acc = accept(params.acceptance or self.spec.acceptance, tree,
+                             torch.tensor(node_list, device=self.device), seq_logits,
+                             params, s.seed, first_pos, self.spec.epsilon, self.spec.alpha)
+            decided[s.seq_id] = acc.path, [node_list[i] for i in acc.path[1:]] + [acc.bonus]
         return decided
 
     @staticmethod
