@@ -67,6 +67,12 @@ class LatencyModel:
     # greedy step the grid measured). Closer observations pull the estimate by the EMA.
     SURPRISE_RATIO = 1.5
     PERSISTENT = 3
+    # A tree size priced out is never served again, so never unlearned: a stall longer than
+    # PERSISTENT steps, or a load that has since changed, would keep it out for good. Every
+    # served step on a path pulls the other sizes' raised corrections back toward that path's
+    # prior by this fraction (half-way in ~350 steps): a size that really is slow costs
+    # PERSISTENT slow steps now and then to be priced out again.
+    FORGET = 0.002
 
     def _correction(self, n: int, path: str) -> float:
         if (n, path) in self.correction:
@@ -84,6 +90,7 @@ class LatencyModel:
         if weight <= 0:  # learning off
             return
         key, measured = (n, path), self._measured(batch_size, n)
+        self._forget(n, path)
         corr = self._correction(n, path)
         if not 1 / self.SURPRISE_RATIO <= ms / (measured * corr) <= self.SURPRISE_RATIO:
             self._surprises[key] = self._surprises.get(key, 0) + 1
@@ -93,6 +100,12 @@ class LatencyModel:
             return
         self._surprises[key] = 0
         self.correction[key] = corr + weight * (ms / measured - corr)
+
+    def _forget(self, served: int, path: str) -> None:
+        prior = 1.0 if path == "greedy" else self.correction.get((0, path), 1.0)
+        for (m, h), c in self.correction.items():
+            if h == path and m not in (0, served) and c > prior:
+                self.correction[m, h] = c - self.FORGET * (c - prior)
 
     def ms(self, batch_size: int, n: int, path: str = "greedy") -> float:
         return self._measured(batch_size, n) * self._correction(n, path)

@@ -136,6 +136,26 @@ def test_a_one_off_stall_does_not_price_a_tree_out():
     assert policy.choose(1, 63) == 0
 
 
+def test_a_tree_size_priced_out_is_tried_again_later():
+    """A size priced out by a persistent surprise (a long stall, or a load since changed) is
+    not out for good: plain steps slowly forget the raised price, the size is served again,
+    and if it really is slow, PERSISTENT slow steps price it out again."""
+    m = LatencyModel([LatencyPoint(1, 0, 2.0), LatencyPoint(1, 4, 2.4)])
+    policy = BackoffPolicy(m, {4: 2.0})
+    for _ in range(LatencyModel.PERSISTENT):  # a stall of a few steps
+        policy.observe(1, 4, 30.0, 2.0)
+    assert policy.choose(1, 63) == 0
+    served = 0
+    while policy.choose(1, 63) == 0:
+        policy.observe(1, 0, 2.0, 1.0)  # plain steps at their measured cost
+        served += 1
+        assert served < 3000, m.correction
+    assert 200 < served < 3000  # not at once, not never
+    for _ in range(LatencyModel.PERSISTENT):  # it is still slow: out again, at once
+        policy.observe(1, 4, 30.0, 2.0)
+    assert policy.choose(1, 63) == 0
+
+
 def test_steps_decided_on_the_host_are_priced_on_their_own():
     """Steps decided on the host (logprobs, penalties) cost several times the greedy steps the grid
     measured (H100, batch 16, T=0.7: 13.8 ms against 2.7). Surprises that persist are learned
