@@ -228,7 +228,6 @@ class CudaGraphRunner:
         # Padded tokens a fresh-prefill graph may hold (the step's token budget; 0: none).
         self.max_prefill_tokens = max_prefill_tokens
         self.widths = width_buckets(width)
-        self.block_size = backend.kv_cache.block_size
         self.captured = device.type == "cuda"  # False: run the same work uncaptured (CPU)
         self.pool = torch.cuda.graph_pool_handle() if self.captured else None
         self.graphs: dict[tuple[Hashable, int, int], _Graph] = {}
@@ -284,7 +283,7 @@ class CudaGraphRunner:
         sequence); returns the hidden states of the step's own tokens [T, H], in step order."""
         g = self._graph(shape, padded_batch(len(seqs)))
         n = shape.num_nodes
-        pad_slot = self.pad_block * self.block_size
+        pad_slot = self.backend.kv_cache.pad_slot
         p_ids: list[int] = []
         p_slots: list[int] = []
         rows: list[int] = []

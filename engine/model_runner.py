@@ -30,10 +30,10 @@ import torch
 from engine.attention.base import AttentionBackend, SeqAttn, StepAttnInputs, block_tables
 from engine.config import SpeculativeConfig
 from engine.cuda_graphs import CudaGraphRunner, graphable_nodes
-from engine.sampling import (SamplingParams, apply_penalties, decides_on_host, keyed_uniform, processed_probs_rows,
-                             sample_rows, seed_key)
+from engine.sampling import (SamplingParams, apply_penalties, decides_on_host, params_rows, processed_probs_rows,
+                             seed_key)
 from scheduler.outputs import ScheduledSeq, SchedulerOutput, SeqResult, StepResult
-from spec_decode.acceptance import Accepted, accept, accept_greedy_batch
+from spec_decode.acceptance import Accepted, accept, accept_greedy_batch, keyed_targets
 from spec_decode.proposer import MedusaProposer
 from spec_decode.tail import SAMPLED_RULES, SpecTail
 from spec_decode.tree import MedusaTree
@@ -181,7 +181,7 @@ class ModelRunner:
             inputs = torch.tensor([[p.temperature, p.top_p, max(p.top_k, 0), seed_key(s.seed), SAMPLED_RULES.index(r)]
                                    for p, s, r in zip(params, batch.seqs, names)], dtype=torch.float64)
             rules = frozenset(names) if tree is not None else frozenset()
-            filters = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+            filters = any(p.filtered for p in params)
             greedy_rows = any(p.greedy for p in params)
 
         key = (propose, tree, sampled, rules, filters, greedy_rows)
@@ -321,13 +321,10 @@ class ModelRunner:
             dev = self.device
             probs = processed_probs_rows(
                 logits.index_select(0, torch.tensor([r0 for _, (r0, _) in sampled_plain], device=dev)),
-                torch.tensor([p.temperature for p in ps], device=dev),
-                torch.tensor([max(p.top_k, 0) for p in ps], device=dev),
-                torch.tensor([p.top_p for p in ps], device=dev),
-                filters=any(p.top_k > 0 or p.top_p < 1.0 for p in ps), greedy_rows=False)
-            u = keyed_uniform(torch.tensor([seed_key(s.seed) for s, _ in sampled_plain], device=dev),
-                              torch.tensor([s.start_pos + len(s.token_ids) for s, _ in sampled_plain], device=dev), 0)
-            for (s, _), tok in zip(sampled_plain, sample_rows(probs, u).tolist()):
+                *params_rows(ps, dev), filters=any(p.filtered for p in ps), greedy_rows=False)
+            keys = torch.tensor([seed_key(s.seed) for s, _ in sampled_plain], device=dev)
+            positions = torch.tensor([[s.start_pos + len(s.token_ids)] for s, _ in sampled_plain], device=dev)
+            for (s, _), tok in zip(sampled_plain, keyed_targets(probs[:, None], keys, positions)[:, 0].tolist()):
                 decided[s.seq_id] = [0], [tok]
         for s, rr in zip(seqs, row_ranges):
             if rr is None or s.seq_id in decided:

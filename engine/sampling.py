@@ -102,6 +102,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         return self.temperature == 0
 
     @property
+    def filtered(self) -> bool:
+        """Top-k or top-p cuts the distribution (a sort over the vocabulary)."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+    @property
     def penalized(self) -> bool:
         """Logits depend on the token history (penalties) or are biased."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
@@ -232,12 +237,12 @@ def processed_probs_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k:
     return torch.where(greedy[:, None], one_hot, probs)
 
 
-def params_rows(params: "SamplingParams", rows: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(temperature, top_k, top_p) [rows] for ``processed_probs_rows``."""
-    top_k = params.top_k if params.top_k > 0 else 0
-    return (torch.full((rows,), float(params.temperature), device=device),
-            torch.full((rows,), top_k, dtype=torch.long, device=device),
-            torch.full((rows,), float(params.top_p), device=device))
+def params_rows(params: list["SamplingParams"], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(temperature, top_k (0: off), top_p) [len(params)], one row per params, for
+    ``processed_probs_rows``."""
+    return (torch.tensor([float(p.temperature) for p in params], device=device),
+            torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.long, device=device),
+            torch.tensor([float(p.top_p) for p in params], device=device))
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -247,17 +252,15 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     greedy as the zero-temperature limit. The same function as the device tails' (one row's
     result does not depend on the others)."""
     rows = logits.reshape(-1, logits.shape[-1])
-    filters = params.top_k > 0 or params.top_p < 1.0
-    out = processed_probs_rows(rows, *params_rows(params, rows.shape[0], logits.device), filters=filters,
+    out = processed_probs_rows(rows, *params_rows([params] * rows.shape[0], logits.device), filters=params.filtered,
                                greedy_rows=params.greedy)
     return out.view(logits.shape)
 
 
-def sample_token(probs: torch.Tensor, params: SamplingParams, seed: int, position: int,
-                 draw: int = 0) -> int:
+def sample_token(probs: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
     """Draw one token from a processed distribution [V] (argmax when greedy), keyed by the
-    request's seed, the token's position and the draw."""
+    request's seed and the token's position (draw 0, plain decoding's)."""
     if params.greedy:
         return int(probs.argmax())
     key = torch.tensor([seed_key(seed)], device=probs.device)
-    return int(sample_rows(probs[None], keyed_uniform(key, position, draw))[0])
+    return int(sample_rows(probs[None], keyed_uniform(key, position, 0))[0])

@@ -49,7 +49,7 @@ class LatencyModel:
         # steps): start-up timings are a few samples on a possibly busy machine at one context
         # length, of greedy steps only. The path (engine/sampling.py ``decision_path``) is how
         # the step decides: the captured greedy tail, the captured sampled tail (probabilities
-        # over every tree row), or the host (logprobs, penalties: several times the greedy
+        # over the tree rows its rules read), or the host (logprobs, penalties: several times the greedy
         # step — H100, batch 16, T=0.7, typical on the host: 13.8 ms against 2.7 ms) — each a
         # cost of its own.
         self.correction: dict[tuple[int, str], float] = {(n, "greedy"): 1.0 for n in self.table}

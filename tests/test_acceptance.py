@@ -142,8 +142,8 @@ def check_device_rules(spec, rule: str, device: torch.device) -> None:
     first_pos = [10 + 3 * i for i in range(len(cases))]
     tokens = torch.stack([t for t, _ in cases])  # [S, N]
     logits = torch.stack([lg for _, lg in cases]).view(-1, vocab)
-    cols = [torch.cat([params_rows(p, n, device)[c] for p in params]) for c in range(3)]
-    probs = processed_probs_rows(logits, *cols).view(len(cases), n, vocab)
+    probs = processed_probs_rows(logits, *params_rows([p for p in params for _ in range(n)], device))
+    probs = probs.view(len(cases), n, vocab)
     keys = torch.tensor([seed_key(s) for s in seeds], device=device)
     depths = torch.tensor(tree.depths, device=device)
     positions = torch.tensor(first_pos, device=device)[:, None] + depths[None]
