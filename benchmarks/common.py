@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import json
+import time
 import os
 import platform
 import subprocess
@@ -30,6 +33,26 @@ def eval_prompts(n: int, path: Path = DEFAULT_PROMPTS, max_chars: int = 600) -> 
     if len(out) < n:
         out = (out * (n // max(1, len(out)) + 1))[:n]
     return out
+
+
+@contextlib.contextmanager
+def gc_pauses():
+    """Yields a dict whose "ms" is, on exit, the wall time Python's garbage collector ran inside
+    the block: a pause the engine did not cause shows up as such instead of as a slow step."""
+    out = {"ms": 0.0, "collections": 0}
+    started = [0.0]
+
+    def callback(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            out["ms"] += 1e3 * (time.perf_counter() - started[0])
+            out["collections"] += 1
+    gc.callbacks.append(callback)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(callback)
 
 
 def environment(device: torch.device, dtype: torch.dtype, model: str) -> dict:

@@ -10,6 +10,10 @@ the host (building the step's inputs, copying results back).
 Each row times, with CUDA events, ``--iters`` replays of the forward graph alone, of the tail
 graph alone (with and without the proposal), and of the whole ``ModelRunner.execute`` (what a
 step costs the engine); host = execute - forward - tail. CUDA graphs on a GPU only.
+
+``--kernels B …`` also lists, at those batch sizes, the kernels of each replayed graph (torch
+profiler, CUDA activity; per step: calls and microseconds by kernel name) — which kernels make
+a verify step dearer than a plain one (``…-kernels.txt`` beside the JSON).
 """
 
 from __future__ import annotations
@@ -43,6 +47,26 @@ def _cuda_ms(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def kernel_table(fn, iters: int = 20) -> list[tuple[str, float, float]]:
+    """(kernel name, calls per call of ``fn``, µs per call of ``fn``), dearest first: the CUDA
+    kernels ``fn`` runs (graph replays included: the profiler records each kernel node)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        us = e.cuda_time_total if us is None else us
+        if us > 0:
+            out.append((e.key, e.count / iters, us / iters))
+    return sorted(out, key=lambda r: -r[2])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
@@ -55,6 +79,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="> 0 adds rows of sampled steps (seeded, the engine's acceptance rule: typical) beside greedy ones")
     ap.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
+    ap.add_argument("--kernels", type=int, nargs="*", default=[],
+                    help="at these batch sizes also list each graph's kernels (torch profiler)")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="run the graph runner's code uncaptured on the CPU (checks the script, times nothing real)")
     args = ap.parse_args()
@@ -78,6 +104,7 @@ def main() -> None:
     env = {**environment(runner.device, runner.model.dtype, eng.model_path.name), "heads": args.heads,
            "tree": args.tree, "ctx": args.ctx}
     rows = []
+    kernel_report: list[str] = []
     for b in args.batch_sizes:
         for mode, cands, suffix, params in [(m, c, k, p) for k, p in kinds for m, c in (("plain", 0), (args.tree, n))]:
             mode += suffix
@@ -95,6 +122,16 @@ def main() -> None:
             # Tails are keyed (propose, tree, sampled, rules, filters): this mode's, with and without proposing.
             tails = {k[0]: _cuda_ms(fn, args.iters) for k, (fn, _) in g.tails.items()
                      if k[1] == shape and k[2] == (not params.greedy)}
+            if b in args.kernels and torch.cuda.is_available():
+                first = len(kernel_report)
+                parts = [("forward", g.replay)] + [(f"tail propose={k[0]}", fn) for k, (fn, _) in g.tails.items()
+                                                   if k[1] == shape and k[2] == (not params.greedy)]
+                for part, fn in parts:
+                    kernels = kernel_table(fn)
+                    kernel_report.append(f"\n== batch {b}, {mode}, {part}: {sum(r[1] for r in kernels):.0f} kernels, "
+                                         f"{sum(r[2] for r in kernels):.1f} us of kernel time")
+                    kernel_report += [f"{us:9.1f} us {n:6.1f}x  {name[:110]}" for name, n, us in kernels[:25]]
+                print("\n".join(kernel_report[first:]), flush=True)
             step = timings[max(timings)]
             tail = tails.get(max(timings), 0.0)  # the tail the timed step ran (plain steps: no proposals)
             rows.append({"model": eng.model_path.name, "batch_size": b, "mode": mode, "nodes": cands + 1,
@@ -123,7 +160,10 @@ def main() -> None:
         ax.set_ylabel("ms per step")
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
 
-    print(f"wrote {write_results('profile-step', env, rows, plot)}")
+    out = write_results("profile-step", env, rows, plot)
+    if kernel_report:
+        out.with_name(f"{out.stem}-kernels.txt").write_text("\n".join(kernel_report) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

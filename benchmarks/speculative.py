@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import environment, eval_prompts, print_table, write_results  # noqa: E402
+from benchmarks.common import environment, eval_prompts, gc_pauses, print_table, write_results  # noqa: E402
 from benchmarks.throughput import sync  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
@@ -46,13 +46,16 @@ def timed(engine, prompts, max_tokens, batch_size, temperature=0.0) -> dict:
     per decode-only step, and the engine's speculation counters for this run."""
     engine.reset_stats()
     sync(engine.device)
-    t0 = time.perf_counter()
-    outs = [o for r in _rounds(prompts, batch_size)
-            for o in engine.generate_batch(r, _params(max_tokens, temperature), chat=True)]
-    sync(engine.device)
-    dt = time.perf_counter() - t0
+    with gc_pauses() as gc_time:
+        t0 = time.perf_counter()
+        outs = [o for r in _rounds(prompts, batch_size)
+                for o in engine.generate_batch(r, _params(max_tokens, temperature), chat=True)]
+        sync(engine.device)
+        dt = time.perf_counter() - t0
     st = engine.stats
     return {"outs": outs, "tok_s": sum(len(o.token_ids) for o in outs) / dt,
+            # What else ran inside the timed run: garbage collection, first-use graph captures.
+            "gc_ms": round(gc_time["ms"], 1), "capture_steps": st.num_capture_steps,
             "step_ms": 1e3 * dt / max(1, st.num_steps), "decode_ms": st.decode_step_ms,
             "mean_accepted": st.mean_accepted_length,
             "per_head_acceptance": [round(x, 3) for x in st.per_head_acceptance],
@@ -89,7 +92,14 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="also time plain decoding without CUDA graphs")
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs per configuration and cell, alternating between configurations; the median")
+    ap.add_argument("--no-gc-freeze", action="store_true",
+                    help="A/B: leave the collector's heap unfrozen after start-up (engine/worker.py freeze_heap)")
     args = ap.parse_args()
+    if args.no_gc_freeze:
+        import engine.engine
+        import engine.worker
+
+        engine.worker.freeze_heap = engine.engine.freeze_heap = lambda device: None
 
     kw = dict(dtype=args.dtype, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb)
 
@@ -102,7 +112,7 @@ def main() -> None:
     plain = engines["plain"]
     env = environment(plain.device, plain.dtype, "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
     env.update(heads=args.heads, cuda_graphs=plain.num_graphs > 0, graph_capture_s=plain.graph_capture_s,
-               repeats=args.repeats)
+               repeats=args.repeats, gc_frozen=not args.no_gc_freeze)
     for tree in args.trees:
         spec = {"heads": args.heads, "tree": tree, "acceptance": args.acceptance}
         if tree == "backoff":
@@ -132,6 +142,11 @@ def main() -> None:
                          "temperature": t, "acceptance": args.acceptance if t else "greedy", "batch_size": bs,
                          "plain_tok_s": ref["tok_s"], "medusa_tok_s": r["tok_s"], "speedup": r["tok_s"] / ref["tok_s"],
                          "speedup_runs": [round(m["tok_s"] / p["tok_s"], 3) for m, p in zip(runs[tree], runs["plain"])],
+                         # Per timed run, plain's then this configuration's: GC pauses (ms) and
+                         # steps that captured a graph first (either one spoils a run's timing).
+                         "gc_ms_runs": [[p["gc_ms"], m["gc_ms"]] for m, p in zip(runs[tree], runs["plain"])],
+                         "capture_steps_runs": [[p["capture_steps"], m["capture_steps"]]
+                                                for m, p in zip(runs[tree], runs["plain"])],
                          "plain_step_ms": ref["step_ms"], "medusa_step_ms": r["step_ms"],
                          "plain_decode_ms": ref["decode_ms"], "medusa_decode_ms": r["decode_ms"], **extra[bs],
                          "mean_accepted": r["mean_accepted"], "per_head_acceptance": r["per_head_acceptance"],

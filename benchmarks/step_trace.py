@@ -8,15 +8,23 @@ groups the steps by kind: prefill-only, mixed (prefill chunks + decoding sequenc
 (plain or the verified tree size). Prints per kind the step count, total and mean ms, and the
 slowest steps; writes the rows to ``benchmarks/results/step-trace-*.json``. It answers "why
 does this engine spend N ms per step here" before anyone guesses.
+
+``--host-profile`` also runs the steps that are not pure decodes (prefill, mixed: eager, so
+bound by the host) under cProfile and prints their top Python functions per configuration
+(``…-host-<config>.txt`` beside the JSON): where an eager step's milliseconds go.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, eval_prompts, print_table, write_results  # noqa: E402
@@ -35,8 +43,10 @@ def step_kind(out) -> str:
     return f"mixed {kind}" if prefill else kind
 
 
-def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int) -> list[dict]:
-    """``prompts`` in rounds of ``batch_size`` (after a warm-up on them): a row per engine step."""
+def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
+          host_profile: Optional[cProfile.Profile] = None) -> list[dict]:
+    """``prompts`` in rounds of ``batch_size`` (after a warm-up on them): a row per engine step.
+    ``host_profile``: profiles the execution of every step that is not a pure decode."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     rounds = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     for r in rounds:
@@ -45,11 +55,17 @@ def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int) 
     execute = engine.executor.execute
 
     def timed_execute(out):
+        kind = step_kind(out)
+        profile = host_profile if host_profile is not None and not kind.startswith("decode") else None
         sync(engine.device)
         t0 = time.perf_counter()
+        if profile is not None:
+            profile.enable()
         result = execute(out)
         sync(engine.device)
-        steps.append({"kind": step_kind(out), "seqs": len(out.seqs), "propose": out.propose,
+        if profile is not None:
+            profile.disable()
+        steps.append({"kind": kind, "seqs": len(out.seqs), "propose": out.propose,
                       "tokens": sum(len(s.token_ids) + s.tree for s in out.seqs),
                       "produced": sum(len(r.sampled_token_ids) for r in result.results),
                       "schedule_ms": 1e3 * (t0 - scheduled_at[0]),
@@ -94,10 +110,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
     ap.add_argument("--slowest", type=int, default=8, help="list this many slowest steps per config")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile the steps that are not pure decodes; print their top functions")
     args = ap.parse_args()
 
     prompts = eval_prompts(max(args.num_prompts, args.batch_size))
     rows, env = [], None
+    host_reports: dict[str, str] = {}
     for tree in args.trees:
         kw = dict(max_num_seqs=args.batch_size, kv_cache_memory_gb=args.kv_cache_memory_gb)
         if tree != "none":
@@ -108,7 +127,15 @@ def main() -> None:
         engine = Engine(args.model, **kw)
         env = env or environment(engine.device, engine.dtype, "SmolLM2-135M-Instruct" if args.model == "default"
                                  else args.model)
-        steps = trace(engine, prompts, args.max_tokens, args.batch_size)
+        profile = cProfile.Profile() if args.host_profile else None
+        steps = trace(engine, prompts, args.max_tokens, args.batch_size, profile)
+        if profile is not None:
+            text = io.StringIO()
+            stats = pstats.Stats(profile, stream=text)
+            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats("cumulative").print_stats(40)
+            host_reports[tree] = text.getvalue()
+            print(f"-- {tree}: host profile of the prefill and mixed steps\n{host_reports[tree]}")
         by_kind: dict[str, list[dict]] = defaultdict(list)
         for s in steps:
             by_kind[s["kind"]].append(s)
@@ -150,7 +177,9 @@ def main() -> None:
         ax.set_title(f"engine time by step kind, batch {args.batch_size}, {env['device']}")
         ax.legend()
 
-    write_results("step-trace", env, rows, plot)
+    out = write_results("step-trace", env, rows, plot)
+    for tree, text in host_reports.items():
+        out.with_name(f"{out.stem}-host-{tree}.txt").write_text(text)
 
 
 if __name__ == "__main__":

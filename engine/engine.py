@@ -12,6 +12,7 @@ them into text and outputs:
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -34,7 +35,7 @@ from engine.output_processor import OutputProcessor
 from engine.parallel import ShardPlan
 from engine.request import DecodeCounters, Request, RequestOutput
 from engine.sampling import SamplingParams
-from engine.worker import WorkerSpec
+from engine.worker import WorkerSpec, freeze_heap
 from scheduler.block_manager import BlockManager
 from scheduler.outputs import SchedulerOutput, SeqResult, StepResult
 from scheduler.scheduler import Scheduler
@@ -58,6 +59,9 @@ class EngineStats(DecodeCounters):
     # per-step cost of decoding alone, which prefill steps would otherwise blur.
     num_decode_only_steps: int = 0
     decode_only_seconds: float = 0.0
+    # Steps that captured a CUDA graph first (a shape met for the first time: ~tens of ms,
+    # once): a timed benchmark run should have none.
+    num_capture_steps: int = 0
 
     @property
     def decode_step_ms(self) -> float:
@@ -182,6 +186,7 @@ class Engine:
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
         self._dead: Optional[WorkerError] = None
+        freeze_heap(self.device)  # the driver's start-up objects too (with Ray, the workers froze theirs)
 
     @property
     def policy(self) -> Optional[SpeculationPolicy]:
@@ -311,6 +316,7 @@ class Engine:
                 self._requests.pop(req.request_id, None)
                 self._account(req)
         self.stats.num_steps += 1
+        self.stats.num_capture_steps += int(result.captured)
         self.stats.num_preemptions = self.scheduler.num_preemptions
         if all(len(s.token_ids) == 1 for s in out.seqs):
             self.stats.num_decode_only_steps += 1
@@ -395,6 +401,8 @@ class Engine:
         self.executor.shutdown()
         if self._dead is None:
             self._dead = WorkerError("the engine was shut down")
+            if self.device.type == "cuda":
+                gc.unfreeze()  # what freeze_heap froze (this engine's among it) can be collected again
 
     def __enter__(self) -> "Engine":
         return self

@@ -31,6 +31,11 @@ class PagedKVCache:
         self.k_all = torch.zeros(shape, dtype=dtype, device=device)
         self.v_all = torch.zeros(shape, dtype=dtype, device=device)
         self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
+        self._write_kv = None  # on CUDA: one Triton launch for a layer's K and V (kv_write_kernel.py)
+        if device.type == "cuda":
+            from engine.attention.kv_write_kernel import write_kv
+
+            self._write_kv = write_kv
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -39,6 +44,9 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Row i of k/v goes to slot slots[i] (a request's slot, the pad block or the scratch)."""
+        if self._write_kv is not None:
+            self._write_kv(self.k[layer], self.v[layer], slots, k, v)
+            return
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from spec_decode.heads import MedusaHeads
+from spec_decode.topk import row_topk
 from spec_decode.tree import MedusaTree
 
 PROPOSAL_VOCAB_FILE = "proposal_vocab.json"
@@ -129,8 +130,7 @@ class MedusaProposer:
             logits = torch.bmm(x, self.proj_w[: x.shape[0]])
         else:
             logits = x @ self.proj_w[head]
-        top = torch.topk(logits, self.tree.topk, dim=-1).indices
-        return self.vocab_ids[top] if self.vocab_ids is not None else top
+        return row_topk(logits, self.tree.topk, self.vocab_ids)
 
     def _tree_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """node_head, node_rank on the proposer's device, made once per tree (no host→device

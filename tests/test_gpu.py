@@ -119,6 +119,45 @@ def test_tree_kernel_matches_torch_reference(heads, kv_heads, head_dim, page, tr
 
 
 @needs_cuda
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 2, 80)])
+def test_fused_kv_write_equals_index_copy(heads, kv_heads, head_dim):
+    """The cache write the model uses on CUDA (one Triton launch for K and V, reading them as
+    views of the fused QKV projection) writes what two index_copy_ of dense copies write."""
+    from engine.attention.kv_write_kernel import write_kv
+
+    torch.manual_seed(head_dim)
+    t, slots_total = 300, 1024
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=torch.bfloat16)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(t, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
+    slots = torch.randperm(slots_total, device="cuda")[:t]
+    caches = [torch.zeros(slots_total, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    write_kv(caches[0], caches[1], slots, k, v)
+    caches[2].index_copy_(0, slots, k.contiguous())
+    caches[3].index_copy_(0, slots, v.contiguous())
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows,cols,k", [(1, 8192, 10), (23, 8192, 10), (640, 8192, 10), (7, 1000, 4),
+                                         (3, 16384, 16)])
+def test_triton_topk_takes_torch_topk_values(rows, cols, k):
+    """row_topk's Triton program: the same k values as torch.topk, largest first, k distinct
+    columns per row (ties included), mapped through a vocabulary when given one."""
+    from spec_decode.topk import row_topk
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    x[0, 3] = x[0, 11] = x[0].max() + 1  # a tie at the top: both ids, lower first
+    got = row_topk(x, k)
+    assert torch.equal(x.gather(1, got), torch.topk(x, k, dim=-1).values)
+    assert got[0, :2].tolist() == [3, 11]
+    assert all(len(set(r)) == k for r in got.tolist())
+    ids = torch.randperm(cols, device="cuda")
+    assert torch.equal(row_topk(x.view(1, rows, cols), k, ids).view(rows, k), ids[got])
+
+
+@needs_cuda
 @pytest.mark.parametrize("rule", ["greedy", "typical", "rejection"])
 def test_device_rules_equal_the_host_rules_on_cuda(rule):
     """The sampled tail's batched rules on CUDA tensors against the per-sequence host rules
