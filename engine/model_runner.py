@@ -211,21 +211,31 @@ class ModelRunner:
         return build
 
     @torch.inference_mode()
-    def capture_greedy_tails(self) -> None:
-        """Capture the greedy tail (with and without proposals) after every decode and verify
-        graph captured so far. Captured on first use instead, a tail stalls that step, and back-off
-        meets new (tree size, batch bucket) pairs as a batch shrinks (H100, benchmarks/step_trace.py
-        at batch 64: the slowest decode step, 22 sequences on an 8-candidate tree — a shape the
-        warm-up had not met — took 14.9 ms against 3.5). Sampled tails (their key holds the
-        step's rules and filters) are still captured on first use."""
+    def capture_tails(self) -> None:
+        """Capture, after every decode and verify graph captured so far, the greedy tail and the
+        sampled tail of the engine's acceptance rule (every sequence sampling by it, no top-k or
+        top-p), each with and without proposals. Captured on first use instead, a tail stalls
+        its step, and back-off meets new (tree size, batch bucket) pairs as a batch shrinks
+        (H100, benchmarks/step_trace.py at batch 64: the slowest decode step, 22 sequences on
+        an 8-candidate tree — a shape the warm-up had not met — took 14.9 ms against 3.5; at
+        T=0.7 the Medusa table's timed runs at batch 64–128 captured 2–4 sampled tails each).
+        Other sampled keys (several rules in a step, filters, greedy rows beside sampled ones)
+        are still captured on first use."""
         if self.graphs is None:
             return
+        rule = self.spec.acceptance if self.spec is not None else "greedy"
         for g in list(self.graphs.graphs.values()):
             if getattr(g.shape, "fresh", False):
                 continue
+            rules = frozenset({rule}) if g.shape is not None else frozenset()
+            # One sequence's sampled-tail inputs (SAMPLED_RULES order: temperature, top_p, top_k,
+            # seed key, rule); the capture only needs their shape.
+            inputs = torch.tensor([[1.0, 1.0, 0.0, 0.0, SAMPLED_RULES.index(rule)]], dtype=torch.float64)
             for propose in (False, True) if self.proposer is not None else (False,):
-                key = (propose, g.shape, False, frozenset(), False, False)
-                self.graphs.run_tail(g, key, self._tail_builder(key))
+                greedy = (propose, g.shape, False, frozenset(), False, False)
+                self.graphs.run_tail(g, greedy, self._tail_builder(greedy))
+                sampled = (propose, g.shape, True, rules, False, False)
+                self.graphs.run_tail(g, sampled, self._tail_builder(sampled), inputs)
 
     def sample(self, batch: InputBatch, hidden: torch.Tensor) -> StepResult:
         """The host path: logits for the rows a decision reads, then per sequence the

@@ -152,7 +152,7 @@ class Worker:
             # no request waits for a capture.
             graphs.capture([None] + sorted(self.runner.trees.values(), key=lambda t: t.num_nodes),
                            sc.max_num_seqs, sc.max_num_batched_tokens)
-            self.runner.capture_greedy_tails()
+            self.runner.capture_tails()
             graphs.capture_prefill(sc.max_num_batched_tokens)
         freeze_heap(self.device)
 

@@ -164,21 +164,28 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         eng = engine_for(spec)
         graphs = eng.executor.worker.runner.graphs
         assert graphs is not None and not graphs.captured
-        # Greedy tails were captured at start-up after every decode / verify graph, proposing or not.
+        # The greedy tail and the acceptance rule's sampled tail were captured at start-up after
+        # every decode / verify graph, proposing or not.
         decode_graphs = [g for g in graphs.graphs.values() if not getattr(g.shape, "fresh", False)]
-        assert decode_graphs and all({k[0] for k in g.tails if not k[2]} == ({False, True} if spec else {False})
-                                     for g in decode_graphs)
+        proposing = {False, True} if spec else {False}
+        assert decode_graphs and all({k[0] for k in g.tails if not k[2]} == proposing
+                                     and {k[0] for k in g.tails if k[2]} == proposing for g in decode_graphs)
         calls = {"forward": 0, "tail": 0, "prefill": 0}
 
         def counted(name, fn):
             return lambda *a, **k: (calls.__setitem__(name, calls[name] + 1), fn(*a, **k))[1]
-        graphs.run, graphs.run_tail = counted("forward", graphs.run), counted("tail", graphs.run_tail)
+        keys = []  # the tail keys the steps replayed
+        run_tail = graphs.run_tail
+
+        def recorded_tail(g, key, *args):
+            keys.append(key)
+            return run_tail(g, key, *args)
+        graphs.run, graphs.run_tail = counted("forward", graphs.run), counted("tail", recorded_tail)
         graphs.run_prefill = counted("prefill", graphs.run_prefill)
         toks = [[o.token_ids for o in eng.generate_batch(p, params)] for p, params in batches]
         assert toks == ref[i], spec
         assert calls["forward"] > calls["tail"] > 0, calls  # the logprobs request's steps skip the tail
-        tails = [key for g in graphs.graphs.values() for key in g.tails]
-        assert any(key[2] for key in tails) and any(not key[2] for key in tails), tails  # sampled, greedy
+        assert any(key[2] for key in keys) and any(not key[2] for key in keys), keys  # sampled, greedy
         assert calls["prefill"] == len(batches), calls  # every batch's prompts: one padded prefill graph
         if spec:
             assert eng.stats.accepted_per_depth[0] > 5  # paths were accepted and committed
