@@ -44,10 +44,10 @@ def step_kind(out) -> str:
 
 
 def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
-          host_profile: Optional[cProfile.Profile] = None) -> list[dict]:
+          host_profile: Optional[cProfile.Profile] = None, temperature: float = 0.0) -> list[dict]:
     """``prompts`` in rounds of ``batch_size`` (after a warm-up on them): a row per engine step.
     ``host_profile``: profiles the execution of every step that is not a pure decode."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature else None)
     rounds = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     for r in rounds:
         engine.generate_batch(r, params, chat=True)
@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
     ap.add_argument("--slowest", type=int, default=8, help="list this many slowest steps per config")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="> 0: seeded sampled requests (the engine's acceptance rule: typical)")
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile the steps that are not pure decodes; print their top functions")
     args = ap.parse_args()
@@ -128,7 +130,7 @@ def main() -> None:
         env = env or environment(engine.device, engine.dtype, "SmolLM2-135M-Instruct" if args.model == "default"
                                  else args.model)
         profile = cProfile.Profile() if args.host_profile else None
-        steps = trace(engine, prompts, args.max_tokens, args.batch_size, profile)
+        steps = trace(engine, prompts, args.max_tokens, args.batch_size, profile, args.temperature)
         if profile is not None:
             text = io.StringIO()
             stats = pstats.Stats(profile, stream=text)
@@ -144,7 +146,8 @@ def main() -> None:
               flush=True)
         table = []
         for kind, ss in sorted(by_kind.items(), key=lambda kv: -sum(s["step_ms"] for s in kv[1])):
-            row = {"config": tree, "batch_size": args.batch_size, "num_prompts": len(prompts), "kind": kind,
+            row = {"config": tree, "temperature": args.temperature, "batch_size": args.batch_size,
+                   "num_prompts": len(prompts), "kind": kind,
                    "steps": len(ss),
                    "total_ms": sum(s["step_ms"] for s in ss), "mean_ms": sum(s["step_ms"] for s in ss) / len(ss),
                    "mean_execute_ms": sum(s["execute_ms"] for s in ss) / len(ss),
@@ -157,9 +160,12 @@ def main() -> None:
                            "tokens_per_ms"])
         if engine.backoff is not None:
             print("back-off latency grid [batch, candidates, ms]:", engine.step_latency)
-            print("back-off expected tokens per step by tree size:", engine.backoff.expected)
+            print("back-off expected tokens per step by (decision path, tree size):", engine.backoff.expected)
             print("back-off corrections learned (observed / measured) by (tree size, path):",
                   {k: round(v, 2) for k, v in engine.backoff.latency.correction.items()})
+            for path in ("greedy", "sampled"):
+                print(f"back-off predicted tokens/s at batch {args.batch_size}, {path} path, by tree size:",
+                      {n: round(engine.backoff.rate(args.batch_size, n, path)) for n in engine.backoff.latency.sizes})
         for s in sorted(steps, key=lambda s: -s["step_ms"])[:args.slowest]:
             print("  slow:", {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()})
         engine.shutdown()

@@ -150,7 +150,7 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
             sizes = eng.backoff.latency.sizes
             model = LatencyModel([LatencyPoint(b, n, 10 + 0.3 * b * n + (1000 if b > 2 and n else 0))
                                   for n in sizes for b in (1, 2, 4)])
-            eng.backoff = BackoffPolicy(model, eng.backoff.expected, learning_rate=0.0)
+            eng.backoff = BackoffPolicy(model, eng.backoff.prior, learning_rate=0.0)
         return eng
 
     def run(spec):

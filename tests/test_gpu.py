@@ -341,7 +341,7 @@ def test_cuda_graphs_give_eager_tokens_end_to_end():
                 # verify step and a plain step differently at near-ties).
                 grid = grid or eng.step_latency
                 eng.backoff = BackoffPolicy(LatencyModel([LatencyPoint(int(b), int(n), ms) for b, n, ms in grid]),
-                                            eng.backoff.expected, learning_rate=0.0)
+                                            eng.backoff.prior, learning_rate=0.0)
             toks[eager] = ([o.token_ids for o in eng.generate_batch(PROMPTS, params)]
                            + [o.token_ids for p, sp in zip(PROMPTS[:3], params if isinstance(params, list)
                                                             else [params] * 3)
