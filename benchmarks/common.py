@@ -6,10 +6,10 @@ import contextlib
 import datetime
 import gc
 import json
-import time
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch

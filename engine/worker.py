@@ -9,10 +9,10 @@ crosses process boundaries as it is) and it reports back a WorkerInfo.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
-import gc
 import os
 import platform
 import time

@@ -9,7 +9,9 @@ per step, 0.13 ms of the bundled model's 0.30 ms proposal at batch 1 (profile_st
 ``row_topk`` on CUDA, for rows of at most ``MAX_TRITON_COLS`` columns, is one Triton program
 per row instead: the row sits in registers, and k rounds of (max with its index, knock it out)
 give the winners already in order. The ids can be mapped through the proposal vocabulary in
-the same kernel (the gather ``vocab_ids[top]`` was one more launch per depth).
+the same kernel (the gather ``vocab_ids[top]`` was one more launch per depth). With the
+mapping, in CUDA graphs: 9.7 µs for one row, 9.9 for 23, 70 for 1,472, against torch.topk plus
+the gather's 36, 45 and 138; the proposal at batch 1 0.30 → 0.20 ms.
 
 The winners are the same k values as torch.topk's; only among equal logits may a different id
 win (the lowest index here; torch.topk does not define it). That changes which candidates are
@@ -18,6 +20,7 @@ proposed, never the output: the model verifies every candidate.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -37,6 +40,7 @@ def row_topk(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor] = N
     return vocab_ids[top] if vocab_ids is not None else top
 
 
+@lru_cache(maxsize=1)
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
