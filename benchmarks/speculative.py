@@ -5,7 +5,9 @@ batch size, greedy, held-out chat prompts; one run side by side.
     python benchmarks/speculative.py --heads default --batch-sizes 1 4 16 64             # GPU
 
 The tree name ``backoff`` runs Medusa with back-off (tree sized per step from a latency model
-measured at start-up; needs heads with tree.json, e.g. the default heads). ``--hf`` adds HF
+measured at start-up; needs heads with tree.json, e.g. the default heads); ``none`` a second
+engine without speculation, timed like the others against the first: its row is the run's
+noise floor (an A/A comparison). ``--hf`` adds HF
 transformers ``generate`` and ``--eager`` plain decoding without CUDA graphs to every row, so
 one run holds the whole comparison (GPU: benchmarks/gpu_suite.sh). Batches smaller than
 ``--min-prompts`` run that many prompts in successive rounds (acceptance varies by prompt).
@@ -115,6 +117,9 @@ def main() -> None:
     env.update(heads=args.heads, cuda_graphs=plain.num_graphs > 0, graph_capture_s=plain.graph_capture_s,
                repeats=args.repeats, gc_frozen=not args.no_gc_freeze)
     for tree in args.trees:
+        if tree == "none":  # a second engine without speculation: the A/A row, the noise floor
+            engines[tree] = Engine(args.model, **kw)
+            continue
         spec = {"heads": args.heads, "tree": tree, "acceptance": args.acceptance}
         if tree == "backoff":
             spec.update(tree="auto", backoff=True)
@@ -140,7 +145,8 @@ def main() -> None:
         for tree in args.trees:
             r, eng = median_run(runs[tree]), engines[tree]
             ratios = [m["tok_s"] / p["tok_s"] for m, p in zip(runs[tree], runs["plain"])]
-            rows.append({**env, "config": f"{tree} T={t:g}", "tree": tree, "tree_nodes": eng.tree.num_nodes,
+            rows.append({**env, "config": f"{tree} T={t:g}", "tree": tree,
+                         "tree_nodes": eng.tree.num_nodes if eng.tree is not None else 1,
                          "temperature": t, "acceptance": args.acceptance if t else "greedy", "batch_size": bs,
                          "plain_tok_s": ref["tok_s"], "medusa_tok_s": r["tok_s"],
                          # The median of the repeats' ratios: each repeat ran plain decoding and
