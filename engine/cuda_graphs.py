@@ -248,14 +248,19 @@ class CudaGraphRunner:
         return self.graphs[key]
 
     def capture(self, shapes: list, max_batch: int, max_tokens: int) -> None:
-        """Capture every batch bucket up to ``max_batch`` sequences (largest first, so smaller
-        graphs reuse the pool's memory) whose tokens fit the step budget, at the smallest width
-        (wider graphs are captured when a longer sequence first needs one)."""
+        """Capture, at the smallest width (wider graphs are captured when a longer sequence
+        first needs one), every batch bucket a step of each shape can pad to: up to the bucket
+        of the most sequences whose tokens fit the step budget (largest first, so smaller
+        graphs reuse the pool's memory) — the scratch region is sized the same way. The padded
+        bucket may hold more tokens than the budget: 62 sequences of a 33-node tree fit 2,048
+        tokens and pad to the 64 bucket, which used to be left to a capture on first use, mid-run
+        (a back-off run at batch 64 on an H100 had one 110 ms step on that tree among 2–5 ms
+        steps; which shape it ran is not recorded)."""
         for shape in shapes:
             nodes = shape.num_nodes if shape is not None else 1
-            top = padded_batch(max_batch) or BATCH_BUCKETS[-1]
-            for b in sorted((b for b in BATCH_BUCKETS if b <= top and b * nodes <= max(max_tokens, nodes)),
-                            reverse=True):
+            fit = min(max_batch, max(1, max_tokens // nodes))
+            top = padded_batch(fit) or BATCH_BUCKETS[-1]
+            for b in sorted((b for b in BATCH_BUCKETS if b <= top), reverse=True):
                 self._graph(shape, b)
 
     def capture_prefill(self, max_prompt_tokens: int) -> None:

@@ -28,6 +28,19 @@ def test_width_buckets_grow_x4_and_end_at_the_longest():
     assert width_buckets(5) == (5,)
 
 
+def test_start_up_captures_every_bucket_a_step_within_the_budget_pads_to():
+    """7 sequences of a 13-node tree fit a 100-token budget and run in the 8 bucket (104 padded
+    tokens): that graph is captured at start-up too, not on first use mid-run."""
+    from engine.cuda_graphs import CudaGraphRunner
+
+    runner = CudaGraphRunner.__new__(CudaGraphRunner)
+    captured = []
+    runner._graph = lambda shape, b, width=None: captured.append((shape, b))
+    runner.capture([None, TREE], max_batch=64, max_tokens=100)
+    assert sorted(b for shape, b in captured if shape is None) == [b for b in BATCH_BUCKETS if b <= 64]
+    assert sorted(b for shape, b in captured if shape is TREE) == [1, 2, 4, 8]
+
+
 def test_only_uniform_decode_or_verify_steps_replay_graphs(bundled_dir):
     """The runner finds the uniform shape (one pending token plus the same tree, or nothing
     more) and the graph runner takes it if the tables fit and the batch has a bucket."""
