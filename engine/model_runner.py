@@ -16,8 +16,8 @@ Decide → commit → propose is spec_decode/tail.py: for a uniform step it runs
 device — the greedy tail, or the sampled tail when some sequence samples — captured after the
 forward graph on CUDA, called eagerly elsewhere, and returns one small int tensor; other steps
 (logprobs, penalties, min_tokens masking, prefill in the step) decide on the host with the
-acceptance rules and then use the same commit and propose. The runner makes no policy decisions: which tree each
-sequence verifies and whether to propose come from the scheduler.
+acceptance rules and then use the same commit and propose. The runner makes no policy
+decisions: which tree each sequence verifies and whether to propose come from the scheduler.
 """
 
 from __future__ import annotations
@@ -178,8 +178,7 @@ class ModelRunner:
         if sampled:
             names = ["greedy" if p.greedy or self.spec is None else p.acceptance or self.spec.acceptance
                      for p in params]
-            inputs = torch.tensor([[p.temperature, p.top_p, max(p.top_k, 0), seed_key(s.seed), SAMPLED_RULES.index(r)]
-                                   for p, s, r in zip(params, batch.seqs, names)], dtype=torch.float64)
+            inputs = self._sampled_tail_inputs(params, [s.seed for s in batch.seqs], names)
             rules = frozenset(names) if tree is not None else frozenset()
             filters = any(p.filtered for p in params)
             greedy_rows = any(p.greedy for p in params)
@@ -194,6 +193,13 @@ class ModelRunner:
         start = torch.tensor([s.start_pos for s in batch.seqs], device=dev)[:, None]
         static = inputs.to(dev) if inputs is not None else None
         return self._tail(key, hidden, tokens, start, tables, static).cpu()
+
+    @staticmethod
+    def _sampled_tail_inputs(params: list[SamplingParams], seeds: list[int], rules: list[str]) -> torch.Tensor:
+        """The sampled tail's per-sequence inputs [B, 5] (spec_decode/tail.py ``SpecTail.sampled``):
+        temperature, top_p, top_k (0: off), seed key, the rule's index in ``SAMPLED_RULES``."""
+        return torch.tensor([[p.temperature, p.top_p, max(p.top_k, 0), seed_key(seed), SAMPLED_RULES.index(rule)]
+                             for p, seed, rule in zip(params, seeds, rules)], dtype=torch.float64)
 
     def _tail(self, key, hidden, tokens, start, tables, static) -> torch.Tensor:
         """The device tail ``key`` = (propose, tree, sampled, rules, filters, greedy_rows) names."""
@@ -228,9 +234,8 @@ class ModelRunner:
             if getattr(g.shape, "fresh", False):
                 continue
             rules = frozenset({rule}) if g.shape is not None else frozenset()
-            # One sequence's sampled-tail inputs (SAMPLED_RULES order: temperature, top_p, top_k,
-            # seed key, rule); the capture only needs their shape.
-            inputs = torch.tensor([[1.0, 1.0, 0.0, 0.0, SAMPLED_RULES.index(rule)]], dtype=torch.float64)
+            # One sampling sequence's inputs: the capture only needs their shape.
+            inputs = self._sampled_tail_inputs([SamplingParams(temperature=1.0)], [0], [rule])
             for propose in (False, True) if self.proposer is not None else (False,):
                 greedy = (propose, g.shape, False, frozenset(), False, False)
                 self.graphs.run_tail(g, greedy, self._tail_builder(greedy))

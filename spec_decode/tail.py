@@ -121,10 +121,13 @@ class SpecTail:
         # The token each node's row produces is at start + 1 + the node's depth.
         positions = start + 1 + depths[None]
 
+        def probs_at(node: torch.Tensor) -> torch.Tensor:
+            """Each sequence's processed probabilities [B, V] at its ``node`` [B]."""
+            return probs_of(logits[seq, node][:, None])[:, 0]
+
         def draw_at(node: torch.Tensor) -> torch.Tensor:
             """Plain decoding's keyed draw at each sequence's ``node`` [B]."""
-            rows = logits[seq, node][:, None]
-            return keyed_targets(probs_of(rows), keys, positions.gather(1, node[:, None]))[:, 0]
+            return keyed_targets(probs_at(node)[:, None], keys, positions.gather(1, node[:, None]))[:, 0]
 
         if tree is None:
             path = torch.zeros(b, 1, dtype=torch.long, device=dev)
@@ -137,8 +140,7 @@ class SpecTail:
         for name in rules:
             if name == "rejection":
                 p, k, x = rejection_tree_walk(tree, self.device_tensor(tree, "children_table"), depths, tokens,
-                                              lambda node: probs_of(logits[seq, node][:, None])[:, 0], keys,
-                                              start[:, 0] + 1)
+                                              probs_at, keys, start[:, 0] + 1)
             else:
                 if name == "greedy":  # exact match against plain decoding's draw at every node
                     target = keyed_targets(probs_of(logits), keys, positions)
