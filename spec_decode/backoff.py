@@ -9,6 +9,16 @@ time, and the policy shrinks the tree, down to plain decoding — so throughput 
 better of the two instead of falling below plain decoding. Served steps correct the model
 (observed step time per tree size, observed tokens per step), so a start-up measurement that
 noise made optimistic is unlearned within a few dozen steps.
+
+What served steps teach is kept per batch bucket (the power of two at or above the number of
+decoding sequences), because neither correction carries across loads:
+- a step's host work (scheduling, applying tokens, outputs) grows with its sequences and
+  candidates, which the start-up grid (the device's work) leaves out: H100, bundled model,
+  batch 64, a 4-candidate step took 3.75 ms against the grid's 2.07 (1.81x), a plain one 1.85
+  against 1.34 (1.38x), while at batch 1-16 both ran within 10% of the grid;
+- the sequences still decoding when a batch thins out are the ones whose trees accept least
+  (they are the ones left): pooled with the full batch's steps they taught back-off 1.66
+  tokens a step for every tree size at batch 64.
 """
 
 from __future__ import annotations
@@ -16,6 +26,21 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from typing import Optional
+
+
+def batch_bucket(batch_size: int) -> int:
+    """The bucket whose served steps teach back-off about steps of ``batch_size`` sequences: the
+    power of two at or above it."""
+    return 1 << max(0, batch_size - 1).bit_length()
+
+
+def _nearest(known: dict[int, float], bucket: int):
+    """The value of the bucket nearest ``bucket`` (in doublings; the larger one on a tie), or
+    None when ``known`` is empty."""
+    if not known:
+        return None
+    return known[min(known, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), -b))]
 
 
 @dataclass(frozen=True)
@@ -44,16 +69,23 @@ class LatencyModel:
                 floor = max(floor, row[b], prev.get(b, 0.0))
                 row[b] = floor
             prev = row
+        self._batches = {n: sorted(row) for n, row in self.table.items()}
+        self._grid_cache: dict[tuple[int, int], float] = {}  # (batch size, n) → interpolated ms
 
-        # Per (tree size, decision path), observed / measured step time (EMA over served
-        # steps): start-up timings are a few samples on a possibly busy machine at one context
-        # length, of greedy steps only. The path (engine/sampling.py ``decision_path``) is how
-        # the step decides: the captured greedy tail, the captured sampled tail (probabilities
-        # over the tree rows its rules read), or the host (logprobs, penalties: several times the greedy
-        # step — H100, batch 16, T=0.7, typical on the host: 13.8 ms against 2.7 ms) — each a
-        # cost of its own.
-        self.correction: dict[tuple[int, str], float] = {(n, "greedy"): 1.0 for n in self.table}
-        self._surprises: dict[tuple[int, str], int] = {}
+        # Per (tree size, decision path, batch bucket), observed / measured step time (EMA over
+        # served steps): start-up timings are a few samples on a possibly busy machine at one
+        # context length, of the device's work on greedy steps only. The path
+        # (engine/sampling.py ``decision_path``) is how the step decides: the captured greedy
+        # tail, the captured sampled tail (probabilities over the tree rows its rules read), or
+        # the host (logprobs, penalties: several times the greedy step — H100, batch 16, T=0.7,
+        # typical on the host: 13.8 ms against 2.7 ms) — each a cost of its own. The bucket
+        # (``batch_bucket``): the host's share of a step grows with its sequences (module doc).
+        self.correction: dict[tuple[int, str, int], float] = {}
+        self._surprises: dict[tuple[int, str, int], int] = {}
+        # The same corrections indexed for the lookups every step makes (choose() prices each
+        # size, learned or not): (size, path) → {bucket: c} and (path, bucket) → {size: c}.
+        self._by_size: dict[tuple[int, str], dict[int, float]] = {}
+        self._by_bucket: dict[tuple[str, int], dict[int, float]] = {}
 
     @property
     def sizes(self) -> list[int]:
@@ -74,45 +106,66 @@ class LatencyModel:
     # PERSISTENT slow steps now and then to be priced out again.
     FORGET = 0.002
 
-    def _correction(self, n: int, path: str) -> float:
-        if (n, path) in self.correction:
-            return self.correction[n, path]
+    def _set(self, n: int, path: str, bucket: int, c: float) -> None:
+        self.correction[n, path, bucket] = c
+        self._by_size.setdefault((n, path), {})[bucket] = c
+        self._by_bucket.setdefault((path, bucket), {})[n] = c
+
+    def _correction(self, n: int, path: str, bucket: int) -> float:
+        c = self.correction.get((n, path, bucket))
+        if c is not None:
+            return c
+        # Not served at this load yet: what this size learned at the nearest load (a step's
+        # host share changes gradually with its sequences).
+        near = _nearest(self._by_size.get((n, path), {}), bucket)
+        if near is not None:
+            return near
         if n == 0:  # plain decoding's prior: as measured, so back-off falls back to it readily
-            return 1.0
-        # A tree size not served on this (non-greedy) path yet: what the served ones learned so
-        # far, else what plain decoding's steps on it did (deciding a tree there costs no less
-        # than sampling one token there: without this prior back-off pays a few slow steps per
-        # size to learn it, measured at batch 64, T=0.7 on the host).
-        known = [c for (m, h), c in self.correction.items() if h == path and m > 0]
-        return sum(known) / len(known) if known else self.correction.get((0, path), 1.0)
+            return 1.0 if path == "greedy" else self._correction(0, "greedy", bucket)
+        # A tree size not served on this path yet: what the served sizes learned here, else
+        # what plain decoding's steps did (deciding a tree costs no less than sampling one
+        # token: without this prior back-off pays a few slow steps per size to learn it,
+        # measured at batch 64, T=0.7 on the host), else the grid as measured.
+        known = [c for m, c in self._by_bucket.get((path, bucket), {}).items() if m > 0]
+        if known:
+            return sum(known) / len(known)
+        plain = _nearest(self._by_size.get((0, path), {}), bucket)
+        return plain if plain is not None else 1.0
 
     def observe(self, batch_size: int, n: int, ms: float, weight: float = 0.1, path: str = "greedy") -> None:
         if weight <= 0:  # learning off
             return
-        key, measured = (n, path), self._measured(batch_size, n)
-        self._forget(n, path)
-        corr = self._correction(n, path)
+        bucket = batch_bucket(batch_size)
+        key, measured = (n, path, bucket), self._measured(batch_size, n)
+        self._forget(n, path, bucket)
+        corr = self._correction(n, path, bucket)
         if not 1 / self.SURPRISE_RATIO <= ms / (measured * corr) <= self.SURPRISE_RATIO:
             self._surprises[key] = self._surprises.get(key, 0) + 1
             if self._surprises[key] >= self.PERSISTENT:
-                self.correction[key] = ms / measured
+                self._set(*key, ms / measured)
                 self._surprises[key] = 0
             return
         self._surprises[key] = 0
-        self.correction[key] = corr + weight * (ms / measured - corr)
+        self._set(*key, corr + weight * (ms / measured - corr))
 
-    def _forget(self, served: int, path: str) -> None:
-        prior = 1.0 if path == "greedy" else self.correction.get((0, path), 1.0)
-        for (m, h), c in self.correction.items():
-            if h == path and m not in (0, served) and c > prior:
-                self.correction[m, h] = c - self.FORGET * (c - prior)
+    def _forget(self, served: int, path: str, bucket: int) -> None:
+        prior = self._correction(0, path, bucket)
+        for m, c in list(self._by_bucket.get((path, bucket), {}).items()):
+            if m not in (0, served) and c > prior:
+                self._set(m, path, bucket, c - self.FORGET * (c - prior))
 
     def ms(self, batch_size: int, n: int, path: str = "greedy") -> float:
-        return self._measured(batch_size, n) * self._correction(n, path)
+        return self._measured(batch_size, n) * self._correction(n, path, batch_bucket(batch_size))
 
     def _measured(self, batch_size: int, n: int) -> float:
+        ms = self._grid_cache.get((batch_size, n))
+        if ms is None:
+            ms = self._grid_cache[batch_size, n] = self._interpolate(batch_size, n)
+        return ms
+
+    def _interpolate(self, batch_size: int, n: int) -> float:
         row = self.table[n]
-        bs = sorted(row)
+        bs = self._batches[n]
         if batch_size in row:
             return row[batch_size]
         i = bisect.bisect_left(bs, batch_size)
@@ -142,26 +195,34 @@ class BackoffPolicy:
         missing = [n for n in latency.sizes if n not in self.prior]
         if missing:
             raise ValueError(f"back-off: no expected accepted length for tree sizes {missing}")
-        # Tokens per step learned from served steps, per decision path (engine/sampling.py
-        # ``decision_path``), each starting from the prior: greedy and sampled steps accept
-        # differently (H100, bundled heads, batch 1: typical acceptance at T=0.7 took 4.96
-        # tokens a step on the 32-candidate tree, greedy 2.6).
-        self.expected: dict[str, dict[int, float]] = {}
+        # Tokens per step learned from served steps, per (decision path, batch bucket):
+        # greedy and sampled steps accept differently (H100, bundled heads, batch 1: typical
+        # acceptance at T=0.7 took 4.96 tokens a step on the 32-candidate tree, greedy 2.6),
+        # and the few sequences left at the end of a batch accept less than the whole batch
+        # did (module doc). A bucket starts from what its path learned at the nearest bucket,
+        # the first one from the prior.
+        self.expected: dict[tuple[str, int], dict[int, float]] = {}
+        self._last_choice: Optional[tuple[tuple, int]] = None  # (arguments, answer) of the last choose
 
-    def expected_on(self, path: str) -> dict[int, float]:
-        """Expected tokens per step by tree size for steps deciding by ``path``."""
-        if path not in self.expected:
-            self.expected[path] = dict(self.prior)
-        return self.expected[path]
+    def expected_on(self, path: str, batch_size: int) -> dict[int, float]:
+        """Expected tokens per step by tree size for steps of ``batch_size`` sequences deciding
+        by ``path`` (engine/sampling.py ``decision_path``)."""
+        bucket = batch_bucket(batch_size)
+        table = self.expected.get((path, bucket))
+        if table is None:
+            near = _nearest({b: t for (h, b), t in self.expected.items() if h == path}, bucket)
+            table = self.expected[path, bucket] = dict(near if near is not None else self.prior)
+        return table
 
     def observe(self, batch_size: int, n: int, ms: float, tokens_per_seq: float, path: str = "greedy") -> None:
         """A served step of ``batch_size`` decoding sequences with n-candidate trees took ``ms``
         and produced ``tokens_per_seq`` tokens per sequence (``path``: how it decided, ``decision_path``):
         pull the model toward it."""
+        self._last_choice = None
         self.latency.observe(batch_size, n, ms, self.learning_rate, path)
         if not n:
             return
-        expected = self.expected_on(path)
+        expected = self.expected_on(path, batch_size)
         expected[n] += self.learning_rate * (tokens_per_seq - expected[n])
         # The trees are nested: a tree holds every smaller one's nodes, so it accepts at least
         # as many tokens a step. A smaller tree's estimate is capped at this one's; a bigger
@@ -179,7 +240,7 @@ class BackoffPolicy:
 
     def rate(self, batch_size: int, n: int, path: str = "greedy") -> float:
         """Expected tokens per second with B sequences and an n-candidate tree."""
-        return batch_size * self.expected_on(path)[n] / self.latency.ms(batch_size, n, path) * 1e3
+        return batch_size * self.expected_on(path, batch_size)[n] / self.latency.ms(batch_size, n, path) * 1e3
 
     def choose(self, batch_size: int, max_candidates: int, path: str = "greedy") -> int:
         """The number of candidates per sequence for a step decoding ``batch_size`` sequences
@@ -187,8 +248,14 @@ class BackoffPolicy:
         will decide — greedy or sampled tail, or the host)."""
         if batch_size <= 0:
             return 0
+        # The scheduler asks twice a step (this step's tree, and whether to propose for the
+        # next) with the same arguments; nothing changes in between.
+        key = (batch_size, max_candidates, path, self.margin)
+        if self._last_choice is not None and self._last_choice[0] == key:
+            return self._last_choice[1]
         options = [n for n in self.latency.sizes if 0 < n <= max_candidates]
-        if not options:
-            return 0
-        best = max(options, key=lambda n: (self.rate(batch_size, n, path), -n))
-        return best if self.rate(batch_size, best, path) >= self.margin * self.rate(batch_size, 0, path) else 0
+        best = max(options, key=lambda n: (self.rate(batch_size, n, path), -n)) if options else 0
+        if best and self.rate(batch_size, best, path) < self.margin * self.rate(batch_size, 0, path):
+            best = 0
+        self._last_choice = (key, best)
+        return best
