@@ -6,12 +6,17 @@ Runs each configuration on the same held-out prompts (warm-up on the very batch 
 benchmarks/speculative.py does), times every ``Engine.step`` with the device synchronised, and
 groups the steps by kind: prefill-only, mixed (prefill chunks + decoding sequences), decode
 (plain or the verified tree size). Prints per kind the step count, total and mean ms, and the
-slowest steps; writes the rows to ``benchmarks/results/step-trace-*.json``. It answers "why
-does this engine spend N ms per step here" before anyone guesses.
+slowest steps; writes the rows to ``benchmarks/results/step-trace-*.json`` and every step
+(its kind, sequences, tokens, schedule / execute / wall / GC milliseconds, whether it captured
+a graph) to ``…-steps.json`` beside it. It answers "why does this engine spend N ms per step
+here" before anyone guesses.
 
 ``--host-profile`` also runs the steps that are not pure decodes (prefill, mixed: eager, so
 bound by the host) under cProfile and prints their top Python functions per configuration
 (``…-host-<config>.txt`` beside the JSON): where an eager step's milliseconds go.
+``--host-profile decode`` profiles the pure decode steps instead, from the scheduler's output
+to the step's outputs (execution, applying the tokens, the output processor): where a graphed
+step's host time goes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import sys
 import time
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import environment, eval_prompts, print_table, write_results  # noqa: E402
+from benchmarks.common import environment, eval_prompts, gc_pauses, print_table, write_results  # noqa: E402
 from benchmarks.throughput import sync  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
@@ -44,9 +50,12 @@ def step_kind(out) -> str:
 
 
 def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
-          host_profile: Optional[cProfile.Profile] = None, temperature: float = 0.0) -> list[dict]:
+          host_profile: Optional[cProfile.Profile] = None, temperature: float = 0.0,
+          profile_kind: str = "eager") -> list[dict]:
     """``prompts`` in rounds of ``batch_size`` (after a warm-up on them): a row per engine step.
-    ``host_profile``: profiles the execution of every step that is not a pure decode."""
+    ``host_profile``: profiles the execution of every step that is not a pure decode
+    (``profile_kind`` "eager"), or every pure decode step from its execution to the step's end
+    ("decode")."""
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature else None)
     rounds = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     for r in rounds:
@@ -56,7 +65,9 @@ def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
 
     def timed_execute(out):
         kind = step_kind(out)
-        profile = host_profile if host_profile is not None and not kind.startswith("decode") else None
+        profile = host_profile if profile_kind == "eager" and not kind.startswith("decode") else None
+        if host_profile is not None and profile_kind == "decode" and kind.startswith("decode"):
+            host_profile.enable()  # disabled after the step (below)
         sync(engine.device)
         t0 = time.perf_counter()
         if profile is not None:
@@ -68,6 +79,7 @@ def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
         steps.append({"kind": kind, "seqs": len(out.seqs), "propose": out.propose,
                       "tokens": sum(len(s.token_ids) + s.tree for s in out.seqs),
                       "produced": sum(len(r.sampled_token_ids) for r in result.results),
+                      "captured": result.captured,
                       "schedule_ms": 1e3 * (t0 - scheduled_at[0]),
                       "execute_ms": 1e3 * (time.perf_counter() - t0)})
         return result
@@ -82,16 +94,20 @@ def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
     engine.executor.execute = timed_execute
     engine.scheduler.schedule = timed_schedule
     try:
-        for r in rounds:
-            for p in r:
-                engine.add_request(p, params, chat=True)
-            while engine.has_unfinished():
-                sync(engine.device)
-                t0 = time.perf_counter()
-                engine.step()
-                sync(engine.device)
-                if steps and "step_ms" not in steps[-1]:
-                    steps[-1]["step_ms"] = 1e3 * (time.perf_counter() - t0)
+        with gc_pauses() as gc_time:
+            for r in rounds:
+                for p in r:
+                    engine.add_request(p, params, chat=True)
+                while engine.has_unfinished():
+                    sync(engine.device)
+                    t0, gc0 = time.perf_counter(), gc_time["ms"]
+                    engine.step()
+                    if host_profile is not None and profile_kind == "decode":
+                        host_profile.disable()
+                    sync(engine.device)
+                    if steps and "step_ms" not in steps[-1]:
+                        steps[-1]["step_ms"] = 1e3 * (time.perf_counter() - t0)
+                        steps[-1]["gc_ms"] = gc_time["ms"] - gc0  # collections inside the step
     finally:
         engine.executor.execute = execute
         engine.scheduler.schedule = schedule
@@ -112,13 +128,15 @@ def main() -> None:
     ap.add_argument("--slowest", type=int, default=8, help="list this many slowest steps per config")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="> 0: seeded sampled requests (the engine's acceptance rule: typical)")
-    ap.add_argument("--host-profile", action="store_true",
-                    help="cProfile the steps that are not pure decodes; print their top functions")
+    ap.add_argument("--host-profile", nargs="?", const="eager", choices=["eager", "decode"],
+                    help="cProfile the steps that are not pure decodes ('eager', the default), or the pure decode "
+                         "steps ('decode'); print their top functions")
     args = ap.parse_args()
 
     prompts = eval_prompts(max(args.num_prompts, args.batch_size))
     rows, env = [], None
     host_reports: dict[str, str] = {}
+    step_rows: dict[str, list[dict]] = {}  # every step of each configuration, in order
     for tree in args.trees:
         kw = dict(max_num_seqs=args.batch_size, kv_cache_memory_gb=args.kv_cache_memory_gb)
         if tree != "none":
@@ -130,14 +148,16 @@ def main() -> None:
         env = env or environment(engine.device, engine.dtype, "SmolLM2-135M-Instruct" if args.model == "default"
                                  else args.model)
         profile = cProfile.Profile() if args.host_profile else None
-        steps = trace(engine, prompts, args.max_tokens, args.batch_size, profile, args.temperature)
+        steps = trace(engine, prompts, args.max_tokens, args.batch_size, profile, args.temperature,
+                      args.host_profile or "eager")
         if profile is not None:
             text = io.StringIO()
             stats = pstats.Stats(profile, stream=text)
             stats.sort_stats("tottime").print_stats(30)
             stats.sort_stats("cumulative").print_stats(40)
             host_reports[tree] = text.getvalue()
-            print(f"-- {tree}: host profile of the prefill and mixed steps\n{host_reports[tree]}")
+            what = "pure decode" if args.host_profile == "decode" else "prefill and mixed"
+            print(f"-- {tree}: host profile of the {what} steps\n{host_reports[tree]}")
         by_kind: dict[str, list[dict]] = defaultdict(list)
         for s in steps:
             by_kind[s["kind"]].append(s)
@@ -152,12 +172,14 @@ def main() -> None:
                    "total_ms": sum(s["step_ms"] for s in ss), "mean_ms": sum(s["step_ms"] for s in ss) / len(ss),
                    "mean_execute_ms": sum(s["execute_ms"] for s in ss) / len(ss),
                    "mean_schedule_ms": sum(s["schedule_ms"] for s in ss) / len(ss),
+                   "gc_ms": sum(s["gc_ms"] for s in ss),
                    "tokens_per_ms": sum(s["produced"] for s in ss) / sum(s["step_ms"] for s in ss),
                    "max_ms": max(s["step_ms"] for s in ss), "run_total_ms": total}
             table.append(row)
         rows += table
         print_table(table, ["kind", "steps", "total_ms", "mean_ms", "mean_schedule_ms", "mean_execute_ms", "max_ms",
-                           "tokens_per_ms"])
+                           "gc_ms", "tokens_per_ms"])
+        step_rows[tree] = steps
         if engine.backoff is not None:
             print("back-off latency grid [batch, candidates, ms]:", engine.step_latency)
             print("back-off expected tokens per step by (decision path, tree size):", engine.backoff.expected)
@@ -184,8 +206,9 @@ def main() -> None:
         ax.legend()
 
     out = write_results("step-trace", env, rows, plot)
+    out.with_name(f"{out.stem}-steps.json").write_text(json.dumps(step_rows))
     for tree, text in host_reports.items():
-        out.with_name(f"{out.stem}-host-{tree}.txt").write_text(text)
+        out.with_name(f"{out.stem}-host-{args.host_profile}-{tree}.txt").write_text(text)
 
 
 if __name__ == "__main__":
