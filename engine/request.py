@@ -43,7 +43,18 @@ class DecodeCounters:
         return [n / self.num_decode_steps for n in self.accepted_per_depth] if self.num_decode_steps else []
 
     def record_decode(self, num_accepted: int, per_depth: list[int]) -> None:
-        self.merge_counts(1, num_accepted + 1, [0] * num_accepted + [1], per_depth)
+        # Once per sequence and decode step: counted in place (at batch 64 the general
+        # merge_counts was the scheduler update's dearest call).
+        self.num_decode_steps += 1
+        self.num_decode_tokens += num_accepted + 1
+        hist, depth = self.accepted_hist, self.accepted_per_depth
+        if len(hist) <= num_accepted:
+            hist.extend([0] * (num_accepted + 1 - len(hist)))
+        hist[num_accepted] += 1
+        if len(depth) < len(per_depth):
+            depth.extend([0] * (len(per_depth) - len(depth)))
+        for i, n in enumerate(per_depth):
+            depth[i] += n
 
     def merge(self, other: "DecodeCounters") -> None:
         self.merge_counts(other.num_decode_steps, other.num_decode_tokens, other.accepted_hist,

@@ -122,10 +122,9 @@ class Scheduler:
                    key=DECISION_PATHS.index, default="greedy")
         n = self.policy.tree_for(len(decoding), budget, path) if self.policy is not None else 0
 
-        def cut(cands: list[int]) -> list[int]:
-            return self.policy.cut(n, cands) if cands else []
-
-        tree_tokens = sum(1 + len(cut(r.candidates)) for r in decoding if r.candidates)
+        # Each decoding sequence's candidates cut down to the chosen tree, once.
+        cut = {r.seq_id: self.policy.cut(n, r.candidates) for r in decoding if r.candidates} if n else {}
+        tree_tokens = sum(1 + len(c) for c in cut.values())
         prefill_due = self._prefill_due(len(decoding), budget)
         trees = n > 0 and tree_tokens <= budget and not prefill_due
         # New prompts alone, decodes next step (never two such steps in a row, so a stream of
@@ -145,7 +144,7 @@ class Scheduler:
                 continue
             chunk = min(pending, budget)
             reaches_end = chunk == pending
-            cands = cut(req.candidates) if (trees and reaches_end and pending == 1 and req.candidates) else []
+            cands = cut.get(req.seq_id, []) if (trees and reaches_end and pending == 1) else []
             if cands and (1 + len(cands) > budget or req.num_tokens + self.tree_depth > self.max_model_len):
                 cands = []  # no room for the tree this step: plain decode is still exact
             slots = req.num_computed + chunk + (self.tree_depth if cands else 0)

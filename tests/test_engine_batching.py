@@ -1,6 +1,7 @@
 """A request's tokens do not depend on what else runs with it: joins, finishes, aborts,
 chunked prefill, preemption by recompute, seeded sampling."""
 
+import random
 import pytest
 
 from engine.engine import Engine
@@ -69,3 +70,18 @@ def test_preemption_gives_identical_tokens(bundled_dir, engine):
     assert small.stats.num_preemptions > 0
     assert [o.token_ids for o in outs] == ref
     assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
+
+
+def test_a_decode_step_is_counted_as_merging_its_counts():
+    """``record_decode`` (once per sequence and step, counted in place) keeps the counters that
+    merging the step's own counts would: steps, tokens, the accepted-length histogram, per depth."""
+    from engine.request import DecodeCounters
+
+    rng = random.Random(0)
+    fast, merged = DecodeCounters(), DecodeCounters()
+    for _ in range(300):
+        n = rng.randint(0, 5)
+        per_depth = [int(n > d) for d in range(rng.choice([0, 3, 5]))]
+        fast.record_decode(n, per_depth)
+        merged.merge_counts(1, n + 1, [0] * n + [1], per_depth)
+    assert fast == merged and fast.num_decode_steps == 300 and sum(fast.accepted_hist) == 300
