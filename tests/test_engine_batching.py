@@ -2,6 +2,7 @@
 chunked prefill, preemption by recompute, seeded sampling."""
 
 import random
+
 import pytest
 
 from engine.engine import Engine

@@ -1,0 +1,104 @@
+"""The host's share of an engine step: scheduling, applying the tokens, the output processor —
+everything around the workers — with the executor replaced by a stand-in that answers at once.
+
+    python -m benchmarks.host_step --batch-sizes 16 64 128 --trees 0 4 63
+
+Each row runs ``--steps`` decode steps of B sequences (150-token prompts, one candidate accepted
+a step) verifying an n-candidate tree (0: plain decoding; n > 0: a tree nested in
+mc_sim_7b_63, the full tree's 63 candidates proposed and cut down each step, as back-off runs
+it), and reports host milliseconds a step. The stand-in builds the results the runner would
+(accepted tokens, the full tree's next candidates), so their cost is in the numbers; the
+runner's own host work (packing, result rows) is not. On a GPU the same work runs slower than
+on a desktop CPU; compare rows of one run. The collector's heap is frozen while timing, as the
+engine does on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import environment, print_table, write_results  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+from scheduler.outputs import SeqResult, StepResult  # noqa: E402
+from spec_decode.policy import SpeculationPolicy  # noqa: E402
+from spec_decode.tree import nested_subtrees  # noqa: E402
+
+
+def stand_in_executor(full: int, depth: int):
+    """An executor that accepts one candidate per tree and proposes the full tree's candidates."""
+    def execute(out):
+        results = []
+        for s in out.seqs:
+            if not s.sample:
+                results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=[]))
+                continue
+            accepted = min(1, s.tree)
+            results.append(SeqResult(
+                seq_id=s.seq_id, sampled_token_ids=s.candidates[:accepted] + [7],
+                next_candidates=[3] * full if out.propose else [], num_accepted=accepted,
+                accepted_per_depth=[int(accepted > d) for d in range(depth)] if s.tree else []))
+        return StepResult(step_id=out.step_id, results=results)
+    return execute
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64, 128])
+    ap.add_argument("--trees", type=int, nargs="+", default=[0, 4, 63],
+                    help="candidates per sequence (0: plain decoding; at most 63)")
+    ap.add_argument("--steps", type=int, default=300)
+    args = ap.parse_args()
+    rows, env = [], None
+    for b in args.batch_sizes:
+        eng = Engine("default", speculative={"heads": "default", "tree": "mc_sim_7b_63"}, max_num_seqs=b,
+                     max_num_batched_tokens=64 * b, num_blocks=40 * b, device="cpu")
+        env = env or environment(eng.device, eng.dtype, "SmolLM2-135M-Instruct (stand-in executor)")
+        full, depth = eng.policy.full, eng.tree.depth
+        sizes = sorted({n for n in args.trees if 0 < n < full})
+        subtrees = {n: st.nodes for n, st in nested_subtrees(eng.tree, None, sizes + [full]).items()}
+        eng.executor.execute = stand_in_executor(full, depth)
+        for n in args.trees:
+            # A fixed choice, as back-off's would be: this tree every step, proposals when n > 0.
+            policy = SpeculationPolicy(subtrees)
+            policy.tree_for = lambda num, budget, path="greedy", n=n: n
+            policy.propose_next = lambda num, budget, path="greedy", n=n: n > 0
+            eng.scheduler.policy = policy
+            ids = [eng.add_request(list(range(10, 160)), SamplingParams(temperature=0.0, max_tokens=10 ** 6))
+                   for _ in range(b)]
+            for _ in range(5):  # prefill, first decodes
+                eng.step()
+            gc.collect()
+            gc.freeze()
+            try:
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    eng.step()
+                ms = 1e3 * (time.perf_counter() - t0) / args.steps
+            finally:
+                gc.unfreeze()
+            for r in ids:
+                eng.abort(r)
+            rows.append({**env, "batch_size": b, "candidates": n, "host_ms": ms})
+        eng.shutdown()
+    print_table(rows, ["batch_size", "candidates", "host_ms"])
+
+    def plot(ax, rows):
+        for n in args.trees:
+            pts = [(r["batch_size"], r["host_ms"]) for r in rows if r["candidates"] == n]
+            ax.plot(*zip(*pts), marker="o", label=f"{n} candidates" if n else "plain")
+        ax.set_xlabel("decoding sequences")
+        ax.set_ylabel("host ms per step")
+        ax.set_title(f"host share of an engine step, {env['device']}")
+        ax.legend()
+
+    write_results("host-step", env, rows, plot)
+
+
+if __name__ == "__main__":
+    main()
