@@ -249,7 +249,8 @@ class BackoffPolicy:
         if batch_size <= 0:
             return 0
         # The scheduler asks twice a step (this step's tree, and whether to propose for the
-        # next) with the same arguments; nothing changes in between.
+        # next), in a pure decode step with the same arguments; only observe() changes the
+        # answer, and it forgets the remembered one.
         key = (batch_size, max_candidates, path, self.margin)
         if self._last_choice is not None and self._last_choice[0] == key:
             return self._last_choice[1]
