@@ -11,6 +11,11 @@ noise floor (an A/A comparison). ``--hf`` adds HF
 transformers ``generate`` and ``--eager`` plain decoding without CUDA graphs to every row, so
 one run holds the whole comparison (GPU: benchmarks/gpu_suite.sh). Batches smaller than
 ``--min-prompts`` run that many prompts in successive rounds (acceptance varies by prompt).
+
+``--process-per-engine`` builds each configuration's engine in a process of its own (built
+one after another, so that no start-up measurement shares the device); the timed runs still
+alternate between them, one at a time. In one process, engines built later read 4–18% slower
+at batch 64 than the first (H100, the A/A row: benchmarks/RESULTS.md, 2026-11-24).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, eval_prompts, gc_pauses, print_table, write_results  # noqa: E402
@@ -56,7 +63,7 @@ def timed(engine, prompts, max_tokens, batch_size, temperature=0.0) -> dict:
         sync(engine.device)
         dt = time.perf_counter() - t0
     st = engine.stats
-    return {"outs": outs, "tok_s": sum(len(o.token_ids) for o in outs) / dt,
+    return {"tokens": [list(o.token_ids) for o in outs], "tok_s": sum(len(o.token_ids) for o in outs) / dt,
             # What else ran inside the timed run: garbage collection, first-use graph captures.
             "gc_ms": round(gc_time["ms"], 1), "capture_steps": st.num_capture_steps,
             "step_ms": 1e3 * dt / max(1, st.num_steps), "decode_ms": st.decode_step_ms,
@@ -69,7 +76,63 @@ def run(engine, prompts, max_tokens, batch_size, temperature=0.0):
     """Warm-up, then one timed pass: (outputs, tokens/s, ms per engine step, ms per decode step)."""
     warm_up(engine, prompts, max_tokens, batch_size, temperature)
     r = timed(engine, prompts, max_tokens, batch_size, temperature)
-    return r["outs"], r["tok_s"], r["step_ms"], r["decode_ms"]
+    return r["tokens"], r["tok_s"], r["step_ms"], r["decode_ms"]
+
+
+def _serve_engine(conn, model: str, kw: dict, gc_freeze: bool) -> None:
+    """A child process holding one engine: answers ("warm_up" | "timed", args) with what the
+    function of that name returns, ("stop", ()) ends it."""
+    if not gc_freeze:
+        _no_gc_freeze()
+    try:
+        eng = Engine(model, **kw)
+        conn.send({"tree_nodes": eng.tree.num_nodes if eng.tree is not None else 1,
+                   "step_latency": eng.step_latency, "backoff": eng.backoff is not None,
+                   "device": str(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
+                   "num_graphs": eng.num_graphs, "graph_capture_s": eng.graph_capture_s})
+    except Exception as e:  # the parent reports it and stops the run
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+        return
+    while True:
+        cmd, args = conn.recv()
+        if cmd == "stop":
+            eng.shutdown()
+            conn.send(None)
+            return
+        conn.send({"warm_up": warm_up, "timed": timed}[cmd](eng, *args))
+
+
+class EngineProcess:
+    """An engine in a process of its own, driven like the in-process one by ``warm_up`` /
+    ``timed`` (see ``_serve_engine``)."""
+
+    def __init__(self, model: str, kw: dict, gc_freeze: bool) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # CUDA cannot be forked
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_engine, args=(child, model, kw, gc_freeze), daemon=True)
+        self.proc.start()
+        self.info = self.conn.recv()
+        if "error" in self.info:
+            raise RuntimeError(f"engine process for {kw.get('speculative')}: {self.info['error']}")
+        self.step_latency = self.info["step_latency"]
+
+    def call(self, cmd: str, *args):
+        self.conn.send((cmd, args))
+        return self.conn.recv()
+
+    def shutdown(self) -> None:
+        if self.proc.is_alive():
+            self.call("stop")
+            self.proc.join(timeout=60)
+
+
+def _no_gc_freeze() -> None:
+    import engine.engine
+    import engine.worker
+
+    engine.worker.freeze_heap = engine.engine.freeze_heap = lambda device: None
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -97,12 +160,11 @@ def main() -> None:
                     help="timed runs per configuration and cell, alternating between configurations; the median")
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="A/B: leave the collector's heap unfrozen after start-up (engine/worker.py freeze_heap)")
+    ap.add_argument("--process-per-engine", action="store_true",
+                    help="each configuration's engine in a process of its own (module doc)")
     args = ap.parse_args()
     if args.no_gc_freeze:
-        import engine.engine
-        import engine.worker
-
-        engine.worker.freeze_heap = engine.engine.freeze_heap = lambda device: None
+        _no_gc_freeze()
 
     kw = dict(dtype=args.dtype, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb)
 
@@ -111,21 +173,36 @@ def main() -> None:
     # Every configuration lives side by side and the timed runs alternate between them
     # (--repeats rounds, the median kept): a machine that drifts or stalls mid-run (a busy host
     # CPU moves this small model's steps by 2x) hits plain and Medusa alike.
-    engines = {"plain": Engine(args.model, **kw)}
-    plain = engines["plain"]
-    env = environment(plain.device, plain.dtype, "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
-    env.update(heads=args.heads, cuda_graphs=plain.num_graphs > 0, graph_capture_s=plain.graph_capture_s,
-               repeats=args.repeats, gc_frozen=not args.no_gc_freeze)
-    for tree in args.trees:
-        if tree == "none":  # a second engine without speculation: the A/A row, the noise floor
-            engines[tree] = Engine(args.model, **kw)
-            continue
+    def config_kw(tree: str) -> dict:
+        if tree in ("plain", "none"):  # "none": a second engine without speculation, the A/A row
+            return kw
         spec = {"heads": args.heads, "tree": tree, "acceptance": args.acceptance}
         if tree == "backoff":
             spec.update(tree="auto", backoff=True)
-        engines[tree] = Engine(args.model, speculative=spec, **kw)
-        if engines[tree].backoff is not None:
+        return {**kw, "speculative": spec}
+
+    engines: dict = {}
+    for tree in ["plain"] + args.trees:
+        if args.process_per_engine:
+            engines[tree] = EngineProcess(args.model, config_kw(tree), not args.no_gc_freeze)
+        else:
+            engines[tree] = Engine(args.model, **config_kw(tree))
+        if engines[tree].step_latency is not None:
             print("back-off latency model [batch, candidates, ms]:", engines[tree].step_latency, flush=True)
+    infos = {name: (e.info if args.process_per_engine else
+                    {"tree_nodes": e.tree.num_nodes if e.tree is not None else 1, "device": str(e.device),
+                     "dtype": str(e.dtype).removeprefix("torch."), "num_graphs": e.num_graphs,
+                     "graph_capture_s": e.graph_capture_s})
+             for name, e in engines.items()}
+    env = environment(torch.device(infos["plain"]["device"]), getattr(torch, infos["plain"]["dtype"]),
+                      "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
+    env.update(heads=args.heads, cuda_graphs=infos["plain"]["num_graphs"] > 0,
+               graph_capture_s=infos["plain"]["graph_capture_s"], repeats=args.repeats,
+               gc_frozen=not args.no_gc_freeze, process_per_engine=args.process_per_engine)
+
+    def call(name: str, fn, *a):
+        return engines[name].call(fn.__name__, *a) if args.process_per_engine else fn(engines[name], *a)
+
     rows = []
     base = {}
     extra: dict[int, dict] = {bs: {} for bs in args.batch_sizes}
@@ -133,20 +210,20 @@ def main() -> None:
     for bs, t in cells:
         prompts = prompts_for(bs)
         runs: dict[str, list[dict]] = {name: [] for name in engines}
-        for eng in engines.values():
-            warm_up(eng, prompts, args.max_tokens, bs, t)
+        for name in engines:
+            call(name, warm_up, prompts, args.max_tokens, bs, t)
         for _ in range(args.repeats):
-            for name, eng in engines.items():
-                runs[name].append(timed(eng, prompts, args.max_tokens, bs, t))
+            for name in engines:
+                runs[name].append(call(name, timed, prompts, args.max_tokens, bs, t))
         ref = median_run(runs["plain"])
-        base[bs, t] = ref["outs"], ref["tok_s"], ref["step_ms"], ref["decode_ms"]
+        base[bs, t] = ref["tokens"], ref["tok_s"], ref["step_ms"], ref["decode_ms"]
         print(f"plain batch {bs} T={t}: {ref['tok_s']:.1f} tok/s, {ref['step_ms']:.2f} ms/step, "
               f"{ref['decode_ms']:.2f} ms/decode step", flush=True)
         for tree in args.trees:
-            r, eng = median_run(runs[tree]), engines[tree]
+            r = median_run(runs[tree])
             ratios = [m["tok_s"] / p["tok_s"] for m, p in zip(runs[tree], runs["plain"])]
             rows.append({**env, "config": f"{tree} T={t:g}", "tree": tree,
-                         "tree_nodes": eng.tree.num_nodes if eng.tree is not None else 1,
+                         "tree_nodes": infos[tree]["tree_nodes"],
                          "temperature": t, "acceptance": args.acceptance if t else "greedy", "batch_size": bs,
                          "plain_tok_s": ref["tok_s"], "medusa_tok_s": r["tok_s"],
                          # The median of the repeats' ratios: each repeat ran plain decoding and
@@ -164,19 +241,24 @@ def main() -> None:
                          "plain_decode_ms": ref["decode_ms"], "medusa_decode_ms": r["decode_ms"], **extra[bs],
                          "mean_accepted": r["mean_accepted"], "per_head_acceptance": r["per_head_acceptance"],
                          "steps_by_tree_size": r["steps_by_tree_size"],
-                         "greedy_identical": ([o.token_ids for o in r["outs"]] == [o.token_ids for o in ref["outs"]]
-                                              if t == 0 else None)})
+                         "greedy_identical": r["tokens"] == ref["tokens"] if t == 0 else None})
             print_table([rows[-1]], ["config", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup",
                                      "mean_accepted", "plain_decode_ms", "medusa_decode_ms"])
-    model_path, dtype, device, tokenizer = plain.model_path, plain.dtype, plain.device, plain.tokenizer
     for eng in engines.values():
         eng.shutdown()
-    del engines, plain, eng
+    engines.clear()  # the GPU memory for what follows
     if args.hf:
         from transformers import AutoModelForCausalLM
 
         from benchmarks.throughput import bench_hf
 
+        from transformers import AutoTokenizer
+
+        from engine.models.loader import resolve_model_path
+
+        model_path = resolve_model_path(args.model, "auto")
+        device, dtype = torch.device(infos["plain"]["device"]), getattr(torch, infos["plain"]["dtype"])
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         hf = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).to(device).eval()
         for bs in args.batch_sizes:
             n, dt = bench_hf(hf, tokenizer, eval_prompts(bs), args.max_tokens, device)
