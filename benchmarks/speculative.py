@@ -14,8 +14,9 @@ one run holds the whole comparison (GPU: benchmarks/gpu_suite.sh). Batches small
 
 ``--process-per-engine`` builds each configuration's engine in a process of its own (built
 one after another, so that no start-up measurement shares the device); the timed runs still
-alternate between them, one at a time. In one process, engines built later read 4–18% slower
-at batch 64 than the first (H100, the A/A row: benchmarks/RESULTS.md, 2026-11-24).
+alternate between them, one at a time. It rules out one engine slowing another through the
+process they share. Measured on an H100 it did not narrow the A/A row at batch 16–128
+(benchmarks/RESULTS.md, 2026-11-24).
 """
 
 from __future__ import annotations
