@@ -80,6 +80,13 @@ def run(engine, prompts, max_tokens, batch_size, temperature=0.0):
     return r["tokens"], r["tok_s"], r["step_ms"], r["decode_ms"]
 
 
+def engine_info(eng: Engine) -> dict:
+    """What the run's rows and environment read of an engine (plain values: they cross processes)."""
+    return {"tree_nodes": eng.tree.num_nodes if eng.tree is not None else 1, "step_latency": eng.step_latency,
+            "device": str(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
+            "num_graphs": eng.num_graphs, "graph_capture_s": eng.graph_capture_s}
+
+
 def _serve_engine(conn, model: str, kw: dict, gc_freeze: bool) -> None:
     """A child process holding one engine: answers ("warm_up" | "timed", args) with what the
     function of that name returns, ("stop", ()) ends it."""
@@ -87,10 +94,7 @@ def _serve_engine(conn, model: str, kw: dict, gc_freeze: bool) -> None:
         _no_gc_freeze()
     try:
         eng = Engine(model, **kw)
-        conn.send({"tree_nodes": eng.tree.num_nodes if eng.tree is not None else 1,
-                   "step_latency": eng.step_latency, "backoff": eng.backoff is not None,
-                   "device": str(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
-                   "num_graphs": eng.num_graphs, "graph_capture_s": eng.graph_capture_s})
+        conn.send(engine_info(eng))
     except Exception as e:  # the parent reports it and stops the run
         conn.send({"error": f"{type(e).__name__}: {e}"})
         return
@@ -190,11 +194,7 @@ def main() -> None:
             engines[tree] = Engine(args.model, **config_kw(tree))
         if engines[tree].step_latency is not None:
             print("back-off latency model [batch, candidates, ms]:", engines[tree].step_latency, flush=True)
-    infos = {name: (e.info if args.process_per_engine else
-                    {"tree_nodes": e.tree.num_nodes if e.tree is not None else 1, "device": str(e.device),
-                     "dtype": str(e.dtype).removeprefix("torch."), "num_graphs": e.num_graphs,
-                     "graph_capture_s": e.graph_capture_s})
-             for name, e in engines.items()}
+    infos = {name: e.info if args.process_per_engine else engine_info(e) for name, e in engines.items()}
     env = environment(torch.device(infos["plain"]["device"]), getattr(torch, infos["plain"]["dtype"]),
                       "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
     env.update(heads=args.heads, cuda_graphs=infos["plain"]["num_graphs"] > 0,
