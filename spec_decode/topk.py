@@ -20,7 +20,6 @@ proposed, never the output: the model verifies every candidate.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -34,19 +33,11 @@ def row_topk(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor] = N
     """logits [..., V] → the ids [..., k] of each row's k largest values, largest first;
     ``vocab_ids`` [V] (optional) maps column j to token id vocab_ids[j]."""
     v = logits.shape[-1]
-    if logits.is_cuda and v <= MAX_TRITON_COLS and k <= v and _triton_available():
+    # On CUDA Triton is there: the engine's attention backend and cache write need it already.
+    if logits.is_cuda and v <= MAX_TRITON_COLS and k <= v:
         return _triton_topk(logits, k, vocab_ids)
     top = torch.topk(logits, k, dim=-1).indices
     return vocab_ids[top] if vocab_ids is not None else top
-
-
-@lru_cache(maxsize=1)
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _triton_topk(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor]) -> torch.Tensor:
