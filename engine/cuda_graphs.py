@@ -1,4 +1,4 @@
-"""CUDA graphs for fixed-shape steps (chunks after a prompt's first and mixed steps stay eager).
+"""CUDA graphs for every step without a tree, and for uniform verify steps.
 
 A step has a fixed shape when every sequence runs exactly its one pending token (plain
 decode) or its pending token plus the same local query block (a speculative tree: any object
@@ -29,6 +29,16 @@ bundled model: ~36 ms for one prompt of 40–150 tokens, 30 decode steps' worth)
 is the GPU's work. Graphs of one prompt are captured at start-up, several prompts' on first use.
 Their K/V slots come from the host (a prompt's table may be wider than the graph's).
 
+Any other step without a tree — prefill chunks after a cached prefix, prompts beside decode
+tokens — is a mixed step (``MixedStep``): its tokens lie flat, sequence after sequence, padded
+at the end to a token bucket (``MIXED_BUCKETS``); its sequences, padded to the engine's
+largest batch bucket, are described by where their tokens start, their cached lengths and
+tables, and attention is the varlen kernel (engine/attention/varlen_kernel.py), which reads
+only those. One graph per (token bucket, width bucket) then fits any mix of chunks and decode
+tokens. Positions and K/V slots come from the host (``ModelRunner.locate``), as for fresh
+prefills; pad tokens write into the pad block. Eagerly such a step is bound by the host
+(~40 ms on an H100 with the bundled model, ±20% run to run).
+
 The output (the final hidden states) is a tensor of the graphs' shared memory pool: valid
 until the next replay, which is enough because a step consumes it before the next starts.
 """
@@ -38,11 +48,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import accumulate
 from typing import Callable, Hashable, Optional
 
 import numpy as np
 import torch
 
+from engine.attention.base import tile_starts
 from scheduler.outputs import ScheduledSeq
 
 # Padded batch sizes a graph is captured for (vLLM-like: dense at small batches).
@@ -55,6 +67,11 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # prompts of 60–155 tokens: 16 x 256 slots for ~1,000 tokens). Padding costs GPU time that an
 # eager step of the bundled model (~40 ms, host-bound) would cost many times over.
 PREFILL_GRAPH_PADDING = 4
+
+
+# Token counts mixed-step graphs are captured for (up to the step's token budget): padding costs
+# at most the step's own tokens again.
+MIXED_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @lru_cache(maxsize=None)
@@ -72,6 +89,60 @@ class FreshPrefill:
     @property
     def mask(self) -> torch.Tensor:
         return _causal_mask(self.num_nodes)
+
+
+@dataclass(frozen=True)
+class MixedStep:
+    """The shape of a step of prefill chunks and decode tokens, no tree: ``num_tokens`` tokens
+    (the step's, padded at the end) over up to the engine's largest batch bucket of sequences."""
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class MixedLayout:
+    """Offsets of each input in a mixed-step graph's int64 buffer: per token its id, position
+    and K/V slot; per sequence (``batch``, padding included) where its tokens start (+ the end),
+    its cached length, its first query tile (+ the count) and its table ``width`` pages wide."""
+    tokens: int
+    batch: int
+    width: int
+
+    @property
+    def size(self) -> int:
+        return 3 * self.tokens + 3 * self.batch + 2 + self.batch * self.width
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        t, b = self.tokens, self.batch
+        names = (("ids", t), ("positions", t), ("slots", t), ("q_starts", b + 1), ("kv_lens", b),
+                 ("first_tiles", b + 1), ("tables", b * self.width))
+        views, at = {}, 0
+        for name, n in names:
+            views[name] = buf[at:at + n]
+            at += n
+        views["tables"] = views["tables"].view(b, self.width)
+        return views
+
+    def pack(self, seqs: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int],
+             pad_block: int, pad_slot: int) -> torch.Tensor:
+        """The buffer's contents for a step (host tensor): the step's flat ids, positions and
+        slots (``ModelRunner.locate``); tokens past them write the pad slot, sequences past
+        ``seqs`` have no tokens and the pad block for a table."""
+        buf = np.zeros(self.size, dtype=np.int64)
+        v = {name: x.numpy() for name, x in self.views(torch.from_numpy(buf)).items()}
+        n = len(ids)
+        v["ids"][:n], v["positions"][:n], v["slots"][:n] = ids, positions, slots
+        v["slots"][n:] = pad_slot
+        q_lens = [len(s.token_ids) for s in seqs]
+        v["q_starts"][:len(seqs) + 1] = list(accumulate(q_lens, initial=0))
+        v["q_starts"][len(seqs) + 1:] = n
+        v["kv_lens"][:len(seqs)] = [s.start_pos + k for s, k in zip(seqs, q_lens)]
+        first = tile_starts(q_lens)
+        v["first_tiles"][:len(first)] = first
+        v["first_tiles"][len(first):] = first[-1]
+        v["tables"][:] = pad_block
+        for i, s in enumerate(seqs):
+            v["tables"][i, :len(s.block_table)] = s.block_table
+        return torch.from_numpy(buf)
 
 
 def width_buckets(max_width: int, smallest: int = 8) -> tuple[int, ...]:
@@ -187,6 +258,7 @@ class _Graph:
         nodes = shape.num_nodes if shape is not None else 1
         fresh = getattr(shape, "fresh", False)
         self.shape, self.layout = shape, GraphLayout(batch, nodes, width, host_slots=fresh)
+        self.decodes = not fresh  # a decode or verify step: the device tails follow it
         dev = runner.device
         kv = runner.backend.kv_cache
         self.buf = self.layout.pack([], [], runner.pad_block, pad_slot=kv.pad_slot).to(dev)
@@ -224,16 +296,50 @@ class _Graph:
         return self.hidden
 
 
+class _MixedGraph:
+    """One captured forward of a mixed step: ``shape.num_tokens`` tokens over ``batch``
+    sequences with tables ``width`` pages wide."""
+
+    def __init__(self, runner: "CudaGraphRunner", shape: MixedStep, batch: int, width: int) -> None:
+        self.shape, self.layout = shape, MixedLayout(shape.num_tokens, batch, width)
+        self.decodes = False
+        kv = runner.backend.kv_cache
+        self.buf = self.layout.pack([], [], [], [], runner.pad_block, kv.pad_slot).to(runner.device)
+        v = self.views = self.layout.views(self.buf)
+        attn = runner.backend.mixed_inputs(batch, width, v["slots"])
+        model, backend = runner.model, runner.backend
+
+        def forward() -> torch.Tensor:
+            attn.q_starts.copy_(v["q_starts"])
+            attn.kv_lens.copy_(v["kv_lens"])
+            attn.first_tiles.copy_(v["first_tiles"])
+            attn.block_tables.copy_(v["tables"])
+            return model(v["ids"], v["positions"], backend, attn.meta)
+
+        self.forward = forward  # (see _Graph)
+        self._replay, self.hidden = _capture(runner, forward)
+
+    def replay(self) -> torch.Tensor:
+        self.hidden = self._replay()
+        return self.hidden
+
+
 class CudaGraphRunner:
     """(On CUDA) captures (lazily, or ahead with ``capture``) and replays graphs per (query
     shape, batch bucket, width bucket). ``width``: pages of the longest possible sequence."""
 
     def __init__(self, model, backend, device: torch.device, width: int, pad_block: int,
-                 max_prefill_tokens: int = 0) -> None:
+                 max_prefill_tokens: int = 0, max_mixed_tokens: int = 0, max_seqs: int = 0) -> None:
         self.model, self.backend, self.device = model, backend, device
         self.width, self.pad_block = width, pad_block
         # Padded tokens a fresh-prefill graph may hold (the step's token budget; 0: none).
         self.max_prefill_tokens = max_prefill_tokens
+        # Mixed steps: graphs up to the bucket of ``max_mixed_tokens`` (the step's token
+        # budget; 0: none), over the batch bucket of ``max_seqs`` sequences.
+        self.mixed_tokens = tuple(MIXED_BUCKETS[:next((i + 1 for i, n in enumerate(MIXED_BUCKETS)
+                                                        if n >= max_mixed_tokens), len(MIXED_BUCKETS))]
+                                  if max_mixed_tokens else ())
+        self.mixed_batch = padded_batch(max_seqs) if max_seqs else None
         self.widths = width_buckets(width)
         self.captured = device.type == "cuda"  # False: run the same work uncaptured (CPU)
         self.pool = torch.cuda.graph_pool_handle() if self.captured else None
@@ -251,8 +357,13 @@ class CudaGraphRunner:
     def _graph(self, shape, batch: int, width: Optional[int] = None) -> _Graph:
         key = (shape, batch, width or self.widths[0])
         if key not in self.graphs:
-            self.graphs[key] = self._timed(lambda: _Graph(self, *key))
+            cls = _MixedGraph if isinstance(shape, MixedStep) else _Graph
+            self.graphs[key] = self._timed(lambda: cls(self, *key))
         return self.graphs[key]
+
+    def _width(self, seqs: list[ScheduledSeq]) -> int:
+        need = max(len(s.block_table) for s in seqs)
+        return next(w for w in self.widths if w >= need)
 
     def capture(self, shapes: list, max_batch: int, max_tokens: int) -> None:
         """Capture, at the smallest width (wider graphs are captured when a longer sequence
@@ -276,6 +387,30 @@ class CudaGraphRunner:
         top = next((n for n in PREFILL_BUCKETS if n >= max_prompt_tokens), PREFILL_BUCKETS[-1])
         for length in sorted((n for n in PREFILL_BUCKETS if n <= min(top, self.max_prefill_tokens)), reverse=True):
             self._graph(FreshPrefill(length), 1)
+
+    def capture_mixed(self) -> None:
+        """Capture the mixed-step graph of every token bucket, at the smallest width."""
+        for tokens in sorted(self.mixed_tokens, reverse=True):
+            self._graph(MixedStep(tokens), self.mixed_batch)
+
+    def mixed_shape(self, seqs: list[ScheduledSeq]) -> Optional[MixedStep]:
+        """The mixed-step shape of a step without a tree, if its tokens fit a bucket, its
+        sequences the graphs' batch and its tables their width; else None."""
+        if not self.mixed_tokens or not seqs or len(seqs) > self.mixed_batch or any(s.tree for s in seqs):
+            return None
+        tokens = sum(len(s.token_ids) for s in seqs)
+        bucket = next((n for n in self.mixed_tokens if n >= tokens), None)
+        if bucket is None or max(len(s.block_table) for s in seqs) > self.width:
+            return None
+        return MixedStep(bucket)
+
+    def run_mixed(self, shape: MixedStep, seqs: list[ScheduledSeq], ids: list[int], positions: list[int],
+                  slots: list[int]) -> torch.Tensor:
+        """Replay the mixed-step graph of ``shape`` for the step's flat inputs; returns the
+        hidden states [T', H] of the padded step, the step's own tokens first."""
+        g = self._graph(shape, self.mixed_batch, self._width(seqs))
+        g.buf.copy_(g.layout.pack(seqs, ids, positions, slots, self.pad_block, self.backend.kv_cache.pad_slot))
+        return g.replay()
 
     def prefill_shape(self, seqs: list[ScheduledSeq]) -> Optional[FreshPrefill]:
         """The fresh-prefill shape of a step in which every sequence prefills at least two tokens
@@ -313,8 +448,7 @@ class CudaGraphRunner:
         """Replay the step's forward graph (``shape``: None for one token per sequence, else the
         query block; ``ids``: each sequence's pending token, then its candidates). Its
         ``hidden`` [T', H] covers the padded batch: the step's own T tokens come first."""
-        need = max(len(s.block_table) for s in seqs)
-        g = self._graph(shape, padded_batch(len(seqs)), next(w for w in self.widths if w >= need))
+        g = self._graph(shape, padded_batch(len(seqs)), self._width(seqs))
         g.buf.copy_(g.layout.pack(seqs, ids, self.pad_block))
         g.replay()
         return g

@@ -4,9 +4,10 @@
               candidates); for steps that run eagerly or prefill through a graph also their
               positions, K/V slots and attention inputs (``locate``: a decode or verify graph
               derives those on the device from each sequence's start and block table)
-    forward   the model over all of them — a CUDA graph replay for fixed-shape steps (decode,
-              verify, and new prompts prefilled from position 0; engine/cuda_graphs.py), else
-              eager; either way the final hidden states
+    forward   the model over all of them — a CUDA graph replay (engine/cuda_graphs.py) for
+              decode and verify steps, new prompts prefilled from position 0, and any other
+              step without a tree (mixed: prefill chunks and decode tokens, padded to a token
+              bucket), else eager; either way the final hidden states
     logits    the lm_head on the rows a decision reads
     decide    acceptance: the accepted tree path and bonus token (or the sampled token)
     commit    the accepted tree nodes' K/V from the cache's scratch region into their slots
@@ -112,6 +113,8 @@ class ModelRunner:
             self.locate(batch)
             if self.graphs is not None and (prefill := self.graphs.prefill_shape(out.seqs)) is not None:
                 hidden = self.graphs.run_prefill(prefill, out.seqs, batch.ids, batch.slots)
+            elif self.graphs is not None and (mixed := self.graphs.mixed_shape(out.seqs)) is not None:
+                hidden = self.graphs.run_mixed(mixed, out.seqs, batch.ids, batch.positions, batch.slots)
             else:
                 hidden = self.forward(batch)
         if self._device_tail_applies(batch):
@@ -231,7 +234,7 @@ class ModelRunner:
             return
         rule = self.spec.acceptance if self.spec is not None else "greedy"
         for g in list(self.graphs.graphs.values()):
-            if getattr(g.shape, "fresh", False):
+            if not g.decodes:
                 continue
             rules = frozenset({rule}) if g.shape is not None else frozenset()
             # One sampling sequence's inputs: the capture only needs their shape.

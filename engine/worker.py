@@ -113,7 +113,8 @@ class Worker:
                           spec.num_blocks * spec.block_size)
             width = min(spec.num_blocks, -(-(longest + 64) // spec.block_size))  # + a tree's lookahead
             graphs = CudaGraphRunner(self.model, backend, self.device, width, pad_block=self.kv_cache.pad_block,
-                                     max_prefill_tokens=PREFILL_GRAPH_PADDING * cfg.scheduler.max_num_batched_tokens)
+                                     max_prefill_tokens=PREFILL_GRAPH_PADDING * sc.max_num_batched_tokens,
+                                     max_mixed_tokens=sc.max_num_batched_tokens, max_seqs=sc.max_num_seqs)
         self.runner = ModelRunner(self.model, backend, self.device, tuple(spec.eos_token_ids), proposer,
                                   cfg.speculative, graphs)
         self.tree_autotune: Optional[list[dict]] = None
@@ -154,6 +155,7 @@ class Worker:
                            sc.max_num_seqs, sc.max_num_batched_tokens)
             self.runner.capture_tails()
             graphs.capture_prefill(sc.max_num_batched_tokens)
+            graphs.capture_mixed()
         freeze_heap(self.device)
 
     def _cached_timings(self, key: dict, what: str, measure: Callable[[Optional[list]], list]) -> list:

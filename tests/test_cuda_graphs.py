@@ -89,6 +89,74 @@ def test_fresh_prompts_replay_a_prefill_graph_of_their_padded_shape():
     assert list(PREFILL_BUCKETS) == sorted(PREFILL_BUCKETS)
 
 
+def test_steps_without_a_tree_replay_a_mixed_graph_of_their_token_bucket():
+    """Prefill chunks beside decode tokens take the mixed graph of the next token bucket within
+    the budget, over the graphs' one batch bucket; a tree, too many sequences or tokens, or a
+    table wider than the graphs' does not."""
+    from engine.cuda_graphs import MIXED_BUCKETS, CudaGraphRunner, MixedStep
+
+    graphs = CudaGraphRunner(None, None, torch.device("cpu"), width=4, pad_block=0, max_mixed_tokens=100, max_seqs=5)
+    assert graphs.mixed_tokens == (16, 32, 64, 128) and graphs.mixed_batch == 8
+    assert graphs.mixed_shape([seq(0, 64, [0, 1], tokens=range(40)), seq(1, 9, [1])]) == MixedStep(64)
+    assert graphs.mixed_shape([seq(0, 0, [0], tokens=range(3))]) == MixedStep(16)
+    assert graphs.mixed_shape([seq(0, 0, [0], tokens=range(120))]) == MixedStep(128)
+    assert graphs.mixed_shape([seq(0, 0, [0], tokens=range(129))]) is None  # over the top bucket
+    assert graphs.mixed_shape([seq(i, 9, [i], tokens=range(2)) for i in range(9)]) is None  # 9 > 8 sequences
+    assert graphs.mixed_shape([seq(0, 9, [0], tokens=range(2)), seq(1, 5, [1], cands=[3, 4])]) is None  # a tree
+    assert graphs.mixed_shape([seq(0, 9, [0, 1, 2, 3, 4], tokens=range(2))]) is None  # wider than 4 pages
+    assert CudaGraphRunner(None, None, torch.device("cpu"), width=4, pad_block=0).mixed_shape(
+        [seq(0, 9, [0], tokens=range(2))]) is None  # no mixed graphs asked for
+    assert list(MIXED_BUCKETS) == sorted(MIXED_BUCKETS)
+
+
+@torch.inference_mode()
+def test_a_mixed_graph_attends_like_the_eager_step():
+    """A mixed graph (uncaptured, as on CPU) over a first chunk, a later chunk after a cached
+    prefix and two decode tokens, padded to 64 tokens and 8 sequences: the same outputs as
+    the eager step through the backend's own metadata, the same K/V written to the same
+    slots, and the padding writes only the pad block."""
+    from engine.attention.base import SeqAttn, StepAttnInputs
+    from engine.attention.torch_ref import TorchAttentionBackend
+    from engine.cuda_graphs import CudaGraphRunner
+    from engine.kv_cache import PagedKVCache
+    from engine.model_runner import ModelRunner
+    from scheduler.outputs import SchedulerOutput
+
+    torch.manual_seed(0)
+    block, heads, kv_heads, dim = 16, 4, 2, 8
+    cache = PagedKVCache(1, 24, block, kv_heads, dim, torch.float32, torch.device("cpu"))
+    cache.k_all.normal_()
+    cache.v_all.normal_()
+    backend = TorchAttentionBackend(cache, torch.device("cpu"))
+    table_q, table_k = torch.randn(500, heads, dim), torch.randn(500, 2, kv_heads, dim)
+
+    def model(ids, positions, backend_, meta):  # q, k, v from the token and its position
+        key = (ids * 7 + positions) % 500
+        return backend_.forward(0, table_q[key], table_k[key, 0], table_k[key, 1], meta).flatten(1)
+
+    seqs = [seq(0, 0, [3, 9], tokens=range(1, 21)), seq(1, 37, [5, 2, 7], tokens=range(30, 41)),
+            seq(2, 20, [11, 12]), seq(3, 5, [4])]
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.kv_cache, runner.block_size, runner.trees = cache, block, {}
+    batch = runner.prepare(SchedulerOutput(step_id=1, seqs=seqs))
+    runner.locate(batch)
+    before = cache.k_all.clone()
+    attn = [SeqAttn(q_len=len(s.token_ids), ctx_len=s.start_pos, block_table=s.block_table) for s in seqs]
+    eager = model(torch.tensor(batch.ids), torch.tensor(batch.positions), backend,
+                  backend.prepare(StepAttnInputs(attn, torch.tensor(batch.slots))))
+    after_eager = cache.k_all.clone()
+    cache.k_all.copy_(before)
+    graphs = CudaGraphRunner(model, backend, torch.device("cpu"), width=4, pad_block=cache.pad_block,
+                             max_mixed_tokens=50, max_seqs=6)
+    shape = graphs.mixed_shape(seqs)
+    hidden = graphs.run_mixed(shape, seqs, batch.ids, batch.positions, batch.slots)
+    assert hidden.shape[0] == shape.num_tokens == 64
+    torch.testing.assert_close(hidden[:len(batch.ids)], eager)
+    pad = set(range(cache.pad_slot, cache.pad_slot + block))
+    changed = set((cache.k_all != after_eager).any(-1).any(-1).any(0).nonzero().flatten().tolist())
+    assert changed <= pad and torch.equal(cache.k_all[:, :cache.pad_slot], after_eager[:, :cache.pad_slot])
+
+
 @pytest.mark.parametrize("tree", [None, TREE])
 @torch.inference_mode()  # as the runner replays graphs
 def test_graphs_derive_positions_slots_and_lengths_like_the_eager_step(tree):
@@ -179,7 +247,7 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         assert graphs is not None and not graphs.captured
         # The greedy tail and the acceptance rule's sampled tail were captured at start-up after
         # every decode / verify graph, proposing or not.
-        decode_graphs = [g for g in graphs.graphs.values() if not getattr(g.shape, "fresh", False)]
+        decode_graphs = [g for g in graphs.graphs.values() if g.decodes]
         proposing = {False, True} if spec else {False}
         assert decode_graphs and all({k[0] for k in g.tails if not k[2]} == proposing
                                      and {k[0] for k in g.tails if k[2]} == proposing for g in decode_graphs)
@@ -205,4 +273,33 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         if eng.backoff is not None:  # plain steps and a subtree smaller than the full tree
             used = eng.stats.steps_by_tree_size
             assert used.get(0, 0) > 0 and any(0 < n < 12 for n in used), used
+        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_chunked_prompts_beside_decodes_give_eager_tokens_through_mixed_graphs(monkeypatch, bundled_dir):
+    """A token budget smaller than the prompts: later chunks and chunks beside decode tokens
+    run the mixed graphs (uncaptured on CPU) — the same tokens as the eager engine, greedy and
+    seeded sampling, plain and Medusa; no KV block leaked."""
+    import engine.worker
+    from engine.engine import Engine
+    from engine.sampling import SamplingParams
+    from tests.conftest import PROMPTS
+
+    prompts = [p * 3 for p in PROMPTS[:4]]  # 15-45 tokens: several chunks of 16
+    params = [SamplingParams(temperature=0, max_tokens=12)] * 3 + [SamplingParams(temperature=0.8, seed=3,
+                                                                                  max_tokens=12)]
+    for spec in (None, {"tree": "small_12"}):
+        kwargs = dict(speculative=spec, max_num_seqs=4, max_num_batched_tokens=16)
+        with monkeypatch.context() as m:
+            m.setattr(engine.worker, "use_cuda_graphs", lambda *args: False)
+            ref = [o.token_ids for o in Engine("default", **kwargs).generate_batch(prompts, params)]
+        monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
+        eng = Engine("default", **kwargs)
+        graphs = eng.executor.worker.runner.graphs
+        assert graphs.mixed_tokens == (16,) and graphs.mixed_batch == 4
+        mixed = []
+        run_mixed = graphs.run_mixed
+        graphs.run_mixed = lambda shape, seqs, *a: (mixed.append(len(seqs)), run_mixed(shape, seqs, *a))[1]
+        assert [o.token_ids for o in eng.generate_batch(prompts, params)] == ref, spec
+        assert mixed and max(mixed) > 1, mixed  # chunks beside other sequences' work
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks

@@ -119,6 +119,64 @@ def test_tree_kernel_matches_torch_reference(heads, kv_heads, head_dim, page, tr
 
 
 @needs_cuda
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(9, 3, 64, 64), (32, 8, 128, 256), (8, 8, 64, 64)])
+def test_varlen_kernel_matches_torch_reference(heads, kv_heads, head_dim, page):
+    """The mixed-step attention (engine/attention/varlen_kernel.py) on bf16 against the float32
+    torch reference, as close as the bf16 reference gets: a prompt's first chunk, later chunks
+    after cached prefixes (one of several pages), decode tokens, a padding sequence with no
+    tokens and padding rows past the step's tokens (left as they were), shuffled tables."""
+    from engine.attention.base import tile_starts
+    from engine.attention.varlen_kernel import paged_varlen_attention
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    shapes = [(37, 0), (20, 100), (1, 300), (0, 0), (130, 700), (1, 5), (16, 16), (3, 1)]  # (q_len, cached)
+    n_blocks = sum(-(-(c + q) // page) + 1 for q, c in shapes) + 2
+    perm = torch.randperm(n_blocks).tolist()
+    tables, slots = [], []
+    for q_len, ctx in shapes:
+        nb = -(-(ctx + q_len) // page) + 1
+        tables.append(perm[:nb])
+        perm = perm[nb:]
+        slots += [tables[-1][p // page] * page + p % page for p in range(ctx, ctx + q_len)]
+    t, pad_rows = sum(q for q, _ in shapes), 11
+    q = torch.randn(t + pad_rows, heads, head_dim, device=dev)
+    k = torch.randn(t, kv_heads, head_dim, device=dev)
+    v = torch.randn(t, kv_heads, head_dim, device=dev)
+    width = max(len(tb) for tb in tables)
+    table_t = torch.zeros(len(shapes), width, dtype=torch.int32)
+    for i, tb in enumerate(tables):
+        table_t[i, :len(tb)] = torch.tensor(tb)
+    q_lens = [n for n, _ in shapes]
+    ints = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+    outs = []
+    for dtype, kernel in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        cache = PagedKVCache(1, n_blocks, page, kv_heads, head_dim, dtype, dev)
+        torch.manual_seed(1)
+        cache.k[0].copy_(torch.randn_like(cache.k[0], dtype=torch.float32))
+        cache.v[0].copy_(torch.randn_like(cache.v[0], dtype=torch.float32))
+        qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+        if not kernel:
+            ref = TorchAttentionBackend(cache, dev)
+            meta = ref.prepare(StepAttnInputs([SeqAttn(n, c, tb) for (n, c), tb in zip(shapes, tables) if n],
+                                              torch.tensor(slots)))
+            outs.append(ref.forward(0, qd[:t], kd, vd, meta).float())
+        else:
+            cache.write(0, torch.tensor(slots, device=dev), kd, vd)
+            out = torch.full_like(qd, 7.0)
+            paged_varlen_attention(qd, cache.k[0], cache.v[0], table_t.to(dev), ints([0] + [sum(q_lens[:i + 1])
+                                                                                          for i in range(len(shapes))]),
+                                   ints([n + c for n, c in shapes]), ints(tile_starts(q_lens)), page, out=out)
+            assert (out[t:] == 7.0).all()  # padding rows untouched
+            outs.append(out[:t].float())
+    ref, ref16, got = outs
+    rel, rel16 = ((got - ref).norm() / ref.norm()).item(), ((ref16 - ref).norm() / ref.norm()).item()
+    print(f"varlen kernel ({heads}/{kv_heads} heads, d {head_dim}, page {page}): relative error vs float32 "
+          f"{rel:.2e} (the bf16 torch reference's {rel16:.2e})")
+    assert rel < 1.5 * rel16 + 1e-4
+
+
+@needs_cuda
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 2, 80)])
 def test_fused_kv_write_equals_index_copy(heads, kv_heads, head_dim):
     """The cache write the model uses on CUDA (one Triton launch for K and V, reading them as
@@ -229,7 +287,35 @@ def test_cuda_graph_replay_equals_eager_forward():
     pad = runner.graphs.pad_block
     with torch.inference_mode():
         _check_replays(runner, cache, page, pad, rng)
+        _check_mixed_replay(runner, cache, page, pad, rng)
     eng.shutdown()
+
+
+def _check_mixed_replay(runner, cache, page, pad, rng):
+    """A mixed graph (first chunks, later chunks, decode tokens), replayed, gives the hidden
+    states and cache writes of its work run eagerly, and the padding writes only the pad block."""
+    from scheduler.outputs import ScheduledSeq, SchedulerOutput
+
+    graphs = runner.graphs
+    for lens in ([(40, 0), (1, 70), (9, 130)], [(1, 5), (1, 200), (100, 64), (3, 1), (1, 9)]):
+        blocks = rng.sample(range(pad), 6 * len(lens))
+        seqs = [ScheduledSeq(seq_id=i, token_ids=[rng.randrange(49152) for _ in range(n)], start_pos=ctx,
+                             block_table=blocks[6 * i:6 * i + 6], sample=True) for i, (n, ctx) in enumerate(lens)]
+        batch = runner.prepare(SchedulerOutput(step_id=1, seqs=seqs))
+        runner.locate(batch)
+        shape = graphs.mixed_shape(seqs)
+        assert shape is not None, lens
+        g = graphs._graph(shape, graphs.mixed_batch, graphs._width(seqs))
+        g.buf.copy_(g.layout.pack(seqs, batch.ids, batch.positions, batch.slots, pad, cache.pad_slot))
+        before = cache.k_all.clone(), cache.v_all.clone()
+        eager = g.forward().clone()
+        after_eager = cache.k_all.clone()
+        cache.k_all.copy_(before[0])
+        cache.v_all.copy_(before[1])
+        g.replay()
+        assert torch.equal(g.hidden, eager) and torch.equal(cache.k_all, after_eager), lens
+        changed = set((cache.k_all != before[0]).any(-1).any(-1).any(0).nonzero().flatten().tolist())
+        assert changed and changed <= set(batch.slots) | set(range(pad * page, (pad + 1) * page)), lens
 
 
 def _check_replays(runner, cache, page, pad, rng):

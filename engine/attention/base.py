@@ -11,7 +11,9 @@ A backend builds its metadata in ``prepare``. Steps of one uniform shape — eve
 runs its pending token alone, or its pending token plus the same tree — go through
 ``uniform_metadata``, and ``graph_inputs`` (CUDA graphs) calls that same builder on static
 tensors that are refreshed in place before each replay: a graph step and an eager step of
-the same shape run the same attention.
+the same shape run the same attention. Steps of prefill chunks and decode tokens (no tree)
+are described by per-sequence token offsets, lengths and tables alone; ``mixed_inputs`` holds
+those in static tensors for a graph of any such mix, padded to a token count.
 """
 
 from __future__ import annotations
@@ -47,9 +49,15 @@ class GraphAttnInputs:
     block tables it reads are device tensors, refreshed in place before each replay."""
     meta: object
     # [batch] int32: cached tokens each sequence attends to (a plain decode token's own slot
-    # included — it is written first; a tree's prefix stops before its root).
+    # included — it is written first; a tree's prefix stops before its root; a mixed step's
+    # chunk included).
     kv_lens: torch.Tensor
     block_tables: torch.Tensor  # [batch, width] int32
+    # Mixed steps only ([batch + 1] int32 each): where each sequence's tokens start in the
+    # step (the last entry: the step's token count), and its first query tile
+    # (engine/attention/varlen_kernel.py ``tile_starts``).
+    q_starts: Optional[torch.Tensor] = None
+    first_tiles: Optional[torch.Tensor] = None
 
 
 class AttentionBackend(Protocol):
@@ -67,6 +75,33 @@ class AttentionBackend(Protocol):
         else a tree rooted at the pending token), block tables ``width`` pages wide. ``fresh``:
         nothing is cached yet — each sequence's ``nodes`` tokens (a prompt's first chunk, padded
         at its end) attend causally among themselves, and lengths and tables are not read."""
+
+    def mixed_inputs(self, batch: int, width: int, write_slots: torch.Tensor) -> GraphAttnInputs:
+        """Metadata for a step of prefill chunks and decode tokens (no tree) over up to ``batch``
+        sequences, its tokens flat in ``write_slots``' order: sequence b runs the last
+        ``q_starts[b+1] - q_starts[b]`` of its ``kv_lens[b]`` positions, causally over its paged
+        cache. Sequences with no tokens are padding; so are tokens past ``q_starts[batch]``."""
+
+
+# Query tokens per program of the varlen kernel (engine/attention/varlen_kernel.py), each with
+# the query heads of one KV head. Its tiling lives here, free of Triton, because the host
+# counts a step's tiles (``tile_starts``) with the rest of its lengths, graph or eager.
+TILE_TOKENS = 16
+
+
+def tile_starts(q_lens: list[int]) -> list[int]:
+    """Each sequence's first query tile, then the step's tile count ([S + 1]): a sequence of
+    ``q_len`` tokens takes ``cdiv(q_len, TILE_TOKENS)`` tiles (none for a padding sequence)."""
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + -(-n // TILE_TOKENS))
+    return starts
+
+
+def max_tiles(tokens: int, seqs: int) -> int:
+    """The most tiles a step of ``tokens`` tokens over ``seqs`` sequences can need (each
+    sequence's last tile may be partial): the kernel's grid, fixed for a captured graph."""
+    return -(-tokens // TILE_TOKENS) + seqs
 
 
 def uniform_shape(seqs: list[SeqAttn]) -> Optional[tuple[int, Optional[torch.Tensor]]]:

@@ -51,6 +51,17 @@ class TorchStaticMeta:
     fresh: bool = False  # nothing cached: no prefix to gather (a prompt's first chunk)
 
 
+@dataclass
+class TorchMixedMeta:
+    """A mixed step's static inputs (``mixed_inputs``): each token's sequence and position are
+    derived from the offsets at every call, and it attends to its sequence's positions up to
+    its own through the table — the CPU mirror of the varlen kernel in a captured step."""
+    slots: torch.Tensor
+    q_starts: torch.Tensor  # [S + 1]
+    kv_lens: torch.Tensor  # [S]
+    tables: torch.Tensor  # [S, W]
+
+
 class TorchAttentionBackend:
     def __init__(self, kv_cache: PagedKVCache, device: torch.device) -> None:
         self.kv_cache = kv_cache
@@ -105,6 +116,35 @@ class TorchAttentionBackend:
                                kv_lens=kv_lens, tables=tables, fresh=fresh)
         return GraphAttnInputs(meta=meta, kv_lens=kv_lens, block_tables=tables)
 
+    def mixed_inputs(self, batch: int, width: int, write_slots: torch.Tensor) -> GraphAttnInputs:
+        dev = self.device
+        zeros = lambda n: torch.zeros(n, dtype=torch.int32, device=dev)  # noqa: E731
+        meta = TorchMixedMeta(slots=write_slots, q_starts=zeros(batch + 1), kv_lens=zeros(batch),
+                              tables=torch.full((batch, width), self.kv_cache.pad_block, dtype=torch.int32, device=dev))
+        return GraphAttnInputs(meta=meta, kv_lens=meta.kv_lens, block_tables=meta.tables, q_starts=meta.q_starts,
+                               first_tiles=zeros(batch + 1))
+
+    def _mixed(self, layer: int, q: torch.Tensor, meta: TorchMixedMeta) -> torch.Tensor:
+        """Every token as a batch of one query over its sequence's table: [T, span] keys."""
+        t, h, d = q.shape
+        s = meta.kv_lens.shape[0]
+        starts = meta.q_starts.long()
+        token = torch.arange(t, device=q.device)
+        seq = torch.searchsorted(starts[1:], token, right=True).clamp(max=s - 1)
+        real = token < starts[-1]
+        q_pos = meta.kv_lens[seq].long() - (starts[seq + 1] - starts[seq]) + (token - starts[seq])
+        span = meta.tables.shape[1] * self.kv_cache.block_size
+        pos = torch.arange(span, device=q.device).expand(t, span)
+        # A padding token sees position 0 of some table, so its row is not all masked.
+        visible = (pos <= q_pos[:, None]) & real[:, None] | (pos == 0)
+        slots = self.kv_cache.slots(meta.tables[seq].long(), pos)
+        keys, vals = self.kv_cache.k[layer][slots], self.kv_cache.v[layer][slots]  # [T, span, KVH, D]
+        kvh = keys.shape[2]
+        queries = q.view(t, kvh, h // kvh, d)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            queries, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=visible[:, None, None, :])
+        return out.reshape(t, h, d)
+
     def _static_group(self, meta: TorchStaticMeta) -> _Group:
         b, n, dev = meta.batch, meta.nodes, self.device
         span = 0 if meta.fresh else meta.tables.shape[1] * self.kv_cache.block_size
@@ -121,6 +161,8 @@ class TorchAttentionBackend:
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: TorchAttnMeta) -> torch.Tensor:
         self.kv_cache.write(layer, meta.slots, k, v)
+        if isinstance(meta, TorchMixedMeta):
+            return self._mixed(layer, q, meta)
         if isinstance(meta, TorchStaticMeta):
             return self._attend(layer, q, k, v, self._static_group(meta))
         if len(meta.groups) == 1:

@@ -1,11 +1,14 @@
 """CUDA attention through xformers 0.0.35 over the paged cache.
 
-- Prefill chunks and plain decode tokens: K/V are written into the cache first, then one
-  ``memory_efficient_attention_forward``, causal from the bottom right. A pure decode step
-  (one query per sequence) reads the cache in place (``PagedBlockDiagonalCausalWithOffsetPaddedKeysMask``,
-  Triton split-K); prefill chunks have no paged kernel in xformers 0.0.35 without FA3 (split-K
-  takes only equal query blocks of <= 16), so their K/V are gathered into a padded buffer
-  (``BlockDiagonalCausalWithOffsetPaddedKeysMask``, flash).
+- Prefill chunks and plain decode tokens: K/V are written into the cache first, then the
+  attention reads the cache in place, causal from the bottom right. A pure decode step (one
+  query per sequence) goes through xformers (``PagedBlockDiagonalCausalWithOffsetPaddedKeysMask``,
+  Triton split-K). A step with prefill chunks goes through this engine's varlen kernel
+  (engine/attention/varlen_kernel.py: xformers 0.0.35 without FA3 has no paged kernel for
+  unequal query blocks, and gathering their K/V into a padded buffer for its flash kernel
+  could not be captured), eagerly or in a mixed step's CUDA graph (``mixed_inputs``).
+- A graph of fresh prompts (nothing cached, each padded to one length): flash attention,
+  causal within each prompt's block.
 - Medusa trees: one Triton kernel per layer (engine/attention/tree_kernel.py) streams the
   paged prefix (positions before the root, all visible) and then the tree (the step's own K/V
   under the ancestor mask) through one online softmax. xformers' ``tree_attention`` did the
@@ -17,11 +20,12 @@ Paged Triton split-K needs a page size divisible by 64; the engine checks the bl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Optional
 
 import torch
 
-from engine.attention.base import GraphAttnInputs, StepAttnInputs, block_tables, uniform_shape
+from engine.attention.base import GraphAttnInputs, StepAttnInputs, block_tables, tile_starts, uniform_shape
 from engine.kv_cache import PagedKVCache
 
 
@@ -29,11 +33,9 @@ from engine.kv_cache import PagedKVCache
 class XformersAttnMeta:
     slots: torch.Tensor  # [T] where each token's K/V is written
     causal_idx: Optional[torch.Tensor] = None
-    causal_bias: object = None
-    # Set unless every causal query block is one token (pure decode): xformers 0.0.35 without
-    # FA3 has no paged causal kernel for longer or unequal blocks (split-K takes equal blocks of
-    # <= 16), so their K/V are gathered into a padded contiguous buffer.
-    causal_gather: Optional[torch.Tensor] = None
+    causal_bias: object = None  # pure decode: xformers' paged split-K
+    # Otherwise (prefill chunks among the causal rows): the varlen kernel's inputs.
+    varlen: Optional["VarlenInputs"] = None
     tree_idx: Optional[torch.Tensor] = None
     tree_mask: Optional[torch.Tensor] = None  # [N, N] int8, 1 = may attend
     tree_kv_lens: Optional[torch.Tensor] = None  # [B] int32: cached positions before each root
@@ -47,11 +49,20 @@ class XformersAttnMeta:
     fresh_len: int = 0
 
 
+@dataclass
+class VarlenInputs:
+    """engine/attention/varlen_kernel.py's per-sequence inputs, int32 on the device."""
+    q_starts: torch.Tensor  # [S + 1]
+    kv_lens: torch.Tensor  # [S]
+    first_tiles: torch.Tensor  # [S + 1]
+    tables: torch.Tensor  # [S, W]
+
+
 class XformersAttentionBackend:
     def __init__(self, kv_cache: PagedKVCache, device: torch.device) -> None:
         from xformers.ops import fmha  # noqa: F401  (fail at construction, not mid-step)
 
-        from engine.attention import tree_kernel  # noqa: F401  (Triton, which xformers' split-K needs too)
+        from engine.attention import tree_kernel, varlen_kernel  # noqa: F401  (Triton, which xformers' split-K needs too)
 
         if kv_cache.block_size % 64:
             raise ValueError(f"block_size: xformers paged attention needs a multiple of 64, got {kv_cache.block_size}")
@@ -83,8 +94,6 @@ class XformersAttentionBackend:
                                 tree_all=True)
 
     def prepare(self, inputs: StepAttnInputs) -> XformersAttnMeta:
-        from xformers.ops.fmha.attn_bias import BlockDiagonalCausalWithOffsetPaddedKeysMask
-
         dev = self.device
         slots = inputs.slot_mapping.to(dev)
         shape = uniform_shape(inputs.seqs)
@@ -115,12 +124,11 @@ class XformersAttentionBackend:
             if all(s.q_len == 1 for s in causal):
                 meta = self.uniform_metadata(len(causal), 1, None, kv_lens, tables, slots)
             else:
-                pad = max(kv_lens)
-                pos = torch.arange(pad, device=dev).expand(len(causal), pad)
-                pos = torch.minimum(pos, torch.tensor(kv_lens, device=dev)[:, None] - 1)
-                meta.causal_gather = self.kv_cache.slots(tables.long(), pos).flatten()
-                meta.causal_bias = BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-                    q_seqlen=[s.q_len for s in causal], kv_padding=pad, kv_seqlen=kv_lens, device=dev)
+                q_lens = [s.q_len for s in causal]
+                starts = torch.tensor([0] + list(accumulate(q_lens)), dtype=torch.int32)
+                host = torch.stack([starts, torch.tensor(tile_starts(q_lens), dtype=torch.int32)]).to(dev)
+                meta.varlen = VarlenInputs(q_starts=host[0], kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
+                                           first_tiles=host[1], tables=tables)
             meta.causal_idx = torch.tensor(causal_rows, device=dev)
             meta.causal_all = len(causal_rows) == offset
         if trees:
@@ -148,12 +156,23 @@ class XformersAttentionBackend:
         kv_lens = meta.causal_bias.k_seqinfo.seqlen if tree_mask is None else meta.tree_kv_lens
         return GraphAttnInputs(meta=meta, kv_lens=kv_lens, block_tables=tables)
 
+    def mixed_inputs(self, batch: int, width: int, write_slots: torch.Tensor) -> GraphAttnInputs:
+        """The varlen kernel's inputs as static tensors (all sequences padding until refreshed)."""
+        zeros = lambda n: torch.zeros(n, dtype=torch.int32, device=self.device)  # noqa: E731
+        varlen = VarlenInputs(q_starts=zeros(batch + 1), kv_lens=zeros(batch), first_tiles=zeros(batch + 1),
+                              tables=torch.full((batch, width), self.kv_cache.pad_block, dtype=torch.int32,
+                                                device=self.device))
+        meta = XformersAttnMeta(slots=write_slots, varlen=varlen, causal_all=True)
+        return GraphAttnInputs(meta=meta, kv_lens=varlen.kv_lens, block_tables=varlen.tables,
+                               q_starts=varlen.q_starts, first_tiles=varlen.first_tiles)
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: XformersAttnMeta) -> torch.Tensor:
         from xformers.ops import fmha
         from xformers.ops.fmha import triton_splitk
 
         from engine.attention.tree_kernel import paged_tree_attention
+        from engine.attention.varlen_kernel import paged_varlen_attention
 
         self.kv_cache.write(layer, meta.slots, k, v)
         _, h, d = q.shape
@@ -172,16 +191,14 @@ class XformersAttentionBackend:
         cache_v = self.kv_cache.v[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
         out = torch.empty_like(q)
         if meta.causal_all or meta.causal_idx is not None:
-            qc = (q if meta.causal_all else q.index_select(0, meta.causal_idx)).view(1, -1, g, hg, d)
-            if meta.causal_gather is None:
-                oc = fmha.memory_efficient_attention_forward(qc, cache_k, cache_v, attn_bias=meta.causal_bias,
-                                                             op=triton_splitk.FwOp)
+            qc = q if meta.causal_all else q.index_select(0, meta.causal_idx)
+            if meta.varlen is None:
+                oc = fmha.memory_efficient_attention_forward(qc.view(1, -1, g, hg, d), cache_k, cache_v,
+                                                             attn_bias=meta.causal_bias, op=triton_splitk.FwOp)
             else:
-                kc = self.kv_cache.k[layer].index_select(0, meta.causal_gather)
-                vc = self.kv_cache.v[layer].index_select(0, meta.causal_gather)
-                kc = kc.view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
-                vc = vc.view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
-                oc = fmha.memory_efficient_attention_forward(qc, kc, vc, attn_bias=meta.causal_bias)
+                vl = meta.varlen
+                oc = paged_varlen_attention(qc, self.kv_cache.k[layer], self.kv_cache.v[layer], vl.tables,
+                                            vl.q_starts, vl.kv_lens, vl.first_tiles, self.kv_cache.block_size)
             if meta.causal_all:
                 return oc.view(-1, h, d)
             out.index_copy_(0, meta.causal_idx, oc.view(-1, h, d))
