@@ -12,6 +12,16 @@ transformers ``generate`` and ``--eager`` plain decoding without CUDA graphs to 
 one run holds the whole comparison (GPU: benchmarks/gpu_suite.sh). Batches smaller than
 ``--min-prompts`` run that many prompts in successive rounds (acceptance varies by prompt).
 
+``--queue K`` changes what a batch size means. By default a batch of B prompts is static: it
+runs to completion together, so its slowest sequence ends the run. Speculation spreads the
+sequences' finishing times (each accepts at its own rate), and the batch thins to a few
+stragglers that run at a small batch's cost while plain decoding's sequences all finish at
+the same step — at batch 64 on an H100 back-off's 8-candidate steps made 1.56x plain
+decoding's tokens per ms while 58 sequences ran, and a 60 ms tail of ~4 sequences followed
+(benchmarks/step_trace.py). With ``--queue K``, K x B prompts go through at most B in flight,
+each finished request's place taken by the next prompt at once: the steady load a server
+sees at concurrency B, which is where large batches come from.
+
 ``--process-per-engine`` builds each configuration's engine in a process of its own (built
 one after another, so that no start-up measurement shares the device); the timed runs still
 alternate between them, one at a time. It rules out one engine slowing another through the
@@ -44,23 +54,45 @@ def _params(max_tokens, temperature):
     return SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature else None)
 
 
-def warm_up(engine, prompts, max_tokens, batch_size, temperature=0.0):
+def _generate(engine, prompts, max_tokens, batch_size, temperature, queued):
+    """Outputs in prompt order: in rounds of ``batch_size`` (each a static batch, ended by its
+    slowest sequence), or ``queued``: at most ``batch_size`` requests in flight, a finished
+    request's place taken by the next prompt at once (a server under steady load)."""
+    params = _params(max_tokens, temperature)
+    if not queued:
+        return [o for r in _rounds(prompts, batch_size) for o in engine.generate_batch(r, params, chat=True)]
+    waiting, order, done = iter(prompts), [], {}
+
+    def submit() -> None:
+        prompt = next(waiting, None)
+        if prompt is not None:
+            order.append(engine.add_request(prompt, params, chat=True))
+    for _ in range(batch_size):
+        submit()
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+                submit()
+    return [done[r] for r in order]
+
+
+def warm_up(engine, prompts, max_tokens, batch_size, temperature=0.0, queued=False):
     """One pass over the very batches: one-time work (CUDA graphs for a new batch, prompt or
     width bucket are captured on first use, ~1 s each) stays out of the timing."""
-    for r in _rounds(prompts, batch_size):
-        engine.generate_batch(r, _params(max_tokens, temperature), chat=True)
+    _generate(engine, prompts, max_tokens, batch_size, temperature, queued)
 
 
-def timed(engine, prompts, max_tokens, batch_size, temperature=0.0) -> dict:
+def timed(engine, prompts, max_tokens, batch_size, temperature=0.0, queued=False) -> dict:
     """Generate ``prompts`` in rounds of ``batch_size`` (several rounds at small batch sizes, so
-    one prompt's acceptance does not decide the row): outputs, tokens/s, ms per engine step and
-    per decode-only step, and the engine's speculation counters for this run."""
+    one prompt's acceptance does not decide the row), or ``queued`` (``_generate``): outputs,
+    tokens/s, ms per engine step and per decode-only step, and the engine's speculation
+    counters for this run."""
     engine.reset_stats()
     sync(engine.device)
     with gc_pauses() as gc_time:
         t0 = time.perf_counter()
-        outs = [o for r in _rounds(prompts, batch_size)
-                for o in engine.generate_batch(r, _params(max_tokens, temperature), chat=True)]
+        outs = _generate(engine, prompts, max_tokens, batch_size, temperature, queued)
         sync(engine.device)
         dt = time.perf_counter() - t0
     st = engine.stats
@@ -167,6 +199,10 @@ def main() -> None:
                     help="A/B: leave the collector's heap unfrozen after start-up (engine/worker.py freeze_heap)")
     ap.add_argument("--process-per-engine", action="store_true",
                     help="each configuration's engine in a process of its own (module doc)")
+    ap.add_argument("--queue", type=int, default=0, metavar="K",
+                    help="0: each batch is static (run to completion together: its slowest sequence ends it); "
+                         "K: K x batch-size prompts with at most batch-size in flight, a finished request's "
+                         "place refilled at once (steady load, as a server sees it; module doc)")
     args = ap.parse_args()
     if args.no_gc_freeze:
         _no_gc_freeze()
@@ -174,7 +210,7 @@ def main() -> None:
     kw = dict(dtype=args.dtype, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb)
 
     def prompts_for(bs: int) -> list[str]:
-        return eval_prompts(bs * max(1, -(-args.min_prompts // bs)))
+        return eval_prompts(bs * max(args.queue, -(-args.min_prompts // bs)))
     # Every configuration lives side by side and the timed runs alternate between them
     # (--repeats rounds, the median kept): a machine that drifts or stalls mid-run (a busy host
     # CPU moves this small model's steps by 2x) hits plain and Medusa alike.
@@ -199,7 +235,8 @@ def main() -> None:
                       "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
     env.update(heads=args.heads, cuda_graphs=infos["plain"]["num_graphs"] > 0,
                graph_capture_s=infos["plain"]["graph_capture_s"], repeats=args.repeats,
-               gc_frozen=not args.no_gc_freeze, process_per_engine=args.process_per_engine)
+               gc_frozen=not args.no_gc_freeze, process_per_engine=args.process_per_engine,
+               load=f"queue x{args.queue}" if args.queue else "static batches")
 
     def call(name: str, fn, *a):
         return engines[name].call(fn.__name__, *a) if args.process_per_engine else fn(engines[name], *a)
@@ -212,10 +249,13 @@ def main() -> None:
         prompts = prompts_for(bs)
         runs: dict[str, list[dict]] = {name: [] for name in engines}
         for name in engines:
-            call(name, warm_up, prompts, args.max_tokens, bs, t)
-        for _ in range(args.repeats):
-            for name in engines:
-                runs[name].append(call(name, timed, prompts, args.max_tokens, bs, t))
+            call(name, warm_up, prompts, args.max_tokens, bs, t, args.queue > 0)
+        names = list(engines)
+        for rep in range(args.repeats):
+            # Each repeat starts one engine later (plain first, then second, ...), so that no
+            # configuration always runs in the same place of a repeat, right after the same one.
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                runs[name].append(call(name, timed, prompts, args.max_tokens, bs, t, args.queue > 0))
         ref = median_run(runs["plain"])
         base[bs, t] = ref["tokens"], ref["tok_s"], ref["step_ms"], ref["decode_ms"]
         print(f"plain batch {bs} T={t}: {ref['tok_s']:.1f} tok/s, {ref['step_ms']:.2f} ms/step, "

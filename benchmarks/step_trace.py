@@ -51,13 +51,15 @@ def step_kind(out) -> str:
 
 def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
           host_profile: Optional[cProfile.Profile] = None, temperature: float = 0.0,
-          profile_kind: str = "eager") -> list[dict]:
-    """``prompts`` in rounds of ``batch_size`` (after a warm-up on them): a row per engine step.
+          profile_kind: str = "eager", queued: bool = False) -> list[dict]:
+    """``prompts`` in rounds of ``batch_size`` (after a warm-up on them), or ``queued`` all at
+    once (the engine, built with ``max_num_seqs=batch_size``, admits the next as one finishes:
+    steady load): a row per engine step.
     ``host_profile``: profiles the execution of every step that is not a pure decode
     (``profile_kind`` "eager"), or every pure decode step from its execution to the step's end
     ("decode")."""
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature else None)
-    rounds = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    rounds = [prompts] if queued else [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     for r in rounds:
         engine.generate_batch(r, params, chat=True)
     steps: list[dict] = []
@@ -131,6 +133,9 @@ def main() -> None:
     ap.add_argument("--host-profile", nargs="?", const="eager", choices=["eager", "decode"],
                     help="cProfile the steps that are not pure decodes ('eager', the default), or the pure decode "
                          "steps ('decode'); print their top functions")
+    ap.add_argument("--queue", action="store_true",
+                    help="queue all --num-prompts at once: at most --batch-size in flight, a finished request's "
+                         "place taken by the next (steady load; benchmarks/speculative.py --queue)")
     args = ap.parse_args()
 
     prompts = eval_prompts(max(args.num_prompts, args.batch_size))
@@ -149,7 +154,7 @@ def main() -> None:
                                  else args.model)
         profile = cProfile.Profile() if args.host_profile else None
         steps = trace(engine, prompts, args.max_tokens, args.batch_size, profile, args.temperature,
-                      args.host_profile or "eager")
+                      args.host_profile or "eager", args.queue)
         if profile is not None:
             text = io.StringIO()
             stats = pstats.Stats(profile, stream=text)
@@ -167,7 +172,7 @@ def main() -> None:
         table = []
         for kind, ss in sorted(by_kind.items(), key=lambda kv: -sum(s["step_ms"] for s in kv[1])):
             row = {"config": tree, "temperature": args.temperature, "batch_size": args.batch_size,
-                   "num_prompts": len(prompts), "kind": kind,
+                   "num_prompts": len(prompts), "queued": args.queue, "kind": kind,
                    "steps": len(ss),
                    "total_ms": sum(s["step_ms"] for s in ss), "mean_ms": sum(s["step_ms"] for s in ss) / len(ss),
                    "mean_execute_ms": sum(s["execute_ms"] for s in ss) / len(ss),

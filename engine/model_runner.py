@@ -220,7 +220,7 @@ class ModelRunner:
         return build
 
     @torch.inference_mode()
-    def capture_tails(self) -> None:
+    def capture_tails(self, max_rows: int = 1) -> None:
         """Capture, after every decode and verify graph captured so far, the greedy tail and the
         sampled tail of the engine's acceptance rule (every sequence sampling by it, no top-k or
         top-p), each with and without proposals. Captured on first use instead, a tail stalls
@@ -229,9 +229,14 @@ class ModelRunner:
         an 8-candidate tree — a shape the warm-up had not met — took 14.9 ms against 3.5; at
         T=0.7 the Medusa table's timed runs at batch 64–128 captured 2–4 sampled tails each).
         Other sampled keys (several rules in a step, filters, greedy rows beside sampled ones)
-        are still captured on first use."""
+        are still captured on first use. Also the proposal of host-decided steps (prefills,
+        mixed steps, logprobs) for every batch bucket up to ``max_rows`` sequences."""
         if self.graphs is None:
             return
+        if self.proposer is not None:  # the host-decided steps' proposal, every batch bucket
+            weight = self.model.lm_head.weight
+            self.graphs.capture_rows("propose", self.tail.propose, [(weight.shape[1],), ()],
+                                     [weight.dtype, torch.long], max_rows)
         rule = self.spec.acceptance if self.spec is not None else "greedy"
         for g in list(self.graphs.graphs.values()):
             if not g.decodes:
@@ -303,11 +308,18 @@ class ModelRunner:
                              torch.tensor(commit_dst, device=self.device))
         if self.proposer is not None and last_rows and out.propose:
             roots = torch.tensor([r.sampled_token_ids[-1] for r in results if r.sampled_token_ids], device=self.device)
-            cands = iter(self.tail.propose(hidden[torch.tensor(last_rows, device=self.device)], roots).tolist())
+            cands = iter(self._propose(hidden[torch.tensor(last_rows, device=self.device)], roots).tolist())
             for res in results:
                 if res.sampled_token_ids:
                     res.next_candidates = next(cands)
         return StepResult(step_id=out.step_id, results=results)
+
+    def _propose(self, hidden: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+        """The heads' proposal for a host-decided step (spec_decode/tail.py ``SpecTail.propose``),
+        from a graph per batch bucket when the engine has graphs."""
+        if self.graphs is None:
+            return self.tail.propose(hidden, roots)
+        return self.graphs.run_rows("propose", self.tail.propose, [hidden, roots])
 
     def _decide(self, seqs: list[ScheduledSeq], row_ranges, logits: torch.Tensor,
                 tree: Optional[MedusaTree]) -> dict[int, tuple[list[int], list[int]]]:

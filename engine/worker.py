@@ -153,7 +153,7 @@ class Worker:
             # no request waits for a capture.
             graphs.capture([None] + sorted(self.runner.trees.values(), key=lambda t: t.num_nodes),
                            sc.max_num_seqs, sc.max_num_batched_tokens)
-            self.runner.capture_tails()
+            self.runner.capture_tails(sc.max_num_seqs)
             graphs.capture_prefill(sc.max_num_batched_tokens)
             graphs.capture_mixed()
         freeze_heap(self.device)

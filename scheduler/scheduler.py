@@ -126,7 +126,12 @@ class Scheduler:
         cut = {r.seq_id: self.policy.cut(n, r.candidates) for r in decoding if r.candidates} if n else {}
         tree_tokens = sum(1 + len(c) for c in cut.values())
         prefill_due = self._prefill_due(len(decoding), budget)
-        trees = n > 0 and tree_tokens <= budget and not prefill_due
+        # Trees only when every decoding sequence has candidates: one without (its last step
+        # proposed nothing — e.g. a prompt prefilled while proposals were off) would make the
+        # step non-uniform, and such a step runs eagerly. Measured on an H100 (back-off, 128
+        # requests in flight, each finished one replaced at once): decode steps averaged 10.7
+        # ms against plain decoding's 3.5, at 0.5x its throughput.
+        trees = n > 0 and len(cut) == len(decoding) and tree_tokens <= budget and not prefill_due
         # New prompts alone, decodes next step (never two such steps in a row, so a stream of
         # arrivals cannot starve the decodes). A step of prompts prefilled from position 0 replays
         # a CUDA graph (engine/cuda_graphs.py) while one mixed with decodes runs eagerly —
@@ -176,8 +181,10 @@ class Scheduler:
         self._step_id += 1
         step = SchedulerOutput(step_id=self._step_id, seqs=out)
         if self.policy is not None:
-            step.propose = self.policy.propose_next(sum(1 for s in out if s.sample),
-                                                    self.config.max_num_batched_tokens, path)
+            # Propose for the next step's decoding sequences as a whole: this step's sampling
+            # ones and the decodes a prompts-only step left out (they hold their candidates).
+            next_decoding = sum(1 for s in out if s.sample) + (len(decoding) if prefill_only else 0)
+            step.propose = self.policy.propose_next(next_decoding, self.config.max_num_batched_tokens, path)
             if any(s.sample and len(s.token_ids) == 1 for s in out):
                 self.policy.record(n if any(s.candidates for s in out) else 0)
         self._in_flight_step = step

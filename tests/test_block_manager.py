@@ -123,6 +123,32 @@ def test_trees_go_to_every_decoding_sequence_or_to_none():
     assert out.propose is False
 
 
+def test_trees_only_when_every_decoding_sequence_holds_candidates():
+    """One decoding sequence without candidates (its last step proposed none for it) makes the
+    step plain for all — a uniform step, which replays a graph, where trees for the others
+    would run eagerly — and that step proposes for everyone, so trees come back next step. A
+    prompts-only step proposes as for every sequence that decodes next, the ones it left out
+    included."""
+    sched = _decoding_scheduler(3, 64, 6)
+    out = sched.schedule()
+    assert [s.tree for s in out.seqs] == [6] * 3
+    sched.update(StepResult(step_id=out.step_id, results=[
+        SeqResult(seq_id=s.seq_id, sampled_token_ids=[7], num_accepted=0,
+                  next_candidates=[] if s.seq_id == 0 else list(range(10, 16))) for s in out.seqs]))
+    out = sched.schedule()
+    assert all(s.tree == 0 and s.candidates == [] for s in out.seqs) and out.propose is True
+    _answer(sched, out)
+    assert [s.tree for s in sched.schedule().seqs] == [6] * 3
+    # Full trees for n sequences fit a budget of 30 up to n = 4 (7 tokens each): four decode,
+    # a fifth prompt arrives and gets a step of its own, which must not propose as for one.
+    sched = _decoding_scheduler(4, 30, 6)
+    sched.config.max_num_seqs = 5
+    sched.add(Request(request_id="new", seq_id=9, prompt_token_ids=[3, 4, 5], eos_token_ids=frozenset({2}),
+                      params=SamplingParams(temperature=0, max_tokens=50), seed=9))
+    out = sched.schedule()
+    assert [len(s.token_ids) for s in out.seqs] == [3] and out.propose is False
+
+
 def _answer(sched: Scheduler, out, n_cands: int = 6) -> None:
     sched.update(StepResult(step_id=out.step_id, results=[
         SeqResult(seq_id=s.seq_id, sampled_token_ids=[7] if s.sample else [],

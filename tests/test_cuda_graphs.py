@@ -278,28 +278,52 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
 
 def test_chunked_prompts_beside_decodes_give_eager_tokens_through_mixed_graphs(monkeypatch, bundled_dir):
     """A token budget smaller than the prompts: later chunks and chunks beside decode tokens
-    run the mixed graphs (uncaptured on CPU) — the same tokens as the eager engine, greedy and
-    seeded sampling, plain and Medusa; no KV block leaked."""
+    run the mixed graphs (uncaptured on CPU), their proposals the row graphs — the same tokens
+    as the eager engine, greedy and seeded sampling, plain and Medusa; no KV block leaked."""
     import engine.worker
     from engine.engine import Engine
     from engine.sampling import SamplingParams
     from tests.conftest import PROMPTS
 
-    prompts = [p * 3 for p in PROMPTS[:4]]  # 15-45 tokens: several chunks of 16
+    prompts = [p * 4 for p in PROMPTS[:4]]  # 20-60 tokens: chunks of 32
     params = [SamplingParams(temperature=0, max_tokens=12)] * 3 + [SamplingParams(temperature=0.8, seed=3,
                                                                                   max_tokens=12)]
     for spec in (None, {"tree": "small_12"}):
-        kwargs = dict(speculative=spec, max_num_seqs=4, max_num_batched_tokens=16)
+        kwargs = dict(speculative=spec, max_num_seqs=4, max_num_batched_tokens=32)
         with monkeypatch.context() as m:
             m.setattr(engine.worker, "use_cuda_graphs", lambda *args: False)
             ref = [o.token_ids for o in Engine("default", **kwargs).generate_batch(prompts, params)]
         monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
         eng = Engine("default", **kwargs)
         graphs = eng.executor.worker.runner.graphs
-        assert graphs.mixed_tokens == (16,) and graphs.mixed_batch == 4
-        mixed = []
-        run_mixed = graphs.run_mixed
+        assert graphs.mixed_tokens == (16, 32) and graphs.mixed_batch == 4
+        mixed, rows = [], []
+        run_mixed, run_rows = graphs.run_mixed, graphs.run_rows
         graphs.run_mixed = lambda shape, seqs, *a: (mixed.append(len(seqs)), run_mixed(shape, seqs, *a))[1]
+        graphs.run_rows = lambda key, fn, inputs: (rows.append(key), run_rows(key, fn, inputs))[1]
         assert [o.token_ids for o in eng.generate_batch(prompts, params)] == ref, spec
         assert mixed and max(mixed) > 1, mixed  # chunks beside other sequences' work
+        assert ("propose" in rows) == bool(spec), rows  # host-decided steps' proposals: row graphs
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+@torch.inference_mode()
+def test_row_graphs_pad_to_a_bucket_and_give_each_row_its_own_answer(monkeypatch, bundled_dir):
+    """The heads' proposal of a host-decided step through ``run_rows``: captured at start-up for
+    every batch bucket up to max_num_seqs, fed n rows (padding rows hold older inputs), it
+    gives row for row what the eager proposal gives for those n rows alone."""
+    import engine.worker
+    from engine.cuda_graphs import BATCH_BUCKETS
+    from engine.engine import Engine
+
+    monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
+    eng = Engine("default", speculative={"tree": "small_12"}, max_num_seqs=6)
+    runner = eng.executor.worker.runner
+    graphs = runner.graphs
+    assert sorted(b for key, b in graphs.row_graphs if key == "propose") == [b for b in BATCH_BUCKETS if b <= 8]
+    torch.manual_seed(0)
+    hidden = torch.randn(8, runner.model.lm_head.weight.shape[1])
+    roots = torch.randint(0, 49152, (8,))
+    for n in (5, 1, 3, 8):  # each after a larger one: padding rows hold its inputs
+        got = runner._propose(hidden[:n], roots[:n])
+        assert got.shape[0] == n and torch.equal(got, runner.tail.propose(hidden[:n], roots[:n])), n
