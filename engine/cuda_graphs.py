@@ -26,7 +26,8 @@ its end to a length bucket (``PREFILL_BUCKETS``), the batch to its bucket. Its t
 causally within their own block, so the padding never reaches a real token; pad tokens write
 their K/V into the pad block. Eagerly such a step is bound by the host (measured on an H100,
 bundled model: ~36 ms for one prompt of 40–150 tokens, 30 decode steps' worth); replayed it
-is the GPU's work. Graphs of one prompt are captured at start-up, several prompts' on first use.
+is the GPU's work. Graphs of one prompt are captured at start-up; a step of several prompts
+runs in a mixed-step graph (below) unless its fresh-prefill graph exists already.
 Their K/V slots come from the host (a prompt's table may be wider than the graph's).
 
 Any other step without a tree — prefill chunks after a cached prefix, prompts beside decode
@@ -386,7 +387,7 @@ class CudaGraphRunner:
 
     def capture_prefill(self, max_prompt_tokens: int) -> None:
         """Capture the one-prompt fresh-prefill graph of every length bucket a step's prompt
-        chunk (at most ``max_prompt_tokens``) may need; several prompts' on first use."""
+        chunk (at most ``max_prompt_tokens``) may need (several prompts: ``prefill_shape``)."""
         top = next((n for n in PREFILL_BUCKETS if n >= max_prompt_tokens), PREFILL_BUCKETS[-1])
         for length in sorted((n for n in PREFILL_BUCKETS if n <= min(top, self.max_prefill_tokens)), reverse=True):
             self._graph(FreshPrefill(length), 1)
@@ -417,13 +418,20 @@ class CudaGraphRunner:
 
     def prefill_shape(self, seqs: list[ScheduledSeq]) -> Optional[FreshPrefill]:
         """The fresh-prefill shape of a step in which every sequence prefills at least two tokens
-        from position 0 (no tree), if its padded size fits ``max_prefill_tokens``; else None."""
+        from position 0 (no tree), if its padded size fits ``max_prefill_tokens``; else None.
+        With mixed graphs, only a shape captured already (at start-up: one prompt per length
+        bucket) is taken — the mixed graphs, all captured at start-up, run any other mix.
+        Captured on first use, a several-prompt graph stalled its step: 117 ms three times in a
+        back-off run under queued load at batch 128 (H100), 17% of the run, as arrivals grouped
+        prompts differently from the warm-up."""
         if not seqs or any(s.start_pos or s.tree or len(s.token_ids) < 2 for s in seqs):
             return None
         longest = max(len(s.token_ids) for s in seqs)
         length = next((n for n in PREFILL_BUCKETS if n >= longest), None)
         batch = padded_batch(len(seqs))
         if length is None or batch is None or batch * length > self.max_prefill_tokens:
+            return None
+        if self.mixed_tokens and (FreshPrefill(length), batch, self.widths[0]) not in self.graphs:
             return None
         return FreshPrefill(length)
 

@@ -75,7 +75,7 @@ def test_fresh_prompts_replay_a_prefill_graph_of_their_padded_shape():
     from engine.cuda_graphs import PREFILL_BUCKETS, CudaGraphRunner, FreshPrefill
 
     graphs = CudaGraphRunner.__new__(CudaGraphRunner)
-    graphs.max_prefill_tokens = 2048
+    graphs.max_prefill_tokens, graphs.mixed_tokens = 2048, ()
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40))]) == FreshPrefill(64)
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(2)), seq(1, 0, [1], tokens=range(16)),
                                  seq(2, 0, [2], tokens=range(17))]) == FreshPrefill(32)  # 4 x 32 tokens
@@ -85,6 +85,10 @@ def test_fresh_prompts_replay_a_prefill_graph_of_their_padded_shape():
     assert graphs.prefill_shape([seq(0, 64, [0], tokens=range(40))]) is None  # a later chunk: cached prefix
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40)), seq(1, 9, [1])]) is None  # mixed
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=[5])]) is None  # one token: the decode graphs' shape
+    # With mixed graphs, only a shape captured already: several prompts go to the mixed graphs.
+    graphs.mixed_tokens, graphs.widths, graphs.graphs = (2048,), (8,), {(FreshPrefill(64), 1, 8): None}
+    assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40))]) == FreshPrefill(64)
+    assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40)), seq(1, 0, [1], tokens=range(9))]) is None
     assert FreshPrefill(16).mask.tolist() == [[j <= i for j in range(16)] for i in range(16)]
     assert list(PREFILL_BUCKETS) == sorted(PREFILL_BUCKETS)
 
@@ -251,7 +255,7 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         proposing = {False, True} if spec else {False}
         assert decode_graphs and all({k[0] for k in g.tails if not k[2]} == proposing
                                      and {k[0] for k in g.tails if k[2]} == proposing for g in decode_graphs)
-        calls = {"forward": 0, "tail": 0, "prefill": 0}
+        calls = {"forward": 0, "tail": 0, "prefill": 0, "mixed": 0}
 
         def counted(name, fn):
             return lambda *a, **k: (calls.__setitem__(name, calls[name] + 1), fn(*a, **k))[1]
@@ -263,11 +267,14 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
             return run_tail(g, key, *args)
         graphs.run, graphs.run_tail = counted("forward", graphs.run), counted("tail", recorded_tail)
         graphs.run_prefill = counted("prefill", graphs.run_prefill)
+        graphs.run_mixed = counted("mixed", graphs.run_mixed)
         toks = [[o.token_ids for o in eng.generate_batch(p, params)] for p, params in batches]
         assert toks == ref[i], spec
         assert calls["forward"] > calls["tail"] > 0, calls  # the logprobs request's steps skip the tail
         assert any(key[2] for key in keys) and any(not key[2] for key in keys), keys  # sampled, greedy
-        assert calls["prefill"] == len(batches), calls  # every batch's prompts: one padded prefill graph
+        # Each batch's prompts in one step: one prompt through its fresh-prefill graph (captured
+        # at start-up), several through a mixed graph.
+        assert calls["prefill"] == 1 and calls["mixed"] == 2, calls
         if spec:
             assert eng.stats.accepted_per_depth[0] > 5  # paths were accepted and committed
         if eng.backoff is not None:  # plain steps and a subtree smaller than the full tree
