@@ -2,9 +2,10 @@
 # Everything the device machine checks and times in one call (see README "GPU runs").
 # Expects: the engine importable (PYTHONPATH), MEDUSA_ENGINE_GGUF pointing at the bundled GGUF,
 # MEDUSA_ENGINE_PROMPTS at held-out prompts, $OUT for the results.
-# PARTS picks what runs (default: tests, throughput, speculative); a call has 600 s, and the
-# Medusa table (plain / fixed tree / back-off x batch 1…128 x greedy and typical T=0.7) needs
-# most of one call by itself. PARTS=steps8b adds the Llama-3.1-8B shape's step costs (random
+# PARTS picks what runs (default: tests, throughput, speculative); a call has 600 s. The
+# Medusa table (plain / fixed tree / back-off / a second plain engine x batch 1…128 x greedy and
+# typical T=0.7, static batches) took 2 minutes on an H100 once every step replayed a graph;
+# PARTS="speculative queue" adds the same under steady load (--queue 3) in the same call. PARTS=steps8b adds the Llama-3.1-8B shape's step costs (random
 # weights, benchmarks/profile_step.py).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -24,10 +25,17 @@ if [[ " $PARTS " == *" throughput "* ]]; then
         | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/throughput.log" | tail -8
 fi
 if [[ " $PARTS " == *" speculative "* ]]; then
-    python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${TREES:-mc_sim_7b_63 backoff} \
+    python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${TREES:-mc_sim_7b_63 backoff none} \
         --batch-sizes ${SP_BS:-1 4 16 64 128} --temperatures ${SP_TEMPS:-0 0.7} --max-tokens ${SP_TOKENS:-128} \
         ${SP_FLAGS:---kv-cache-memory-gb 8} 2>&1 \
         | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/speculative.log" | tail -24
+fi
+if [[ " $PARTS " == *" queue "* ]]; then
+    # The same engines under steady load: 3 x B prompts, at most B in flight (speculative.py --queue).
+    python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${QUEUE_TREES:-backoff none} --queue 3 \
+        --batch-sizes ${QUEUE_BS:-4 16 64 128} --temperatures ${SP_TEMPS:-0 0.7} --max-tokens ${SP_TOKENS:-128} \
+        ${SP_FLAGS:---kv-cache-memory-gb 8} 2>&1 \
+        | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/queue.log" | tail -20
 fi
 if [[ " $PARTS " == *" steps8b "* ]]; then
     python3 benchmarks/dummy_model.py llama-8b /tmp/llama-8b >/dev/null
