@@ -17,7 +17,7 @@ runs to completion together, so its slowest sequence ends the run. Speculation s
 sequences' finishing times (each accepts at its own rate), and the batch thins to a few
 stragglers that run at a small batch's cost while plain decoding's sequences all finish at
 the same step — at batch 64 on an H100 back-off's 8-candidate steps made 1.56x plain
-decoding's tokens per ms while 58 sequences ran, and a 60 ms tail of ~4 sequences followed
+decoding's tokens per ms while ~57 sequences ran, and a 60 ms tail of ~4.5 sequences followed
 (benchmarks/step_trace.py). With ``--queue K``, K x B prompts go through at most B in flight,
 each finished request's place taken by the next prompt at once: the steady load a server
 sees at concurrency B, which is where large batches come from.

@@ -336,11 +336,12 @@ class CudaGraphRunner:
         # Padded tokens a fresh-prefill graph may hold (the step's token budget; 0: none).
         self.max_prefill_tokens = max_prefill_tokens
         # Mixed steps: graphs up to the bucket of ``max_mixed_tokens`` (the step's token
-        # budget; 0: none), over the batch bucket of ``max_seqs`` sequences.
+        # budget; 0: none), over the batch bucket of ``max_seqs`` sequences (any count works:
+        # past the largest bucket, exactly that many).
         self.mixed_tokens = tuple(MIXED_BUCKETS[:next((i + 1 for i, n in enumerate(MIXED_BUCKETS)
                                                         if n >= max_mixed_tokens), len(MIXED_BUCKETS))]
-                                  if max_mixed_tokens else ())
-        self.mixed_batch = padded_batch(max_seqs) if max_seqs else None
+                                  if max_mixed_tokens and max_seqs else ())
+        self.mixed_batch = padded_batch(max_seqs) or max_seqs
         self.widths = width_buckets(width)
         self.captured = device.type == "cuda"  # False: run the same work uncaptured (CPU)
         self.pool = torch.cuda.graph_pool_handle() if self.captured else None

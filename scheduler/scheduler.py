@@ -133,9 +133,9 @@ class Scheduler:
         # ms against plain decoding's 3.5, at 0.5x its throughput.
         trees = n > 0 and len(cut) == len(decoding) and tree_tokens <= budget and not prefill_due
         # New prompts alone, decodes next step (never two such steps in a row, so a stream of
-        # arrivals cannot starve the decodes). A step of prompts prefilled from position 0 replays
-        # a CUDA graph (engine/cuda_graphs.py) while one mixed with decodes runs eagerly —
-        # on an H100 ~40 ms for everyone against ~2 ms + the next decode step.
+        # arrivals cannot starve the decodes): a step that carries a prompt verifies no trees,
+        # the next one can. (Both replay graphs; when a step mixing prompts and decodes ran
+        # eagerly, ~40 ms on an H100, this also kept such steps rare.)
         prefill_only = (bool(decoding) and len(self.running) == len(decoding) and not self._last_prefill_only
                         and self._admissible(budget))
         self._last_prefill_only = prefill_only
@@ -194,8 +194,8 @@ class Scheduler:
     def _prefill_due(self, num_decoding: int, budget: int) -> bool:
         """Will this step carry a prefill chunk (a running request's next chunk or a recompute,
         or a waiting request that can be admitted)? Then its decoding sequences verify no
-        trees — prefill first. A step with a prefill chunk runs eagerly whatever its decodes
-        do; trees there would take the budget from the chunks and decide on the host. Measured
+        trees — prefill first. A step with a prefill chunk decides on the host; trees there
+        would take the budget from the chunks, and a tree beside a chunk has no graph. Measured
         on an H100 (batch 64, 63-candidate tree, benchmarks/step_trace.py): the first 31
         prompts' trees left 64 tokens a step to the other 33 prompts — 26 eager mixed steps of
         ~110 ms, 2.8 s of a 3.6 s run, where plain decoding's engine prefills in 3 steps."""

@@ -110,6 +110,10 @@ def test_steps_without_a_tree_replay_a_mixed_graph_of_their_token_bucket():
     assert graphs.mixed_shape([seq(0, 9, [0, 1, 2, 3, 4], tokens=range(2))]) is None  # wider than 4 pages
     assert CudaGraphRunner(None, None, torch.device("cpu"), width=4, pad_block=0).mixed_shape(
         [seq(0, 9, [0], tokens=range(2))]) is None  # no mixed graphs asked for
+    big = CudaGraphRunner(None, None, torch.device("cpu"), width=4, pad_block=0, max_mixed_tokens=100,
+                          max_seqs=BATCH_BUCKETS[-1] + 3)  # more sequences than any batch bucket
+    assert big.mixed_batch == BATCH_BUCKETS[-1] + 3
+    assert big.mixed_shape([seq(0, 9, [0], tokens=range(2))]) == MixedStep(16)
     assert list(MIXED_BUCKETS) == sorted(MIXED_BUCKETS)
 
 
