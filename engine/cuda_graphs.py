@@ -470,10 +470,10 @@ class CudaGraphRunner:
         only), replayed from a graph captured per (``key``, batch bucket of the rows) on first
         use: the inputs ([n, ...] device tensors) are copied into static ones of the bucket's
         rows (padding rows keep what they held), and the output's first n rows come back (valid
-        until the next replay of that graph). What a step that runs eagerly (a prefill) or
-        replays a forward graph without a tail (one decided on the host) still has to do on the
-        device — the heads' proposal: ~65 small kernels, ~2.5 ms a step launched from Python on
-        an H100 (queued load at batch 128: prefill steps 5.8 ms with it, 3.1 without)."""
+        until the next replay of that graph). What a step decided on the host (a prefill, a
+        mixed step, logprobs) still has to do on the device after its forward — the heads'
+        proposal: ~65 small kernels, ~2.5 ms a step launched from Python on an H100 (steady
+        load at batch 128: back-off's prefill steps 5.8 ms with it, plain decoding's 3.1)."""
         n = inputs[0].shape[0]
         bucket = padded_batch(n)
         if bucket is None:
