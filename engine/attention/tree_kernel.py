@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.attention.online_softmax import online_softmax_step, paged_kv_tile
+
 
 @triton.jit
 def _tree_attention_kernel(
@@ -61,18 +63,10 @@ def _tree_attention_kernel(
     for start in range(0, kv_len, BLOCK_N):
         pos = start + cols
         ok = pos < kv_len
-        page = tl.load(tables_ptr + b * stride_tb + pos // PAGE, mask=ok, other=0)
-        slot = page.to(tl.int64) * PAGE + pos % PAGE
-        kt = tl.load(kc_ptr + slot[None, :] * stride_ct + g * stride_ch + dims[:, None], mask=ok[None, :], other=0.0)
-        s = tl.dot(q, kt) * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(vc_ptr + slot[:, None] * stride_ct + g * stride_ch + dims[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        kt, vt = paged_kv_tile(kc_ptr, vc_ptr, tables_ptr + b * stride_tb, pos, ok, g, stride_ct, stride_ch, dims,
+                               PAGE)
+        s = tl.where(ok[None, :], tl.dot(q, kt) * qk_scale, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, vt, m_i, l_i, acc)
 
     # (b) The tree: the step's own K/V, each node seeing its ancestors and itself (the root
     # sees itself, so no row is ever all masked).
@@ -82,16 +76,10 @@ def _tree_attention_kernel(
         kt = tl.load(k_ptr + (first + j)[None, :] * stride_kt + g * stride_kh + dims[:, None], mask=ok[None, :],
                      other=0.0)
         visible = tl.load(mask_ptr + node[:, None] * NODES + j[None, :], mask=row_ok[:, None] & ok[None, :], other=0)
-        s = tl.dot(q, kt) * qk_scale
-        s = tl.where(visible != 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = tl.where(visible != 0, tl.dot(q, kt) * qk_scale, float("-inf"))
         vt = tl.load(v_ptr + (first + j)[:, None] * stride_vt + g * stride_vh + dims[None, :], mask=ok[:, None],
                      other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, vt, m_i, l_i, acc)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + (first + node)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from engine.attention.base import TILE_TOKENS, max_tiles
+from engine.attention.online_softmax import online_softmax_step, paged_kv_tile
 
 BLOCK_N = 64  # cached positions per inner-loop tile
 # Binary-search steps over the sequences' first tiles: enough for 2**16 sequences.
@@ -83,19 +84,12 @@ def _varlen_attention_kernel(
     for start in range(0, end, BLOCK_N):
         pos = start + cols
         ok = pos < end
-        page = tl.load(tables_ptr + b * stride_tb + pos // PAGE, mask=ok, other=0)
-        slot = page.to(tl.int64) * PAGE + pos % PAGE
-        kt = tl.load(kc_ptr + slot[None, :] * stride_ct + g * stride_ch + dims[:, None], mask=ok[None, :], other=0.0)
+        kt, vt = paged_kv_tile(kc_ptr, vc_ptr, tables_ptr + b * stride_tb, pos, ok, g, stride_ct, stride_ch, dims,
+                               PAGE)
         s = tl.dot(q, kt) * qk_scale
         # Every row sees position 0 (q_pos >= 0), so no row is all masked.
         s = tl.where(ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(vc_ptr + slot[:, None] * stride_ct + g * stride_ch + dims[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, vt, m_i, l_i, acc)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q0 + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
