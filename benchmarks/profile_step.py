@@ -119,13 +119,18 @@ def main() -> None:
             width = next(w for w in runner.graphs.widths if w >= len(table))  # the graph execute replayed
             g = runner.graphs.graphs[(shape, padded_batch(b), width)]
             forward = _cuda_ms(g.replay, args.iters)
-            # Tails are keyed (propose, tree, sampled, rules, filters): this mode's, with and without proposing.
-            tails = {k[0]: _cuda_ms(fn, args.iters) for k, (fn, _) in g.tails.items()
-                     if k[1] == shape and k[2] == (not params.greedy)}
+            # A decision tail is keyed (tree, sampled, rules, filters, greedy_rows), the proposal
+            # after it ("propose", that key): this mode's decision, alone and with its proposal.
+            decision = next(k for k in g.tails if k[0] is shape and k[1] == (not params.greedy))
+            decide_ms = _cuda_ms(g.tails[decision][0], args.iters)
+            tails = {False: decide_ms}
+            if ("propose", decision) in g.tails:
+                tails[True] = decide_ms + _cuda_ms(g.tails["propose", decision][0], args.iters)
             if b in args.kernels and torch.cuda.is_available():
                 first = len(kernel_report)
-                parts = [("forward", g.replay)] + [(f"tail propose={k[0]}", fn) for k, (fn, _) in g.tails.items()
-                                                   if k[1] == shape and k[2] == (not params.greedy)]
+                parts = [("forward", g.replay), ("tail (decision)", g.tails[decision][0])]
+                if ("propose", decision) in g.tails:
+                    parts.append(("proposal", g.tails["propose", decision][0]))
                 for part, fn in parts:
                     kernels = kernel_table(fn)
                     kernel_report.append(f"\n== batch {b}, {mode}, {part}: {sum(r[1] for r in kernels):.0f} kernels, "

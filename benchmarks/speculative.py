@@ -7,7 +7,8 @@ batch size, greedy, held-out chat prompts; one run side by side.
 The tree name ``backoff`` runs Medusa with back-off (tree sized per step from a latency model
 measured at start-up; needs heads with tree.json, e.g. the default heads); ``none`` a second
 engine without speculation, timed like the others against the first: its row is the run's
-noise floor (an A/A comparison). ``--hf`` adds HF
+noise floor (an A/A comparison); ``<tree>:sync`` (e.g. ``backoff:sync``) the same engine with
+every step waiting for its proposals before returning its tokens (the overlap's A/B). ``--hf`` adds HF
 transformers ``generate`` and ``--eager`` plain decoding without CUDA graphs to every row, so
 one run holds the whole comparison (GPU: benchmarks/gpu_suite.sh). Batches smaller than
 ``--min-prompts`` run that many prompts in successive rounds (acceptance varies by prompt).
@@ -110,6 +111,16 @@ def run(engine, prompts, max_tokens, batch_size, temperature=0.0):
     warm_up(engine, prompts, max_tokens, batch_size, temperature)
     r = timed(engine, prompts, max_tokens, batch_size, temperature)
     return r["tokens"], r["tok_s"], r["step_ms"], r["decode_ms"]
+
+
+# A tree name with this suffix ("backoff:sync"): the same engine, but every step waits for its
+# proposals before returning its tokens (engine/model_runner.py ``defer_candidates`` off) — the
+# A/B of the overlap of the proposal with the host's work, in one run.
+SYNC = ":sync"
+
+
+def _without_deferral(execute):
+    return lambda out, defer_candidates=False: execute(out)
 
 
 def engine_info(eng: Engine) -> dict:
@@ -217,8 +228,8 @@ def main() -> None:
     def config_kw(tree: str) -> dict:
         if tree in ("plain", "none"):  # "none": a second engine without speculation, the A/A row
             return kw
-        spec = {"heads": args.heads, "tree": tree, "acceptance": args.acceptance}
-        if tree == "backoff":
+        spec = {"heads": args.heads, "tree": tree.removesuffix(SYNC), "acceptance": args.acceptance}
+        if tree.removesuffix(SYNC) == "backoff":
             spec.update(tree="auto", backoff=True)
         return {**kw, "speculative": spec}
 
@@ -228,6 +239,10 @@ def main() -> None:
             engines[tree] = EngineProcess(args.model, config_kw(tree), not args.no_gc_freeze)
         else:
             engines[tree] = Engine(args.model, **config_kw(tree))
+        if tree.endswith(SYNC):
+            if args.process_per_engine:
+                raise SystemExit(f"--trees {tree}: the {SYNC} variant needs the engines in this process")
+            engines[tree].executor.execute = _without_deferral(engines[tree].executor.execute)
         if engines[tree].step_latency is not None:
             print("back-off latency model [batch, candidates, ms]:", engines[tree].step_latency, flush=True)
     infos = {name: e.info if args.process_per_engine else engine_info(e) for name, e in engines.items()}

@@ -65,7 +65,7 @@ def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
     steps: list[dict] = []
     execute = engine.executor.execute
 
-    def timed_execute(out):
+    def timed_execute(out, *args, **kwargs):
         kind = step_kind(out)
         profile = host_profile if profile_kind == "eager" and not kind.startswith("decode") else None
         if host_profile is not None and profile_kind == "decode" and kind.startswith("decode"):
@@ -74,8 +74,9 @@ def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
         t0 = time.perf_counter()
         if profile is not None:
             profile.enable()
-        result = execute(out)
-        sync(engine.device)
+        # No sync after it: a step that defers its candidates returns once its tokens are back,
+        # while the device still proposes (the proposal's time lands in the step's wall time).
+        result = execute(out, *args, **kwargs)
         if profile is not None:
             profile.disable()
         steps.append({"kind": kind, "seqs": len(out.seqs), "propose": out.propose,

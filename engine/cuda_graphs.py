@@ -290,6 +290,9 @@ class _Graph:
         self.forward = forward
         self.tails: dict[Hashable, tuple[Callable[[], torch.Tensor], Callable]] = {}
         self.tail_inputs: dict[Hashable, torch.Tensor] = {}  # see CudaGraphRunner.run_tail
+        # Each tail's output after its last run (captured: the same static tensor every replay),
+        # for a tail that reads another's: the proposal reads the decision.
+        self.tail_outputs: dict[Hashable, torch.Tensor] = {}
         self._replay, self.hidden = _capture(runner, forward)
 
     def replay(self) -> torch.Tensor:
@@ -521,6 +524,7 @@ class CudaGraphRunner:
             static.copy_(padded)
         if key not in g.tails:
             work = build(g, static)
-            replay, _ = self._timed(lambda: _capture(self, work))
+            replay, g.tail_outputs[key] = self._timed(lambda: _capture(self, work))
             g.tails[key] = (replay, work)  # holding work keeps the tensors it reads alive
-        return g.tails[key][0]()
+        out = g.tail_outputs[key] = g.tails[key][0]()
+        return out

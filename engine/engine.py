@@ -5,8 +5,8 @@ the executor's workers run it, the scheduler applies the tokens, the output proc
 them into text and outputs:
 
     out = scheduler.schedule()                  # SchedulerOutput: chunks, trees, candidates
-    result = executor.execute(out)              # StepResult: tokens, next candidates
-    touched = scheduler.update(result, ms)      # tokens appended, token-level stops, KV freed
+    result = executor.execute(out, defer_candidates=True)  # StepResult: tokens (next candidates later)
+    touched = scheduler.update(result, ms, executor.take_candidates)  # tokens appended, stops, KV freed
     outputs = output_processor.process(touched) # text, stop strings, RequestOutputs
 """
 
@@ -293,7 +293,10 @@ class Engine:
             return []
         failed: list[Request] = []
         try:
-            result = self.executor.execute(out)
+            # The step's tokens come back before its proposals are done: the device proposes
+            # while update() and the output processor run, and the scheduler takes the
+            # candidates when it schedules the next step.
+            result = self.executor.execute(out, defer_candidates=True)
         except WorkerError as e:
             raise self._fail_all(e) from None
         except Exception as e:  # a bug or a bad request inside the step: not the worker's death
@@ -304,7 +307,8 @@ class Engine:
         # step costs more host time than a plain one (cutting and shipping every sequence's
         # candidates), which the workers' execute time alone would hide.
         step_ms = 1e3 * (time.perf_counter() - started)
-        touched = self.scheduler.update(result, None if failed else step_ms)
+        touched = self.scheduler.update(result, None if failed else step_ms,
+                                        self.executor.take_candidates if result.candidates_deferred else None)
         for req in failed:
             # Finished with 'error': blocks freed, reported once; the engine keeps serving.
             self.scheduler.finish(req, "error")

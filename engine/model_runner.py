@@ -15,10 +15,16 @@
 
 Decide → commit → propose is spec_decode/tail.py: for a uniform step it runs wholly on the
 device — the greedy tail, or the sampled tail when some sequence samples — captured after the
-forward graph on CUDA, called eagerly elsewhere, and returns one small int tensor; other steps
-(logprobs, penalties, min_tokens masking, prefill in the step) decide on the host with the
-acceptance rules and then use the same commit and propose. The runner makes no policy
-decisions: which tree each sequence verifies and whether to propose come from the scheduler.
+forward graph on CUDA, called eagerly elsewhere; other steps (logprobs, penalties, min_tokens
+masking, prefill in the step) decide on the host with the acceptance rules and then use the
+same commit and propose. The runner makes no policy decisions: which tree each sequence
+verifies and whether to propose come from the scheduler.
+
+A uniform step's decision and proposal are two graphs, each followed by its own copy to the
+host. ``execute(out, defer_candidates=True)`` waits for the decision only and returns the
+step's tokens; the proposal — ~65 small kernels, 0.17–0.2 ms at any batch size on an H100 —
+runs on while the host applies those tokens, and ``take_candidates()`` collects it before the
+next step (the in-process executor's path; a Ray worker returns everything at once).
 """
 
 from __future__ import annotations
@@ -61,6 +67,37 @@ class InputBatch:
         return self.out.seqs
 
 
+class HostCopy:
+    """A device tensor's copy to the host, enqueued now and waited for later: on CUDA into
+    page-locked memory (an asynchronous copy needs it), reused from step to step, with an event
+    that tells when it landed; elsewhere the tensor itself (nothing is asynchronous there)."""
+
+    def __init__(self) -> None:
+        self._buf: Optional[torch.Tensor] = None
+        self._out: Optional[torch.Tensor] = None
+        self._event = None
+
+    def start(self, t: torch.Tensor) -> "HostCopy":
+        self.wait()  # the buffer's previous copy must have landed before it is reused
+        if t.device.type != "cuda":
+            self._out = t
+            return self
+        if self._buf is None or self._buf.numel() < t.numel() or self._buf.dtype != t.dtype:
+            self._buf = torch.empty(max(t.numel(), 1), dtype=t.dtype, pin_memory=True)
+        self._out = self._buf[:t.numel()].view(t.shape)
+        self._out.copy_(t, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        return self
+
+    def wait(self) -> Optional[torch.Tensor]:
+        """The copied tensor (None when nothing was started); valid until the next ``start``."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._out
+
+
 class ModelRunner:
     def __init__(self, model, backend: AttentionBackend, device: torch.device,
                  eos_token_ids: tuple[int, ...], proposer: Optional[MedusaProposer] = None,
@@ -78,6 +115,8 @@ class ModelRunner:
         if proposer is not None:
             self.set_trees({proposer.tree.num_nodes - 1: proposer.tree})
         self.block_size = self.kv_cache.block_size
+        self._decided, self._proposed = HostCopy(), HostCopy()
+        self._pending_rows = 0  # sequences whose candidates take_candidates() still owes
 
     @property
     def tree(self) -> Optional[MedusaTree]:
@@ -95,13 +134,24 @@ class ModelRunner:
 
     # ---- phases -----------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
+        """One step. ``defer_candidates``: a uniform step that proposes returns its results
+        with ``candidates_deferred`` set and no ``next_candidates``, once its tokens are known;
+        ``take_candidates()`` gives them, in the order of the results."""
+        self._pending_rows = 0  # candidates nobody took are dropped (HostCopy waits for its copy)
         captured_before = self.graphs.capture_seconds if self.graphs is not None else 0.0
-        result = self._execute(out)
+        result = self._execute(out, defer_candidates)
         result.captured = self.graphs is not None and self.graphs.capture_seconds > captured_before
         return result
 
-    def _execute(self, out: SchedulerOutput) -> StepResult:
+    def take_candidates(self) -> list[list[int]]:
+        """The next candidates of the last step that deferred them, one list per result."""
+        if not self._pending_rows:
+            raise RuntimeError("take_candidates: the last step deferred no candidates")
+        rows, self._pending_rows = self._pending_rows, 0
+        return self._proposed.wait()[:rows].tolist()
+
+    def _execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
         if not out.seqs:
             return StepResult(step_id=out.step_id, results=[])
         batch = self.prepare(out)
@@ -118,8 +168,13 @@ class ModelRunner:
             else:
                 hidden = self.forward(batch)
         if self._device_tail_applies(batch):
-            rows = self.device_tail(batch, hidden, graph)
-            return StepResult(step_id=out.step_id, results=self._tail_results(out, batch.tree, rows.tolist()))
+            rows, proposed = self.device_tail(batch, hidden, graph)
+            if proposed and defer_candidates:
+                self._pending_rows = len(out.seqs)
+                return StepResult(step_id=out.step_id, results=self._tail_results(out, batch.tree, rows),
+                                  candidates_deferred=True)
+            cands = self._proposed.wait()[:len(out.seqs)].tolist() if proposed else None
+            return StepResult(step_id=out.step_id, results=self._tail_results(out, batch.tree, rows, cands))
         return self.sample(batch, hidden)
 
     def prepare(self, out: SchedulerOutput) -> InputBatch:
@@ -168,11 +223,13 @@ class ModelRunner:
         return self.model(torch.tensor(batch.ids, device=self.device),
                           torch.tensor(batch.positions, device=self.device), self.backend, meta)
 
-    def device_tail(self, batch: InputBatch, hidden: torch.Tensor, graph) -> torch.Tensor:
-        """Decide, commit and propose for a uniform step on the device (spec_decode/tail.py):
-        the greedy tail when every sequence is greedy, else the sampled tail with each
-        sequence's sampling parameters and rule; replayed after the forward graph, or called
-        eagerly. Rows of the real sequences."""
+    def device_tail(self, batch: InputBatch, hidden: torch.Tensor, graph) -> tuple[list[list[int]], bool]:
+        """Decide and commit for a uniform step on the device (spec_decode/tail.py): the greedy
+        tail when every sequence is greedy, else the sampled tail with each sequence's sampling
+        parameters and rule; then, when the step proposes, the heads' proposal from what was
+        decided — each replayed after the forward graph, or called eagerly. Returns the real
+        sequences' decided rows (``SpecTail.greedy``'s), read back as soon as the decision is
+        done, and whether a proposal was started (its copy to the host is ``self._proposed``)."""
         propose = self.proposer is not None and batch.out.propose
         tree = batch.tree
         params = [s.params or SamplingParams() for s in batch.seqs]
@@ -186,16 +243,25 @@ class ModelRunner:
             filters = any(p.filtered for p in params)
             greedy_rows = any(p.greedy for p in params)
 
-        key = (propose, tree, sampled, rules, filters, greedy_rows)
+        key = (tree, sampled, rules, filters, greedy_rows)
+        b = len(batch.seqs)
         if graph is not None:
-            return self.graphs.run_tail(graph, key, self._tail_builder(key), inputs)[:len(batch.seqs)].cpu()
-        b, n = len(batch.seqs), batch.uniform_nodes
+            decided = self.graphs.run_tail(graph, key, self._tail_builder(key), inputs)
+            self._decided.start(decided[:b])  # enqueued before the proposal: the host waits for it alone
+            if propose:
+                self._proposed.start(self.graphs.run_tail(graph, ("propose", key), self._propose_builder(key))[:b])
+            return self._decided.wait().tolist(), propose
+        n = batch.uniform_nodes
         dev = self.device
         tables = block_tables([s.block_table for s in batch.seqs], dev).long()
         tokens = torch.tensor(batch.ids, device=dev).view(b, n)
         start = torch.tensor([s.start_pos for s in batch.seqs], device=dev)[:, None]
         static = inputs.to(dev) if inputs is not None else None
-        return self._tail(key, hidden, tokens, start, tables, static).cpu()
+        decided = self._tail(key, hidden, tokens, start, tables, static)
+        self._decided.start(decided)
+        if propose:
+            self._proposed.start(self.tail.propose_after(hidden, decided))
+        return self._decided.wait().tolist(), propose
 
     @staticmethod
     def _sampled_tail_inputs(params: list[SamplingParams], seeds: list[int], rules: list[str]) -> torch.Tensor:
@@ -205,18 +271,26 @@ class ModelRunner:
                              for p, seed, rule in zip(params, seeds, rules)], dtype=torch.float64)
 
     def _tail(self, key, hidden, tokens, start, tables, static) -> torch.Tensor:
-        """The device tail ``key`` = (propose, tree, sampled, rules, filters, greedy_rows) names."""
-        propose, tree, sampled, rules, filters, greedy_rows = key
+        """The device decision ``key`` = (tree, sampled, rules, filters, greedy_rows) names."""
+        tree, sampled, rules, filters, greedy_rows = key
         if not sampled:
-            return self.tail.greedy(hidden, tree, tokens, start, tables, propose)
-        return self.tail.sampled(hidden, tree, tokens, start, tables, propose, static, rules, filters, greedy_rows)
+            return self.tail.greedy(hidden, tree, tokens, start, tables)
+        return self.tail.sampled(hidden, tree, tokens, start, tables, static, rules, filters, greedy_rows)
 
     def _tail_builder(self, key) -> Callable:
-        """What CudaGraphRunner.run_tail captures for the tail ``key``, reading a graph's views."""
+        """What CudaGraphRunner.run_tail captures for the decision ``key``, reading a graph's views."""
         def build(g, static) -> Callable[[], torch.Tensor]:
             v, b, n = g.views, g.layout.batch, g.layout.nodes
             tokens, start = v["ids"].view(b, n), v["starts"][:, None]
             return lambda: self._tail(key, g.hidden, tokens, start, v["tables"], static)
+        return build
+
+    def _propose_builder(self, key) -> Callable:
+        """What CudaGraphRunner.run_tail captures for the proposal after the decision ``key``:
+        it reads that decision's output (``tail_outputs``: on CUDA the same static tensor every
+        replay; uncaptured, the latest call's)."""
+        def build(g, _) -> Callable[[], torch.Tensor]:
+            return lambda: self.tail.propose_after(g.hidden, g.tail_outputs[key])
         return build
 
     @torch.inference_mode()
@@ -244,11 +318,11 @@ class ModelRunner:
             rules = frozenset({rule}) if g.shape is not None else frozenset()
             # One sampling sequence's inputs: the capture only needs their shape.
             inputs = self._sampled_tail_inputs([SamplingParams(temperature=1.0)], [0], [rule])
-            for propose in (False, True) if self.proposer is not None else (False,):
-                greedy = (propose, g.shape, False, frozenset(), False, False)
-                self.graphs.run_tail(g, greedy, self._tail_builder(greedy))
-                sampled = (propose, g.shape, True, rules, False, False)
-                self.graphs.run_tail(g, sampled, self._tail_builder(sampled), inputs)
+            for key, args in (((g.shape, False, frozenset(), False, False), ()),
+                              ((g.shape, True, rules, False, False), (inputs,))):
+                self.graphs.run_tail(g, key, self._tail_builder(key), *args)
+                if self.proposer is not None:
+                    self.graphs.run_tail(g, ("propose", key), self._propose_builder(key))
 
     def sample(self, batch: InputBatch, hidden: torch.Tensor) -> StepResult:
         """The host path: logits for the rows a decision reads, then per sequence the
@@ -380,13 +454,16 @@ class ModelRunner:
             s.sample and not decides_on_host(s.params, s.num_output_tokens) for s in batch.seqs)
 
     @staticmethod
-    def _tail_results(out: SchedulerOutput, tree: Optional[MedusaTree], rows: list[list[int]]) -> list[SeqResult]:
+    def _tail_results(out: SchedulerOutput, tree: Optional[MedusaTree], rows: list[list[int]],
+                      cands: Optional[list[list[int]]] = None) -> list[SeqResult]:
+        """Results from the decided rows (``SpecTail.greedy``'s) and the proposed candidates."""
         depth = tree.depth if tree is not None else 0
         results = []
-        for s, r in zip(out.seqs, rows):
+        for i, (s, r) in enumerate(zip(out.seqs, rows)):
             n = r[0]
             results.append(SeqResult(
-                seq_id=s.seq_id, sampled_token_ids=r[1:1 + n] + [r[1 + depth]], next_candidates=r[2 + depth:],
+                seq_id=s.seq_id, sampled_token_ids=r[1:1 + n] + [r[1 + depth]],
+                next_candidates=cands[i] if cands is not None else [],
                 num_accepted=n, accepted_per_depth=[int(n > d) for d in range(depth)]))
         return results
 

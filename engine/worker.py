@@ -182,8 +182,11 @@ class Worker:
                           tree_autotune=self.tree_autotune, pid=os.getpid(), step_latency=self.step_latency,
                           num_graphs=len(g.graphs) if g else 0, graph_capture_s=round(g.capture_seconds, 2) if g else 0.0)
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        return self.runner.execute(out)
+    def execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
+        return self.runner.execute(out, defer_candidates)
+
+    def take_candidates(self) -> list[list[int]]:
+        return self.runner.take_candidates()
 
 
 def latency_cache_key(spec: WorkerSpec, device: torch.device, sizes: list[int], batch_sizes: list[int],

@@ -56,7 +56,8 @@ class SeqResult(msgspec.Struct, kw_only=True, array_like=True):
     seq_id: int
     # New tokens: accepted candidates followed by the bonus (model-sampled) token.
     sampled_token_ids: list[int]
-    # Candidates of the full tree for the next step (empty without proposals).
+    # Candidates of the full tree for the next step (empty without proposals, or when the step
+    # deferred them: StepResult.candidates_deferred).
     next_candidates: list[int] = []
     logprobs: list[float] = []
     # Per sampled token, the top_logprobs most likely [token id, logprob] pairs there.
@@ -73,6 +74,10 @@ class StepResult(msgspec.Struct, kw_only=True):
     # The step captured a CUDA graph (a shape or tail on first use, ~1 s): its time is not the
     # step's cost, and the speculation policy must not learn from it.
     captured: bool = False
+    # The step's proposals were still running on the device when its tokens came back: every
+    # result's next_candidates come from the executor's take_candidates(), in result order
+    # (in-process execution only; ModelRunner.execute's defer_candidates).
+    candidates_deferred: bool = False
 
 
 ENCODER = msgspec.msgpack.Encoder()

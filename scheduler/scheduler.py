@@ -13,7 +13,7 @@ produces exactly the tokens it would have produced without the preemption.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
@@ -49,6 +49,9 @@ class Scheduler:
         self._step_tree = 0  # the tree size the policy chose for the step in flight
         self._step_path = "greedy"  # ... and how its decodes decide (engine/sampling.py decision_path)
         self._last_prefill_only = False  # the previous step left the decoding sequences out
+        # The last step's candidates when it deferred them (StepResult.candidates_deferred): how
+        # to get them, and the request of each result (None: finished, gets none).
+        self._deferred: Optional[tuple[Callable[[], list[list[int]]], list[Optional[Request]]]] = None
         self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------
@@ -112,6 +115,7 @@ class Scheduler:
         new prompts get a step of their own when every running sequence decodes."""
         if self._in_flight_step is not None:
             raise RuntimeError("schedule() called again before update() of the previous step")
+        self._take_deferred_candidates()
         budget = self.config.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         preempted_before = self.num_preemptions
@@ -227,21 +231,39 @@ class Scheduler:
             history=req.all_token_ids if sample and req.params.penalized else [],
         )
 
-    def update(self, result: StepResult, execute_ms: Optional[float] = None) -> list[Request]:
+    def _take_deferred_candidates(self) -> None:
+        """Give the last step's deferred candidates to the requests still running (before
+        anything is scheduled: they decide this step's trees)."""
+        if self._deferred is None:
+            return
+        take, reqs = self._deferred
+        self._deferred = None
+        for req, cands in zip(reqs, take()):
+            if req is not None and req.status is RequestStatus.RUNNING:
+                req.candidates = cands
+
+    def update(self, result: StepResult, execute_ms: Optional[float] = None,
+               take_candidates: Optional[Callable[[], list[list[int]]]] = None) -> list[Request]:
         """Apply a step's results: advance KV accounting, append tokens (stopping exactly at the
         first stop condition that token ids decide — EOS, stop token ids, lengths — never
         overshooting), free finished requests. Stop strings are the output processor's: it
         trims and finishes requests through ``finish``. ``execute_ms``: what the step took —
         scheduling and the workers' execution (a pure decode step's cost corrects the
-        speculation policy, unless the step captured a CUDA graph).
+        speculation policy, unless the step captured a CUDA graph). ``take_candidates``: for a
+        result with ``candidates_deferred``, what gives its candidates (one list per result),
+        called when the next step is scheduled.
         Returns the requests that received tokens or finished this step."""
         step = self._in_flight_step
         if step is None:
             raise RuntimeError("update() without a scheduled step")
+        if result.candidates_deferred and take_candidates is None:
+            raise ValueError(f"step {result.step_id} deferred its candidates: update() needs take_candidates")
         touched = []
+        deferred_to: list[Optional[Request]] = []  # per result, the request its candidates go to
         for res in result.results:
             chunk, sampled = self._in_flight.pop(res.seq_id)
             req = self._by_seq_id.get(res.seq_id)
+            deferred_to.append(req if sampled else None)
             if req is None:
                 continue
             req.num_computed += chunk
@@ -268,6 +290,9 @@ class Scheduler:
                 self.finish(req, reason)
         self._in_flight.clear()
         self._in_flight_step = None
+        if result.candidates_deferred and any(r is not None and r.status is RequestStatus.RUNNING
+                                              for r in deferred_to):
+            self._deferred = (take_candidates, deferred_to)
         if execute_ms is not None and not result.captured:
             self._observe(step, result, execute_ms)
         return touched

@@ -5,13 +5,16 @@ and the bonus token after it), the commit of the accepted nodes' K/V from the ca
 region into the sequence's own slots (only accepted tokens ever live in request blocks), and
 the heads' proposals for the next step, read at the last accepted token.
 
-``SpecTail.greedy`` does all three on the device for a uniform step of greedy sequences
+``SpecTail.greedy`` decides and commits on the device for a uniform step of greedy sequences
 (B sequences × N nodes, no host round trip), and ``SpecTail.sampled`` for a uniform step in
 which some sample (temperature, top-k, top-p, each sequence its own seed and acceptance
-rule): the eager runner calls them, and the CUDA graph runner captures the very same
-functions after the forward graph. Steps they cannot take (logprobs, penalties, min_tokens
-masking, mixed prefill) decide on the host with the acceptance rules
-(spec_decode/acceptance.py) and then call the same ``commit`` and ``propose``.
+rule); ``SpecTail.propose_after`` then proposes from what they decided. The eager runner
+calls them, and the CUDA graph runner captures the very same functions after the forward
+graph — the decision and the proposal as two graphs, so that the host can read the decision
+(and apply its tokens) while the device still proposes (engine/model_runner.py). Steps they
+cannot take (logprobs, penalties, min_tokens masking, mixed prefill) decide on the host with
+the acceptance rules (spec_decode/acceptance.py) and then call the same ``commit`` and
+``propose``.
 
 Greedy decision, per sequence: along every root-to-leaf path, a candidate is accepted while it
 equals the model's argmax at its parent; the first longest path wins; the bonus token is the
@@ -71,14 +74,20 @@ class SpecTail:
             self._tree_tensors[key] = torch.as_tensor(getattr(tree, name), device=self.kv_cache.k_all.device)
         return self._tree_tensors[key]
 
+    def propose_after(self, hidden: torch.Tensor, decided: torch.Tensor) -> torch.Tensor:
+        """The full tree's next candidates [B, C] of the sequences ``greedy`` or ``sampled``
+        decided (``decided``, their rows): the heads at each one's last accepted node, rooted
+        at its bonus token."""
+        return self.propose(hidden.index_select(0, decided[:, -1]), decided[:, -2])
+
     def greedy(self, hidden: torch.Tensor, tree: Optional[MedusaTree], tokens: torch.Tensor,
-               start: torch.Tensor, tables: torch.Tensor, propose: bool) -> torch.Tensor:
+               start: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """A uniform greedy step on the device. hidden [B*N, H] (sequence after sequence, N =
         the tree's nodes or 1), tokens [B, N] (the pending token, then the candidates), start
         [B, 1] (the pending token's position), tables [B, W] (block tables, padded with any
-        block). Returns [B, 1 + depth + 1 + C] int64: accepted count, the accepted tokens
-        (padded to the tree depth), the bonus token, then C next candidates (C = 0 without
-        ``propose``)."""
+        block). Returns [B, 1 + depth + 2] int64: accepted count, the accepted tokens (padded
+        to the tree depth), the bonus token, and the row of ``hidden`` at the last accepted
+        node (where ``propose_after`` reads)."""
         b, n = tokens.shape
         argmax = self.lm_head(hidden).argmax(-1).view(b, n)
         if tree is None:
@@ -89,11 +98,11 @@ class SpecTail:
             best, n_acc = greedy_tree_accept(paths, tokens, argmax)
             path = paths[best]
         bonus = argmax.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
-        return self._finish(hidden, tree, tokens, start, tables, propose, path, n_acc, bonus)
+        return self._finish(tree, tokens, start, tables, path, n_acc, bonus)
 
     def sampled(self, hidden: torch.Tensor, tree: Optional[MedusaTree], tokens: torch.Tensor,
-                start: torch.Tensor, tables: torch.Tensor, propose: bool, params: torch.Tensor,
-                rules: frozenset, filters: bool, greedy_rows: bool = True) -> torch.Tensor:
+                start: torch.Tensor, tables: torch.Tensor, params: torch.Tensor, rules: frozenset,
+                filters: bool, greedy_rows: bool = True) -> torch.Tensor:
         """``greedy``'s step for sequences that sample, each by its own acceptance rule, still
         on the device (no host sync): params [B, 5] float64 per sequence — temperature (0:
         greedy), top_p, top_k, seed key (engine/sampling.py ``seed_key``), rule (an index
@@ -131,7 +140,7 @@ class SpecTail:
 
         if tree is None:
             path = torch.zeros(b, 1, dtype=torch.long, device=dev)
-            return self._finish(hidden, tree, tokens, start, tables, propose, path, path[:, 0], draw_at(path[:, 0]))
+            return self._finish(tree, tokens, start, tables, path, path[:, 0], draw_at(path[:, 0]))
         paths = self.device_tensor(tree, "paths")
         # Each present rule decides every sequence; each sequence keeps its own rule's answer.
         path = torch.zeros(b, tree.depth + 1, dtype=torch.long, device=dev)
@@ -154,15 +163,14 @@ class SpecTail:
             mine = rule == SAMPLED_RULES.index(name)
             path = torch.where(mine[:, None], p, path)
             n_acc, bonus = torch.where(mine, k, n_acc), torch.where(mine, x, bonus)
-        return self._finish(hidden, tree, tokens, start, tables, propose, path, n_acc, bonus)
+        return self._finish(tree, tokens, start, tables, path, n_acc, bonus)
 
-    def _finish(self, hidden: torch.Tensor, tree: Optional[MedusaTree], tokens: torch.Tensor, start: torch.Tensor,
-                tables: torch.Tensor, propose: bool, path: torch.Tensor, n_acc: torch.Tensor,
-                bonus: torch.Tensor) -> torch.Tensor:
+    def _finish(self, tree: Optional[MedusaTree], tokens: torch.Tensor, start: torch.Tensor, tables: torch.Tensor,
+                path: torch.Tensor, n_acc: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
         """Commit the accepted nodes (``path`` [B, depth + 1] root first, ``n_acc`` of them
-        after the root) and propose at the last one; returns ``greedy``'s rows."""
+        after the root); returns ``greedy``'s rows."""
         b, n = tokens.shape
-        dev = hidden.device
+        dev = tokens.device
         seq = torch.arange(b, device=dev)
         path = path.clamp(min=0)
         last = path.gather(1, n_acc[:, None])
@@ -176,7 +184,4 @@ class SpecTail:
             dst = self.kv_cache.slots(tables, (start + steps).clamp(max=tables.shape[1] * page - 1))
             dst = torch.where(steps[None, :] <= n_acc[:, None], dst, self.kv_cache.pad_slot)
             self.commit((seq[:, None] * n + path[:, 1:]).flatten(), dst.flatten())
-        parts = [n_acc[:, None], accepted, bonus[:, None]]
-        if propose:
-            parts.append(self.propose(hidden.index_select(0, seq * n + last[:, 0]), bonus))
-        return torch.cat(parts, dim=1)
+        return torch.cat([n_acc[:, None], accepted, bonus[:, None], seq[:, None] * n + last], dim=1)

@@ -253,12 +253,13 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         eng = engine_for(spec)
         graphs = eng.executor.worker.runner.graphs
         assert graphs is not None and not graphs.captured
-        # The greedy tail and the acceptance rule's sampled tail were captured at start-up after
-        # every decode / verify graph, proposing or not.
+        # The greedy decision and the acceptance rule's sampled one were captured at start-up
+        # after every decode / verify graph, each followed by its proposal in a Medusa engine.
         decode_graphs = [g for g in graphs.graphs.values() if g.decodes]
-        proposing = {False, True} if spec else {False}
-        assert decode_graphs and all({k[0] for k in g.tails if not k[2]} == proposing
-                                     and {k[0] for k in g.tails if k[2]} == proposing for g in decode_graphs)
+        decisions = [{k for k in g.tails if k[0] != "propose"} for g in decode_graphs]
+        assert decode_graphs and all(sorted(k[1] for k in d) == [False, True] for d in decisions)
+        assert all({k[1] for k in g.tails if k[0] == "propose"} == (d if spec else set())
+                   for g, d in zip(decode_graphs, decisions))
         calls = {"forward": 0, "tail": 0, "prefill": 0, "mixed": 0}
 
         def counted(name, fn):
@@ -274,8 +275,10 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         graphs.run_mixed = counted("mixed", graphs.run_mixed)
         toks = [[o.token_ids for o in eng.generate_batch(p, params)] for p, params in batches]
         assert toks == ref[i], spec
-        assert calls["forward"] > calls["tail"] > 0, calls  # the logprobs request's steps skip the tail
-        assert any(key[2] for key in keys) and any(not key[2] for key in keys), keys  # sampled, greedy
+        decided = [key for key in keys if key[0] != "propose"]
+        assert calls["forward"] > len(decided) > 0, calls  # the logprobs request's steps skip the tail
+        assert any(key[1] for key in decided) and any(not key[1] for key in decided), keys  # sampled, greedy
+        assert any(key[0] == "propose" for key in keys) == bool(spec), keys
         # Each batch's prompts in one step: one prompt through its fresh-prefill graph (captured
         # at start-up), several through a mixed graph.
         assert calls["prefill"] == 1 and calls["mixed"] == 2, calls

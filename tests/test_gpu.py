@@ -379,12 +379,17 @@ def _check_greedy_tail(runner, cache, g, tree, seqs, page, pad):
     hidden, step_k = g.hidden.clone(), cache.k_all[:, scratch0:scratch0 + bp * n].clone()
     v = g.views
 
-    def build(g, _):  # what ModelRunner.device_tail captures
-        return lambda: runner.tail.greedy(g.hidden, tree, v["ids"].view(bp, n), v["starts"][:, None],
-                                          v["tables"], True)
-    rows = runner.graphs.run_tail(g, ("test", tree), build).tolist()
+    def build(g, _):  # what ModelRunner.device_tail captures: the decision, then the proposal
+        return lambda: runner.tail.greedy(g.hidden, tree, v["ids"].view(bp, n), v["starts"][:, None], v["tables"])
+
+    def build_proposal(g, _):
+        return lambda: runner.tail.propose_after(g.hidden, g.tail_outputs[("test", tree)])
+    decided = runner.graphs.run_tail(g, ("test", tree), build).tolist()
+    proposed = runner.graphs.run_tail(g, ("test propose", tree), build_proposal).tolist()
+    rows = [d[:-1] + p for d, p in zip(decided, proposed)]
     depth = tree.depth if tree is not None else 0
     last = torch.tensor([i * n + a.path[-1] for i, a in enumerate(want)], device=hidden.device)
+    assert [d[-1] for d in decided] == last.tolist()  # the row the proposal read
     cands = runner.proposer.propose(hidden.index_select(0, last)).tolist()
     for i, (a, r) in enumerate(zip(want, rows)):
         n_acc = len(a.path) - 1

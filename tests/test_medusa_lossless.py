@@ -1,6 +1,7 @@
 """Greedy with Medusa == greedy without, token for token (bundled model, several trees,
 batch 1, mixed batches with joins/aborts, forced preemption)."""
 
+import contextlib
 import json
 
 import pytest
@@ -169,3 +170,45 @@ def test_lossless_under_penalties_and_logit_bias(bundled_dir, tree):
     assert eng.stats.mean_accepted_length > 1.2
     # One at a time too (batch 1, a different step mix).
     assert eng.generate_batch([prompts[0]], params[0])[0].token_ids == ref[0]
+
+
+def test_deferred_candidates_are_the_steps_own_and_reach_its_next_step(bundled_dir, reference):
+    """A uniform step returns its tokens before its proposals (the device proposes while the
+    host applies them): the candidates the scheduler takes at the next step are exactly what
+    the step would have returned at once, and the output stays plain greedy decoding's."""
+    from scheduler.outputs import StepResult
+
+    eng = Engine("default", speculative={"heads": "default", "tree": "small_12"}, max_num_seqs=16)
+    runner = eng.executor.worker.runner
+    execute, take = runner.execute, runner.take_candidates
+    expected, deferred_steps = [], []
+
+    def checked_execute(out, defer_candidates=False):
+        if defer_candidates:  # the same step at once first (a re-run writes the same K/V)
+            expected.append([r.next_candidates for r in execute(out).results])
+        result = execute(out, defer_candidates)
+        if result.candidates_deferred:
+            deferred_steps.append(out.step_id)
+            assert all(r.next_candidates == [] for r in result.results)
+            assert [r.sampled_token_ids for r in result.results] == [r.sampled_token_ids
+                                                                      for r in execute(out).results]
+            runner._pending_rows = len(out.seqs)  # (the re-run above dropped the deferral)
+        return result
+
+    def checked_take():
+        got = take()
+        assert got == expected[-1]
+        return got
+    runner.execute, runner.take_candidates = checked_execute, checked_take
+    outs = eng.generate_batch(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [reference[p] for p in PROMPTS]
+    assert len(deferred_steps) > 5 and eng.stats.mean_accepted_length > 1.2
+    with contextlib.suppress(RuntimeError):
+        take()  # the last step's, which no step took: every request had finished
+    with pytest.raises(RuntimeError, match="deferred no candidates"):
+        take()
+    # A deferred result without the means to take its candidates is refused, not dropped.
+    eng.add_request(PROMPTS[0], GREEDY)
+    step = eng.scheduler.schedule()
+    with pytest.raises(ValueError, match="take_candidates"):
+        eng.scheduler.update(StepResult(step_id=step.step_id, results=[], candidates_deferred=True))

@@ -1,7 +1,8 @@
 """Executors run the workers (one per tensor-parallel rank) for the driver.
 
-Every executor has ``info`` (a WorkerInfo from rank 0), ``execute(SchedulerOutput) ->
-StepResult`` and ``shutdown()``. A failing worker surfaces as WorkerError.
+Every executor has ``info`` (a WorkerInfo from rank 0), ``execute(SchedulerOutput,
+defer_candidates=False) -> StepResult``, ``take_candidates()`` (for a result with
+``candidates_deferred``) and ``shutdown()``. A failing worker surfaces as WorkerError.
 """
 
 

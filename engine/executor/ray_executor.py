@@ -136,7 +136,9 @@ class RayExecutor:
                 raise self.error from None
         return ray.get(refs)
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
+        """Every rank returns its whole result (candidates included): ``defer_candidates`` is an
+        in-process saving (engine/model_runner.py), and a result crosses processes as bytes."""
         if self.error is not None:
             raise self.error
         data = ENCODER.encode(out)

@@ -11,8 +11,13 @@ class UniprocExecutor:
         self.worker = Worker(spec)
         self.info: WorkerInfo = self.worker.info()
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        return self.worker.execute(out)
+    def execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
+        """``defer_candidates``: the step may return before its proposals are done
+        (``StepResult.candidates_deferred``); ``take_candidates()`` then collects them."""
+        return self.worker.execute(out, defer_candidates)
+
+    def take_candidates(self) -> list[list[int]]:
+        return self.worker.take_candidates()
 
     def shutdown(self) -> None:
         pass
