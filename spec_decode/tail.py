@@ -52,6 +52,9 @@ class SpecTail:
                  proposer: Optional[MedusaProposer], epsilon: float = 0.09, alpha: float = 0.3) -> None:
         self.kv_cache, self.lm_head, self.proposer = kv_cache, lm_head, proposer
         self.epsilon, self.alpha = epsilon, alpha  # typical acceptance's
+        # The greedy decision of a verify step as one Triton launch (spec_decode/greedy_kernel.py)
+        # on CUDA, where Triton is; the torch ops elsewhere (the same answers).
+        self.fused_greedy = kv_cache.k_all.is_cuda
         # Device copies of each tree's index tensors, made outside any graph capture (a
         # host→device copy cannot be captured) and kept alive for the graphs that read them.
         self._tree_tensors: dict[tuple[MedusaTree, str], torch.Tensor] = {}
@@ -90,6 +93,14 @@ class SpecTail:
         node (where ``propose_after`` reads)."""
         b, n = tokens.shape
         argmax = self.lm_head(hidden).argmax(-1).view(b, n)
+        if tree is not None and self.fused_greedy:  # the same decision and commit, one launch
+            from spec_decode.greedy_kernel import greedy_decide
+
+            kv = self.kv_cache
+            rows, src, dst = greedy_decide(tokens, argmax, self.device_tensor(tree, "paths"), start[:, 0], tables,
+                                           kv.block_size, kv.pad_slot, kv.scratch_slot0)
+            kv.copy_slots(src.flatten(), dst.flatten())
+            return rows
         if tree is None:
             path = torch.zeros(b, 1, dtype=torch.long, device=hidden.device)
             n_acc = path[:, 0]

@@ -125,10 +125,10 @@ def test_a_failing_request_fails_alone_and_the_engine_keeps_serving(tiny_llama, 
     bad_seq = {}
     real = mr.ModelRunner.execute
 
-    def faulty(self, out):
+    def faulty(self, out, *args, **kwargs):
         if any(s.seq_id == bad_seq.get("id") and s.num_output_tokens >= 2 for s in out.seqs):
             raise RuntimeError("injected fault")
-        return real(self, out)
+        return real(self, out, *args, **kwargs)
 
     monkeypatch.setattr(mr.ModelRunner, "execute", faulty)
     rids = [eng.add_request(p, params) for p in prompts]

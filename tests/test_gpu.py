@@ -215,6 +215,69 @@ def test_triton_topk_takes_torch_topk_values(rows, cols, k):
     assert torch.equal(row_topk(x.view(1, rows, cols), k, ids).view(rows, k), ids[got])
 
 
+def _greedy_decision_cases(dev, tree, b, seed):
+    """Random verify steps of ``b`` sequences on ``tree`` whose candidates follow the argmax at
+    their parent 3 times in 4 (accepted paths of every length), with a paged cache to commit to."""
+    gen = torch.Generator().manual_seed(seed)
+    n, page, vocab = tree.num_nodes, 16, 7
+    argmax = torch.randint(0, vocab, (b, n), generator=gen)
+    tokens = torch.randint(0, vocab, (b, n), generator=gen)
+    follows = torch.rand((b, n), generator=gen) < 0.75
+    parents = torch.tensor([0] + tree.parents[1:])
+    tokens = torch.where(follows, argmax[:, parents], tokens)
+    start = torch.randint(0, 70, (b, 1), generator=gen)
+    tables = torch.stack([torch.randperm(40, generator=gen)[:6] for _ in range(b)])
+    cache = PagedKVCache(2, 40, page, 2, 8, torch.float32, dev, scratch_tokens=b * n)
+    cache.k_all.copy_(torch.randn(cache.k_all.shape, generator=gen))
+    cache.v_all.copy_(torch.randn(cache.v_all.shape, generator=gen))
+    return [x.to(dev) for x in (tokens, argmax, start, tables)], cache
+
+
+@needs_cuda
+@pytest.mark.parametrize("tree_name", ["mc_sim_7b_63", "small_12", "chain:4"])
+def test_fused_greedy_decision_equals_the_torch_ops(tree_name):
+    """spec_decode/greedy_kernel.py: the same accepted count, accepted tokens, bonus token and
+    proposal row as the torch ops it replaces, and the same K/V in every slot but the pad slot
+    (rejected depths all land there, in no defined order: CUDA's indexed copy with repeated
+    destinations)."""
+    from spec_decode.acceptance import greedy_tree_accept
+    from spec_decode.tail import SpecTail
+
+    dev = torch.device("cuda")
+    tree = MedusaTree.build(tree_name, 4)
+    lengths = set()
+    for b, seed in ((1, 0), (5, 1), (64, 2)):
+        (tokens, argmax, start, tables), cache = _greedy_decision_cases(dev, tree, b, seed)
+        tail = SpecTail(cache, lambda h: h, None)
+        caches = []
+        for fused in (True, False):
+            tail.fused_greedy = fused
+            k0, v0 = cache.k_all.clone(), cache.v_all.clone()
+            if fused:  # what SpecTail.greedy runs after the lm_head's argmax
+                from spec_decode.greedy_kernel import greedy_decide
+                rows, src, dst = greedy_decide(tokens, argmax, tail.device_tensor(tree, "paths"), start[:, 0],
+                                               tables, cache.block_size, cache.pad_slot, cache.scratch_slot0)
+                cache.copy_slots(src.flatten(), dst.flatten())
+            else:
+                paths = tail.device_tensor(tree, "paths")
+                best, n_acc = greedy_tree_accept(paths, tokens, argmax)
+                path = paths[best]
+                bonus = argmax.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
+                ref = tail._finish(tree, tokens, start, tables, path, n_acc, bonus)
+            caches.append((cache.k_all.clone(), cache.v_all.clone()))
+            cache.k_all.copy_(k0)
+            cache.v_all.copy_(v0)
+        depth = tree.depth
+        for got, want in zip(rows.tolist(), ref.tolist()):
+            n = want[0]
+            assert got[:1 + n] == want[:1 + n] and got[1 + depth:] == want[1 + depth:], (b, got, want)
+        pad = cache.pad_slot
+        for x, y in zip(*caches):
+            assert torch.equal(x[:, :pad], y[:, :pad]) and torch.equal(x[:, pad + 1:], y[:, pad + 1:])
+        lengths |= set(rows[:, 0].tolist())
+    assert len(lengths) >= 3, lengths  # short and long accepted paths were both checked
+
+
 @needs_cuda
 @pytest.mark.parametrize("rule", ["greedy", "typical", "rejection"])
 def test_device_rules_equal_the_host_rules_on_cuda(rule):
