@@ -226,8 +226,9 @@ def _greedy_decision_cases(dev, tree, b, seed):
     parents = torch.tensor([0] + tree.parents[1:])
     tokens = torch.where(follows, argmax[:, parents], tokens)
     start = torch.randint(0, 70, (b, 1), generator=gen)
-    tables = torch.stack([torch.randperm(40, generator=gen)[:6] for _ in range(b)])
-    cache = PagedKVCache(2, 40, page, 2, 8, torch.float32, dev, scratch_tokens=b * n)
+    # Each sequence its own blocks, as the block manager hands them out (positions < 80).
+    tables = torch.randperm(5 * b, generator=gen).view(b, 5)
+    cache = PagedKVCache(2, 5 * b, page, 2, 8, torch.float32, dev, scratch_tokens=b * n)
     cache.k_all.copy_(torch.randn(cache.k_all.shape, generator=gen))
     cache.v_all.copy_(torch.randn(cache.v_all.shape, generator=gen))
     return [x.to(dev) for x in (tokens, argmax, start, tables)], cache
