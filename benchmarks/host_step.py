@@ -32,7 +32,7 @@ from spec_decode.tree import nested_subtrees  # noqa: E402
 
 def stand_in_executor(full: int, depth: int):
     """An executor that accepts one candidate per tree and proposes the full tree's candidates."""
-    def execute(out):
+    def execute(out, defer_candidates=False):  # the candidates come with the tokens
         results = []
         for s in out.seqs:
             if not s.sample:

@@ -305,7 +305,9 @@ class Engine:
             failed = [by_seq[i] for i in failed_ids]
         # What back-off learns from: the step's wall time from scheduling on. Scheduling a tree
         # step costs more host time than a plain one (cutting and shipping every sequence's
-        # candidates), which the workers' execute time alone would hide.
+        # candidates), which the workers' execute time alone would hide. Scheduling also waits
+        # for what the host's work did not hide of the previous step's proposal: a tree step's
+        # cost lands in the steps that follow it, which run the same tree size but at a change.
         step_ms = 1e3 * (time.perf_counter() - started)
         touched = self.scheduler.update(result, None if failed else step_ms,
                                         self.executor.take_candidates if result.candidates_deferred else None)

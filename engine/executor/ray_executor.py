@@ -148,6 +148,9 @@ class RayExecutor:
             raise self.error
         return STEP_RESULT_DECODER.decode(results[0])
 
+    def take_candidates(self) -> list[list[int]]:
+        raise RuntimeError("take_candidates: Ray ranks return their candidates with the step's tokens")
+
     def shutdown(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
