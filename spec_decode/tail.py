@@ -52,9 +52,10 @@ class SpecTail:
                  proposer: Optional[MedusaProposer], epsilon: float = 0.09, alpha: float = 0.3) -> None:
         self.kv_cache, self.lm_head, self.proposer = kv_cache, lm_head, proposer
         self.epsilon, self.alpha = epsilon, alpha  # typical acceptance's
-        # The greedy decision of a verify step as one Triton launch (spec_decode/greedy_kernel.py)
-        # on CUDA, where Triton is; the torch ops elsewhere (the same answers).
-        self.fused_greedy = kv_cache.k_all.is_cuda
+        # A verify step's greedy decision, and the rows and commit slots of any decision, as
+        # single Triton launches (spec_decode/decision_kernel.py) on CUDA, where Triton is; the
+        # torch ops elsewhere (the same answers).
+        self.fused = kv_cache.k_all.is_cuda
         # Device copies of each tree's index tensors, made outside any graph capture (a
         # host→device copy cannot be captured) and kept alive for the graphs that read them.
         self._tree_tensors: dict[tuple[MedusaTree, str], torch.Tensor] = {}
@@ -93,8 +94,8 @@ class SpecTail:
         node (where ``propose_after`` reads)."""
         b, n = tokens.shape
         argmax = self.lm_head(hidden).argmax(-1).view(b, n)
-        if tree is not None and self.fused_greedy:  # the same decision and commit, one launch
-            from spec_decode.greedy_kernel import greedy_decide
+        if tree is not None and self.fused:  # the same decision and commit, one launch
+            from spec_decode.decision_kernel import greedy_decide
 
             kv = self.kv_cache
             rows, src, dst = greedy_decide(tokens, argmax, self.device_tensor(tree, "paths"), start[:, 0], tables,
@@ -182,6 +183,14 @@ class SpecTail:
         after the root); returns ``greedy``'s rows."""
         b, n = tokens.shape
         dev = tokens.device
+        if tree is not None and self.fused:  # the same rows and commit, one launch
+            from spec_decode.decision_kernel import commit_rows
+
+            kv = self.kv_cache
+            rows, src, dst = commit_rows(tokens, path, n_acc, bonus, start[:, 0], tables, kv.block_size, kv.pad_slot,
+                                         kv.scratch_slot0)
+            kv.copy_slots(src.flatten(), dst.flatten())
+            return rows
         seq = torch.arange(b, device=dev)
         path = path.clamp(min=0)
         last = path.gather(1, n_acc[:, None])

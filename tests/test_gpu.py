@@ -236,46 +236,46 @@ def _greedy_decision_cases(dev, tree, b, seed):
 
 @needs_cuda
 @pytest.mark.parametrize("tree_name", ["mc_sim_7b_63", "small_12", "chain:4"])
-def test_fused_greedy_decision_equals_the_torch_ops(tree_name):
-    """spec_decode/greedy_kernel.py: the same accepted count, accepted tokens, bonus token and
-    proposal row as the torch ops it replaces, and the same K/V in every slot but the pad slot
-    (rejected depths all land there, in no defined order: CUDA's indexed copy with repeated
-    destinations)."""
-    from spec_decode.acceptance import greedy_tree_accept
+def test_fused_decisions_equal_the_torch_ops(tree_name):
+    """spec_decode/decision_kernel.py through SpecTail: the greedy decision, and the rows and
+    commit of a decision the sampled rules made (any path, any count along it, any bonus),
+    give the same accepted count, accepted tokens, bonus token and proposal row as the torch
+    ops they replace, and the same K/V in every slot but the pad slot (rejected depths all land
+    there, in no defined order: CUDA's indexed copy with repeated destinations)."""
     from spec_decode.tail import SpecTail
 
     dev = torch.device("cuda")
     tree = MedusaTree.build(tree_name, 4)
+    depth, vocab = tree.depth, 7
     lengths = set()
     for b, seed in ((1, 0), (5, 1), (64, 2)):
         (tokens, argmax, start, tables), cache = _greedy_decision_cases(dev, tree, b, seed)
+        # lm_head the identity on one-hot rows: the greedy tail's argmax is ``argmax``.
         tail = SpecTail(cache, lambda h: h, None)
-        caches = []
-        for fused in (True, False):
-            tail.fused_greedy = fused
-            k0, v0 = cache.k_all.clone(), cache.v_all.clone()
-            if fused:  # what SpecTail.greedy runs after the lm_head's argmax
-                from spec_decode.greedy_kernel import greedy_decide
-                rows, src, dst = greedy_decide(tokens, argmax, tail.device_tensor(tree, "paths"), start[:, 0],
-                                               tables, cache.block_size, cache.pad_slot, cache.scratch_slot0)
-                cache.copy_slots(src.flatten(), dst.flatten())
-            else:
-                paths = tail.device_tensor(tree, "paths")
-                best, n_acc = greedy_tree_accept(paths, tokens, argmax)
-                path = paths[best]
-                bonus = argmax.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
-                ref = tail._finish(tree, tokens, start, tables, path, n_acc, bonus)
-            caches.append((cache.k_all.clone(), cache.v_all.clone()))
-            cache.k_all.copy_(k0)
-            cache.v_all.copy_(v0)
-        depth = tree.depth
-        for got, want in zip(rows.tolist(), ref.tolist()):
-            n = want[0]
-            assert got[:1 + n] == want[:1 + n] and got[1 + depth:] == want[1 + depth:], (b, got, want)
-        pad = cache.pad_slot
-        for x, y in zip(*caches):
-            assert torch.equal(x[:, :pad], y[:, :pad]) and torch.equal(x[:, pad + 1:], y[:, pad + 1:])
-        lengths |= set(rows[:, 0].tolist())
+        hidden = torch.nn.functional.one_hot(argmax.flatten(), vocab).float()
+        paths = tail.device_tensor(tree, "paths")
+        gen = torch.Generator().manual_seed(seed)
+        path = paths[torch.randint(0, paths.shape[0], (b,), generator=gen).to(dev)]
+        n_acc = ((torch.rand(b, generator=gen).to(dev) * ((path[:, 1:] >= 0).sum(1) + 1)).long())
+        bonus = torch.randint(0, vocab, (b,), generator=gen).to(dev)
+        decisions = {"greedy": lambda: tail.greedy(hidden, tree, tokens, start, tables),
+                     "sampled": lambda: tail._finish(tree, tokens, start, tables, path, n_acc, bonus)}
+        for name, decide in decisions.items():
+            results = []
+            for fused in (True, False):
+                tail.fused = fused
+                k0, v0 = cache.k_all.clone(), cache.v_all.clone()
+                results.append((decide().tolist(), cache.k_all.clone(), cache.v_all.clone()))
+                cache.k_all.copy_(k0)
+                cache.v_all.copy_(v0)
+            (got, k1, v1), (want, k2, v2) = results
+            for g, w in zip(got, want):
+                n = w[0]
+                assert g[:1 + n] == w[:1 + n] and g[1 + depth:] == w[1 + depth:], (name, b, g, w)
+            pad = cache.pad_slot
+            for x, y in ((k1, k2), (v1, v2)):
+                assert torch.equal(x[:, :pad], y[:, :pad]) and torch.equal(x[:, pad + 1:], y[:, pad + 1:]), (name, b)
+            lengths |= {w[0] for w in want}
     assert len(lengths) >= 3, lengths  # short and long accepted paths were both checked
 
 
