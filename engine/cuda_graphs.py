@@ -524,7 +524,7 @@ class CudaGraphRunner:
             static.copy_(padded)
         if key not in g.tails:
             work = build(g, static)
-            replay, g.tail_outputs[key] = self._timed(lambda: _capture(self, work))
+            replay, _ = self._timed(lambda: _capture(self, work))
             g.tails[key] = (replay, work)  # holding work keeps the tensors it reads alive
-        out = g.tail_outputs[key] = g.tails[key][0]()
+        g.tail_outputs[key] = out = g.tails[key][0]()
         return out

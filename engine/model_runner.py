@@ -75,7 +75,8 @@ class HostCopy:
     def __init__(self) -> None:
         self._buf: Optional[torch.Tensor] = None
         self._out: Optional[torch.Tensor] = None
-        self._event = None
+        self._event = None  # made on the first copy, recorded again by each one
+        self._in_flight = False
 
     def start(self, t: torch.Tensor) -> "HostCopy":
         self.wait()  # the buffer's previous copy must have landed before it is reused
@@ -86,15 +87,17 @@ class HostCopy:
             self._buf = torch.empty(max(t.numel(), 1), dtype=t.dtype, pin_memory=True)
         self._out = self._buf[:t.numel()].view(t.shape)
         self._out.copy_(t, non_blocking=True)
-        self._event = torch.cuda.Event()
+        if self._event is None:
+            self._event = torch.cuda.Event()
         self._event.record()
+        self._in_flight = True
         return self
 
     def wait(self) -> Optional[torch.Tensor]:
         """The copied tensor (None when nothing was started); valid until the next ``start``."""
-        if self._event is not None:
+        if self._in_flight:
             self._event.synchronize()
-            self._event = None
+            self._in_flight = False
         return self._out
 
 
@@ -116,7 +119,7 @@ class ModelRunner:
             self.set_trees({proposer.tree.num_nodes - 1: proposer.tree})
         self.block_size = self.kv_cache.block_size
         self._decided, self._proposed = HostCopy(), HostCopy()
-        self._pending_rows = 0  # sequences whose candidates take_candidates() still owes
+        self._candidates_owed = False  # the last step deferred its candidates (self._proposed)
 
     @property
     def tree(self) -> Optional[MedusaTree]:
@@ -138,7 +141,7 @@ class ModelRunner:
         """One step. ``defer_candidates``: a uniform step that proposes returns its results
         with ``candidates_deferred`` set and no ``next_candidates``, once its tokens are known;
         ``take_candidates()`` gives them, in the order of the results."""
-        self._pending_rows = 0  # candidates nobody took are dropped (HostCopy waits for its copy)
+        self._candidates_owed = False  # candidates nobody took are dropped (HostCopy waits for its copy)
         captured_before = self.graphs.capture_seconds if self.graphs is not None else 0.0
         result = self._execute(out, defer_candidates)
         result.captured = self.graphs is not None and self.graphs.capture_seconds > captured_before
@@ -146,10 +149,10 @@ class ModelRunner:
 
     def take_candidates(self) -> list[list[int]]:
         """The next candidates of the last step that deferred them, one list per result."""
-        if not self._pending_rows:
+        if not self._candidates_owed:
             raise RuntimeError("take_candidates: the last step deferred no candidates")
-        rows, self._pending_rows = self._pending_rows, 0
-        return self._proposed.wait()[:rows].tolist()
+        self._candidates_owed = False
+        return self._proposed.wait().tolist()
 
     def _execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
         if not out.seqs:
@@ -170,10 +173,10 @@ class ModelRunner:
         if self._device_tail_applies(batch):
             rows, proposed = self.device_tail(batch, hidden, graph)
             if proposed and defer_candidates:
-                self._pending_rows = len(out.seqs)
+                self._candidates_owed = True
                 return StepResult(step_id=out.step_id, results=self._tail_results(out, batch.tree, rows),
                                   candidates_deferred=True)
-            cands = self._proposed.wait()[:len(out.seqs)].tolist() if proposed else None
+            cands = self._proposed.wait().tolist() if proposed else None
             return StepResult(step_id=out.step_id, results=self._tail_results(out, batch.tree, rows, cands))
         return self.sample(batch, hidden)
 
@@ -246,21 +249,20 @@ class ModelRunner:
         key = (tree, sampled, rules, filters, greedy_rows)
         b = len(batch.seqs)
         if graph is not None:
-            decided = self.graphs.run_tail(graph, key, self._tail_builder(key), inputs)
-            self._decided.start(decided[:b])  # enqueued before the proposal: the host waits for it alone
-            if propose:
-                self._proposed.start(self.graphs.run_tail(graph, ("propose", key), self._propose_builder(key))[:b])
-            return self._decided.wait().tolist(), propose
-        n = batch.uniform_nodes
-        dev = self.device
-        tables = block_tables([s.block_table for s in batch.seqs], dev).long()
-        tokens = torch.tensor(batch.ids, device=dev).view(b, n)
-        start = torch.tensor([s.start_pos for s in batch.seqs], device=dev)[:, None]
-        static = inputs.to(dev) if inputs is not None else None
-        decided = self._tail(key, hidden, tokens, start, tables, static)
-        self._decided.start(decided)
+            decided = self.graphs.run_tail(graph, key, self._tail_builder(key), inputs)[:b]
+            proposal = lambda: self.graphs.run_tail(graph, ("propose", key), self._propose_builder(key))[:b]  # noqa: E731
+        else:
+            n = batch.uniform_nodes
+            dev = self.device
+            tables = block_tables([s.block_table for s in batch.seqs], dev).long()
+            tokens = torch.tensor(batch.ids, device=dev).view(b, n)
+            start = torch.tensor([s.start_pos for s in batch.seqs], device=dev)[:, None]
+            static = inputs.to(dev) if inputs is not None else None
+            decided = self._tail(key, hidden, tokens, start, tables, static)
+            proposal = lambda: self.tail.propose_after(hidden, decided)  # noqa: E731
+        self._decided.start(decided)  # enqueued before the proposal: the host waits for it alone
         if propose:
-            self._proposed.start(self.tail.propose_after(hidden, decided))
+            self._proposed.start(proposal())
         return self._decided.wait().tolist(), propose
 
     @staticmethod

@@ -192,7 +192,7 @@ def test_deferred_candidates_are_the_steps_own_and_reach_its_next_step(bundled_d
             assert all(r.next_candidates == [] for r in result.results)
             assert [r.sampled_token_ids for r in result.results] == [r.sampled_token_ids
                                                                       for r in execute(out).results]
-            runner._pending_rows = len(out.seqs)  # (the re-run above dropped the deferral)
+            runner._candidates_owed = True  # (the re-run above dropped the deferral)
         return result
 
     def checked_take():
