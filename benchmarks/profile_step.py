@@ -7,7 +7,7 @@ the host (building the step's inputs, copying results back).
     python benchmarks/dummy_model.py llama-8b /tmp/llama-8b
     python -m benchmarks.profile_step --model /tmp/llama-8b --load-format dummy --heads random
 
-Each row times, with CUDA events, ``--iters`` replays of the forward graph alone, of the tail
+Each row times, with CUDA events (the median call of ``--iters``), replays of the forward graph alone, of the tail
 graph alone (with and without the proposal), and of the whole ``ModelRunner.execute`` (what a
 step costs the engine); host = execute - forward - tail. CUDA graphs on a GPU only.
 
@@ -19,6 +19,7 @@ a verify step dearer than a plain one (``…-kernels.txt`` beside the JSON).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -31,20 +32,25 @@ from scheduler.outputs import ScheduledSeq, SchedulerOutput
 
 
 def _cuda_ms(fn, iters: int) -> float:
+    """The median of ``iters`` calls' times: the machine's host stalls a few calls by up to 2x
+    at times (a 50-call mean moved a step's host share 0.12 -> 0.82 ms between two runs); the
+    median is the typical call."""
     fn()
     if not torch.cuda.is_available():  # --cpu-dry-run: the same code path, wall time
-        t0 = time.perf_counter()
+        times = []
         for _ in range(iters):
+            t0 = time.perf_counter()
             fn()
-        return 1e3 * (time.perf_counter() - t0) / iters
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    events[0].record()
+    for e in events[1:]:
         fn()
-    end.record()
+        e.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:]))
 
 
 def kernel_table(fn, iters: int = 20) -> list[tuple[str, float, float]]:

@@ -190,6 +190,11 @@ def keyed_uniform(key: torch.Tensor, position, draw) -> torch.Tensor:
     """Uniform numbers in (0, 1), float64, one per element of the broadcast of ``key`` (a
     ``seed_key``), ``position`` (the produced token's) and ``draw`` (int64 tensors or ints)."""
     # (Python ints stay Python ints: a host→device copy cannot be captured in a CUDA graph.)
+    tensors = [x for x in (key, position, draw) if isinstance(x, torch.Tensor)]
+    if tensors and tensors[0].is_cuda and len(torch.broadcast_shapes(*(x.shape for x in tensors))) <= 2:
+        from engine import sampling_kernel  # the same hash in one launch, not ~35 (bit for bit)
+
+        return sampling_kernel.keyed_uniform(key, position, draw)
     h = _mix32(key & 0xFFFF_FFFF)
     h = _mix32(h ^ (position & 0xFFFF_FFFF))
     h = _mix32(h ^ ((draw * 0x9E37 + 0x79B9) & 0xFFFF_FFFF))
@@ -198,7 +203,13 @@ def keyed_uniform(key: torch.Tensor, position, draw) -> torch.Tensor:
 
 def sample_rows(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """probs [R, V] (rows need not sum to 1), u [R] uniforms in (0, 1) → tokens [R]: the first
-    token whose cumulative mass reaches u times the row's total (never a zero-mass token)."""
+    token whose cumulative mass reaches u times the row's total (never a zero-mass token). On
+    CUDA one Triton program per row, summing in float64 (engine/sampling_kernel.py): every CUDA
+    draw, the device tails' and the host rules', is that program's."""
+    if probs.is_cuda:
+        from engine import sampling_kernel
+
+        return sampling_kernel.sample_rows(probs, u)
     cdf = probs.float().cumsum(-1)
     x = (u.double() * cdf[:, -1].double()).float().clamp(min=torch.finfo(torch.float32).tiny)
     return torch.searchsorted(cdf, x[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]

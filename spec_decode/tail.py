@@ -25,9 +25,11 @@ its own rule's answer — exact match (processed probabilities and plain decodin
 at every node, ``keyed_targets``), typical acceptance (probabilities at the nodes with
 children only, then one draw at the last accepted node) or the rejection walk (one depth per
 iteration, probabilities of the visited rows only). The draws are the host rules'
-(engine/sampling.py ``keyed_uniform``), so both give the same tokens. A T=0.7 typical step
-cost 2.2x the greedy step on the host path, 1.13x here (H100, batch 1: 4.85 vs 2.21 ms, now
-2.07 vs 1.83).
+(engine/sampling.py ``keyed_uniform``, ``sample_rows``: on CUDA one Triton launch each), so
+both give the same tokens. Without top-k / top-p, typical acceptance reads the logits directly
+(spec_decode/typical_kernel.py, two launches). A T=0.7 typical step cost 2.2x the greedy step
+on the host path; here 1.05x at batch 1 and 1.0x at batch 16 (H100, 64-node tree:
+profile_step, the median call).
 """
 
 from __future__ import annotations
@@ -124,10 +126,14 @@ class SpecTail:
         the same tokens for the same logits."""
         b, n = tokens.shape
         dev = hidden.device
-        logits = self.lm_head(hidden).view(b, n, -1)
+        flat = self.lm_head(hidden)  # [B*N, V]
+        logits = flat.view(b, n, -1)
         temperature, top_p, top_k, keys, rule = params.unbind(1)
         keys, rule, top_k = keys.long(), rule.long(), top_k.long()
         seq = torch.arange(b, device=dev)
+        # Without top-k / top-p typical acceptance reads the logits in two Triton launches
+        # (spec_decode/typical_kernel.py) instead of ~35 small kernels over processed rows.
+        typical_from_logits = self.fused and not filters
 
         def probs_of(rows: torch.Tensor) -> torch.Tensor:
             """Processed probabilities of each sequence's logits rows [B, R, V] (each sequence
@@ -166,12 +172,21 @@ class SpecTail:
                 if name == "greedy":  # exact match against plain decoding's draw at every node
                     target = keyed_targets(probs_of(logits), keys, positions)
                     best, k = greedy_tree_accept(paths, tokens, target)
+                elif typical_from_logits:
+                    from spec_decode.typical_kernel import typical_accept
+
+                    best, k = typical_accept(flat, tokens, paths, self.device_tensor(tree, "parent_nodes"),
+                                             self.device_tensor(tree, "parent_row"), temperature, self.epsilon,
+                                             self.alpha)
                 else:  # typical: the rows of nodes with children, then one draw at the last node
                     parents = probs_of(logits[:, self.device_tensor(tree, "parent_nodes")])
                     best, k = typical_tree_accept(paths, tokens, parents, self.device_tensor(tree, "parent_row"),
                                                   self.epsilon, self.alpha)
                 p = paths[best]
                 x = draw_at(p.clamp(min=0).gather(1, k[:, None])[:, 0])
+            if len(rules) == 1:  # every sequence has this rule
+                path, n_acc, bonus = p, k, x
+                break
             mine = rule == SAMPLED_RULES.index(name)
             path = torch.where(mine[:, None], p, path)
             n_acc, bonus = torch.where(mine, k, n_acc), torch.where(mine, x, bonus)

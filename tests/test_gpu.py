@@ -280,6 +280,78 @@ def test_fused_decisions_equal_the_torch_ops(tree_name):
 
 
 @needs_cuda
+@pytest.mark.parametrize("tree_name", ["mc_sim_7b_63", "small_12", "chain:4"])
+def test_triton_typical_acceptance_equals_the_torch_rule(tree_name):
+    """spec_decode/typical_kernel.py through SpecTail.sampled: typical acceptance from the logits
+    (alone, and beside greedy rows and exact-match rows) gives the same rows — accepted count,
+    tokens, bonus draw, proposal row — as the torch rule over processed probabilities, over
+    bf16 logits of a 32k vocabulary whose candidates are often their parent's likely tokens
+    (accepted paths of every length)."""
+    from engine.model_runner import ModelRunner
+    from spec_decode.tail import SpecTail
+
+    dev = torch.device("cuda")
+    tree = MedusaTree.build(tree_name, 4)
+    n, vocab, lengths, compared = tree.num_nodes, 32000, set(), 0
+    parents = torch.tensor([0] + tree.parents[1:])
+    for b, seed in ((1, 0), (7, 1), (48, 2)):
+        (_, _, start, tables), cache = _greedy_decision_cases(dev, tree, b, seed)
+        gen = torch.Generator().manual_seed(seed)
+        logits = (torch.randn(b * n, vocab, generator=gen) * 2.5).to(dev, torch.bfloat16)
+        likely = logits.view(b, n, vocab).float().topk(3, -1).indices.cpu()
+        tokens = likely[torch.arange(b)[:, None], parents[None], torch.randint(0, 3, (b, n), generator=gen)]
+        follows = torch.rand(b, n, generator=gen) < 0.3 + 0.7 * torch.rand(b, 1, generator=gen)
+        tokens = torch.where(follows, tokens, torch.randint(0, vocab, (b, n), generator=gen)).to(dev)
+        tail = SpecTail(cache, lambda h: h, None)
+        for mixed in (False, True):
+            temps = [0.5, 0.7, 1.0, 1.3]
+            params = [SamplingParams(temperature=0 if mixed and i % 3 == 0 else temps[i % 4]) for i in range(b)]
+            names = ["greedy" if p.greedy or (mixed and i % 3 == 1) else "typical" for i, p in enumerate(params)]
+            static = ModelRunner._sampled_tail_inputs(params, [77 + i for i in range(b)], names).to(dev)
+            got = []
+            for fused in (True, False):
+                tail.fused = fused
+                k0, v0 = cache.k_all.clone(), cache.v_all.clone()
+                got.append(tail.sampled(logits, tree, tokens, start, tables, static, frozenset(names), False,
+                                        mixed).tolist())
+                cache.k_all.copy_(k0)
+                cache.v_all.copy_(v0)
+            assert got[0] == got[1], (mixed, b)
+            lengths |= {r[0] for r, name in zip(got[1], names) if name == "typical"}
+            compared += names.count("typical")
+    assert compared >= 70 and len(lengths) >= 3, (compared, lengths)
+
+
+@needs_cuda
+def test_cuda_draws_are_the_keyed_hash_and_the_inverse_cdf():
+    """engine/sampling_kernel.py: keyed_uniform on CUDA gives the CPU hash's numbers bit for bit
+    (broadcast shapes, ints, every draw); sample_rows on CUDA gives each row's exact inverse
+    CDF at u (float64 sums over the float32 probabilities), never a zero-mass token, the hot
+    token of a one-hot row."""
+    from engine.sampling import RESIDUAL_DRAW, keyed_uniform, sample_rows, seed_key
+
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.tensor([seed_key(s) for s in (0, 1, -5, 2 ** 63, 123456789)])
+    pos = torch.randint(0, 2 ** 31, (5, 9), generator=gen)
+    for args in ((keys[:, None], pos, 0), (keys, 17, 3), (keys[:, None], pos[:, :1], torch.arange(10)[None]),
+                 (keys[0], 5, RESIDUAL_DRAW), (keys, pos[:, 0], RESIDUAL_DRAW)):
+        on_cuda = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        assert torch.equal(keyed_uniform(*on_cuda).cpu(), keyed_uniform(*args)), args
+    probs = torch.softmax(torch.randn(64, 49152, generator=gen) * torch.rand(64, 1, generator=gen) * 6, -1)
+    probs[1, ::2] = 0.0
+    probs[2] = 0.0
+    probs[2, 40000] = 1.0
+    u = keyed_uniform(keys[:1], torch.arange(64), 0)
+    got = sample_rows(probs.cuda(), u.cuda()).cpu()
+    cdf = probs.double().cumsum(-1)
+    target = u * cdf[:, -1]
+    rows = torch.arange(64)
+    assert bool((cdf[rows, got] >= target - 1e-12).all())
+    assert bool(((got == 0) | (cdf[rows, (got - 1).clamp(min=0)] < target + 1e-12)).all())
+    assert bool((probs[rows, got] > 0).all()) and int(got[2]) == 40000
+
+
+@needs_cuda
 @pytest.mark.parametrize("rule", ["greedy", "typical", "rejection"])
 def test_device_rules_equal_the_host_rules_on_cuda(rule):
     """The sampled tail's batched rules on CUDA tensors against the per-sequence host rules
