@@ -68,7 +68,9 @@ def test_xformers_attention_matches_torch_reference(page):
 def test_tree_kernel_matches_torch_reference(heads, kv_heads, head_dim, page, tree_name, lens):
     """The fused verify-step attention (engine/attention/tree_kernel.py) on bf16 against the
     float32 torch reference, as close as the bf16 torch reference gets: prefixes of 0 to several pages (one not a multiple of the tile),
-    grouped-query heads, a 64-node tree and a 2-candidate chain, shuffled block tables."""
+    grouped-query heads, a 64-node tree and a 2-candidate chain, shuffled block tables — in one
+    run over each prefix, in split-K runs (3, and more runs than a short prefix has tiles) and
+    with the splits the kernel picks for the grid."""
     from engine.attention.tree_kernel import paged_tree_attention
 
     dev = torch.device("cuda")
@@ -91,6 +93,7 @@ def test_tree_kernel_matches_torch_reference(heads, kv_heads, head_dim, page, tr
     v = torch.randn(b * n, kv_heads, head_dim, device=dev)
     outs = []
     for dtype, kernel in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        splits_runs = []
         cache = PagedKVCache(1, n_blocks, page, kv_heads, head_dim, dtype, dev, scratch_tokens=b * n)
         torch.manual_seed(1)
         cache.k[0].copy_(torch.randn_like(cache.k[0], dtype=torch.float32))
@@ -107,15 +110,20 @@ def test_tree_kernel_matches_torch_reference(heads, kv_heads, head_dim, page, tr
             outs.append(ref.forward(0, qd, kd, vd, meta).float())
         else:
             cache.write(0, torch.tensor(flat, device=dev), kd, vd)
-            outs.append(paged_tree_attention(qd, kd, vd, cache.k[0], cache.v[0], table_t.to(dev),
-                                             torch.tensor(lens, dtype=torch.int32, device=dev),
-                                             tree.mask.to(dev, torch.int8), page).float())
-    ref, ref16, got = outs
-    rel, rel16 = ((got - ref).norm() / ref.norm()).item(), ((ref16 - ref).norm() / ref.norm()).item()
-    agree = ((got - ref16).norm() / ref16.norm()).item()
-    print(f"{tree_name} over {lens} (page {page}, {heads}/{kv_heads} heads, d {head_dim}): relative error vs "
-          f"float32 {rel:.2e} (the bf16 torch reference's {rel16:.2e}); kernel vs bf16 reference {agree:.2e}")
-    assert rel < 1.5 * rel16 + 1e-4  # as accurate as the reference in bf16
+            for splits in (1, 3, 40, None):
+                splits_runs.append(paged_tree_attention(qd, kd, vd, cache.k[0], cache.v[0], table_t.to(dev),
+                                                        torch.tensor(lens, dtype=torch.int32, device=dev),
+                                                        tree.mask.to(dev, torch.int8), page, splits=splits).float())
+            outs.append(splits_runs)
+    ref, ref16, runs = outs
+    rel16 = ((ref16 - ref).norm() / ref.norm()).item()
+    for splits, got in zip((1, 3, 40, None), runs):
+        rel = ((got - ref).norm() / ref.norm()).item()
+        agree = ((got - ref16).norm() / ref16.norm()).item()
+        print(f"{tree_name} over {lens} (page {page}, {heads}/{kv_heads} heads, d {head_dim}, splits {splits}): "
+              f"relative error vs float32 {rel:.2e} (the bf16 torch reference's {rel16:.2e}); kernel vs bf16 "
+              f"reference {agree:.2e}")
+        assert rel < 1.5 * rel16 + 1e-4, splits  # as accurate as the reference in bf16
 
 
 @needs_cuda

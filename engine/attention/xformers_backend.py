@@ -171,8 +171,9 @@ class XformersAttentionBackend:
         from xformers.ops import fmha
         from xformers.ops.fmha import triton_splitk
 
-        from engine.attention.tree_kernel import paged_tree_attention
+        from engine.attention.tree_kernel import default_splits, paged_tree_attention
         from engine.attention.varlen_kernel import paged_varlen_attention
+        from engine.cuda_graphs import padded_batch
 
         self.kv_cache.write(layer, meta.slots, k, v)
         _, h, d = q.shape
@@ -204,8 +205,13 @@ class XformersAttentionBackend:
             out.index_copy_(0, meta.causal_idx, oc.view(-1, h, d))
         if meta.tree_all or meta.tree_idx is not None:
             rows = (lambda x: x) if meta.tree_all else (lambda x: x.index_select(0, meta.tree_idx))
+            trees = meta.tree_kv_lens.shape[0]
+            # Split-K by the batch bucket (a graph's batch), so that graph and eager steps of a
+            # batch split their prefixes alike and give the same tokens.
+            splits = default_splits(padded_batch(trees) or trees, h, g, meta.tree_mask.shape[0], q.device)
             ot = paged_tree_attention(rows(q), rows(k), rows(v), self.kv_cache.k[layer], self.kv_cache.v[layer],
-                                      meta.tree_tables, meta.tree_kv_lens, meta.tree_mask, self.kv_cache.block_size)
+                                      meta.tree_tables, meta.tree_kv_lens, meta.tree_mask, self.kv_cache.block_size,
+                                      splits=splits)
             if meta.tree_all:
                 return ot
             out.index_copy_(0, meta.tree_idx, ot)
