@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -90,6 +91,28 @@ def write_results(name: str, env: dict, rows: list[dict], plot) -> Path:
     fig.tight_layout()
     fig.savefig(f"{stem}.png", dpi=120)
     return Path(f"{stem}.json")
+
+
+def median_call_ms(fn, iters: int) -> float:
+    """The median of ``iters`` calls' times after a warm-up call (CUDA events; wall time without
+    a GPU): the machine's host stalls a few calls by up to 2x at times (a 50-call mean moved a
+    step's host share 0.12 -> 0.82 ms between two runs); the median is the typical call."""
+    fn()
+    if not torch.cuda.is_available():  # (profile_step --cpu-dry-run: the same code path)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    events[0].record()
+    for e in events[1:]:
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:]))
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

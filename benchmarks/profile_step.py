@@ -19,38 +19,14 @@ a verify step dearer than a plain one (``…-kernels.txt`` beside the JSON).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from benchmarks.common import environment, print_table, write_results
+from benchmarks.common import environment, median_call_ms, print_table, write_results
 from engine.cuda_graphs import padded_batch
 from engine.engine import Engine
 from engine.sampling import SamplingParams
 from scheduler.outputs import ScheduledSeq, SchedulerOutput
-
-
-def _cuda_ms(fn, iters: int) -> float:
-    """The median of ``iters`` calls' times: the machine's host stalls a few calls by up to 2x
-    at times (a 50-call mean moved a step's host share 0.12 -> 0.82 ms between two runs); the
-    median is the typical call."""
-    fn()
-    if not torch.cuda.is_available():  # --cpu-dry-run: the same code path, wall time
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
-    events[0].record()
-    for e in events[1:]:
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:]))
 
 
 def kernel_table(fn, iters: int = 20) -> list[tuple[str, float, float]]:
@@ -120,18 +96,18 @@ def main() -> None:
             for propose in ((False,) if cands == 0 else (False, True)):
                 out = SchedulerOutput(step_id=-1, seqs=seqs, propose=propose)
                 runner.execute(out)  # captures the tail on first use
-                timings[propose] = _cuda_ms(lambda: runner.execute(out), args.iters)
+                timings[propose] = median_call_ms(lambda: runner.execute(out), args.iters)
             shape = tree if cands else None
             width = next(w for w in runner.graphs.widths if w >= len(table))  # the graph execute replayed
             g = runner.graphs.graphs[(shape, padded_batch(b), width)]
-            forward = _cuda_ms(g.replay, args.iters)
+            forward = median_call_ms(g.replay, args.iters)
             # A decision tail is keyed (tree, sampled, rules, filters, greedy_rows), the proposal
             # after it ("propose", that key): this mode's decision, alone and with its proposal.
             decision = next(k for k in g.tails if k[0] is shape and k[1] == (not params.greedy))
-            decide_ms = _cuda_ms(g.tails[decision][0], args.iters)
+            decide_ms = median_call_ms(g.tails[decision][0], args.iters)
             tails = {False: decide_ms}
             if ("propose", decision) in g.tails:
-                tails[True] = decide_ms + _cuda_ms(g.tails["propose", decision][0], args.iters)
+                tails[True] = decide_ms + median_call_ms(g.tails["propose", decision][0], args.iters)
             if b in args.kernels and torch.cuda.is_available():
                 first = len(kernel_report)
                 parts = [("forward", g.replay), ("tail (decision)", g.tails[decision][0])]

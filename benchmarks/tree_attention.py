@@ -15,25 +15,12 @@ Llama-3.1-8B's.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
-from benchmarks.common import environment, print_table, write_results
+from benchmarks.common import environment, median_call_ms, print_table, write_results
 from engine.attention.tree_kernel import default_splits, paged_tree_attention
 from spec_decode.tree import MedusaTree
-
-
-def _median_ms(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
-    events[0].record()
-    for e in events[1:]:
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:]))
 
 
 def main() -> None:
@@ -78,8 +65,8 @@ def main() -> None:
                         paged_tree_attention(q, k, v, k_cache, v_cache, tables, lens, mask, page, splits=splits)
                 return g.replay
 
-            one = _median_ms(graphed(1), args.iters) / args.calls
-            split = _median_ms(graphed(auto), args.iters) / args.calls
+            one = median_call_ms(graphed(1), args.iters) / args.calls
+            split = median_call_ms(graphed(auto), args.iters) / args.calls
             rows.append({"batch_size": b, "ctx": ctx, "nodes": n, "splits": auto, "one_run_us": round(1e3 * one, 1),
                          "split_k_us": round(1e3 * split, 1), "speedup": round(one / split, 2)})
             print(rows[-1], flush=True)

@@ -22,8 +22,9 @@ prefix: 64 sequential tiles). With ``splits`` > 1 a third grid axis cuts the pre
 into that many runs (sized on the device from each sequence's length, so one captured graph
 serves every length); the last run also takes the tree. Each run leaves its running max, sum
 and unnormalised output, and ``_merge_splits_kernel`` folds them (the log-sum-exp merge of
-flash-decoding). ``paged_tree_attention`` picks the splits from the grid's size alone (static
-per graph); at batch 16 and more the grid fills the device and no split is made.
+flash-decoding). ``default_splits`` sizes them from the grid of the step's batch bucket
+(static per graph; the attention backend passes the bucket, so that an eager step splits as
+its graph would); at batch 16 and more the grid fills the device and no split is made.
 
 What it leaves out, on purpose: causal prefill chunks and plain decode tokens (xformers'
 kernels keep those).
