@@ -37,13 +37,20 @@ def _row_max(row_ptr, vocab, inv_t, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _inverse_temperature(temp_ptr, s):
+    """1 / sequence ``s``'s temperature; 1 for a greedy row (temperature 0), which keeps the
+    greedy rule's answer and only must not divide by zero here."""
+    t = tl.load(temp_ptr + s)
+    return 1.0 / tl.where(t <= 0, 1.0, t)
+
+
+@triton.jit
 def typical_stats_kernel(logits_ptr, parent_nodes_ptr, temp_ptr, max_ptr, norm_ptr, thr_ptr, num_nodes,
                          num_parents, vocab, epsilon, alpha, BLOCK_V: tl.constexpr):
     s = tl.program_id(0)
     r = tl.program_id(1)
     row_ptr = logits_ptr + (s * num_nodes + tl.load(parent_nodes_ptr + r)) * vocab
-    t = tl.load(temp_ptr + s)
-    inv_t = 1.0 / tl.where(t <= 0, 1.0, t)  # (a greedy row keeps the greedy rule's answer)
+    inv_t = _inverse_temperature(temp_ptr, s)
     offs = tl.arange(0, BLOCK_V)
     top = _row_max(row_ptr, vocab, inv_t, BLOCK_V)
     acc = tl.zeros([BLOCK_V], tl.float32)
@@ -70,8 +77,7 @@ def typical_paths_kernel(logits_ptr, tokens_ptr, paths_ptr, parent_row_ptr, temp
     s = tl.program_id(0)
     p = tl.arange(0, BLOCK_P)
     live = p < num_paths
-    t = tl.load(temp_ptr + s)
-    inv_t = 1.0 / tl.where(t <= 0, 1.0, t)
+    inv_t = _inverse_temperature(temp_ptr, s)
     count = tl.zeros([BLOCK_P], dtype=tl.int32)
     loglik = tl.zeros([BLOCK_P], dtype=tl.float32)
     parent = tl.zeros([BLOCK_P], dtype=tl.int64)  # every path starts at the root (node 0)

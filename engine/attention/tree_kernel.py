@@ -32,6 +32,7 @@ kernels keep those).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -132,11 +133,13 @@ def _merge_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, total_ro
              out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
+@functools.lru_cache(maxsize=None)
 def default_splits(batch: int, heads: int, kv_heads: int, nodes: int, device: torch.device) -> int:
     """Prefix runs for ``batch`` trees of ``nodes`` nodes: enough to give every SM about one
     program, at most 8 (each run costs its share of the merge). The attention backend passes
     the batch bucket a step is captured at, so that a graph and an eager step of one batch
-    split alike (the runs' merge rounds differently from one run)."""
+    split alike (the runs' merge rounds differently from one run). Cached: the backend asks
+    once per layer of every eager step, with the same few answers."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     programs = batch * kv_heads * triton.cdiv(nodes * heads // kv_heads, BLOCK_M)
     return max(1, min(8, sms // max(programs, 1)))
