@@ -290,7 +290,8 @@ def build_proposer(config: EngineConfig, model, arch, device, dtype):
     # The heads' ResBlocks are replicated on every rank; shared heads project through the
     # base lm_head, which is vocab-parallel like the model's (a proposal vocabulary's rows are
     # gathered once).
-    return MedusaProposer(heads.to(device=device, dtype=dtype).eval(), tree, model.lm_head, model.embed, vocab), acc
+    return MedusaProposer(heads.to(device=device, dtype=dtype).eval(), tree, model.lm_head, model.embed, vocab,
+                          embed_table=model.embed_table()), acc
 
 
 def _median_step_seconds(runner: ModelRunner, out: SchedulerOutput) -> float:

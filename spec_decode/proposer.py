@@ -11,11 +11,16 @@ The proposer holds the heads in the form a step wants, made once at start-up:
   135M model's layers; over 8,192 rows it is a sixth of that. Output stays exact: only which
   candidates are proposed changes; the model still verifies them against its full-vocabulary
   logits. A token outside the proposal vocabulary is simply never guessed.
+
+On CUDA a ResBlock, a sequential head's input (path embeddings through P_d plus h) and the
+top-k into the tree's node columns are one Triton launch each (spec_decode/proposal_kernel.py,
+topk.py ``topk_into``); elsewhere the same math in torch ops.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from spec_decode.heads import MedusaHeads
-from spec_decode.topk import row_topk
+from spec_decode.topk import row_topk, topk_into, triton_applies
 from spec_decode.tree import MedusaTree
 
 PROPOSAL_VOCAB_FILE = "proposal_vocab.json"
@@ -45,7 +50,10 @@ def read_proposal_vocab(heads_dir: Path, vocab_size: int) -> Optional[list[int]]
 class MedusaProposer:
     def __init__(self, heads: MedusaHeads, tree: MedusaTree, base_lm_head: nn.Linear,
                  embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 proposal_vocab: Optional[list[int]] = None) -> None:
+                 proposal_vocab: Optional[list[int]] = None, embed_table: Optional[torch.Tensor] = None) -> None:
+        """``embed`` looks token embeddings up (under tensor parallelism: with its all-reduce);
+        ``embed_table`` is the whole embedding matrix [V, H] where this rank holds it, which the
+        fused sequential proposal reads directly."""
         if tree.depth > heads.num_heads:
             raise ValueError(f"tree: depth {tree.depth} needs {tree.depth} heads, the heads have {heads.num_heads}")
         if heads.root_conditioned and embed is None:
@@ -61,6 +69,12 @@ class MedusaProposer:
         # P_k transposed: [c·H, H] per head; root-conditioned heads' side by side, [H, K·H].
         self.path_w = [p.weight.detach().t() for p in heads.path_proj] if heads.path_proj is not None else None
         self.root_w = torch.cat(self.path_w, dim=1) if heads.kind == "root_conditioned" else None
+        # The Triton programs on CUDA (Triton comes with CUDA torch; the attention backend needs
+        # it already).
+        self.fused = w.is_cuda
+        self.embed_table = embed_table if self.fused else None
+        if self.embed_table is not None and self.path_w is not None:
+            self.path_w = [p.contiguous() for p in self.path_w]  # the kernel reads P_d row-major
         self.vocab_ids: Optional[torch.Tensor] = None
         if heads.shared_lm_head:
             full = base_lm_head.weight.detach()
@@ -97,7 +111,7 @@ class MedusaProposer:
             r = (self._embed(roots, hidden.dtype) @ self.root_w).view(-1, k, hidden.shape[-1])
             x = x + r.transpose(0, 1)
         for w, b in zip(self.block_w, self.block_b):
-            x = x + nn.functional.silu(torch.baddbmm(b, x, w))
+            x = self._resblock(x, w, b)
         top = self._topk(x[:depth]).transpose(0, 1)  # [S, D, k]; heads deeper than the tree idle
         head, rank = self._tree_index(hidden.device)
         return top[:, head, rank]
@@ -105,32 +119,56 @@ class MedusaProposer:
     def _propose_by_depth(self, hidden: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
         """Sequential heads: depth d's candidates come from head d-1 run once per parent node,
         reading the root and the candidates on the path to that parent."""
-        tokens = roots[:, None]  # [S, nodes so far], node order (depth by depth)
-        for d, (anc, slot, rank) in enumerate(self._depth_index(hidden.device), start=1):
-            s, p = hidden.shape[0], anc.shape[0]
-            path = self._embed(tokens[:, anc].flatten(), hidden.dtype).view(s, p, -1)  # [S, P, d·H]
-            x = hidden[:, None, :] + path @ self.path_w[d - 1]  # [S, P, H]
+        s = hidden.shape[0]
+        tokens = torch.empty((s, self.tree.num_nodes), dtype=torch.long, device=hidden.device)  # node order
+        tokens[:, 0] = roots
+        for d, idx in enumerate(self._depth_index(hidden.device), start=1):
+            x = self._path_input(tokens, idx.anc, hidden, d)  # [S·P, H], row s·P + p
             for w, b in zip(self.block_w, self.block_b):
-                x = x + nn.functional.silu(torch.addmm(b[d - 1], x.flatten(0, 1), w[d - 1]).view_as(x))
-            top = self._topk(x, d - 1)  # [S, P, k]
-            tokens = torch.cat([tokens, top[:, slot, rank]], dim=1)
+                x = self._resblock(x[None], w[d - 1:d], b[d - 1:d])[0]
+            logits = self._logits(x, d - 1)
+            if self.fused and triton_applies(logits, self.tree.topk):
+                topk_into(logits, self.tree.topk, self.vocab_ids, tokens, idx.dest)
+            else:
+                top = row_topk(logits, self.tree.topk, self.vocab_ids).view(s, -1, self.tree.topk)
+                tokens[:, idx.nodes] = top[:, idx.slot, idx.rank]
         return tokens[:, 1:]
+
+    def _resblock(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """x [G, M, H] → x + SiLU(x W_g + b_g) for G heads at once."""
+        if self.fused:
+            from spec_decode.proposal_kernel import resblock
+
+            return resblock(x, w, b)
+        return x + nn.functional.silu(torch.baddbmm(b, x, w))
+
+    def _path_input(self, tokens: torch.Tensor, anc: torch.Tensor, hidden: torch.Tensor, d: int) -> torch.Tensor:
+        """Head d-1's input for each (sequence, parent at depth d-1): h + [e(root); …] P_d."""
+        if self.embed_table is not None:
+            from spec_decode.proposal_kernel import path_input
+
+            return path_input(tokens, anc, self.embed_table, self.path_w[d - 1], hidden)
+        s, p = hidden.shape[0], anc.shape[0]
+        path = self._embed(tokens[:, anc].flatten(), hidden.dtype).view(s, p, -1)  # [S, P, d·H]
+        return (hidden[:, None, :] + path @ self.path_w[d - 1]).flatten(0, 1)
 
     def _embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.embed(ids).to(dtype)
 
-    def _topk(self, x: torch.Tensor, head: Optional[int] = None) -> torch.Tensor:
-        """x [..., H] → the tree's top-k token ids [..., k] over the proposal vocabulary. Unshared
-        projections: head k's, or (``head`` None) x [D, S, H] holds heads 0…D-1 along dim 0."""
+    def _logits(self, x: torch.Tensor, head: Optional[int] = None) -> torch.Tensor:
+        """x [..., H] → the heads' logits over the proposal vocabulary. Unshared projections:
+        head ``head``'s, or (``head`` None) x [D, S, H] holds heads 0…D-1 along dim 0."""
         if self.proj_w is None:
-            logits = self.base_lm_head(x)
-        elif self.proj_w.dim() == 2:
-            logits = x @ self.proj_w
-        elif head is None:
-            logits = torch.bmm(x, self.proj_w[: x.shape[0]])
-        else:
-            logits = x @ self.proj_w[head]
-        return row_topk(logits, self.tree.topk, self.vocab_ids)
+            return self.base_lm_head(x)
+        if self.proj_w.dim() == 2:
+            return x @ self.proj_w
+        if head is None:
+            return torch.bmm(x, self.proj_w[: x.shape[0]])
+        return x @ self.proj_w[head]
+
+    def _topk(self, x: torch.Tensor) -> torch.Tensor:
+        """x [D, S, H] (heads 0…D-1) → the tree's top-k token ids [D, S, k]."""
+        return row_topk(self._logits(x), self.tree.topk, self.vocab_ids)
 
     def _tree_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """node_head, node_rank on the proposer's device, made once per tree (no host→device
@@ -140,18 +178,32 @@ class MedusaProposer:
             self._index[key] = self.tree.node_head.to(device), self.tree.node_rank.to(device)
         return self._index[key]
 
-    def _depth_index(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per depth d: the ancestors (root first) of every parent node at depth d-1 [P, d], and
-        for every node at depth d its parent's slot among them and its rank."""
+    def _depth_index(self, device: torch.device) -> list["DepthIndex"]:
+        """Per depth d, on ``device``, made once per tree: which parents head d-1 reads and where
+        its winners go (``DepthIndex``)."""
         key = ("depths", self.tree, device)
         if key not in self._index:
-            tree, out = self.tree, []
+            tree, k, out = self.tree, self.tree.topk, []
             for d in range(1, tree.depth + 1):
                 kids = [i for i in range(1, tree.num_nodes) if tree.depths[i] == d]
                 parents = sorted({tree.parents[i] for i in kids})
-                anc = [tree.node_paths[p] for p in parents]
                 slot = [parents.index(tree.parents[i]) for i in kids]
                 rank = [tree.choices[i - 1][-1] for i in kids]
-                out.append(tuple(torch.tensor(v, dtype=torch.long, device=device) for v in (anc, slot, rank)))
+                dest = [[-1] * k for _ in parents]
+                for node, p, r in zip(kids, slot, rank):
+                    dest[p][r] = node
+                out.append(DepthIndex(*(torch.tensor(v, dtype=torch.long, device=device)
+                                        for v in ([tree.node_paths[p] for p in parents], kids, slot, rank, dest))))
             self._index[key] = out
         return self._index[key]
+
+
+@dataclass(frozen=True)
+class DepthIndex:
+    """One depth d of a tree, for sequential heads: the P parent nodes at depth d-1 that have
+    children, and their children (the nodes at depth d)."""
+    anc: torch.Tensor  # [P, d]: each parent's path of node ids, root first (what head d-1 reads)
+    nodes: torch.Tensor  # [N_d]: the nodes at depth d ...
+    slot: torch.Tensor  # [N_d]: ... each one's parent, as a row of anc ...
+    rank: torch.Tensor  # [N_d]: ... and its rank among that parent's top-k
+    dest: torch.Tensor  # [P, k]: the same from the parent's side: rank r's node, or -1

@@ -13,6 +13,10 @@ the same kernel (the gather ``vocab_ids[top]`` was one more launch per depth). W
 mapping, in CUDA graphs: 9.7 µs for one row, 9.9 for 23, 70 for 1,472, against torch.topk plus
 the gather's 36, 45 and 138; the proposal at batch 1 0.30 → 0.20 ms.
 
+``topk_into`` writes the winners of a sequential head's rows straight into the tree's node
+columns of the proposal (the kernel's DEST mode), where an index and a concatenation were two
+more launches per depth.
+
 The winners are the same k values as torch.topk's; only among equal logits may a different id
 win (the lowest index here; torch.topk does not define it). That changes which candidates are
 proposed, never the output: the model verifies every candidate.
@@ -29,18 +33,33 @@ import torch
 MAX_TRITON_COLS = 16384
 
 
+def triton_applies(logits: torch.Tensor, k: int) -> bool:
+    """Whether ``row_topk`` runs the Triton program on these logits (and ``topk_into`` may)."""
+    # On CUDA Triton is there: the engine's attention backend and cache write need it already.
+    return logits.is_cuda and logits.shape[-1] <= MAX_TRITON_COLS and k <= logits.shape[-1]
+
+
 def row_topk(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """logits [..., V] → the ids [..., k] of each row's k largest values, largest first;
     ``vocab_ids`` [V] (optional) maps column j to token id vocab_ids[j]."""
-    v = logits.shape[-1]
-    # On CUDA Triton is there: the engine's attention backend and cache write need it already.
-    if logits.is_cuda and v <= MAX_TRITON_COLS and k <= v:
+    if triton_applies(logits, k):
         return _triton_topk(logits, k, vocab_ids)
     top = torch.topk(logits, k, dim=-1).indices
     return vocab_ids[top] if vocab_ids is not None else top
 
 
-def _triton_topk(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor]) -> torch.Tensor:
+def topk_into(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor], tokens: torch.Tensor,
+              dest: torch.Tensor) -> None:
+    """logits [S·P, V], P rows per sequence (a tree depth's parent nodes): winner i of row
+    s·P + p (largest first) is written to tokens[s, dest[p, i]], unless dest[p, i] is -1.
+    Only where ``triton_applies``."""
+    if not triton_applies(logits, k):
+        raise ValueError(f"topk_into: needs CUDA logits of at most {MAX_TRITON_COLS} columns")
+    _triton_topk(logits, k, vocab_ids, tokens, dest)
+
+
+def _triton_topk(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor],
+                 tokens: Optional[torch.Tensor] = None, dest: Optional[torch.Tensor] = None) -> torch.Tensor:
     import triton
 
     from spec_decode.topk_kernel import topk_rows_kernel
@@ -50,10 +69,12 @@ def _triton_topk(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor]
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows, v = x.shape
-    out = torch.empty((rows, k), dtype=torch.long, device=x.device)
+    out = tokens if tokens is not None else torch.empty((rows, k), dtype=torch.long, device=x.device)
     if rows:
         block = triton.next_power_of_2(v)
         ids = vocab_ids if vocab_ids is not None else out  # a placeholder pointer when unmapped
-        topk_rows_kernel[(rows,)](x, out, ids, v, x.stride(0), K=k, BLOCK=block, MAPPED=vocab_ids is not None,
-                                  num_warps=8 if block >= 4096 else 4)
-    return out.view(*shape[:-1], k)
+        per_seq = dest.shape[0] if dest is not None else 1
+        topk_rows_kernel[(rows,)](x, out, ids, dest if dest is not None else out, v, x.stride(0), per_seq,
+                                  out.stride(0), K=k, BLOCK=block, MAPPED=vocab_ids is not None,
+                                  DEST=dest is not None, num_warps=8 if block >= 4096 else 4)
+    return out if tokens is not None else out.view(*shape[:-1], k)

@@ -223,6 +223,46 @@ def test_triton_topk_takes_torch_topk_values(rows, cols, k):
     assert torch.equal(row_topk(x.view(1, rows, cols), k, ids).view(rows, k), ids[got])
 
 
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 10, 100])
+def test_proposal_kernels_equal_the_torch_ops(rows):
+    """The fused proposal's programs (spec_decode/proposal_kernel.py) against the torch ops
+    they replace, in float32 (no TF32 on either side): a ResBlock for several heads, also
+    reading one row set broadcast to every head; a sequential head's input from the path's
+    embeddings; the top-k written into the tree's node columns — the same ids torch.topk and
+    an index give (exactly: random float32 logits do not tie)."""
+    from spec_decode.proposal_kernel import path_input, resblock
+    from spec_decode.topk import topk_into
+
+    torch.manual_seed(rows)
+    dev, h, heads, vocab = torch.device("cuda"), 96, 4, 500
+    x = torch.randn(heads, rows, h, device=dev)
+    w, b = torch.randn(heads, h, h, device=dev) / h ** 0.5, torch.randn(heads, 1, h, device=dev)
+    for xs in (x, x[:1].expand(heads, -1, -1)):
+        want = xs + torch.nn.functional.silu(torch.baddbmm(b, xs, w))
+        assert torch.allclose(resblock(xs, w, b), want, atol=1e-5, rtol=1e-5)
+
+    table = torch.randn(vocab, h, device=dev)
+    tokens = torch.randint(0, vocab, (rows, 7), device=dev)
+    anc = torch.tensor([[0, 1, 3], [0, 2, 4], [0, 1, 5]], device=dev)  # 3 parents' paths, root first
+    pw, hidden = torch.randn(3 * h, h, device=dev) / h, torch.randn(rows, h, device=dev)
+    want = (hidden[:, None] + table[tokens[:, anc]].flatten(2) @ pw).flatten(0, 1)
+    assert torch.allclose(path_input(tokens, anc, table, pw, hidden), want, atol=1e-5, rtol=1e-5)
+
+    k = 5
+    dest = torch.full((3, k), -1, dtype=torch.long, device=dev)
+    dest[0, :3], dest[1, 1], dest[2, [0, 4]] = torch.tensor([1, 2, 3], device=dev), 4, torch.tensor([5, 6], device=dev)
+    logits = torch.randn(rows * 3, 1000, device=dev)
+    for mapped in (None, torch.randperm(1000, device=dev)):
+        got = torch.full((rows, 7), -7, dtype=torch.long, device=dev)
+        topk_into(logits, k, mapped, got, dest)
+        top = logits.topk(k, dim=-1).indices.view(rows, 3, k)
+        top = mapped[top] if mapped is not None else top
+        want = torch.full((rows, 7), -7, dtype=torch.long, device=dev)
+        want[:, 1:7] = top[:, [0, 0, 0, 1, 2, 2], [0, 1, 2, 1, 0, 4]]
+        assert torch.equal(got, want)
+
+
 def _greedy_decision_cases(dev, tree, b, seed):
     """Random verify steps of ``b`` sequences on ``tree`` whose candidates follow the argmax at
     their parent 3 times in 4 (accepted paths of every length), with a paged cache to commit to."""

@@ -207,6 +207,10 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(local.clamp(0, len(self.plan.vocab) - 1)) * inside[:, None].to(self.dtype)
         return self.tp.all_reduce(x)
 
+    def embed_table(self) -> Optional[torch.Tensor]:
+        """The whole token embedding matrix [V, H], or None where this rank holds a vocab slice."""
+        return self.model.embed_tokens.weight if self.tp.world_size == 1 else None
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
