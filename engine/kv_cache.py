@@ -31,11 +31,13 @@ class PagedKVCache:
         self.k_all = torch.zeros(shape, dtype=dtype, device=device)
         self.v_all = torch.zeros(shape, dtype=dtype, device=device)
         self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
-        self._write_kv = None  # on CUDA: one Triton launch for a layer's K and V (kv_write_kernel.py)
+        # On CUDA one Triton launch for a layer's K and V, and one for a commit's every layer
+        # (engine/attention/kv_write_kernel.py).
+        self._write_kv = self._copy_slots = None
         if device.type == "cuda":
-            from engine.attention.kv_write_kernel import write_kv
+            from engine.attention.kv_write_kernel import copy_slots, write_kv
 
-            self._write_kv = write_kv
+            self._write_kv, self._copy_slots = write_kv, copy_slots
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -52,7 +54,11 @@ class PagedKVCache:
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Every layer's K/V at slots ``src`` to slots ``dst`` (the commit of accepted tree
-        nodes from the scratch region), one indexed copy per tensor."""
+        nodes from the scratch region): on CUDA one launch for both, elsewhere one indexed copy
+        per tensor."""
+        if self._copy_slots is not None:
+            self._copy_slots(self.k_all, self.v_all, src, dst)
+            return
         self.k_all[:, dst] = self.k_all[:, src]
         self.v_all[:, dst] = self.v_all[:, src]
 

@@ -188,8 +188,9 @@ def test_varlen_kernel_matches_torch_reference(heads, kv_heads, head_dim, page):
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 2, 80)])
 def test_fused_kv_write_equals_index_copy(heads, kv_heads, head_dim):
     """The cache write the model uses on CUDA (one Triton launch for K and V, reading them as
-    views of the fused QKV projection) writes what two index_copy_ of dense copies write."""
-    from engine.attention.kv_write_kernel import write_kv
+    views of the fused QKV projection) writes what two index_copy_ of dense copies write; the
+    commit's copy (one launch for every layer's K and V) what the indexed copies write."""
+    from engine.attention.kv_write_kernel import copy_slots, write_kv
 
     torch.manual_seed(head_dim)
     t, slots_total = 300, 1024
@@ -202,6 +203,22 @@ def test_fused_kv_write_equals_index_copy(heads, kv_heads, head_dim):
     caches[2].index_copy_(0, slots, k.contiguous())
     caches[3].index_copy_(0, slots, v.contiguous())
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+    # A commit: every layer's rows at src (the scratch region) to dst, several rejected rows
+    # to one pad slot (nothing reads it), as the indexed copies give.
+    k_all, v_all = (torch.randn(5, slots_total, kv_heads, head_dim, device="cuda").to(torch.bfloat16) for _ in range(2))
+    src = torch.arange(900, 940, device="cuda")
+    dst = torch.cat([torch.randperm(800, device="cuda")[:30], torch.full((10,), 850, device="cuda")])
+    want_k, want_v = k_all.clone(), v_all.clone()
+    want_k[:, dst], want_v[:, dst] = want_k[:, src], want_v[:, src]
+    copy_slots(k_all, v_all, src, dst)
+    keep = torch.ones(slots_total, dtype=torch.bool, device="cuda")
+    keep[850] = False
+    assert torch.equal(k_all[:, keep], want_k[:, keep]) and torch.equal(v_all[:, keep], want_v[:, keep])
+    # The pad slot: racing writes may mix rows (so may the indexed copy), but every value there
+    # is one that some row sent there holds at that place.
+    for cache in (k_all, v_all):
+        assert (cache[:, 850][:, None] == cache[:, src[30:]]).any(1).all()
 
 
 @needs_cuda

@@ -1,4 +1,5 @@
-"""One Triton program per step token: its K and V rows into their cache slots, in one launch.
+"""One Triton program per step token: its K and V rows into their cache slots, in one launch;
+and a commit's copies of accepted tree nodes' rows, every layer in one launch (``copy_slots``).
 
 ``index_copy_`` takes one launch per tensor and wants a dense source, so a step paid two
 launches per layer plus a copy of v out of the fused QKV projection. Here k and v are read
@@ -44,3 +45,35 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
                            k_cache.stride(0), k_cache.stride(1), HEADS=heads, HEAD_DIM=dim,
                            HEADS_P2=triton.next_power_of_2(heads), DIM_P2=triton.next_power_of_2(dim),
                            num_warps=1 if heads * dim <= 512 else 4)
+
+
+@triton.jit
+def _copy_slots_kernel(k_ptr, v_ptr, src_ptr, dst_ptr, stride_layer, stride_slot, ROW: tl.constexpr,
+                       ROW_P2: tl.constexpr):
+    """Program (i, layer): slot src[i]'s K and V row to slot dst[i], in that layer."""
+    i, layer = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    src = tl.load(src_ptr + i).to(tl.int64)
+    dst = tl.load(dst_ptr + i).to(tl.int64)
+    e = tl.arange(0, ROW_P2)
+    ok = e < ROW
+    base = layer * stride_layer
+    tl.store(k_ptr + base + dst * stride_slot + e, tl.load(k_ptr + base + src * stride_slot + e, mask=ok), mask=ok)
+    tl.store(v_ptr + base + dst * stride_slot + e, tl.load(v_ptr + base + src * stride_slot + e, mask=ok), mask=ok)
+
+
+def copy_slots(k_all: torch.Tensor, v_all: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Every layer's K and V at slots ``src`` to slots ``dst``, one launch: k_all, v_all [layers,
+    slots, KVH, D] contiguous, src and dst [n] with no slot in both (the commit copies from the
+    scratch region into request blocks or the pad slot, which several rejected nodes may share:
+    any of them wins, nothing reads it). The indexed copies ``k_all[:, dst] = k_all[:, src]``
+    were a gather and a scatter per tensor: four launches, ~15 us of a verify step at batch 1
+    (profile_step --kernels, H100)."""
+    src, dst = src.reshape(-1).contiguous(), dst.reshape(-1).contiguous()
+    n = src.numel()
+    if not n:
+        return
+    if not (k_all.is_contiguous() and v_all.is_contiguous() and k_all.shape == v_all.shape):
+        raise ValueError("copy_slots: K and V must be contiguous and of one shape")
+    layers, _, heads, dim = k_all.shape
+    _copy_slots_kernel[(n, layers)](k_all, v_all, src, dst, k_all.stride(0), k_all.stride(1), ROW=heads * dim,
+                                    ROW_P2=triton.next_power_of_2(heads * dim), num_warps=1 if heads * dim <= 512 else 4)
