@@ -7,9 +7,12 @@ the host (building the step's inputs, copying results back).
     python benchmarks/dummy_model.py llama-8b /tmp/llama-8b
     python -m benchmarks.profile_step --model /tmp/llama-8b --load-format dummy --heads random
 
-Each row times, with CUDA events (the median call of ``--iters``), replays of the forward graph alone, of the tail
-graph alone (with and without the proposal), and of the whole ``ModelRunner.execute`` (what a
-step costs the engine); host = execute - forward - tail. CUDA graphs on a GPU only.
+Each row times, with CUDA events (the median call of ``--iters`` rounds), replays of the forward
+graph alone, of the decision tail alone, of the proposal alone (steps that propose: a verify
+step proposes the next step's candidates, a plain step does not), and the whole
+``ModelRunner.execute`` (what a step costs the engine); host = execute - forward - tail. Every
+part of every mode at a batch size is called in turn, round after round, so that drift during
+the run falls on both sides of a ratio alike. CUDA graphs on a GPU only.
 
 ``--kernels B …`` also lists, at those batch sizes, the kernels of each replayed graph (torch
 profiler, CUDA activity; per step: calls and microseconds by kernel name) — which kernels make
@@ -22,7 +25,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import environment, median_call_ms, print_table, write_results
+from benchmarks.common import environment, interleaved_median_ms, print_table, write_results
 from engine.cuda_graphs import padded_batch
 from engine.engine import Engine
 from engine.sampling import SamplingParams
@@ -88,43 +91,43 @@ def main() -> None:
     rows = []
     kernel_report: list[str] = []
     for b in args.batch_sizes:
+        modes = []
         for mode, cands, suffix, params in [(m, c, k, p) for k, p in kinds for m, c in (("plain", 0), (args.tree, n))]:
-            mode += suffix
             seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=args.ctx, block_table=table, sample=True,
                                  tree=cands, candidates=[1] * cands, params=params, seed=i) for i in range(b)]
-            timings = {}
-            for propose in ((False,) if cands == 0 else (False, True)):
-                out = SchedulerOutput(step_id=-1, seqs=seqs, propose=propose)
-                runner.execute(out)  # captures the tail on first use
-                timings[propose] = median_call_ms(lambda: runner.execute(out), args.iters)
+            # A verify step proposes the next step's candidates; a plain step does not.
+            out = SchedulerOutput(step_id=-1, seqs=seqs, propose=bool(cands))
+            runner.execute(out)  # captures the tails on first use
             shape = tree if cands else None
             width = next(w for w in runner.graphs.widths if w >= len(table))  # the graph execute replayed
             g = runner.graphs.graphs[(shape, padded_batch(b), width)]
-            forward = median_call_ms(g.replay, args.iters)
             # A decision tail is keyed (tree, sampled, rules, filters, greedy_rows), the proposal
             # after it ("propose", that key): this mode's decision, alone and with its proposal.
             decision = next(k for k in g.tails if k[0] is shape and k[1] == (not params.greedy))
-            decide_ms = median_call_ms(g.tails[decision][0], args.iters)
-            tails = {False: decide_ms}
-            if ("propose", decision) in g.tails:
-                tails[True] = decide_ms + median_call_ms(g.tails["propose", decision][0], args.iters)
+            parts = [("step", lambda out=out: runner.execute(out)), ("forward", g.replay),
+                     ("tail (decision)", g.tails[decision][0])]
+            if out.propose:
+                parts.append(("proposal", g.tails["propose", decision][0]))
+            modes.append((mode + suffix, cands, g, parts))
+        # Every part of every mode in turn, round after round (benchmarks/common.py).
+        times = iter(interleaved_median_ms([fn for *_, parts in modes for _, fn in parts], args.iters))
+        for mode, cands, g, parts in modes:
+            ms = {part: next(times) for part, _ in parts}
             if b in args.kernels and torch.cuda.is_available():
                 first = len(kernel_report)
-                parts = [("forward", g.replay), ("tail (decision)", g.tails[decision][0])]
-                if ("propose", decision) in g.tails:
-                    parts.append(("proposal", g.tails["propose", decision][0]))
-                for part, fn in parts:
+                for part, fn in parts[1:]:
                     kernels = kernel_table(fn)
                     kernel_report.append(f"\n== batch {b}, {mode}, {part}: {sum(r[1] for r in kernels):.0f} kernels, "
                                          f"{sum(r[2] for r in kernels):.1f} us of kernel time")
                     kernel_report += [f"{us:9.1f} us {n:6.1f}x  {name[:110]}" for name, n, us in kernels[:25]]
                 print("\n".join(kernel_report[first:]), flush=True)
-            step = timings[max(timings)]
-            tail = tails.get(max(timings), 0.0)  # the tail the timed step ran (plain steps: no proposals)
+            step, forward = ms["step"], ms["forward"]
+            proposal = ms.get("proposal", 0.0)
+            tail = ms["tail (decision)"] + proposal
             rows.append({"model": eng.model_path.name, "batch_size": b, "mode": mode, "nodes": cands + 1,
                          "graph_batch": g.layout.batch, "step_ms": round(step, 3), "forward_ms": round(forward, 3),
                          "tail_ms": round(tail, 3),
-                         "proposal_ms": round(tails[True] - tails[False], 3) if True in tails and False in tails else 0.0,
+                         "proposal_ms": round(proposal, 3),
                          "host_ms": round(step - forward - tail, 3)})
             print(rows[-1])
     for r in rows:
