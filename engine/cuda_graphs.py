@@ -475,7 +475,7 @@ class CudaGraphRunner:
         rows (padding rows keep what they held), and the output's first n rows come back (valid
         until the next replay of that graph). What a step decided on the host (a prefill, a
         mixed step, logprobs) still has to do on the device after its forward — the heads'
-        proposal: ~65 small kernels, ~2.5 ms a step launched from Python on an H100 (steady
+        proposal: then ~65 small kernels, ~2.5 ms a step launched from Python on an H100 (steady
         load at batch 128: back-off's prefill steps 5.8 ms with it, plain decoding's 3.1)."""
         n = inputs[0].shape[0]
         bucket = padded_batch(n)
