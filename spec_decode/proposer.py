@@ -127,7 +127,7 @@ class MedusaProposer:
             for w, b in zip(self.block_w, self.block_b):
                 x = self._resblock(x[None], w[d - 1:d], b[d - 1:d])[0]
             logits = self._logits(x, d - 1)
-            if self.fused and triton_applies(logits, self.tree.topk):
+            if triton_applies(logits, self.tree.topk):  # (CUDA logits: the fused proposer's)
                 topk_into(logits, self.tree.topk, self.vocab_ids, tokens, idx.dest)
             else:
                 top = row_topk(logits, self.tree.topk, self.vocab_ids).view(s, -1, self.tree.topk)
