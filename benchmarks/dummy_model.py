@@ -6,10 +6,24 @@
 
 The tokenizer is the bundled model's (token ids stay below its 49,152 entries; the model's
 vocabulary is the real shape's, so the lm_head costs what it would).
+
+``--heads DIR`` also writes random Medusa heads of that shape, in the layout ``train-heads``
+writes, with a proposal vocabulary of ``--proposal-vocab`` ids (0 for none):
+
+    python benchmarks/dummy_model.py llama-8b /tmp/llama-8b --heads /tmp/llama-8b-heads --proposal-vocab 32768
+    python -m benchmarks.profile_step --model /tmp/llama-8b --load-format dummy --heads /tmp/llama-8b-heads
+
+The engine's ``heads="random"`` are Medusa-1 heads projecting through the base lm_head over the
+whole vocabulary, so their proposal reads the 128,256-row lm_head a second time every step
+(~0.37 ms on an H100 at the 8B shape). Heads trained here ship a proposal vocabulary (the
+bundled ones: 8,192 of 49,152 ids, 94% of held-out tokens); FR-Spec (Zhao et al., 2025) keeps
+32,768 of Llama-3's 128,256 for its drafts. The ids themselves do not matter to a random
+model's step cost (the first N are taken); their number does.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -42,7 +56,37 @@ def write_dummy_model(shape: str, out: Path) -> Path:
     return out
 
 
+def write_random_heads(model_dir: Path, out: Path, num_heads: int, num_layers: int, kind: str,
+                       proposal_vocab: int, seed: int = 0) -> Path:
+    """Random heads (bf16, shared lm_head) for the model in ``model_dir``, saved like trained ones."""
+    import torch
+
+    from spec_decode.heads import MedusaHeads
+    from spec_decode.proposer import PROPOSAL_VOCAB_FILE
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    if not 0 <= proposal_vocab <= vocab:
+        raise ValueError(f"proposal_vocab: expected 0 (none) up to the vocabulary's {vocab}, got {proposal_vocab}")
+    heads = MedusaHeads(num_heads, num_layers, hidden, vocab, kind=kind).randomize(seed).to(torch.bfloat16)
+    heads.save(out, base_model=f"{model_dir} (random weights)")
+    if proposal_vocab:
+        (out / PROPOSAL_VOCAB_FILE).write_text(json.dumps(
+            {"token_ids": list(range(proposal_vocab)), "source": "the first ids (random heads, random model)"}))
+    return out
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    print(write_dummy_model(sys.argv[1], Path(sys.argv[2])))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("shape", choices=sorted(SHAPES))
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--heads", type=Path, help="also write random heads for the model here")
+    ap.add_argument("--num-heads", type=int, default=4)
+    ap.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
+    ap.add_argument("--head-kind", default="medusa", help="medusa (Medusa-1), root_conditioned or sequential")
+    ap.add_argument("--proposal-vocab", type=int, default=32768, help="proposal vocabulary size (0: none)")
+    args = ap.parse_args()
+    print(write_dummy_model(args.shape, args.out))
+    if args.heads is not None:
+        print(write_random_heads(args.out, args.heads, args.num_heads, args.num_layers, args.head_kind,
+                                 args.proposal_vocab))

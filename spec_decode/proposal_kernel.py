@@ -86,14 +86,17 @@ def path_input_kernel(tokens_ptr, anc_ptr, table_ptr, pw_ptr, hidden_ptr, out_pt
     tl.store(out_ptr + rows[:, None] * H + cols[None, :], (h + acc).to(out_ptr.dtype.element_ty), mask=keep)
 
 
-def _blocks(m: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) for m rows. A batch-1 proposal has 1-10 rows a depth, batch
-    64 a few hundred. Narrow column blocks spread the weight read over more SMs while rows are
-    few (H100, bf16, H = 576, one ResBlock in a CUDA graph: 3.1 us at 1 row and 3.5 at 160
-    with these, 3.7-3.9 with 64-column blocks; at 640 rows 64 x 64 tiles, 4.7 us)."""
+def _blocks(m: int, h: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) for m rows of width h. A batch-1 proposal has 1-10 rows a
+    depth, batch 64 a few hundred. Narrow column blocks spread the weight read over more SMs
+    while rows are few and the model small (H100, bf16, H = 576, one ResBlock in a CUDA graph:
+    3.1 us at 1 row and 3.5 at 160 with these, 3.7-3.9 with 64-column blocks; at 640 rows
+    64 x 64 tiles, 4.7 us). A wide model has SMs enough for 64-column blocks, whose 128-byte
+    rows of W read better (H = 4096, four heads at 1-16 rows: 46-47 us, 58 with 16 columns)."""
+    bn = 64 if h >= 2048 else 16
     if m <= 16:
-        return 16, 16, 128
-    return (64, 16, 128) if m <= 160 else (64, 64, 64)
+        return 16, bn, 128
+    return (64, bn, 128) if m <= 160 else (64, 64, 64)
 
 
 def _precision(t) -> str:
@@ -111,7 +114,7 @@ def resblock(x, w, b):
     g, m, h = x.shape
     out = torch.empty((g, m, h), dtype=x.dtype, device=x.device)
     if m:
-        bm, bn, bk = _blocks(m)
+        bm, bn, bk = _blocks(m, h)
         resblock_kernel[(triton.cdiv(m, bm), triton.cdiv(h, bn), g)](
             x, w, b, out, m, h, x.stride(0), x.stride(1), w.stride(0), b.stride(0), out.stride(0), out.stride(1),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x), num_warps=4)
@@ -129,7 +132,7 @@ def path_input(tokens, anc, table, pw, hidden):
     m = s * p
     out = torch.empty((m, h), dtype=hidden.dtype, device=hidden.device)
     if m:
-        bm, bn, bk = _blocks(m)
+        bm, bn, bk = _blocks(m, h)
         path_input_kernel[(triton.cdiv(m, bm), triton.cdiv(h, bn))](
             tokens, anc, table, pw, hidden, out, m, h, p, d, tokens.stride(0), table.stride(0), hidden.stride(0),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(hidden), num_warps=4)

@@ -223,7 +223,7 @@ def test_fused_kv_write_equals_index_copy(heads, kv_heads, head_dim):
 
 @needs_cuda
 @pytest.mark.parametrize("rows,cols,k", [(1, 8192, 10), (23, 8192, 10), (640, 8192, 10), (7, 1000, 4),
-                                         (3, 16384, 16)])
+                                         (3, 16384, 16), (4, 32768, 10), (2, 20000, 10)])
 def test_triton_topk_takes_torch_topk_values(rows, cols, k):
     """row_topk's Triton program: the same k values as torch.topk, largest first, k distinct
     columns per row (ties included), mapped through a vocabulary when given one."""
@@ -238,6 +238,37 @@ def test_triton_topk_takes_torch_topk_values(rows, cols, k):
     assert all(len(set(r)) == k for r in got.tolist())
     ids = torch.randperm(cols, device="cuda")
     assert torch.equal(row_topk(x.view(1, rows, cols), k, ids).view(rows, k), ids[got])
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,inter", [(9, 3, 64, 1536), (32, 8, 128, 14336), (5, 1, 16, 100)])
+def test_triton_rope_and_silu_mul_equal_the_float32_math(rows, heads, kv_heads, head_dim, inter):
+    """ops_kernel's RoPE and SiLU·mul: in float32 the eager functions' values (to float32
+    rounding); in bf16 those values rounded once (within one bf16 step of them), q and k views
+    of one tensor, v the projection's own columns."""
+    from engine.models import ops, ops_kernel
+
+    torch.manual_seed(rows)
+    width = (heads + 2 * kv_heads) * head_dim
+    pos = torch.randint(0, 8000, (rows,), device="cuda").float()
+    inv = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+    emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
+    for dtype in (torch.float32, torch.bfloat16):
+        # A strided projection (rows of a wider buffer), as a sliced GEMM output can be.
+        qkv = torch.randn(rows, width + 8, device="cuda").to(dtype)[:, :width]
+        cos, sin = emb.cos()[:, None, :].to(dtype), emb.sin()[:, None, :].to(dtype)
+        q, k, v = ops_kernel.qkv_rope(qkv, cos, sin, heads, kv_heads, head_dim)
+        rq, rk, rv = ops.qkv_rope(qkv.float(), cos.float(), sin.float(), heads, kv_heads, head_dim)
+        gate_up = torch.randn(rows, 2 * inter, device="cuda").to(dtype)
+        got, want = ops_kernel.silu_mul(gate_up), ops.silu_mul(gate_up.float())
+        assert q.dtype == k.dtype == got.dtype == dtype and q.shape == rq.shape and k.shape == rk.shape
+        assert v.data_ptr() == qkv[:, (heads + kv_heads) * head_dim:].data_ptr() and torch.equal(v.float(), rv)
+        assert q.data_ptr() + heads * head_dim * q.element_size() == k.data_ptr()
+        for a, b in ((q, rq), (k, rk), (got, want)):
+            # float32: a few units of float32 rounding; bf16: one rounding of the float32 value.
+            tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+            assert torch.allclose(a.float(), b, rtol=tol, atol=tol), (a.float() - b).abs().max()
 
 
 @needs_cuda

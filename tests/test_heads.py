@@ -136,3 +136,25 @@ def test_proposer_matches_the_heads_logits():
                     got = MedusaProposer(heads, tree, lm_head, embed, vocab).propose(x, roots)
                     want = _reference_candidates(heads, lm_head, embed, tree, x, roots, vocab)
                     assert torch.equal(got, want), (kind, shared, vocab)
+
+
+def test_benchmark_random_heads_load_like_trained_ones(tmp_path):
+    """benchmarks/dummy_model.py --heads: random heads for a model directory, in the layout
+    train-heads writes (the engine loads them as it loads trained heads), with the proposal
+    vocabulary asked for; a proposal vocabulary larger than the model's is refused."""
+    from benchmarks.dummy_model import write_random_heads
+    from spec_decode.proposer import read_proposal_vocab
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 32, "vocab_size": 300}))
+    out = write_random_heads(model, tmp_path / "heads", num_heads=3, num_layers=2, kind="sequential",
+                             proposal_vocab=64)
+    heads = MedusaHeads.load(out, 32, 300)
+    assert (heads.num_heads, heads.num_layers, heads.kind, heads.shared_lm_head) == (3, 2, "sequential", True)
+    assert all(p.abs().sum() > 0 for p in heads.parameters())  # random, not the zero init
+    assert read_proposal_vocab(out, 300) == list(range(64))
+    none = write_random_heads(model, tmp_path / "full", num_heads=2, num_layers=1, kind="medusa", proposal_vocab=0)
+    assert read_proposal_vocab(none, 300) is None
+    with pytest.raises(ValueError, match="proposal_vocab"):
+        write_random_heads(model, tmp_path / "bad", num_heads=2, num_layers=1, kind="medusa", proposal_vocab=301)

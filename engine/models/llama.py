@@ -173,14 +173,14 @@ class LlamaForCausalLM(nn.Module):
 
     def fuse(self, compiled: bool) -> "LlamaForCausalLM":
         """After loading: one GEMM for Q/K/V and one for gate/up per layer, and (``compiled``,
-        CUDA) the elementwise work through torch.compile — fewer kernels per step."""
+        CUDA) the elementwise work through torch.compile and Triton — fewer kernels per step."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
         if compiled:
-            from engine.models.ops import compiled_ops
+            from engine.models.ops import cuda_ops
 
-            self.ops = compiled_ops()
+            self.ops = cuda_ops(self.cfg.head_dim)
         return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend, meta) -> torch.Tensor:

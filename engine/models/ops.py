@@ -3,8 +3,9 @@
 Eager, each is several small kernels (RMSNorm alone is ~8); on a small model at small batch a
 decode step is bound by how many kernels it runs, not by bytes. On CUDA the same functions are
 compiled with ``torch.compile`` (Inductor fuses each into one or two Triton kernels, which CUDA
-graphs then capture). The math is the same either way; the eager versions are what CPU runs
-and what the HF parity tests pin down.
+graphs then capture), except RoPE and SiLU·mul, which are hand-written Triton programs there
+(engine/models/ops_kernel.py: Inductor's cost 3x as much at 64 rows as at one). The math is
+the same either way; the eager versions are what CPU runs and what the HF parity tests pin down.
 """
 
 from __future__ import annotations
@@ -78,3 +79,14 @@ def compiled_ops() -> ModelOps:
         return torch.compile(fn, dynamic=True, fullgraph=True)
 
     return ModelOps(comp(rms_norm), comp(add_rms_norm), comp(qkv_rope), comp(silu_mul))
+
+
+def cuda_ops(head_dim: int) -> ModelOps:
+    """What a model on CUDA runs: the norms compiled, RoPE and SiLU·mul as the Triton programs
+    of ops_kernel (RoPE where head_dim is a power of two, which its program needs; else the
+    compiled one)."""
+    from engine.models import ops_kernel
+
+    base = compiled_ops()
+    rope = ops_kernel.qkv_rope if ops_kernel.rope_applies(head_dim) else base.qkv_rope
+    return ModelOps(base.rms_norm, base.add_rms_norm, rope, ops_kernel.silu_mul)
