@@ -22,10 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _silu(x):
-    return x / (1.0 + tl.exp(-x))
+from engine.models.ops_kernel import silu
 
 
 @triton.jit
@@ -50,7 +47,7 @@ def resblock_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, H,
     acc += tl.load(b_ptr + g * stride_bg + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
     keep = (rows[:, None] < M) & (cols[None, :] < H)
     x = tl.load(x_rows + cols[None, :], mask=keep, other=0.0).to(tl.float32)
-    out = x + _silu(acc)
+    out = x + silu(acc)
     tl.store(out_ptr + g * stride_og + rows[:, None] * stride_om + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=keep)
 

@@ -22,6 +22,12 @@ import triton.language as tl
 
 
 @triton.jit
+def silu(x):
+    """x · sigmoid(x) on a float32 block (also the heads' ResBlock epilogue, proposal_kernel.py)."""
+    return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr):
     """Program (row, block of columns): out = SiLU(gate) · up, gate and up the halves of x."""
     row = tl.program_id(0).to(tl.int64)
@@ -29,7 +35,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.cons
     ok = cols < inter
     gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + inter + cols, mask=ok, other=0.0).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up
+    out = silu(gate) * up
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
