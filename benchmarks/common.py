@@ -24,10 +24,11 @@ DEFAULT_PROMPTS = Path(os.environ.get("MEDUSA_ENGINE_PROMPTS", ROOT.parent / "sh
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def eval_prompts(n: int, path: Path = DEFAULT_PROMPTS, max_chars: int = 600) -> list[str]:
-    """The first n held-out prompts (repeated if there are fewer)."""
+def eval_prompts(n: int, path: Path = DEFAULT_PROMPTS, max_chars: int = 600, split: str = "heldout") -> list[str]:
+    """The first n prompts of ``split`` (repeated if there are fewer): by default of the
+    sources held out of head training, interleaved (spec_decode/data.py)."""
     out = []
-    for _, prompt in read_prompts(path, "heldout", max_chars):
+    for _, prompt in read_prompts(path, split, max_chars):
         out.append(prompt)
         if len(out) == n:
             break

@@ -85,8 +85,16 @@ if __name__ == "__main__":
     ap.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
     ap.add_argument("--head-kind", default="medusa", help="medusa (Medusa-1), root_conditioned or sequential")
     ap.add_argument("--proposal-vocab", type=int, default=32768, help="proposal vocabulary size (0: none)")
+    ap.add_argument("--tree-json", type=Path,
+                    help="copy this tree.json (e.g. spec_decode/bundled_heads/tree.json) into the heads: heads "
+                         "whose measured accuracy claims what they do not deliver, for back-off (tree=auto, "
+                         "backoff=True need one) — the stand-in for heads trained on other traffic")
     args = ap.parse_args()
     print(write_dummy_model(args.shape, args.out))
     if args.heads is not None:
         print(write_random_heads(args.out, args.heads, args.num_heads, args.num_layers, args.head_kind,
                                  args.proposal_vocab))
+        if args.tree_json is not None:
+            shutil.copy(args.tree_json, args.heads / "tree.json")
+    elif args.tree_json is not None:
+        ap.error("--tree-json: goes with --heads")

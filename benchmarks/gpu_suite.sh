@@ -6,7 +6,12 @@
 # Medusa table (plain / fixed tree / back-off / a second plain engine x batch 1…128 x greedy and
 # typical T=0.7, static batches) took 2 minutes on an H100 once every step replayed a graph;
 # PARTS="speculative queue" adds the same under steady load (--queue 3) in the same call. PARTS=steps8b adds the Llama-3.1-8B shape's step costs (random
-# weights and heads, benchmarks/profile_step.py).
+# weights and heads, benchmarks/profile_step.py); PARTS=backoff8b back-off against plain
+# decoding at that shape with random heads that claim the bundled heads' accuracy (their
+# tree.json) and accept nothing. Every row of the Medusa tables reports the capture steps of
+# its timed runs (0: every graph is captured at start-up), graph-miss steps, the A/A row
+# (``none``), the per-run ratios and the worst; prompts come from the held-out sources
+# (SPLIT=random_heldout: the old random split, for comparison). GPU_K: a pytest -k filter.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PARTS=${PARTS:-tests throughput speculative}
@@ -18,7 +23,8 @@ STAMP=$(mktemp); touch "$STAMP"
 save() { find benchmarks/results -type f -newer "$STAMP" -exec cp {} "$OUT"/ \; 2>/dev/null; true; }
 trap save EXIT  # results come back even when the call's time limit cuts a part short
 if [[ " $PARTS " == *" tests "* ]]; then
-    python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | grep --line-buffered -v -i warn
+    python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py ${GPU_K:+-k "$GPU_K"} 2>&1 \
+        | tee "$OUT/gpu_tests.log" | grep --line-buffered -v -i warn
 fi
 if [[ " $PARTS " == *" throughput "* ]]; then
     python3 benchmarks/throughput.py --batch-sizes ${TP_BS:-1 4 16 64} --max-tokens ${TP_TOKENS:-256} 2>&1 \
@@ -27,15 +33,23 @@ fi
 if [[ " $PARTS " == *" speculative "* ]]; then
     python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${TREES:-mc_sim_7b_63 backoff none} \
         --batch-sizes ${SP_BS:-1 4 16 64 128} --temperatures ${SP_TEMPS:-0 0.7} --max-tokens ${SP_TOKENS:-128} \
-        ${SP_FLAGS:---kv-cache-memory-gb 8} 2>&1 \
+        --split ${SPLIT:-heldout} ${SP_FLAGS:---kv-cache-memory-gb 8} 2>&1 \
         | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/speculative.log" | tail -24
 fi
 if [[ " $PARTS " == *" queue "* ]]; then
     # The same engines under steady load: 3 x B prompts, at most B in flight (speculative.py --queue).
     python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${QUEUE_TREES:-backoff none} --queue 3 \
-        --batch-sizes ${QUEUE_BS:-4 16 64 128} --temperatures ${SP_TEMPS:-0 0.7} --max-tokens ${SP_TOKENS:-128} \
+        --batch-sizes ${QUEUE_BS:-4 16 64 128} --temperatures ${SP_TEMPS:-0 0.7} --max-tokens ${SP_TOKENS:-128} --split ${SPLIT:-heldout} \
         ${SP_FLAGS:---kv-cache-memory-gb 8} 2>&1 \
         | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/queue.log" | tail -20
+fi
+if [[ " $PARTS " == *" backoff8b "* ]]; then
+    python3 benchmarks/dummy_model.py llama-8b /tmp/llama-8b --heads /tmp/llama-8b-tj --proposal-vocab 32768 \
+        --tree-json spec_decode/bundled_heads/tree.json >/dev/null
+    python3 benchmarks/speculative.py --model /tmp/llama-8b --load-format dummy --heads /tmp/llama-8b-tj \
+        --trees backoff none --batch-sizes ${B8_BS:-1 8 32} --temperatures 0 --max-tokens ${B8_TOKENS:-64} \
+        --min-prompts 4 --repeats ${B8_REPEATS:-3} --kv-cache-memory-gb 16 2>&1 \
+        | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/backoff8b.log" | tail -12
 fi
 if [[ " $PARTS " == *" steps8b "* ]]; then
     # Two kinds of random heads: with a 32,768-id proposal vocabulary (the layout train-heads

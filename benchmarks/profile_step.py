@@ -97,10 +97,9 @@ def main() -> None:
                                  tree=cands, candidates=[1] * cands, params=params, seed=i) for i in range(b)]
             # A verify step proposes the next step's candidates; a plain step does not.
             out = SchedulerOutput(step_id=-1, seqs=seqs, propose=bool(cands))
-            runner.execute(out)  # captures the tails on first use
+            runner.execute(out)
             shape = tree if cands else None
-            width = next(w for w in runner.graphs.widths if w >= len(table))  # the graph execute replayed
-            g = runner.graphs.graphs[(shape, padded_batch(b), width)]
+            g = runner.graphs.graphs[(shape, padded_batch(b))]  # the graph execute replayed
             # A decision tail is keyed (tree, sampled, rules, filters, greedy_rows), the proposal
             # after it ("propose", that key): this mode's decision, alone and with its proposal.
             decision = next(k for k in g.tails if k[0] is shape and k[1] == (not params.greedy))

@@ -79,8 +79,9 @@ def _generate(engine, prompts, max_tokens, batch_size, temperature, queued):
 
 
 def warm_up(engine, prompts, max_tokens, batch_size, temperature=0.0, queued=False):
-    """One pass over the very batches: one-time work (CUDA graphs for a new batch, prompt or
-    width bucket are captured on first use, ~1 s each) stays out of the timing."""
+    """One pass over the very batches before the timed ones (caches warm, back-off's first
+    lessons learned). Nothing is captured here: every CUDA graph was captured at start-up, and
+    each timed run reports its capture steps (must be 0) and graph-miss steps."""
     _generate(engine, prompts, max_tokens, batch_size, temperature, queued)
 
 
@@ -100,6 +101,7 @@ def timed(engine, prompts, max_tokens, batch_size, temperature=0.0, queued=False
     return {"tokens": [list(o.token_ids) for o in outs], "tok_s": sum(len(o.token_ids) for o in outs) / dt,
             # What else ran inside the timed run: garbage collection, first-use graph captures.
             "gc_ms": round(gc_time["ms"], 1), "capture_steps": st.num_capture_steps,
+            "graph_miss_steps": st.num_graph_miss_steps,
             "step_ms": 1e3 * dt / max(1, st.num_steps), "decode_ms": st.decode_step_ms,
             "mean_accepted": st.mean_accepted_length,
             "per_head_acceptance": [round(x, 3) for x in st.per_head_acceptance],
@@ -127,7 +129,8 @@ def engine_info(eng: Engine) -> dict:
     """What the run's rows and environment read of an engine (plain values: they cross processes)."""
     return {"tree_nodes": eng.tree.num_nodes if eng.tree is not None else 1, "step_latency": eng.step_latency,
             "device": str(eng.device), "dtype": str(eng.dtype).removeprefix("torch."),
-            "num_graphs": eng.num_graphs, "graph_capture_s": eng.graph_capture_s}
+            "num_graphs": eng.num_graphs, "graph_capture_s": eng.graph_capture_s,
+            "graph_memory_gb": eng.graph_memory_gb, "startup_s": round(eng.startup_s, 1)}
 
 
 def _serve_engine(conn, model: str, kw: dict, gc_freeze: bool) -> None:
@@ -190,6 +193,10 @@ def median_run(runs: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
+    ap.add_argument("--load-format", default="auto", help="dummy: random weights (benchmarks/dummy_model.py)")
+    ap.add_argument("--split", default="heldout", choices=["heldout", "random_heldout"],
+                    help="heldout: prompts of sources the heads never trained on (spec_decode/data.py); "
+                         "random_heldout: the old one-in-ten split of the trained sources, for comparison")
     ap.add_argument("--heads", default="default")
     ap.add_argument("--trees", nargs="+", default=["mc_sim_7b_63", "small_12", "chain:3"])
     ap.add_argument("--acceptance", default="typical", help="the rule for sampled requests (temperature > 0)")
@@ -218,10 +225,11 @@ def main() -> None:
     if args.no_gc_freeze:
         _no_gc_freeze()
 
-    kw = dict(dtype=args.dtype, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb)
+    kw = dict(dtype=args.dtype, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb,
+              load_format=args.load_format)
 
     def prompts_for(bs: int) -> list[str]:
-        return eval_prompts(bs * max(args.queue, -(-args.min_prompts // bs)))
+        return eval_prompts(bs * max(args.queue, -(-args.min_prompts // bs)), split=args.split)
     # Every configuration lives side by side and the timed runs alternate between them
     # (--repeats rounds, the median kept): a machine that drifts or stalls mid-run (a busy host
     # CPU moves this small model's steps by 2x) hits plain and Medusa alike.
@@ -248,8 +256,11 @@ def main() -> None:
     infos = {name: e.info if args.process_per_engine else engine_info(e) for name, e in engines.items()}
     env = environment(torch.device(infos["plain"]["device"]), getattr(torch, infos["plain"]["dtype"]),
                       "SmolLM2-135M-Instruct" if args.model == "default" else args.model)
-    env.update(heads=args.heads, cuda_graphs=infos["plain"]["num_graphs"] > 0,
+    env.update(heads=args.heads, cuda_graphs=infos["plain"]["num_graphs"] > 0, prompt_split=args.split,
                graph_capture_s=infos["plain"]["graph_capture_s"], repeats=args.repeats,
+               # Per engine: CUDA graphs captured at start-up, their seconds and memory, start-up.
+               engines={name: {k: i[k] for k in ("num_graphs", "graph_capture_s", "graph_memory_gb", "startup_s")}
+                        for name, i in infos.items()},
                gc_frozen=not args.no_gc_freeze, process_per_engine=args.process_per_engine,
                load=f"queue x{args.queue}" if args.queue else "static batches")
 
@@ -286,20 +297,26 @@ def main() -> None:
                          # this configuration back to back, so a slow spell of the machine hits
                          # both sides of a ratio (a ratio of two medians can pair runs from
                          # different spells: at batch 128 runs of 1.06, 0.99, 0.83 read 0.85).
-                         "speedup": statistics.median(ratios),
+                         "speedup": statistics.median(ratios), "speedup_min": min(ratios),
                          "speedup_runs": [round(x, 3) for x in ratios],
                          # Per timed run, plain's then this configuration's: GC pauses (ms) and
                          # steps that captured a graph first (either one spoils a run's timing).
                          "gc_ms_runs": [[p["gc_ms"], m["gc_ms"]] for m, p in zip(runs[tree], runs["plain"])],
                          "capture_steps_runs": [[p["capture_steps"], m["capture_steps"]]
                                                 for m, p in zip(runs[tree], runs["plain"])],
+                         # A run with a capture is spoilt: flagged here, never silently averaged in.
+                         "capture_steps": sum(p["capture_steps"] + m["capture_steps"]
+                                              for m, p in zip(runs[tree], runs["plain"])),
+                         "graph_miss_steps": sum(p["graph_miss_steps"] + m["graph_miss_steps"]
+                                                 for m, p in zip(runs[tree], runs["plain"])),
                          "plain_step_ms": ref["step_ms"], "medusa_step_ms": r["step_ms"],
                          "plain_decode_ms": ref["decode_ms"], "medusa_decode_ms": r["decode_ms"], **extra[bs],
                          "mean_accepted": r["mean_accepted"], "per_head_acceptance": r["per_head_acceptance"],
                          "steps_by_tree_size": r["steps_by_tree_size"],
                          "greedy_identical": r["tokens"] == ref["tokens"] if t == 0 else None})
-            print_table([rows[-1]], ["config", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup",
-                                     "mean_accepted", "plain_decode_ms", "medusa_decode_ms"])
+            print_table([rows[-1]], ["config", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup", "speedup_min",
+                                     "mean_accepted", "plain_decode_ms", "medusa_decode_ms", "capture_steps",
+                                     "graph_miss_steps"])
     for eng in engines.values():
         eng.shutdown()
     engines.clear()  # the GPU memory for what follows
@@ -352,8 +369,12 @@ def main() -> None:
         ax.set_ylabel("generated tokens / s")
 
     print(f"\n{env}")
-    print_table(rows, ["config", "tree_nodes", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup",
-                       "mean_accepted", "plain_decode_ms", "medusa_decode_ms", "greedy_identical"])
+    print_table(rows, ["config", "tree_nodes", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup", "speedup_min",
+                       "speedup_runs", "mean_accepted", "plain_decode_ms", "medusa_decode_ms", "capture_steps",
+                       "graph_miss_steps", "greedy_identical"])
+    spoilt = [f"{r['config']} b{r['batch_size']}" for r in rows if r["capture_steps"]]
+    if spoilt:
+        print("WARNING: timed runs captured CUDA graphs (their timings are spoilt):", ", ".join(spoilt))
     print_table([r for r in rows if r["config"] == rows[0]["config"]],
                 ["batch_size", "plain_step_ms", "plain_decode_ms", "plain_eager_decode_ms", "graphs_vs_eager",
                  "hf_tok_s", "plain_vs_hf"])

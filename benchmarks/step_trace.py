@@ -188,7 +188,8 @@ def main() -> None:
         step_rows[tree] = steps
         if engine.backoff is not None:
             print("back-off latency grid [batch, candidates, ms]:", engine.step_latency)
-            print("back-off expected tokens per step by (decision path, tree size):", engine.backoff.expected)
+            print("back-off acceptance scale (delivered / promised extra tokens) by (decision path, batch bucket):",
+                  {k: round(v, 3) for k, v in engine.backoff.calibration.learned().items()})
             print("back-off corrections learned (observed / measured) by (tree size, path):",
                   {k: round(v, 2) for k, v in engine.backoff.latency.correction.items()})
             for path in ("greedy", "sampled"):

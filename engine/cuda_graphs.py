@@ -3,22 +3,28 @@
 A step has a fixed shape when every sequence runs exactly its one pending token (plain
 decode) or its pending token plus the same local query block (a speculative tree: any object
 with ``num_nodes`` and an ancestor ``mask``). Its shape is then fixed by (query block, batch
-padded up to a bucket, block-table width bucket), and one graph per shape replays the whole
-model forward — ~15 kernels per layer, otherwise each launched from Python, plus xformers'
-dispatch. Whatever follows the forward and should run on the device too (the runner's
-decide–commit–propose tail) is handed in as a callable and captured after it, reading the
-forward's static outputs: this module knows nothing of what that callable does.
+padded up to a bucket), and one graph per shape replays the whole model forward — ~15
+kernels per layer, otherwise each launched from Python. Whatever follows the forward and
+should run on the device too (the runner's decide–commit–propose tail) is handed in as a
+callable and captured after it, reading the forward's static outputs: this module knows
+nothing of what that callable does.
+
+Every graph is captured before the engine serves (``CudaGraphRunner.seal``): a capture in a
+served step stalls every sequence in it. So the set of shapes is kept small enough to
+capture whole at start-up: one block-table width for all graphs (the longest sequence's: the
+attention kernels' work follows each sequence's length, and only the pages a step uses are
+shipped, ``_tables_view``), graphs per batch bucket and tree of the engine's set.
 
 Inputs of a graph live in one static int64 buffer, filled by a single host→device copy
-before replay: token ids, each sequence's start position and its block table padded to
-``width`` pages. Everything else is derived on the device at the start of the graph, so the
-host never builds per-token lists for a decode or verify step (at batch 64 with a 64-node
-tree those lists cost ~1 ms a step): positions are start + the node's depth; a pending token's
-K/V slot comes from its block table, a tree candidate's is its row of the cache's scratch
-region; the cached length each sequence attends to is start (+ 1 for a plain decode token,
-which attends to itself). Lengths and tables are copied into the int32 tensors that the
-attention metadata holds — built once at capture by the backend's own builder and refreshed
-in place. Padded sequences start at 0 in a pad block that no request owns.
+before replay: token ids, each sequence's start position and its block table. Everything
+else is derived on the device at the start of the graph, so the host never builds per-token
+lists for a decode or verify step (at batch 64 with a 64-node tree those lists cost ~1 ms a
+step): positions are start + the node's depth; a pending token's K/V slot comes from its
+block table, a tree candidate's is its row of the cache's scratch region; each sequence
+attends to the ``start`` positions cached before its pending token, then to the step's own
+tokens under the query block's mask. Lengths and tables are copied into the int32 tensors
+that the attention metadata holds — built once at capture by the backend's own builder and
+refreshed in place. Padded sequences start at 0 in a pad block that no request owns.
 
 A step in which every sequence prefills its prompt from position 0 (nothing cached: a new
 request's prompt, or its first chunk) has a fixed shape too once padded: each prompt padded at
@@ -27,18 +33,17 @@ causally within their own block, so the padding never reaches a real token; pad 
 their K/V into the pad block. Eagerly such a step is bound by the host (measured on an H100,
 bundled model: ~36 ms for one prompt of 40–150 tokens, 30 decode steps' worth); replayed it
 is the GPU's work. Graphs of one prompt are captured at start-up; a step of several prompts
-runs in a mixed-step graph (below) unless its fresh-prefill graph exists already.
-Their K/V slots come from the host (a prompt's table may be wider than the graph's).
+runs in a mixed-step graph (below). Their K/V slots come from the host.
 
 Any other step without a tree — prefill chunks after a cached prefix, prompts beside decode
 tokens — is a mixed step (``MixedStep``): its tokens lie flat, sequence after sequence, padded
 at the end to a token bucket (``MIXED_BUCKETS``); its sequences, padded to the engine's
 largest batch bucket, are described by where their tokens start, their cached lengths and
 tables, and attention is the varlen kernel (engine/attention/varlen_kernel.py), which reads
-only those. One graph per (token bucket, width bucket) then fits any mix of chunks and decode
-tokens. Positions and K/V slots come from the host (``ModelRunner.locate``), as for fresh
-prefills; pad tokens write into the pad block. Eagerly such a step is bound by the host
-(~40 ms on an H100 with the bundled model, ±20% run to run).
+only those. One graph per token bucket then fits any mix of chunks and decode tokens.
+Positions and K/V slots come from the host (``ModelRunner.locate``), as for fresh prefills;
+pad tokens write into the pad block. Eagerly such a step is bound by the host (~40 ms on an
+H100 with the bundled model, ±20% run to run).
 
 The output (the final hidden states) is a tensor of the graphs' shared memory pool: valid
 until the next replay, which is enough because a step consumes it before the next starts.
@@ -112,51 +117,70 @@ class MixedLayout:
     def size(self) -> int:
         return 3 * self.tokens + 3 * self.batch + 2 + self.batch * self.width
 
+    @property
+    def _tables_at(self) -> int:
+        return 3 * self.tokens + 3 * self.batch + 2
+
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         t, b = self.tokens, self.batch
         names = (("ids", t), ("positions", t), ("slots", t), ("q_starts", b + 1), ("kv_lens", b),
-                 ("first_tiles", b + 1), ("tables", b * self.width))
+                 ("first_tiles", b + 1))
         views, at = {}, 0
         for name, n in names:
             views[name] = buf[at:at + n]
             at += n
-        views["tables"] = views["tables"].view(b, self.width)
+        views["tables"] = _tables_view(buf, at, b, self.width)
         return views
 
     def pack(self, seqs: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int],
-             pad_block: int, pad_slot: int) -> torch.Tensor:
-        """The buffer's contents for a step (host tensor): the step's flat ids, positions and
-        slots (``ModelRunner.locate``); tokens past them write the pad slot, sequences past
-        ``seqs`` have no tokens and the pad block for a table."""
-        buf = np.zeros(self.size, dtype=np.int64)
-        v = {name: x.numpy() for name, x in self.views(torch.from_numpy(buf)).items()}
+             pad_block: int, pad_slot: int) -> tuple[torch.Tensor, int]:
+        """The buffer's contents for a step (host tensor) and how much of it the step uses (see
+        ``_tables_view``): the step's flat ids, positions and slots (``ModelRunner.locate``);
+        tokens past them write the pad slot, sequences past ``seqs`` have no tokens."""
+        used = self._tables_at + self.batch * _table_columns(seqs)
+        buf = np.zeros(used, dtype=np.int64)
         n = len(ids)
-        v["ids"][:n], v["positions"][:n], v["slots"][:n] = ids, positions, slots
-        v["slots"][n:] = pad_slot
+        t, b = self.tokens, self.batch
+        buf[:n], buf[t:t + n], buf[2 * t:2 * t + n] = ids, positions, slots
+        buf[2 * t + n:3 * t] = pad_slot
         q_lens = [len(s.token_ids) for s in seqs]
-        v["q_starts"][:len(seqs) + 1] = list(accumulate(q_lens, initial=0))
-        v["q_starts"][len(seqs) + 1:] = n
-        v["kv_lens"][:len(seqs)] = [s.start_pos + k for s, k in zip(seqs, q_lens)]
+        at = 3 * t
+        buf[at:at + len(seqs) + 1] = list(accumulate(q_lens, initial=0))
+        buf[at + len(seqs) + 1:at + b + 1] = n
+        at += b + 1
+        buf[at:at + len(seqs)] = [s.start_pos + k for s, k in zip(seqs, q_lens)]
+        at += b
         first = tile_starts(q_lens)
-        v["first_tiles"][:len(first)] = first
-        v["first_tiles"][len(first):] = first[-1]
-        v["tables"][:] = pad_block
-        for i, s in enumerate(seqs):
-            v["tables"][i, :len(s.block_table)] = s.block_table
-        return torch.from_numpy(buf)
+        buf[at:at + len(first)] = first
+        buf[at + len(first):at + b + 1] = first[-1]
+        _pack_tables(buf[self._tables_at:], seqs, b, pad_block)
+        return torch.from_numpy(buf), used
 
 
-def width_buckets(max_width: int, smallest: int = 8) -> tuple[int, ...]:
-    """Block-table widths graphs are captured for: x4 steps up to the longest sequence's. The
-    paged kernels split their work over the table's full width, so a short sequence in a
-    graph sized for the longest costs several times more (measured on H100: a 64-node tree
-    step at batch 16, 5.6 ms at 17 pages wide vs 8.6 ms at 129)."""
-    widths = []
-    w = smallest
-    while w < max_width:
-        widths.append(w)
-        w *= 4
-    return tuple(widths) + (max_width,)
+def _table_columns(seqs: list[ScheduledSeq]) -> int:
+    """Pages of the longest block table among ``seqs`` (at least one: padding sequences read
+    page 0)."""
+    return max([1] + [len(s.block_table) for s in seqs])
+
+
+def _tables_view(buf: torch.Tensor, at: int, batch: int, width: int) -> torch.Tensor:
+    """The block tables [batch, width] held column after column from ``buf[at]`` on. Page j of
+    every sequence lies together, so a step whose longest table has J pages fills and copies
+    only the first ``J * batch`` entries: every graph is captured at the engine's full width
+    (its kernels' cost follows each sequence's length, not the table's width), and a step
+    never ships a table the width of the longest possible sequence. Columns past J keep what
+    earlier steps left; nothing reads them (a sequence reads the pages below its length)."""
+    return buf[at:at + batch * width].view(width, batch).t()
+
+
+def _pack_tables(dst: np.ndarray, seqs: list[ScheduledSeq], batch: int, pad_block: int) -> None:
+    """Fill the first ``_table_columns(seqs)`` columns of ``_tables_view`` (``dst`` starts at
+    the tables): each sequence's pages, the pad block past them and for padding sequences."""
+    cols = _table_columns(seqs)
+    tables = dst[:cols * batch].reshape(cols, batch)
+    tables[:] = pad_block
+    for i, s in enumerate(seqs):
+        tables[:len(s.block_table), i] = s.block_table
 
 
 def padded_batch(batch: int) -> Optional[int]:
@@ -165,8 +189,9 @@ def padded_batch(batch: int) -> Optional[int]:
 
 
 def graphable_nodes(seqs: list[ScheduledSeq], nodes: Optional[int], width: int) -> bool:
-    """Can this step replay a graph? Every sequence runs one pending token plus ``nodes - 1``
-    candidates (``nodes`` None: the step is not uniform) and fits the graphs' table width."""
+    """Has this step a decode or verify graph's shape? Every sequence runs one pending token
+    plus ``nodes - 1`` candidates (``nodes`` None: the step is not uniform) and fits the graphs'
+    table width."""
     return (nodes is not None and bool(seqs) and padded_batch(len(seqs)) is not None
             and all(len(s.token_ids) == 1 and len(s.block_table) <= width for s in seqs))
 
@@ -191,34 +216,37 @@ class GraphLayout:
 
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         t, b = self.tokens, self.batch
-        end = t + b + b * self.width
-        views = {"ids": buf[:t], "starts": buf[t:t + b], "tables": buf[t + b:end].view(b, self.width)}
+        views = {"ids": buf[:t], "starts": buf[t:t + b]}
+        at = t + b
         if self.host_slots:
-            views["slots"] = buf[end:end + t]
+            views["slots"] = buf[at:at + t]
+            at += t
+        views["tables"] = _tables_view(buf, at, b, self.width)
         return views
 
     def pack(self, seqs: list[ScheduledSeq], ids: list[int], pad_block: int,
-             slots: Optional[list[int]] = None, pad_slot: int = 0) -> torch.Tensor:
-        """The buffer's contents for a step (host tensor). ``ids``: every sequence's ``nodes``
-        tokens, sequence after sequence; ``slots`` likewise (``host_slots`` layouts only;
-        sequences' missing ones — padding — go to ``pad_slot``). Sequences beyond
-        ``len(seqs)`` are padding: token 0 starting at 0, their table all the pad block."""
-        t, b, w = self.tokens, self.batch, self.width
-        buf = np.zeros(self.size, dtype=np.int64)
+             slots: Optional[list[int]] = None, pad_slot: int = 0) -> tuple[torch.Tensor, int]:
+        """The buffer's contents for a step (host tensor) and how much of it the step uses (the
+        tables' first columns, ``_tables_view``). ``ids``: every sequence's ``nodes`` tokens,
+        sequence after sequence; ``slots`` likewise (``host_slots`` layouts only; sequences'
+        missing ones — padding — go to ``pad_slot``). Sequences beyond ``len(seqs)`` are
+        padding: token 0 starting at 0, their table the pad block."""
+        t, b = self.tokens, self.batch
+        at = t + b + (t if self.host_slots else 0)
+        # (A fresh prefill's tables are not read: its prompt may be longer than the width.)
+        cols = 1 if self.host_slots else _table_columns(seqs)
+        used = at + cols * b
+        buf = np.zeros(used, dtype=np.int64)
         buf[:len(ids)] = ids
         buf[t:t + len(seqs)] = [s.start_pos for s in seqs]
-        tables = buf[t + b:t + b + b * w].reshape(b, w)
-        tables[:] = pad_block
-        for i, s in enumerate(seqs):
-            # (Only a fresh prefill's table can be wider than the graph's: it is not read.)
-            row = s.block_table[:w]
-            tables[i, :len(row)] = row
         if self.host_slots:
-            end = t + b + b * w
-            buf[end:end + t] = pad_slot
+            buf[t + b:t + b + t] = pad_slot
             if slots is not None:
-                buf[end:end + len(slots)] = slots
-        return torch.from_numpy(buf)
+                buf[t + b:t + b + len(slots)] = slots
+            buf[at:used] = pad_block
+        else:
+            _pack_tables(buf[at:], seqs, b, pad_block)
+        return torch.from_numpy(buf), used
 
 
 def _capture(runner: "CudaGraphRunner", work):
@@ -252,6 +280,22 @@ def _capture(runner: "CudaGraphRunner", work):
     return replay, outputs
 
 
+def _device_buffer(layout, packed: tuple[torch.Tensor, int], pad_block: int, device: torch.device) -> torch.Tensor:
+    """A graph's static input buffer on the device: all of ``layout``, every table entry the
+    pad block, then its used part as ``packed`` (a layout's ``pack`` of no sequences)."""
+    host, used = packed
+    buf = torch.zeros(layout.size, dtype=torch.int64)
+    layout.views(buf)["tables"].fill_(pad_block)
+    buf[:used] = host
+    return buf.to(device)
+
+
+def load_inputs(buf: torch.Tensor, packed: tuple[torch.Tensor, int]) -> None:
+    """Copy a step's packed inputs into the used part of a graph's buffer."""
+    host, used = packed
+    buf[:used].copy_(host)
+
+
 class _Graph:
     """One captured forward of a fixed shape, and the tails captured after it."""
 
@@ -262,7 +306,8 @@ class _Graph:
         self.decodes = not fresh  # a decode or verify step: the device tails follow it
         dev = runner.device
         kv = runner.backend.kv_cache
-        self.buf = self.layout.pack([], [], runner.pad_block, pad_slot=kv.pad_slot).to(dev)
+        self.buf = _device_buffer(self.layout, self.layout.pack([], [], runner.pad_block, pad_slot=kv.pad_slot),
+                                  runner.pad_block, dev)
         self.views = self.layout.views(self.buf)
         v = self.views
         # Each node's offset from its sequence's start: its depth in a tree, its index in a
@@ -274,13 +319,19 @@ class _Graph:
         attn = runner.backend.graph_inputs(batch, nodes, shape.mask if shape is not None else None, width,
                                            write_slots, runner.pad_block, fresh=fresh)
         model, backend = runner.model, runner.backend
+        # What the tails after the forward read, by name: each sequence's tokens [batch, nodes]
+        # (pending token, then candidates), its start [batch, 1] and its block table [batch,
+        # width] — contiguous (the buffer holds the tables page-major; kernels read rows).
+        self.tokens, self.starts = v["ids"].view(batch, nodes), v["starts"][:, None]
+        self.tables = torch.full((batch, width), runner.pad_block, dtype=torch.long, device=dev)
 
         def forward() -> torch.Tensor:
-            starts, tables = v["starts"], v["tables"]
+            starts, tables = v["starts"], self.tables
             if not fresh:
+                tables.copy_(v["tables"])
                 root = kv.slots(tables, starts[:, None])  # the pending token's slot in its blocks
                 write_slots.copy_(torch.cat([root, scratch_rows], dim=1).flatten())
-                attn.kv_lens.copy_(starts + (1 if nodes == 1 else 0))
+                attn.kv_lens.copy_(starts)  # the prefix before each sequence's pending token
                 attn.block_tables.copy_(tables)
             return model(v["ids"], (starts[:, None] + offsets).flatten(), backend, attn.meta)
 
@@ -308,7 +359,8 @@ class _MixedGraph:
         self.shape, self.layout = shape, MixedLayout(shape.num_tokens, batch, width)
         self.decodes = False
         kv = runner.backend.kv_cache
-        self.buf = self.layout.pack([], [], [], [], runner.pad_block, kv.pad_slot).to(runner.device)
+        self.buf = _device_buffer(self.layout, self.layout.pack([], [], [], [], runner.pad_block, kv.pad_slot),
+                                  runner.pad_block, runner.device)
         v = self.views = self.layout.views(self.buf)
         attn = runner.backend.mixed_inputs(batch, width, v["slots"])
         model, backend = runner.model, runner.backend
@@ -329,8 +381,19 @@ class _MixedGraph:
 
 
 class CudaGraphRunner:
-    """(On CUDA) captures (lazily, or ahead with ``capture``) and replays graphs per (query
-    shape, batch bucket, width bucket). ``width``: pages of the longest possible sequence."""
+    """(On CUDA) captures graphs per (query shape, batch bucket) at start-up and replays them.
+    ``width``: pages of the longest possible sequence — every graph's block tables are that
+    wide (see ``_tables_view``).
+
+    Capture happens only before ``seal()``: the worker captures every graph a served step can
+    replay (each tree of the engine's set and plain decoding at every batch bucket, the tails
+    after them, prompts, mixed steps, the host-decided steps' proposal) and then seals. A
+    sealed runner never captures — a capture stalls every sequence of the step for tens to
+    hundreds of ms, and on a server each new shape met was a stall for every user (issue 29:
+    back-off at batch 64 on an H100 ran at 0.21x plain decoding, its runs capturing 1–3 graphs
+    each). A step whose shape has no graph then runs that part eagerly and is counted in
+    ``misses`` (an eager step costs a host-bound ~40 ms on an H100 with the bundled model:
+    a miss is a bug in what start-up captures, reported, never hidden)."""
 
     def __init__(self, model, backend, device: torch.device, width: int, pad_block: int,
                  max_prefill_tokens: int = 0, max_mixed_tokens: int = 0, max_seqs: int = 0) -> None:
@@ -345,14 +408,26 @@ class CudaGraphRunner:
                                                         if n >= max_mixed_tokens), len(MIXED_BUCKETS))]
                                   if max_mixed_tokens and max_seqs else ())
         self.mixed_batch = padded_batch(max_seqs) or max_seqs
-        self.widths = width_buckets(width)
         self.captured = device.type == "cuda"  # False: run the same work uncaptured (CPU)
         self.pool = torch.cuda.graph_pool_handle() if self.captured else None
-        self.graphs: dict[tuple[Hashable, int, int], _Graph] = {}
+        self.graphs: dict[tuple[Hashable, int], object] = {}
         # Row-wise work outside a forward graph, per (key, batch bucket): its static inputs,
         # replay, and the work (held: it keeps what the graph reads alive). See run_rows.
         self.row_graphs: dict[tuple[Hashable, int], tuple[list[torch.Tensor], Callable, Callable]] = {}
         self.capture_seconds = 0.0
+        self.sealed = False
+        # Work a sealed runner ran eagerly because its shape had no graph (forwards, tails,
+        # row-wise work): each one is a step that did not run as fast as it should have.
+        self.misses = 0
+
+    def seal(self) -> None:
+        """From now on nothing is captured (see the class doc)."""
+        self.sealed = True
+
+    @property
+    def num_graphs(self) -> int:
+        return (len(self.graphs) + len(self.row_graphs)
+                + sum(len(g.tails) for g in self.graphs.values() if isinstance(g, _Graph)))
 
     def _timed(self, build):
         """Build (capture) a graph, counting the time towards ``capture_seconds``."""
@@ -362,26 +437,27 @@ class CudaGraphRunner:
         self.capture_seconds += time.perf_counter() - t0
         return built
 
-    def _graph(self, shape, batch: int, width: Optional[int] = None) -> _Graph:
-        key = (shape, batch, width or self.widths[0])
-        if key not in self.graphs:
+    def _graph(self, shape, batch: int):
+        """The graph of ``shape`` at ``batch`` (captured now unless sealed); None when sealed
+        and never captured (counted in ``misses``)."""
+        key = (shape, batch)
+        g = self.graphs.get(key)
+        if g is None:
+            if self.sealed:
+                self.misses += 1
+                return None
             cls = _MixedGraph if isinstance(shape, MixedStep) else _Graph
-            self.graphs[key] = self._timed(lambda: cls(self, *key))
-        return self.graphs[key]
-
-    def _width(self, seqs: list[ScheduledSeq]) -> int:
-        need = max(len(s.block_table) for s in seqs)
-        return next(w for w in self.widths if w >= need)
+            # A fresh prefill reads no table: its buffer holds one column.
+            width = 1 if getattr(shape, "fresh", False) else self.width
+            g = self.graphs[key] = self._timed(lambda: cls(self, shape, batch, width))
+        return g
 
     def capture(self, shapes: list, max_batch: int, max_tokens: int) -> None:
-        """Capture, at the smallest width (wider graphs are captured when a longer sequence
-        first needs one), every batch bucket a step of each shape can pad to: up to the bucket
-        of the most sequences whose tokens fit the step budget (largest first, so smaller
-        graphs reuse the pool's memory) — the scratch region is sized the same way. The padded
-        bucket may hold more tokens than the budget: 62 sequences of a 33-node tree fit 2,048
-        tokens and pad to the 64 bucket, which used to be left to a capture on first use, mid-run
-        (a back-off run at batch 64 on an H100 had one 110 ms step on that tree among 2–5 ms
-        steps; which shape it ran is not recorded)."""
+        """Capture every batch bucket a step of each shape can pad to: up to the bucket of the
+        most sequences whose tokens fit the step budget (largest first, so smaller graphs reuse
+        the pool's memory) — the scratch region is sized the same way. The padded bucket may
+        hold more tokens than the budget: 62 sequences of a 33-node tree fit 2,048 tokens and
+        pad to the 64 bucket."""
         for shape in shapes:
             nodes = shape.num_nodes if shape is not None else 1
             fit = min(max_batch, max(1, max_tokens // nodes))
@@ -397,7 +473,7 @@ class CudaGraphRunner:
             self._graph(FreshPrefill(length), 1)
 
     def capture_mixed(self) -> None:
-        """Capture the mixed-step graph of every token bucket, at the smallest width."""
+        """Capture the mixed-step graph of every token bucket."""
         for tokens in sorted(self.mixed_tokens, reverse=True):
             self._graph(MixedStep(tokens), self.mixed_batch)
 
@@ -413,21 +489,20 @@ class CudaGraphRunner:
         return MixedStep(bucket)
 
     def run_mixed(self, shape: MixedStep, seqs: list[ScheduledSeq], ids: list[int], positions: list[int],
-                  slots: list[int]) -> torch.Tensor:
+                  slots: list[int]) -> Optional[torch.Tensor]:
         """Replay the mixed-step graph of ``shape`` for the step's flat inputs; returns the
-        hidden states [T', H] of the padded step, the step's own tokens first."""
-        g = self._graph(shape, self.mixed_batch, self._width(seqs))
-        g.buf.copy_(g.layout.pack(seqs, ids, positions, slots, self.pad_block, self.backend.kv_cache.pad_slot))
+        hidden states [T', H] of the padded step, the step's own tokens first (None: no graph)."""
+        g = self._graph(shape, self.mixed_batch)
+        if g is None:
+            return None
+        load_inputs(g.buf, g.layout.pack(seqs, ids, positions, slots, self.pad_block, self.backend.kv_cache.pad_slot))
         return g.replay()
 
     def prefill_shape(self, seqs: list[ScheduledSeq]) -> Optional[FreshPrefill]:
         """The fresh-prefill shape of a step in which every sequence prefills at least two tokens
-        from position 0 (no tree), if its padded size fits ``max_prefill_tokens``; else None.
-        With mixed graphs, only a shape captured already (at start-up: one prompt per length
-        bucket) is taken — the mixed graphs, all captured at start-up, run any other mix.
-        Captured on first use, a several-prompt graph stalled its step: 117 ms three times in a
-        back-off run under queued load at batch 128 (H100), 17% of the run, as arrivals grouped
-        prompts differently from the warm-up."""
+        from position 0 (no tree), if its padded size fits ``max_prefill_tokens`` and its graph
+        exists; else None. With mixed graphs, only a shape captured already (at start-up: one
+        prompt per length bucket) is taken — the mixed graphs run any other mix."""
         if not seqs or any(s.start_pos or s.tree or len(s.token_ids) < 2 for s in seqs):
             return None
         longest = max(len(s.token_ids) for s in seqs)
@@ -435,15 +510,18 @@ class CudaGraphRunner:
         batch = padded_batch(len(seqs))
         if length is None or batch is None or batch * length > self.max_prefill_tokens:
             return None
-        if self.mixed_tokens and (FreshPrefill(length), batch, self.widths[0]) not in self.graphs:
+        if (self.mixed_tokens or self.sealed) and (FreshPrefill(length), batch) not in self.graphs:
             return None
         return FreshPrefill(length)
 
     def run_prefill(self, shape: FreshPrefill, seqs: list[ScheduledSeq], ids: list[int],
-                    slots: list[int]) -> torch.Tensor:
+                    slots: list[int]) -> Optional[torch.Tensor]:
         """Replay the fresh-prefill graph of ``shape`` for the step's flat inputs (sequence after
-        sequence); returns the hidden states of the step's own tokens [T, H], in step order."""
+        sequence); returns the hidden states of the step's own tokens [T, H], in step order
+        (None: no graph)."""
         g = self._graph(shape, padded_batch(len(seqs)))
+        if g is None:
+            return None
         n = shape.num_nodes
         pad_slot = self.backend.kv_cache.pad_slot
         p_ids: list[int] = []
@@ -456,33 +534,38 @@ class CudaGraphRunner:
             p_slots += slots[start:start + k] + [pad_slot] * pad
             rows += range(i * n, i * n + k)
             start += k
-        g.buf.copy_(g.layout.pack(seqs, p_ids, self.pad_block, p_slots, pad_slot))
+        load_inputs(g.buf, g.layout.pack(seqs, p_ids, self.pad_block, p_slots, pad_slot))
         return g.replay().index_select(0, torch.tensor(rows, device=self.device))
 
-    def run(self, shape, seqs: list[ScheduledSeq], ids: list[int]) -> _Graph:
+    def run(self, shape, seqs: list[ScheduledSeq], ids: list[int]) -> Optional[_Graph]:
         """Replay the step's forward graph (``shape``: None for one token per sequence, else the
         query block; ``ids``: each sequence's pending token, then its candidates). Its
-        ``hidden`` [T', H] covers the padded batch: the step's own T tokens come first."""
-        g = self._graph(shape, padded_batch(len(seqs)), self._width(seqs))
-        g.buf.copy_(g.layout.pack(seqs, ids, self.pad_block))
+        ``hidden`` [T', H] covers the padded batch: the step's own T tokens come first. None:
+        no graph of this shape (the step runs eagerly)."""
+        g = self._graph(shape, padded_batch(len(seqs)))
+        if g is None:
+            return None
+        load_inputs(g.buf, g.layout.pack(seqs, ids, self.pad_block))
         g.replay()
         return g
 
     def run_rows(self, key: Hashable, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
         """``fn(*inputs)`` for row-wise work (row i of the output depends on row i of each input
-        only), replayed from a graph captured per (``key``, batch bucket of the rows) on first
-        use: the inputs ([n, ...] device tensors) are copied into static ones of the bucket's
-        rows (padding rows keep what they held), and the output's first n rows come back (valid
-        until the next replay of that graph). What a step decided on the host (a prefill, a
-        mixed step, logprobs) still has to do on the device after its forward — the heads'
-        proposal: then ~65 small kernels, ~2.5 ms a step launched from Python on an H100 (steady
-        load at batch 128: back-off's prefill steps 5.8 ms with it, plain decoding's 3.1)."""
+        only), replayed from a graph captured per (``key``, batch bucket of the rows) at
+        start-up: the inputs ([n, ...] device tensors) are copied into static ones of the
+        bucket's rows (padding rows keep what they held), and the output's first n rows come
+        back (valid until the next replay of that graph). What a step decided on the host (a
+        prefill, a mixed step, logprobs) still has to do on the device after its forward — the
+        heads' proposal: ~65 small kernels, ~2.5 ms a step launched from Python on an H100."""
         n = inputs[0].shape[0]
         bucket = padded_batch(n)
         if bucket is None:
             return fn(*inputs)
         entry = self.row_graphs.get((key, bucket))
         if entry is None:
+            if self.sealed:
+                self.misses += 1
+                return fn(*inputs)
             statics = [torch.zeros((bucket, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in inputs]
             work = lambda: fn(*statics)  # noqa: E731
             for static, x in zip(statics, inputs):
@@ -508,11 +591,12 @@ class CudaGraphRunner:
     def run_tail(self, g: _Graph, key: Hashable,
                  build: Callable[[_Graph, Optional[torch.Tensor]], Callable[[], torch.Tensor]],
                  inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """After ``run``: replay the tail ``build(g, static)`` (captured on first use under
-        ``key``): a callable that reads g's static outputs and views and returns one tensor.
+        """After ``run``: replay the tail ``build(g, static)`` (captured under ``key`` unless
+        sealed; sealed and never captured, it runs eagerly on the graph's outputs and counts as
+        a miss): a callable that reads g's static outputs and views and returns one tensor.
         ``inputs`` (a host tensor [b, k], b up to the graph's batch): per-sequence values the
         tail reads, copied into ``static`` — a device buffer of the graph's batch, padding rows
-        zero — before each replay (None: no such values, ``static`` None)."""
+        zero — before each run (None: no such values, ``static`` None)."""
         static = None
         if inputs is not None:
             static = g.tail_inputs.get(key)
@@ -523,6 +607,10 @@ class CudaGraphRunner:
             padded[:inputs.shape[0]] = inputs
             static.copy_(padded)
         if key not in g.tails:
+            if self.sealed:
+                self.misses += 1
+                g.tail_outputs[key] = out = build(g, static)()
+                return out
             work = build(g, static)
             replay, _ = self._timed(lambda: _capture(self, work))
             g.tails[key] = (replay, work)  # holding work keeps the tensors it reads alive

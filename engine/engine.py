@@ -59,9 +59,11 @@ class EngineStats(DecodeCounters):
     # per-step cost of decoding alone, which prefill steps would otherwise blur.
     num_decode_only_steps: int = 0
     decode_only_seconds: float = 0.0
-    # Steps that captured a CUDA graph first (a shape met for the first time: ~tens of ms,
-    # once): a timed benchmark run should have none.
+    # Steps that captured a CUDA graph: graphs are all captured at start-up and sealed, so
+    # this stays 0 (the GPU tests assert it).
     num_capture_steps: int = 0
+    # Steps with a part that had no graph of its shape and ran eagerly (StepResult.graph_misses).
+    num_graph_miss_steps: int = 0
 
     @property
     def decode_step_ms(self) -> float:
@@ -151,11 +153,14 @@ class Engine:
         else:
             self.executor = UniprocExecutor(specs[0])
         info = self.executor.info
-        logger.info("engine ready in %.1f s (%d CUDA graphs captured in %.1f s)", time.perf_counter() - t0,
-                    info.num_graphs, info.graph_capture_s)
+        self.startup_s = time.perf_counter() - t0
+        logger.info("engine ready in %.1f s (%d CUDA graphs captured in %.1f s, %.2f GiB of graph memory)",
+                    self.startup_s, info.num_graphs, info.graph_capture_s, info.graph_memory_gb)
         self.head_accuracy = info.head_accuracy
-        # CUDA graphs the workers captured at start-up (0: every step runs eagerly).
+        # CUDA graphs the workers captured at start-up (0: every step runs eagerly), the time
+        # and device memory they took.
         self.num_graphs, self.graph_capture_s = info.num_graphs, info.graph_capture_s
+        self.graph_memory_gb = info.graph_memory_gb
         # Back-off's start-up latency grid [batch size, candidates, ms] (None without back-off).
         self.step_latency = info.step_latency
         self.tree_autotune: Optional[list[dict]] = info.tree_autotune
@@ -323,6 +328,7 @@ class Engine:
                 self._account(req)
         self.stats.num_steps += 1
         self.stats.num_capture_steps += int(result.captured)
+        self.stats.num_graph_miss_steps += int(result.graph_misses > 0)
         self.stats.num_preemptions = self.scheduler.num_preemptions
         if all(len(s.token_ids) == 1 for s in out.seqs):
             self.stats.num_decode_only_steps += 1

@@ -142,9 +142,12 @@ class ModelRunner:
         with ``candidates_deferred`` set and no ``next_candidates``, once its tokens are known;
         ``take_candidates()`` gives them, in the order of the results."""
         self._candidates_owed = False  # candidates nobody took are dropped (HostCopy waits for its copy)
-        captured_before = self.graphs.capture_seconds if self.graphs is not None else 0.0
+        g = self.graphs
+        captured_before, misses_before = (g.capture_seconds, g.misses) if g is not None else (0.0, 0)
         result = self._execute(out, defer_candidates)
-        result.captured = self.graphs is not None and self.graphs.capture_seconds > captured_before
+        if g is not None:
+            result.captured = g.capture_seconds > captured_before
+            result.graph_misses = g.misses - misses_before
         return result
 
     def take_candidates(self) -> list[list[int]]:
@@ -158,17 +161,17 @@ class ModelRunner:
         if not out.seqs:
             return StepResult(step_id=out.step_id, results=[])
         batch = self.prepare(out)
-        graph = None
+        graph, hidden = None, None
         if self.graphs is not None and graphable_nodes(out.seqs, batch.uniform_nodes, self.graphs.width):
             graph = self.graphs.run(batch.tree, out.seqs, batch.ids)
-            hidden = graph.hidden
-        else:
+            hidden = graph.hidden if graph is not None else None
+        if hidden is None:  # not a decode or verify graph's step, or (counted) no graph of its shape
             self.locate(batch)
             if self.graphs is not None and (prefill := self.graphs.prefill_shape(out.seqs)) is not None:
                 hidden = self.graphs.run_prefill(prefill, out.seqs, batch.ids, batch.slots)
             elif self.graphs is not None and (mixed := self.graphs.mixed_shape(out.seqs)) is not None:
                 hidden = self.graphs.run_mixed(mixed, out.seqs, batch.ids, batch.positions, batch.slots)
-            else:
+            if hidden is None:
                 hidden = self.forward(batch)
         if self._device_tail_applies(batch):
             rows, proposed = self.device_tail(batch, hidden, graph)
@@ -282,9 +285,7 @@ class ModelRunner:
     def _tail_builder(self, key) -> Callable:
         """What CudaGraphRunner.run_tail captures for the decision ``key``, reading a graph's views."""
         def build(g, static) -> Callable[[], torch.Tensor]:
-            v, b, n = g.views, g.layout.batch, g.layout.nodes
-            tokens, start = v["ids"].view(b, n), v["starts"][:, None]
-            return lambda: self._tail(key, g.hidden, tokens, start, v["tables"], static)
+            return lambda: self._tail(key, g.hidden, g.tokens, g.starts, g.tables, static)
         return build
 
     def _propose_builder(self, key) -> Callable:
@@ -297,16 +298,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_tails(self, max_rows: int = 1) -> None:
-        """Capture, after every decode and verify graph captured so far, the greedy tail and the
-        sampled tail of the engine's acceptance rule (every sequence sampling by it, no top-k or
-        top-p), each with and without proposals. Captured on first use instead, a tail stalls
-        its step, and back-off meets new (tree size, batch bucket) pairs as a batch shrinks
-        (H100, benchmarks/step_trace.py at batch 64: the slowest decode step, 22 sequences on
-        an 8-candidate tree — a shape the warm-up had not met — took 14.9 ms against 3.5; at
-        T=0.7 the Medusa table's timed runs at batch 64–128 captured 2–4 sampled tails each).
-        Other sampled keys (several rules in a step, filters, greedy rows beside sampled ones)
-        are still captured on first use. Also the proposal of host-decided steps (prefills,
-        mixed steps, logprobs) for every batch bucket up to ``max_rows`` sequences."""
+        """Capture, after every decode and verify graph, the greedy tail and the sampled tails
+        of the engine's acceptance rule — with and without top-k/top-p filters, with and
+        without greedy sequences beside the sampled ones — each with and without proposals;
+        also the proposal of host-decided steps (prefills, mixed steps, logprobs) for every
+        batch bucket up to ``max_rows`` sequences. The graph runner is sealed afterwards: a
+        decision it has no graph for (several acceptance rules in one step) runs eagerly after
+        the replayed forward, and is counted (CudaGraphRunner.misses)."""
         if self.graphs is None:
             return
         if self.proposer is not None:  # the host-decided steps' proposal, every batch bucket
@@ -314,14 +312,18 @@ class ModelRunner:
             self.graphs.capture_rows("propose", self.tail.propose, [(weight.shape[1],), ()],
                                      [weight.dtype, torch.long], max_rows)
         rule = self.spec.acceptance if self.spec is not None else "greedy"
+        # One sampling sequence's inputs: the capture only needs their shape.
+        inputs = self._sampled_tail_inputs([SamplingParams(temperature=1.0)], [0], [rule])
         for g in list(self.graphs.graphs.values()):
             if not g.decodes:
                 continue
-            rules = frozenset({rule}) if g.shape is not None else frozenset()
-            # One sampling sequence's inputs: the capture only needs their shape.
-            inputs = self._sampled_tail_inputs([SamplingParams(temperature=1.0)], [0], [rule])
-            for key, args in (((g.shape, False, frozenset(), False, False), ()),
-                              ((g.shape, True, rules, False, False), (inputs,))):
+            # Greedy sequences of a sampled step decide by the greedy rule (exact match).
+            rules = {rows: frozenset({rule} | ({"greedy"} if rows else set())) if g.shape is not None else frozenset()
+                     for rows in (False, True)}
+            keys = [((g.shape, False, frozenset(), False, False), ())]
+            keys += [((g.shape, True, rules[greedy_rows], filters, greedy_rows), (inputs,))
+                     for filters in (False, True) for greedy_rows in (False, True)]
+            for key, args in keys:
                 self.graphs.run_tail(g, key, self._tail_builder(key), *args)
                 if self.proposer is not None:
                     self.graphs.run_tail(g, ("propose", key), self._propose_builder(key))

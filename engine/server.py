@@ -43,6 +43,9 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    # vLLM's extension (load tools such as guidellm always send it): with include_usage, every
+    # chunk carries the usage so far.
+    continuous_usage_stats: bool = False
 
 
 class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -301,11 +304,17 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
                     await merged.put((index, out))
 
             tasks = [asyncio.ensure_future(pump(c[0], g, f)) for c, g, f in zip(choices, gens, firsts)]
-            lasts = {}
+            lasts, latest = {}, {}
+            opts = req.stream_options
+            continuous = opts is not None and opts.include_usage and opts.continuous_usage_stats
             try:
                 while len(lasts) < len(choices):
                     index, out = await merged.get()
-                    yield f"data: {json.dumps(render_chunk(rid, index, out))}\n\n"
+                    chunk = render_chunk(rid, index, out)
+                    if continuous:  # the usage of every choice so far
+                        latest[index] = out
+                        chunk["usage"] = render_usage(rid, list(latest.values()))["usage"]
+                    yield f"data: {json.dumps(chunk)}\n\n"
                     if out.finished:
                         lasts[index] = out
                 if req.stream_options is not None and req.stream_options.include_usage:
@@ -461,6 +470,16 @@ def prometheus_text(engine: AsyncEngine) -> str:
            [("", round(s.decode_step_ms / 1e3, 6))])
     metric("cuda_graphs", "gauge", "CUDA graphs captured at start-up (0: steps run eagerly).",
            [("", eng.num_graphs)])
+    metric("cuda_graph_capture_seconds", "gauge", "Seconds start-up spent capturing CUDA graphs.",
+           [("", eng.graph_capture_s)])
+    metric("cuda_graph_memory_bytes", "gauge", "Device memory the captured CUDA graphs hold.",
+           [("", int(eng.graph_memory_gb * 2 ** 30))])
+    metric("startup_seconds", "gauge", "Seconds from starting the workers to the engine being ready.",
+           [("", round(eng.startup_s, 3))])
+    metric("graph_capture_steps_total", "counter", "Served steps that captured a CUDA graph (always 0: "
+           "graphs are captured at start-up).", [("", s.num_capture_steps)])
+    metric("graph_miss_steps_total", "counter", "Served steps with a part that had no CUDA graph of its shape "
+           "and ran eagerly.", [("", s.num_graph_miss_steps)])
     metric("decode_steps_by_tree_size_total", "counter",
            "Back-off: decode steps per tree size (candidates per sequence; 0 = plain decoding).",
            [(f'{{candidates="{n}"}}', c) for n, c in sorted(s.steps_by_tree_size.items())])

@@ -60,9 +60,11 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     pid: int
     # Back-off's latency model: [batch size, candidates per sequence, ms] on this device.
     step_latency: Optional[list[list[float]]] = None
-    # CUDA graphs captured at start-up (0 when eager) and the seconds it took.
+    # CUDA graphs captured at start-up (0 when eager; forwards, tails and row-wise work), the
+    # seconds it took and the device memory they hold (GiB).
     num_graphs: int = 0
     graph_capture_s: float = 0.0
+    graph_memory_gb: float = 0.0
 
 
 def freeze_heap(device: torch.device) -> None:
@@ -148,14 +150,20 @@ class Worker:
         if proposer is not None and self.subtrees is None:
             full = self.runner.tree
             self.subtrees = {full.num_nodes - 1: list(range(full.num_nodes - 1))}
+        self.graph_memory_gb = 0.0
         if graphs is not None:
-            # Every tree a step may verify, and plain decoding, at every batch bucket up front, so
-            # no request waits for a capture.
+            # Every graph a served step can replay, before the first request: each tree a step
+            # may verify and plain decoding at every batch bucket with their tails, prompts and
+            # mixed steps. Then the runner is sealed: a served step never captures.
+            free = (lambda: torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else (lambda: 0)
+            free_before = free()
             graphs.capture([None] + sorted(self.runner.trees.values(), key=lambda t: t.num_nodes),
                            sc.max_num_seqs, sc.max_num_batched_tokens)
             self.runner.capture_tails(sc.max_num_seqs)
             graphs.capture_prefill(sc.max_num_batched_tokens)
             graphs.capture_mixed()
+            graphs.seal()
+            self.graph_memory_gb = max(0.0, (free_before - free()) / 2 ** 30)
         freeze_heap(self.device)
 
     def _cached_timings(self, key: dict, what: str, measure: Callable[[Optional[list]], list]) -> list:
@@ -180,7 +188,8 @@ class Worker:
         return WorkerInfo(tree=[list(c) for c in tree.choices] if tree else None, subtrees=self.subtrees,
                           head_accuracy=self.head_accuracy,
                           tree_autotune=self.tree_autotune, pid=os.getpid(), step_latency=self.step_latency,
-                          num_graphs=len(g.graphs) if g else 0, graph_capture_s=round(g.capture_seconds, 2) if g else 0.0)
+                          num_graphs=g.num_graphs if g else 0, graph_capture_s=round(g.capture_seconds, 2) if g else 0.0,
+                          graph_memory_gb=round(self.graph_memory_gb, 3))
 
     def execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
         return self.runner.execute(out, defer_candidates)

@@ -71,9 +71,13 @@ class SeqResult(msgspec.Struct, kw_only=True, array_like=True):
 class StepResult(msgspec.Struct, kw_only=True):
     step_id: int
     results: list[SeqResult]
-    # The step captured a CUDA graph (a shape or tail on first use, ~1 s): its time is not the
-    # step's cost, and the speculation policy must not learn from it.
+    # The step captured a CUDA graph (only before the engine's graphs are sealed, i.e. during
+    # start-up's own steps): its time is not the step's cost, and the policy must not learn from it.
     captured: bool = False
+    # Parts of the step (forward, decision tail, proposal) that had no CUDA graph of their
+    # shape and ran eagerly, the engine's graphs being sealed after start-up: a served step
+    # never captures (engine/cuda_graphs.py), so a shape start-up missed costs eager time.
+    graph_misses: int = 0
     # The step's proposals were still running on the device when its tokens came back: every
     # result's next_candidates come from the executor's take_candidates(), in result order
     # (in-process execution only; ModelRunner.execute's defer_candidates).

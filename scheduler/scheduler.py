@@ -184,6 +184,8 @@ class Scheduler:
 
         self._step_id += 1
         step = SchedulerOutput(step_id=self._step_id, seqs=out)
+        if not out:  # nothing to run (an idle engine, or a full cache): no step is in flight
+            return step
         if self.policy is not None:
             # Propose for the next step's decoding sequences as a whole: this step's sampling
             # ones and the decodes a prompts-only step left out (they hold their candidates).

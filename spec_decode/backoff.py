@@ -6,9 +6,12 @@ expected accepted length from the heads' measured accuracies (E[0] = 1). Each st
 with the most expected tokens per second. At small B the step cost barely grows with n and a
 big tree wins; as B grows the step becomes compute-bound, the tree's extra tokens cost real
 time, and the policy shrinks the tree, down to plain decoding — so throughput follows the
-better of the two instead of falling below plain decoding. Served steps correct the model
-(observed step time per tree size, observed tokens per step), so a start-up measurement that
-noise made optimistic is unlearned within a few dozen steps.
+better of the two instead of falling below plain decoding. Served steps correct the model:
+observed step time per tree size (``LatencyModel``), so a start-up measurement that noise
+made optimistic is unlearned within a few dozen steps, and observed tokens per step
+(``AcceptanceCalibration``), so heads that do worse on today's traffic than on their own
+held-out prompts — or accept nothing at all — are trusted less within a few steps, at every
+batch size.
 
 What served steps teach is kept per batch bucket (the power of two at or above the number of
 decoding sequences), because neither correction carries across loads:
@@ -181,62 +184,113 @@ class LatencyModel:
         return row[lo] * (1 - w) + row[hi] * w
 
 
+class AcceptanceCalibration:
+    """How much of the gain the heads promise served steps deliver: a scale on the expected
+    extra tokens per step, learned per (decision path, batch bucket) and pooled per path.
+
+    The heads' measured accuracy (tree.json, from their held-out prompts) promises each tree
+    ``prior[n] - 1`` tokens a step beyond plain decoding's one. Traffic unlike the heads'
+    training data delivers less (issue 29: 2.36 tokens a step on public chat prompts against
+    the 3.18 the heads' held-out split promised; random heads deliver nothing). A step that
+    delivered ``d`` extra tokens a sequence where ``p`` were promised adds (d, p) to its
+    bucket's sums and to its path's pooled sums; the scale is delivered over promised, with
+    the heads' own word (scale 1) counted as ``PRIOR_WEIGHT`` promised tokens in the pooled
+    figure and the pooled figure as ``BUCKET_WEIGHT`` promised tokens in a bucket's. So one
+    calibration serves every tree size (they are nested: what the heads get wrong at depth d
+    they get wrong in every tree that reaches it), a few steps anywhere move every bucket, and
+    a bucket with steps of its own follows them (the few sequences left at the end of a batch
+    accept less than the whole batch did: H100, batch 64, pooled they taught back-off 1.66
+    tokens a step for every tree size).
+
+    Every observed step ages its bucket's sums and its path's: a tree step by ``BUCKET_DECAY``
+    and ``POOLED_DECAY`` (recent steps count most: half-way in ~23 and ~70 tree steps), a plain
+    step by the slower ``PLAIN_*`` factors. A bucket that went plain learns nothing new of its
+    trees, so what made it go plain fades slowly (half-way in ~140 plain steps there, ~350
+    pooled) and the trees are tried again for a few steps: with heads that deliver nothing,
+    plain from the 3rd to 8th step on and the tries cost under 3% of a plain run at batch 1 to
+    128 (tests/test_backoff.py, a latency grid shaped like the bundled model's on an H100);
+    heads with an unlucky start (three steps accepting nothing at batch 1) keep speculating.
+    """
+
+    PRIOR_WEIGHT = 4.0
+    BUCKET_WEIGHT = 8.0
+    BUCKET_DECAY = 0.97
+    POOLED_DECAY = 0.99
+    PLAIN_BUCKET_DECAY = 0.995
+    PLAIN_POOLED_DECAY = 0.998
+    MAX_SEQUENCES = 8
+
+    def __init__(self) -> None:
+        self._bucket: dict[tuple[str, int], list[float]] = {}  # (path, bucket) → [delivered, promised]
+        self._pooled: dict[str, list[float]] = {}  # path → [delivered, promised]
+
+    def observe(self, path: str, bucket: int, promised: float, delivered: float, sequences: int = 1) -> None:
+        """A served step of ``sequences`` sequences in ``bucket`` on ``path``: ``promised`` extra
+        tokens a sequence by the heads' accuracy (0 for a plain step, which only ages the
+        evidence), ``delivered`` as many as it made (tokens a sequence - 1). Each sequence is
+        evidence (up to ``MAX_SEQUENCES`` a step: a batch's prompts are alike more often than
+        not), so a batch of 8 that accepts nothing teaches as much as 8 steps of one sequence,
+        and one sequence's unlucky start teaches little."""
+        tree = promised > 0
+        w = min(max(1, sequences), self.MAX_SEQUENCES)
+        for sums, decay in ((self._bucket.setdefault((path, bucket), [0.0, 0.0]),
+                             self.BUCKET_DECAY if tree else self.PLAIN_BUCKET_DECAY),
+                            (self._pooled.setdefault(path, [0.0, 0.0]),
+                             self.POOLED_DECAY if tree else self.PLAIN_POOLED_DECAY)):
+            sums[0] = sums[0] * decay + (w * max(0.0, delivered) if tree else 0.0)
+            sums[1] = sums[1] * decay + w * promised
+
+    def pooled(self, path: str) -> float:
+        delivered, promised = self._pooled.get(path, (0.0, 0.0))
+        return (delivered + self.PRIOR_WEIGHT) / (promised + self.PRIOR_WEIGHT)
+
+    def learned(self) -> dict[tuple[str, int], float]:
+        """The scale of every (path, batch bucket) served so far."""
+        return {key: self.scale(*key) for key in self._bucket}
+
+    def scale(self, path: str, bucket: int) -> float:
+        """Delivered over promised extra tokens for steps of ``bucket`` on ``path``."""
+        delivered, promised = self._bucket.get((path, bucket), (0.0, 0.0))
+        return (delivered + self.BUCKET_WEIGHT * self.pooled(path)) / (promised + self.BUCKET_WEIGHT)
+
+
 class BackoffPolicy:
     def __init__(self, latency: LatencyModel, expected: dict[int, float], margin: float = 1.1,
                  learning_rate: float = 0.1) -> None:
-        """expected[n]: expected tokens per step with the n-candidate tree (n = 0 → 1.0), the
-        start-up prior of every decision path. The sizes are nested trees (``nested_subtrees``:
-        each holds every smaller one's nodes). A tree must promise ``margin`` times plain
-        decoding's rate to be used: the expected lengths assume independent heads and the
-        timings are noisy, and being wrong costs more than the last few percent of a marginal
-        gain."""
+        """expected[n]: expected tokens per step with the n-candidate tree (n = 0 → 1.0) by the
+        heads' measured accuracy — the prior, corrected by served steps through
+        ``AcceptanceCalibration``. The sizes are nested trees (``nested_subtrees``: each holds
+        every smaller one's nodes). A tree must promise ``margin`` times plain decoding's rate to
+        be used: the expected lengths assume independent heads and the timings are noisy, and
+        being wrong costs more than the last few percent of a marginal gain. ``learning_rate``:
+        the latency model's (0: served steps teach nothing, neither latency nor acceptance)."""
         self.latency, self.margin, self.learning_rate = latency, margin, learning_rate
         self.prior = {0: 1.0, **expected}
         missing = [n for n in latency.sizes if n not in self.prior]
         if missing:
             raise ValueError(f"back-off: no expected accepted length for tree sizes {missing}")
-        # Tokens per step learned from served steps, per (decision path, batch bucket):
-        # greedy and sampled steps accept differently (H100, bundled heads, batch 1: typical
-        # acceptance at T=0.7 took 4.96 tokens a step on the 32-candidate tree, greedy 2.6),
-        # and the few sequences left at the end of a batch accept less than the whole batch
-        # did (module doc). A bucket starts from what its path learned at the nearest bucket,
-        # the first one from the prior.
-        self.expected: dict[tuple[str, int], dict[int, float]] = {}
+        # Greedy and sampled steps accept differently (H100, bundled heads, batch 1: typical
+        # acceptance at T=0.7 took 4.96 tokens a step on the 32-candidate tree, greedy 2.6):
+        # the calibration is kept per decision path.
+        self.calibration = AcceptanceCalibration()
         self._last_choice: Optional[tuple[tuple, int]] = None  # (arguments, answer) of the last choose
 
     def expected_on(self, path: str, batch_size: int) -> dict[int, float]:
         """Expected tokens per step by tree size for steps of ``batch_size`` sequences deciding
         by ``path`` (engine/sampling.py ``decision_path``)."""
-        bucket = batch_bucket(batch_size)
-        table = self.expected.get((path, bucket))
-        if table is None:
-            near = _nearest({b: t for (h, b), t in self.expected.items() if h == path}, bucket)
-            table = self.expected[path, bucket] = dict(near if near is not None else self.prior)
-        return table
+        scale = self.calibration.scale(path, batch_bucket(batch_size))
+        return {n: 1.0 + scale * (e - 1.0) for n, e in self.prior.items()}
 
     def observe(self, batch_size: int, n: int, ms: float, tokens_per_seq: float, path: str = "greedy") -> None:
         """A served step of ``batch_size`` decoding sequences with n-candidate trees took ``ms``
         and produced ``tokens_per_seq`` tokens per sequence (``path``: how it decided, ``decision_path``):
         pull the model toward it."""
+        if self.learning_rate <= 0:  # learning off
+            return
         self._last_choice = None
         self.latency.observe(batch_size, n, ms, self.learning_rate, path)
-        if not n:
-            return
-        expected = self.expected_on(path, batch_size)
-        expected[n] += self.learning_rate * (tokens_per_seq - expected[n])
-        # The trees are nested: a tree holds every smaller one's nodes, so it accepts at least
-        # as many tokens a step. A smaller tree's estimate is capped at this one's; a bigger
-        # tree's is lifted to at least this one's, scaled as their priors are (optimistic on
-        # purpose: the bigger tree then gets served and learns its own value). Without this a
-        # few unlucky steps on the full tree priced it below an unserved smaller tree's prior;
-        # that tree then learned a high value the full tree, never served again, could not
-        # match (H100, batch 1, T=0.7: the 4-candidate tree in 312 of 316 steps, 1.68x plain
-        # decoding where the full tree alone made 2.47x).
-        for m in expected:
-            if m > n:
-                expected[m] = max(expected[m], expected[n] * self.prior[m] / self.prior[n])
-            elif 0 < m < n:
-                expected[m] = min(expected[m], expected[n])
+        self.calibration.observe(path, batch_bucket(batch_size), self.prior[n] - 1.0, tokens_per_seq - 1.0,
+                                 batch_size)
 
     def rate(self, batch_size: int, n: int, path: str = "greedy") -> float:
         """Expected tokens per second with B sequences and an n-candidate tree."""
@@ -254,9 +308,12 @@ class BackoffPolicy:
         key = (batch_size, max_candidates, path, self.margin)
         if self._last_choice is not None and self._last_choice[0] == key:
             return self._last_choice[1]
-        options = [n for n in self.latency.sizes if 0 < n <= max_candidates]
-        best = max(options, key=lambda n: (self.rate(batch_size, n, path), -n)) if options else 0
-        if best and self.rate(batch_size, best, path) < self.margin * self.rate(batch_size, 0, path):
+        expected = self.expected_on(path, batch_size)
+        ms = {n: self.latency.ms(batch_size, n, path) for n in self.latency.sizes if n <= max_candidates}
+        rate = {n: expected[n] / t for n, t in ms.items()}
+        options = [n for n in rate if n > 0]
+        best = max(options, key=lambda n: (rate[n], -n)) if options else 0
+        if best and rate[best] < self.margin * rate[0]:
             best = 0
         self._last_choice = (key, best)
         return best

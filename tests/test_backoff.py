@@ -121,14 +121,16 @@ def test_served_steps_correct_an_optimistic_start_up_model():
     for _ in range(40):  # the tree really costs 3x a plain step and yields 1.4 tokens
         policy.observe(1, 4, 30.0, 1.4)
     assert policy.choose(1, 63) == 0
-    assert policy.expected_on("greedy", 1)[4] == pytest.approx(1.4, abs=0.01)
+    assert policy.expected_on("greedy", 1)[4] == pytest.approx(1.4, abs=0.02)
 
 
-def test_nested_tree_sizes_inform_each_other_and_paths_learn_apart():
-    """Back-off's tree sizes are nested: an unlucky start on the full tree must not leave a
-    smaller tree promising more than it, and a smaller tree that accepts a lot lifts the full
-    tree's estimate so that it is served again (measured before: the 4-candidate tree held
-    312 of 316 steps at T=0.7, batch 1, for 1.68x where the full tree made 2.47x)."""
+def test_one_calibration_serves_every_nested_size_and_paths_learn_apart():
+    """What served steps deliver scales every tree size's promise at once (the trees are
+    nested, so sizes keep their order: an unlucky start on the full tree never leaves a smaller
+    tree promising more than it, and a size that accepts far more than promised lifts the full
+    tree with it — measured before per-size learning: the 4-candidate tree held 312 of 316
+    steps at T=0.7, batch 1, for 1.68x where the full tree made 2.47x). Greedy steps' estimates
+    stay untouched by sampled ones."""
     m = LatencyModel([LatencyPoint(1, n, ms) for n, ms in ((0, 1.1), (4, 1.39), (32, 1.65), (63, 1.67))])
     policy = BackoffPolicy(m, {4: 2.1, 32: 2.76, 63: 2.96})
     assert policy.choose(1, 63, "sampled") == 63
@@ -138,9 +140,56 @@ def test_nested_tree_sizes_inform_each_other_and_paths_learn_apart():
     assert sampled[63] < 2.96 and sampled[4] <= sampled[32] <= sampled[63]
     for _ in range(30):  # the 32-candidate tree accepts far more than its prior said
         policy.observe(1, 32, 1.65, 4.9, "sampled")
-    assert sampled[32] > 4.5 and sampled[63] >= sampled[32] * 2.96 / 2.76 - 1e-9
-    assert policy.choose(1, 63, "sampled") == 63  # served again, so it learns its own value
+    sampled = policy.expected_on("sampled", 1)
+    assert sampled[32] > 4.2 and sampled[63] > sampled[32]
+    assert policy.choose(1, 63, "sampled") == 63
     assert policy.expected_on("greedy", 1) == policy.prior  # greedy steps' estimates: untouched
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8, 32, 64, 128])
+def test_heads_that_accept_nothing_decode_plainly_at_every_batch_size(batch):
+    """Heads whose accuracy promised 2.2-3.4 tokens a step deliver 1 (random heads given a
+    trained tree.json; the Llama-8B shape, issue 29: back-off kept speculating at batch 8 and
+    32, 0.88x plain). Within a few steps every batch size decodes plainly; the trees are tried
+    again only now and then (what made the bucket go plain fades), costing under 3%; and a
+    batch bucket never served borrows what the others learned: plain within two steps."""
+    sizes = {1: 1.6, 2: 1.9, 4: 2.2, 8: 2.5, 16: 2.8, 32: 3.1, 63: 3.4}
+    # Shaped like the bundled model's on an H100: the full tree 1.2x a plain step at batch 1,
+    # 1.9x at 16, 4x at 64.
+    points = [LatencyPoint(b, n, (2.0 + 0.01 * b) * (1 + n * (0.0027 + 0.0007 * b)))
+              for b in (1, 2, 4, 8, 16, 32, 64, 128) for n in (0, *sizes)]
+    policy = BackoffPolicy(LatencyModel(points), sizes)
+    trees = []
+    other = 16 if batch != 16 else 4
+    for step in range(1000):
+        n = policy.choose(batch, 2048 // batch - 1)
+        trees.append(n)
+        policy.observe(batch, n, policy.latency.ms(batch, n), 1.0)
+        if step == 10:  # a load never served: it borrows what this one learned, and goes plain at once
+            served = []
+            for _ in range(5):
+                served.append(policy.choose(other, 2048 // other - 1))
+                policy.observe(other, served[-1], policy.latency.ms(other, served[-1]), 1.0)
+            assert served.index(0) <= 2 and not any(served[served.index(0):]), served
+    assert trees[0] > 0 and trees.index(0) <= 8, trees[:20]
+    # The time the tries cost: within 3% of decoding plainly throughout.
+    spent = sum(policy.latency._measured(batch, n) for n in trees)
+    assert spent <= 1.03 * len(trees) * policy.latency._measured(batch, 0), trees
+
+
+def test_heads_that_do_worse_than_promised_are_trusted_as_much_as_they_deliver():
+    """Heads that deliver 60% of the extra tokens their accuracy promised (public chat
+    prompts: 2.36 tokens a step where the heads' held-out split promised 3.18) are priced at
+    what they deliver, and still speculate where that pays; an unlucky start (three steps that
+    accept nothing at batch 1) does not send batch 1 to plain decoding."""
+    sizes = {4: 2.2, 16: 2.8, 63: 3.4}
+    points = [LatencyPoint(b, n, 2.0 * (1 + n * (0.0027 + 0.0007 * b))) for b in (1, 16, 64) for n in (0, *sizes)]
+    policy = BackoffPolicy(LatencyModel(points), sizes)
+    for step in range(200):
+        n = policy.choose(1, 2047)
+        assert n > 0, step
+        policy.observe(1, n, policy.latency.ms(1, n), 1.0 if step < 3 else 1 + 0.6 * (sizes[n] - 1))
+    assert policy.expected_on("greedy", 1)[63] == pytest.approx(1 + 0.6 * 2.4, abs=0.05)
 
 
 def test_a_one_off_stall_does_not_price_a_tree_out():
@@ -217,13 +266,13 @@ def test_loads_learn_apart_so_a_thinning_batch_does_not_teach_the_full_one():
     assert policy.choose(64, 63) == 0 and m.ms(64, 4) == pytest.approx(3.75, rel=0.02)
     for _ in range(40):  # the batch thins out: its stragglers accept little, at the grid's cost
         policy.observe(4, 4, 1.4, 1.3)
-    assert policy.expected_on("greedy", 64)[4] == pytest.approx(1.9, abs=0.01)  # untaught by the tail
-    assert policy.expected_on("greedy", 4)[4] == pytest.approx(1.3, abs=0.01)
+    assert policy.expected_on("greedy", 64)[4] > 1.75  # near its own 1.9: barely taught by the tail
+    assert policy.expected_on("greedy", 4)[4] == pytest.approx(1.3, abs=0.05)
     assert m.ms(4, 4) == pytest.approx(1.4) and m.ms(64, 4) == pytest.approx(3.75, rel=0.02)
-    # A load not served yet starts from the nearest one's lessons: a size's own correction, and
-    # for a size never served there, the served sizes' (or plain decoding's).
+    # A load not served yet starts from the others' lessons: a size's own latency correction at
+    # the nearest load, and the acceptance pooled over every load served.
     assert m.ms(32, 4) == pytest.approx(m._measured(32, 4) * m.correction[4, "greedy", 64])
-    assert policy.expected_on("greedy", 32)[4] == pytest.approx(1.9, abs=0.01)
+    assert 1.3 < policy.expected_on("greedy", 32)[4] < 1.9
     m2 = LatencyModel([LatencyPoint(64, n, ms) for n, ms in ((0, 1.34), (4, 2.07), (8, 2.56))])
     for _ in range(40):
         m2.observe(64, 0, 1.85)

@@ -4,7 +4,7 @@ packed input buffer (the capture and replay themselves are checked in test_gpu.p
 import pytest
 import torch
 
-from engine.cuda_graphs import BATCH_BUCKETS, graphable_nodes, padded_batch, width_buckets
+from engine.cuda_graphs import BATCH_BUCKETS, GraphLayout, MixedStep, graphable_nodes, padded_batch
 from scheduler.outputs import ScheduledSeq
 from spec_decode.tree import MedusaTree
 
@@ -22,10 +22,23 @@ def test_padded_batch_is_the_smallest_bucket_that_fits():
     assert list(BATCH_BUCKETS) == sorted(set(BATCH_BUCKETS))
 
 
-def test_width_buckets_grow_x4_and_end_at_the_longest():
-    assert width_buckets(129) == (8, 32, 128, 129)
-    assert width_buckets(128) == (8, 32, 128)
-    assert width_buckets(5) == (5,)
+def test_a_step_ships_only_the_table_pages_it_uses():
+    """Every graph's tables are the engine's full width, held page after page: a step packs
+    and copies ids, starts and only the first J pages of every table (J: its longest), the
+    pad block past a sequence's pages and for padding sequences; the device view reads back
+    each table row by row."""
+    from engine.cuda_graphs import load_inputs
+
+    layout = GraphLayout(batch=4, nodes=2, width=6)
+    seqs = [seq(0, 20, [5, 2], cands=[1]), seq(1, 3, [7], cands=[1]), seq(2, 40, [3, 4, 6], cands=[1])]
+    host, used = layout.pack(seqs, list(range(100, 106)), pad_block=9)
+    assert used == 4 * 2 + 4 + 3 * 4 < layout.size  # 3 of the 6 pages
+    buf = torch.full((layout.size,), -1, dtype=torch.int64)
+    load_inputs(buf, (host, used))
+    v = layout.views(buf)
+    assert v["ids"].tolist() == [100, 101, 102, 103, 104, 105, 0, 0] and v["starts"].tolist() == [20, 3, 40, 0]
+    assert v["tables"][:, :3].tolist() == [[5, 2, 9], [7, 9, 9], [3, 4, 6], [9, 9, 9]]
+    assert (v["tables"][:, 3:] == -1).all()  # untouched: no sequence reads past its pages
 
 
 def test_start_up_captures_every_bucket_a_step_within_the_budget_pads_to():
@@ -75,7 +88,7 @@ def test_fresh_prompts_replay_a_prefill_graph_of_their_padded_shape():
     from engine.cuda_graphs import PREFILL_BUCKETS, CudaGraphRunner, FreshPrefill
 
     graphs = CudaGraphRunner.__new__(CudaGraphRunner)
-    graphs.max_prefill_tokens, graphs.mixed_tokens = 2048, ()
+    graphs.max_prefill_tokens, graphs.mixed_tokens, graphs.sealed = 2048, (), False
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40))]) == FreshPrefill(64)
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(2)), seq(1, 0, [1], tokens=range(16)),
                                  seq(2, 0, [2], tokens=range(17))]) == FreshPrefill(32)  # 4 x 32 tokens
@@ -86,7 +99,7 @@ def test_fresh_prompts_replay_a_prefill_graph_of_their_padded_shape():
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40)), seq(1, 9, [1])]) is None  # mixed
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=[5])]) is None  # one token: the decode graphs' shape
     # With mixed graphs, only a shape captured already: several prompts go to the mixed graphs.
-    graphs.mixed_tokens, graphs.widths, graphs.graphs = (2048,), (8,), {(FreshPrefill(64), 1, 8): None}
+    graphs.mixed_tokens, graphs.graphs = (2048,), {(FreshPrefill(64), 1): None}
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40))]) == FreshPrefill(64)
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40)), seq(1, 0, [1], tokens=range(9))]) is None
     assert FreshPrefill(16).mask.tolist() == [[j <= i for j in range(16)] for i in range(16)]
@@ -170,8 +183,8 @@ def test_a_mixed_graph_attends_like_the_eager_step():
 def test_graphs_derive_positions_slots_and_lengths_like_the_eager_step(tree):
     """A decode or verify graph gets only ids, starts and tables from the host and derives the
     rest on the device: every real token's position and K/V slot equal what the eager step
-    computes (``ModelRunner.locate``), the attention lengths are the cached prefix (+ the
-    decode token itself), and padded sequences start at 0 in the pad block, their candidates in
+    computes (``ModelRunner.locate``), the attention lengths are the cached prefix before the
+    pending token, and padded sequences start at 0 in the pad block, their candidates in
     scratch rows past the real ones."""
     from engine.attention.torch_ref import TorchAttentionBackend
     from engine.cuda_graphs import CudaGraphRunner
@@ -199,8 +212,7 @@ def test_graphs_derive_positions_slots_and_lengths_like_the_eager_step(tree):
     assert graphs.run(tree, seqs, batch.ids).layout.batch == 2
     assert seen["ids"] == batch.ids
     assert seen["positions"] == batch.positions and seen["slots"] == batch.slots
-    extra = 0 if tree else 1  # a decode token attends to itself; a tree's prefix stops before the root
-    assert seen["kv_lens"] == [20 + extra, 3 + extra]
+    assert seen["kv_lens"] == [20, 3]  # the prefix: the pending token is one of the step's own
     assert seen["tables"] == [[5, 2, cache.pad_block], [7, cache.pad_block, cache.pad_block]]
     # Three sequences run in the 4 graph: the fourth is padding.
     three = seqs + [seq(2, 40, [3, 4, 6], tokens=(9,), cands=cands)]
@@ -208,7 +220,7 @@ def test_graphs_derive_positions_slots_and_lengths_like_the_eager_step(tree):
     assert seen["positions"][3 * nodes:] == [d for d in (tree.depths if tree else [0])]
     assert seen["slots"][3 * nodes] == cache.pad_slot
     assert seen["slots"][3 * nodes + 1:] == list(range(cache.scratch_slot0 + 3 * nodes + 1, cache.scratch_slot0 + 4 * nodes))
-    assert seen["kv_lens"][3] == extra and seen["tables"][3] == [cache.pad_block] * 3
+    assert seen["kv_lens"][3] == 0 and seen["tables"][3] == [cache.pad_block] * 3
 
 
 def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
@@ -257,7 +269,10 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         # after every decode / verify graph, each followed by its proposal in a Medusa engine.
         decode_graphs = [g for g in graphs.graphs.values() if g.decodes]
         decisions = [{k for k in g.tails if k[0] != "propose"} for g in decode_graphs]
-        assert decode_graphs and all(sorted(k[1] for k in d) == [False, True] for d in decisions)
+        # greedy, and sampled with / without filters x with / without greedy rows beside
+        sampled = [sorted((k[3], k[4]) for k in d if k[1]) for d in decisions]
+        assert decode_graphs and all(x == [(False, False), (False, True), (True, False), (True, True)] for x in sampled)
+        assert all(sum(not k[1] for k in d) == 1 for d in decisions)
         assert all({k[1] for k in g.tails if k[0] == "propose"} == (d if spec else set())
                    for g, d in zip(decode_graphs, decisions))
         calls = {"forward": 0, "tail": 0, "prefill": 0, "mixed": 0}
@@ -288,6 +303,66 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
             used = eng.stats.steps_by_tree_size
             assert used.get(0, 0) > 0 and any(0 < n < 12 for n in used), used
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+        # Every graph these steps replayed was captured at start-up: none captured, none missed.
+        assert graphs.sealed and graphs.misses == 0, graphs.misses
+        assert eng.stats.num_capture_steps == 0 and eng.stats.num_graph_miss_steps == 0
+
+
+def test_every_shape_back_off_can_choose_has_its_graphs_after_start_up(monkeypatch, bundled_dir):
+    """What the scheduler may run — each tree of the back-off set, or plain decoding, for any
+    number of decoding sequences whose tokens fit the step budget — has its forward graph at
+    its batch bucket, and after it the greedy and sampled decisions, each with its proposal;
+    the host-decided steps' proposal has a graph for every batch bucket; prompts and mixed
+    steps have theirs. All before the first request, and then the runner is sealed."""
+    import engine.worker
+    from engine.engine import Engine
+
+    monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
+    seqs, budget = 8, 128
+    eng = Engine("default", speculative={"tree": "auto", "backoff": True}, max_num_seqs=seqs,
+                 max_num_batched_tokens=budget)
+    runner = eng.executor.worker.runner
+    graphs = runner.graphs
+    assert graphs.sealed and eng.num_graphs == graphs.num_graphs > 0
+    sizes = set(eng.policy.subtrees) | {0}
+    assert len(sizes) > 3
+    for n in sizes:
+        tree = runner.trees[n] if n else None
+        for b in range(1, seqs + 1):
+            if b * (n + 1) > budget:  # the scheduler never runs it (SpeculationPolicy.tree_for)
+                continue
+            g = graphs.graphs.get((tree, padded_batch(b)))
+            assert g is not None, (n, b)
+            decisions = [k for k in g.tails if k[0] != "propose"]
+            assert any(not k[1] for k in decisions) and any(k[1] for k in decisions), (n, b)
+            assert all(("propose", k) in g.tails for k in decisions), (n, b)
+    assert {b for key, b in graphs.row_graphs if key == "propose"} == {b for b in BATCH_BUCKETS if b <= seqs}
+    assert graphs.mixed_tokens and all((MixedStep(t), graphs.mixed_batch) in graphs.graphs for t in graphs.mixed_tokens)
+
+
+def test_a_sealed_runner_runs_a_missing_shape_eagerly_and_counts_it(monkeypatch, bundled_dir):
+    """After start-up nothing is captured: a step whose graph is missing (one removed here)
+    runs its forward eagerly, its decision and proposal eagerly too, gives the same tokens,
+    and is counted — in the runner's misses and the engine's graph-miss steps."""
+    import engine.worker
+    from engine.cuda_graphs import padded_batch
+    from engine.engine import Engine
+    from engine.sampling import SamplingParams
+    from tests.conftest import PROMPTS
+
+    params = SamplingParams(temperature=0, max_tokens=12)
+    spec = {"tree": "small_12"}
+    ref = [o.token_ids for o in Engine("default", speculative=spec, max_num_seqs=4).generate_batch(PROMPTS[:2], params)]
+    monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
+    eng = Engine("default", speculative=spec, max_num_seqs=4)
+    runner = eng.executor.worker.runner
+    graphs = runner.graphs
+    seconds, count = graphs.capture_seconds, len(graphs.graphs)
+    del graphs.graphs[(runner.tree, padded_batch(2))]  # the 2-sequence verify graph
+    assert [o.token_ids for o in eng.generate_batch(PROMPTS[:2], params)] == ref
+    assert graphs.misses > 0 and eng.stats.num_graph_miss_steps > 0
+    assert eng.stats.num_capture_steps == 0
+    assert graphs.capture_seconds == seconds and len(graphs.graphs) == count - 1  # nothing captured
 
 
 def test_chunked_prompts_beside_decodes_give_eager_tokens_through_mixed_graphs(monkeypatch, bundled_dir):

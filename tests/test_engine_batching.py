@@ -86,3 +86,20 @@ def test_a_decode_step_is_counted_as_merging_its_counts():
         fast.record_decode(n, per_depth)
         merged.merge_counts(1, n + 1, [0] * n + [1], per_depth)
     assert fast == merged and fast.num_decode_steps == 300 and sum(fast.accepted_hist) == 300
+
+
+def test_stepping_an_idle_engine_is_harmless(engine):
+    """``step()`` with nothing to run returns [] and leaves the engine as it was: polled while
+    idle, between requests and after the last one finished, it still serves each request as
+    when run alone (``for o in iter(engine.step, [])`` is a loop users write)."""
+    params = SamplingParams(temperature=0, max_tokens=8)
+    want = _alone(engine, PROMPTS[:2], params)
+    assert [engine.step() for _ in range(3)] == [[], [], []]
+    for i, p in enumerate(PROMPTS[:2]):
+        engine.add_request(p, params, request_id=f"idle{i}")
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert engine.step() == [] and engine.step() == []
+    assert [done["idle0"], done["idle1"]] == want
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

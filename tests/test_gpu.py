@@ -5,6 +5,7 @@ import torch
 
 from engine.attention.base import SeqAttn, StepAttnInputs
 from engine.attention.torch_ref import TorchAttentionBackend
+from engine.cuda_graphs import load_inputs
 from engine.kv_cache import PagedKVCache
 from engine.sampling import SamplingParams
 from spec_decode.tree import MedusaTree
@@ -537,8 +538,8 @@ def _check_mixed_replay(runner, cache, page, pad, rng):
         runner.locate(batch)
         shape = graphs.mixed_shape(seqs)
         assert shape is not None, lens
-        g = graphs._graph(shape, graphs.mixed_batch, graphs._width(seqs))
-        g.buf.copy_(g.layout.pack(seqs, batch.ids, batch.positions, batch.slots, pad, cache.pad_slot))
+        g = graphs._graph(shape, graphs.mixed_batch)
+        load_inputs(g.buf, g.layout.pack(seqs, batch.ids, batch.positions, batch.slots, pad, cache.pad_slot))
         before = cache.k_all.clone(), cache.v_all.clone()
         eager = g.forward().clone()
         after_eager = cache.k_all.clone()
@@ -568,8 +569,8 @@ def _check_replays(runner, cache, page, pad, rng):
                                          params=SamplingParams(temperature=0)))
                 roots.append(table[ctx // page] * page + ctx % page)
                 ids += seqs[-1].token_ids + cands
-            g = runner.graphs._graph(tree, padded_batch(b), runner.graphs.widths[0])
-            g.buf.copy_(g.layout.pack(seqs, ids, pad))
+            g = runner.graphs._graph(tree, padded_batch(b))
+            load_inputs(g.buf, g.layout.pack(seqs, ids, pad))
             if tree is not None:
                 # Make the root's first child the model's own next token, so paths get accepted
                 # and the tail's commit has something to write.
@@ -578,7 +579,7 @@ def _check_replays(runner, cache, page, pad, rng):
                 top = runner.model.lm_head(g.hidden[torch.arange(b, device=g.hidden.device) * n]).argmax(-1).tolist()
                 for i, s in enumerate(seqs):
                     s.candidates[0] = ids[i * n + 1] = top[i]
-                g.buf.copy_(g.layout.pack(seqs, ids, pad))
+                load_inputs(g.buf, g.layout.pack(seqs, ids, pad))
             before = cache.k_all.clone(), cache.v_all.clone()
             eager = g.forward().clone()
             after_eager = cache.k_all.clone(), cache.v_all.clone()
@@ -611,13 +612,14 @@ def _check_greedy_tail(runner, cache, g, tree, seqs, page, pad):
     hidden, step_k = g.hidden.clone(), cache.k_all[:, scratch0:scratch0 + bp * n].clone()
     v = g.views
 
-    def build(g, _):  # what ModelRunner.device_tail captures: the decision, then the proposal
-        return lambda: runner.tail.greedy(g.hidden, tree, v["ids"].view(bp, n), v["starts"][:, None], v["tables"])
-
-    def build_proposal(g, _):
-        return lambda: runner.tail.propose_after(g.hidden, g.tail_outputs[("test", tree)])
-    decided = runner.graphs.run_tail(g, ("test", tree), build).tolist()
-    proposed = runner.graphs.run_tail(g, ("test propose", tree), build_proposal).tolist()
+    # The greedy decision and its proposal, as ModelRunner.device_tail replays them (captured
+    # at start-up after this graph).
+    key = (tree, False, frozenset(), False, False)
+    assert key in g.tails and ("propose", key) in g.tails
+    misses = runner.graphs.misses
+    decided = runner.graphs.run_tail(g, key, runner._tail_builder(key)).tolist()
+    proposed = runner.graphs.run_tail(g, ("propose", key), runner._propose_builder(key)).tolist()
+    assert runner.graphs.misses == misses
     rows = [d[:-1] + p for d, p in zip(decided, proposed)]
     depth = tree.depth if tree is not None else 0
     last = torch.tensor([i * n + a.path[-1] for i, a in enumerate(want)], device=hidden.device)
@@ -669,6 +671,7 @@ def test_cuda_graphs_give_eager_tokens_end_to_end():
                            + [o.token_ids for p, sp in zip(PROMPTS[:3], params if isinstance(params, list)
                                                             else [params] * 3)
                               for o in eng.generate_batch([p], sp)])
+            assert eng.stats.num_capture_steps == 0 and eng.stats.num_graph_miss_steps == 0
             eng.shutdown()
         same = sum(a == b for a, b in zip(toks[True], toks[False]))
         first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
@@ -676,3 +679,48 @@ def test_cuda_graphs_give_eager_tokens_end_to_end():
         print(f"graphs vs eager, speculative={spec}, {'sampled' if isinstance(params, list) else 'greedy'}: "
               f"{same}/{len(first)} identical; first divergence {first}")
         assert same >= len(first) - 1
+
+
+@needs_cuda
+def test_no_graph_is_captured_while_serving():
+    """Every graph a served step replays was captured at start-up: back-off (learning on) over
+    batches of 1 to 40 sequences, prompts from a few tokens to ~1,500 (block tables from 1 to
+    25 pages: one width for every graph), greedy and sampled requests alone and side by side,
+    top-p filters, a request with logprobs (host-decided), static batches and a queue refilled
+    as requests finish — no step captures a graph, none misses one, and the greedy requests
+    give plain decoding's tokens."""
+    import random
+
+    from engine.engine import Engine
+
+    rng = random.Random(0)
+    prompts = [p * rng.choice([1, 2, 8, 30]) for p in PROMPTS * 8][:48]
+    eng = Engine("default", dtype="bfloat16", speculative={"tree": "auto", "backoff": True}, max_num_seqs=64)
+    plain = Engine("default", dtype="bfloat16", max_num_seqs=64)
+    for e in (eng, plain):
+        assert e.num_graphs > 0 and e.graph_capture_s > 0 and e.graph_memory_gb > 0
+    print(f"start-up {eng.startup_s:.1f} s: {eng.num_graphs} graphs captured in {eng.graph_capture_s:.1f} s, "
+          f"{eng.graph_memory_gb:.2f} GiB")
+    greedy = SamplingParams(temperature=0, max_tokens=48)
+    kinds = [greedy, SamplingParams(temperature=0.7, seed=1, max_tokens=48),
+             SamplingParams(temperature=0.8, top_p=0.9, seed=2, max_tokens=48),
+             SamplingParams(temperature=0, max_tokens=16, logprobs=True)]
+    for size in (1, 2, 5, 16, 40):
+        batch = prompts[:size]
+        for params in ([greedy] * size, [kinds[i % len(kinds)] for i in range(size)]):
+            outs = eng.generate_batch(batch, params)
+            if params[0] is greedy and all(p is greedy for p in params):
+                assert [o.token_ids for o in outs] == [o.token_ids for o in plain.generate_batch(batch, greedy)]
+    queue = iter(prompts)  # steady load: at most 24 in flight, refilled at once
+    for _ in range(24):
+        eng.add_request(next(queue), kinds[rng.randrange(3)])
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished and (p := next(queue, None)) is not None:
+                eng.add_request(p, kinds[rng.randrange(3)])
+    print("steps by tree size:", eng.stats.steps_by_tree_size)
+    assert len(eng.stats.steps_by_tree_size) > 1  # back-off chose several sizes
+    assert eng.stats.num_capture_steps == 0 and eng.stats.num_graph_miss_steps == 0
+    assert plain.stats.num_capture_steps == 0 and plain.stats.num_graph_miss_steps == 0
+    eng.shutdown()
+    plain.shutdown()

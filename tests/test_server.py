@@ -250,6 +250,14 @@ def test_openai_fields_are_honoured(bundled_server):
                                                  stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
     assert all(c.choices[0].delta.content for c in chunks[:-2])  # no empty pieces before the last
+    # vLLM's continuous_usage_stats (guidellm always sends it): the usage so far in every chunk.
+    chunks = list(client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=6, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True,
+                                                                 "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None for c in chunks) and counts == sorted(counts) and counts[-1] == 6
+    assert counts[0] >= 1 and chunks[0].usage.prompt_tokens == chunks[-1].usage.prompt_tokens > 0
     # echo, and several prompts (strings and token ids) in one request.
     echo = client.completions.create(model=NAME, prompt="The sky is", max_tokens=3, temperature=0, echo=True)
     assert echo.choices[0].text.startswith("The sky is")

@@ -166,3 +166,29 @@ def test_tree_auto_times_sizes_and_stays_lossless(tiny_llama, tmp_path):
         [o.token_ids for o in plain.generate_batch(prompts, params)]
     with pytest.raises(ValueError, match="'auto' needs heads with a tree.json"):
         Engine(str(tiny_llama), speculative={"heads": "random", "tree": "auto"})
+
+
+def test_whole_sources_are_held_out_of_training(tmp_path):
+    """No prompt of a held-out source is ever a training prompt; the old random tenth of the
+    other sources is neither trained on nor mixed into the held-out set; the three splits
+    cover every row once; held-out rows come repository by repository, so any first n mix
+    them; a file without sources falls back to the random split."""
+    from spec_decode.data import HELDOUT_SOURCES, SPLITS, is_heldout, read_prompts
+
+    rows = [{"id": f"{repo.split('/')[0]}-{i}", "source": f"{repo}:data.jsonl", "prompt": f"{repo} prompt {i}"}
+            for repo in ("a/trained", "b/trained", *HELDOUT_SOURCES[:2]) for i in range(40)]
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    got = {split: [pid for pid, _ in read_prompts(f, split)] for split in SPLITS}
+    source = {r["id"]: r["source"].split(":")[0] for r in rows}
+    assert sorted(sum(got.values(), [])) == sorted(source)  # a partition
+    assert all(source[pid] not in HELDOUT_SOURCES for pid in got["train"] + got["random_heldout"])
+    assert {source[pid] for pid in got["heldout"]} == set(HELDOUT_SOURCES[:2])
+    assert all(is_heldout(pid) for pid in got["random_heldout"]) and got["random_heldout"]
+    first = [source[pid] for pid in got["heldout"][:4]]
+    assert first[0] != first[1] and set(first) == set(HELDOUT_SOURCES[:2])
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("\n".join(json.dumps({"id": r["id"], "prompt": r["prompt"]}) for r in rows))
+    assert [p for p, _ in read_prompts(bare, "heldout")] == [r["id"] for r in rows if is_heldout(r["id"])]
+    with pytest.raises(ValueError, match="split"):
+        list(read_prompts(f, "test"))

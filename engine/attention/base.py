@@ -48,9 +48,9 @@ class GraphAttnInputs:
     """A fixed-shape step's attention metadata (see engine/cuda_graphs.py): the lengths and
     block tables it reads are device tensors, refreshed in place before each replay."""
     meta: object
-    # [batch] int32: cached tokens each sequence attends to (a plain decode token's own slot
-    # included — it is written first; a tree's prefix stops before its root; a mixed step's
-    # chunk included).
+    # [batch] int32: cached positions each sequence attends to before its own query tokens
+    # (a decode token's or a tree root's prefix: its own K/V is read as one of the step's
+    # tokens); a mixed step's: its chunk included.
     kv_lens: torch.Tensor
     block_tables: torch.Tensor  # [batch, width] int32
     # Mixed steps only ([batch + 1] int32 each): where each sequence's tokens start in the

@@ -110,7 +110,7 @@ class TorchAttentionBackend:
                      write_slots: torch.Tensor, pad_block: int, fresh: bool = False) -> GraphAttnInputs:
         dev = self.device
         tables = torch.full((batch, width), pad_block, dtype=torch.int32, device=dev)
-        kv_lens = torch.ones(batch, dtype=torch.int32, device=dev)
+        kv_lens = torch.zeros(batch, dtype=torch.int32, device=dev)
         local = tree_mask if tree_mask is not None else torch.ones(1, 1, dtype=torch.bool)
         meta = TorchStaticMeta(slots=write_slots, batch=batch, nodes=nodes, local=local.to(dev),
                                kv_lens=kv_lens, tables=tables, fresh=fresh)
@@ -133,7 +133,7 @@ class TorchAttentionBackend:
         seq = torch.searchsorted(starts[1:], token, right=True).clamp(max=s - 1)
         real = token < starts[-1]
         q_pos = meta.kv_lens[seq].long() - (starts[seq + 1] - starts[seq]) + (token - starts[seq])
-        span = meta.tables.shape[1] * self.kv_cache.block_size
+        span = self._span(meta.tables, meta.kv_lens)
         pos = torch.arange(span, device=q.device).expand(t, span)
         # A padding token sees position 0 of some table, so its row is not all masked.
         visible = (pos <= q_pos[:, None]) & real[:, None] | (pos == 0)
@@ -145,12 +145,21 @@ class TorchAttentionBackend:
             queries, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=visible[:, None, None, :])
         return out.reshape(t, h, d)
 
+    def _span(self, tables: torch.Tensor, kv_lens: torch.Tensor) -> int:
+        """Positions a fixed-shape step's keys are gathered over: the pages its longest sequence
+        uses (at least one: a padding sequence sees position 0), not the tables' whole width —
+        the graphs' tables are as wide as the longest possible sequence. (This backend is never
+        captured, so reading the lengths on the host costs nothing a graph would notice.)"""
+        page = self.kv_cache.block_size
+        pages = -(-int(kv_lens.max()) // page) if kv_lens.numel() else 0
+        return min(tables.shape[1], max(1, pages)) * page
+
     def _static_group(self, meta: TorchStaticMeta) -> _Group:
         b, n, dev = meta.batch, meta.nodes, self.device
-        span = 0 if meta.fresh else meta.tables.shape[1] * self.kv_cache.block_size
+        span = 0 if meta.fresh else self._span(meta.tables, meta.kv_lens)
         pos = torch.arange(span, device=dev).expand(b, span)
-        # The prefix in the cache: a decode token's own slot is attended through ``local``.
-        ctx = meta.kv_lens.long() - (1 if n == 1 else 0)
+        # The prefix in the cache (a decode token's own slot is attended through ``local``).
+        ctx = meta.kv_lens.long()
         prefix_valid = pos < ctx[:, None]
         prefix_slots = self.kv_cache.slots(meta.tables.long(), pos)
         rows = torch.arange(b * n, device=dev)

@@ -1,20 +1,18 @@
-"""CUDA attention through xformers 0.0.35 over the paged cache.
+"""CUDA attention over the paged cache: this project's Triton kernels, and xformers' flash
+kernel for fresh prompts.
 
-- Prefill chunks and plain decode tokens: K/V are written into the cache first, then the
-  attention reads the cache in place, causal from the bottom right. A pure decode step (one
-  query per sequence) goes through xformers (``PagedBlockDiagonalCausalWithOffsetPaddedKeysMask``,
-  Triton split-K). A step with prefill chunks goes through this engine's varlen kernel
-  (engine/attention/varlen_kernel.py: xformers 0.0.35 without FA3 has no paged kernel for
-  unequal query blocks, and gathering their K/V into a padded buffer for its flash kernel
-  could not be captured), eagerly or in a mixed step's CUDA graph (``mixed_inputs``).
-- A graph of fresh prompts (nothing cached, each padded to one length): flash attention,
-  causal within each prompt's block.
-- Medusa trees: one Triton kernel per layer (engine/attention/tree_kernel.py) streams the
-  paged prefix (positions before the root, all visible) and then the tree (the step's own K/V
-  under the ancestor mask) through one online softmax. xformers' ``tree_attention`` did the
-  same as two split-K attentions and a log-sum-exp merge, five launches per layer.
-Grouped-query attention uses xformers' 5-D layout [B, M, G, H/G, D] with K/V expanded along H/G.
-Paged Triton split-K needs a page size divisible by 64; the engine checks the block size.
+- Decode steps — every sequence's pending token alone, or its pending token plus a Medusa
+  tree: one Triton kernel per layer (engine/attention/tree_kernel.py) streams the paged prefix
+  (positions before the pending token, all visible) and then the step's own tokens under the
+  ancestor mask through one online softmax. A plain decode token is a one-node tree. Its work
+  follows each sequence's length, whatever the block table's width, so one CUDA graph per
+  batch bucket serves every context length (xformers' paged split-K, used before, sized its
+  work by the table's width: a graph per width bucket, captured on first use mid-run).
+- Steps with prefill chunks (and any other mix without a tree): the varlen kernel
+  (engine/attention/varlen_kernel.py), eagerly or in a mixed step's CUDA graph
+  (``mixed_inputs``); tree rows of such a step go through the tree kernel.
+- A graph of fresh prompts (nothing cached, each padded to one length): xformers' flash
+  attention, causal within each prompt's block.
 """
 
 from __future__ import annotations
@@ -29,13 +27,15 @@ from engine.attention.base import GraphAttnInputs, StepAttnInputs, block_tables,
 from engine.kv_cache import PagedKVCache
 
 
+# A plain decode token as a tree: one node that sees itself.
+_ONE_NODE = torch.ones(1, 1, dtype=torch.bool)
+
+
 @dataclass
 class XformersAttnMeta:
     slots: torch.Tensor  # [T] where each token's K/V is written
     causal_idx: Optional[torch.Tensor] = None
-    causal_bias: object = None  # pure decode: xformers' paged split-K
-    # Otherwise (prefill chunks among the causal rows): the varlen kernel's inputs.
-    varlen: Optional["VarlenInputs"] = None
+    varlen: Optional["VarlenInputs"] = None  # the causal rows' (prefill chunks, decode tokens)
     tree_idx: Optional[torch.Tensor] = None
     tree_mask: Optional[torch.Tensor] = None  # [N, N] int8, 1 = may attend
     tree_kv_lens: Optional[torch.Tensor] = None  # [B] int32: cached positions before each root
@@ -65,7 +65,7 @@ class XformersAttentionBackend:
         from engine.attention import tree_kernel, varlen_kernel  # noqa: F401  (Triton, which xformers' split-K needs too)
 
         if kv_cache.block_size % 64:
-            raise ValueError(f"block_size: xformers paged attention needs a multiple of 64, got {kv_cache.block_size}")
+            raise ValueError(f"block_size: the CUDA backend's paged kernels need a multiple of 64, got {kv_cache.block_size}")
         self.kv_cache = kv_cache
         self.device = device
         # Tree masks on the device by mask (trees live for the engine's lifetime): made once.
@@ -78,18 +78,11 @@ class XformersAttentionBackend:
 
     def uniform_metadata(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], kv_lens: list[int],
                          tables: torch.Tensor, slots: torch.Tensor) -> XformersAttnMeta:
-        """Every sequence runs one pending token (``tree_mask`` None; ``kv_lens`` include it) or
-        its pending token plus the same ``nodes``-node tree (``kv_lens``: the prefix before the
-        root). Pending tokens read the cache in place (paged Triton split-K); trees go through
-        the fused tree kernel (paged prefix + tree in one online softmax)."""
-        from xformers.ops.fmha.attn_bias import PagedBlockDiagonalCausalWithOffsetPaddedKeysMask
-
-        page = self.kv_cache.block_size
-        if tree_mask is None:
-            bias = PagedBlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-                q_seqlen=[1] * batch, kv_seqlen=kv_lens, block_tables=tables, page_size=page, device=self.device)
-            return XformersAttnMeta(slots=slots, causal_bias=bias, causal_all=True)
-        return XformersAttnMeta(slots=slots, tree_mask=self._tree_mask(tree_mask), tree_tables=tables,
+        """Every sequence runs one pending token (``tree_mask`` None: a one-node tree) or its
+        pending token plus the same ``nodes``-node tree; ``kv_lens``: the prefix cached before
+        each pending token. One tree-kernel launch per layer."""
+        mask = tree_mask if tree_mask is not None else _ONE_NODE
+        return XformersAttnMeta(slots=slots, tree_mask=self._tree_mask(mask), tree_tables=tables,
                                 tree_kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=self.device),
                                 tree_all=True)
 
@@ -99,8 +92,7 @@ class XformersAttentionBackend:
         shape = uniform_shape(inputs.seqs)
         if shape is not None:
             nodes, mask = shape
-            extra = 1 if mask is None else 0
-            return self.uniform_metadata(len(inputs.seqs), nodes, mask, [s.ctx_len + extra for s in inputs.seqs],
+            return self.uniform_metadata(len(inputs.seqs), nodes, mask, [s.ctx_len for s in inputs.seqs],
                                          block_tables([s.block_table for s in inputs.seqs], dev), slots)
         causal_rows: list[int] = []
         causal = []
@@ -120,15 +112,11 @@ class XformersAttentionBackend:
         meta = XformersAttnMeta(slots=slots)
         if causal:
             kv_lens = [s.ctx_len + s.q_len for s in causal]
-            tables = block_tables([s.block_table for s in causal], dev)
-            if all(s.q_len == 1 for s in causal):
-                meta = self.uniform_metadata(len(causal), 1, None, kv_lens, tables, slots)
-            else:
-                q_lens = [s.q_len for s in causal]
-                starts = torch.tensor([0] + list(accumulate(q_lens)), dtype=torch.int32)
-                host = torch.stack([starts, torch.tensor(tile_starts(q_lens), dtype=torch.int32)]).to(dev)
-                meta.varlen = VarlenInputs(q_starts=host[0], kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-                                           first_tiles=host[1], tables=tables)
+            q_lens = [s.q_len for s in causal]
+            starts = torch.tensor([0] + list(accumulate(q_lens)), dtype=torch.int32)
+            host = torch.stack([starts, torch.tensor(tile_starts(q_lens), dtype=torch.int32)]).to(dev)
+            meta.varlen = VarlenInputs(q_starts=host[0], kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
+                                       first_tiles=host[1], tables=block_tables([s.block_table for s in causal], dev))
             meta.causal_idx = torch.tensor(causal_rows, device=dev)
             meta.causal_all = len(causal_rows) == offset
         if trees:
@@ -145,16 +133,15 @@ class XformersAttentionBackend:
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
                      write_slots: torch.Tensor, pad_block: int, fresh: bool = False) -> GraphAttnInputs:
         """``uniform_metadata`` on static tensors for CUDA graph capture: block tables ``width``
-        pages wide (all the pad block until refreshed) and the bias's own length tensor, both
-        refreshed in place before each replay. ``fresh`` prompts need neither."""
+        pages wide (all the pad block until refreshed) and the prefix lengths, both refreshed in
+        place before each replay. ``fresh`` prompts need neither."""
         tables = torch.full((batch, width), pad_block, dtype=torch.int32, device=self.device)
         if fresh:
             meta = XformersAttnMeta(slots=write_slots, fresh_batch=batch, fresh_len=nodes)
             return GraphAttnInputs(meta=meta, kv_lens=torch.zeros(batch, dtype=torch.int32, device=self.device),
                                    block_tables=tables)
-        meta = self.uniform_metadata(batch, nodes, tree_mask, [1] * batch, tables, write_slots)
-        kv_lens = meta.causal_bias.k_seqinfo.seqlen if tree_mask is None else meta.tree_kv_lens
-        return GraphAttnInputs(meta=meta, kv_lens=kv_lens, block_tables=tables)
+        meta = self.uniform_metadata(batch, nodes, tree_mask, [0] * batch, tables, write_slots)
+        return GraphAttnInputs(meta=meta, kv_lens=meta.tree_kv_lens, block_tables=tables)
 
     def mixed_inputs(self, batch: int, width: int, write_slots: torch.Tensor) -> GraphAttnInputs:
         """The varlen kernel's inputs as static tensors (all sequences padding until refreshed)."""
@@ -169,7 +156,6 @@ class XformersAttentionBackend:
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: XformersAttnMeta) -> torch.Tensor:
         from xformers.ops import fmha
-        from xformers.ops.fmha import triton_splitk
 
         from engine.attention.tree_kernel import default_splits, paged_tree_attention
         from engine.attention.varlen_kernel import paged_varlen_attention
@@ -188,18 +174,12 @@ class XformersAttentionBackend:
             of = fmha.memory_efficient_attention_forward(q.view(b, n, g, hg, d), kf, vf,
                                                          attn_bias=LowerTriangularMask())
             return of.reshape(-1, h, d)
-        cache_k = self.kv_cache.k[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
-        cache_v = self.kv_cache.v[layer].view(1, -1, g, 1, d).expand(-1, -1, -1, hg, -1)
         out = torch.empty_like(q)
         if meta.causal_all or meta.causal_idx is not None:
             qc = q if meta.causal_all else q.index_select(0, meta.causal_idx)
-            if meta.varlen is None:
-                oc = fmha.memory_efficient_attention_forward(qc.view(1, -1, g, hg, d), cache_k, cache_v,
-                                                             attn_bias=meta.causal_bias, op=triton_splitk.FwOp)
-            else:
-                vl = meta.varlen
-                oc = paged_varlen_attention(qc, self.kv_cache.k[layer], self.kv_cache.v[layer], vl.tables,
-                                            vl.q_starts, vl.kv_lens, vl.first_tiles, self.kv_cache.block_size)
+            vl = meta.varlen
+            oc = paged_varlen_attention(qc, self.kv_cache.k[layer], self.kv_cache.v[layer], vl.tables,
+                                        vl.q_starts, vl.kv_lens, vl.first_tiles, self.kv_cache.block_size)
             if meta.causal_all:
                 return oc.view(-1, h, d)
             out.index_copy_(0, meta.causal_idx, oc.view(-1, h, d))
