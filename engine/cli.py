@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,10 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {"dtype": args.dtype, "device": args.device, "enforce_eager": args.enforce_eager}
     if args.max_num_seqs:
         kw["max_num_seqs"] = args.max_num_seqs
+    if args.max_model_len:
+        kw["max_model_len"] = args.max_model_len
+    if args.kv_cache_memory_gb:
+        kw["kv_cache_memory_gb"] = args.kv_cache_memory_gb
     if args.tensor_parallel_size > 1 or args.ray_address:
         kw.update(executor="ray", tensor_parallel_size=args.tensor_parallel_size, ray_address=args.ray_address)
     return kw
@@ -56,6 +61,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=0,
                    help="most sequences in one step (default: 0 = the engine's default)")
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="longest context (prompt + output) a request may have (default: 0 = the model's)")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=0.0,
+                   help="memory for the paged KV cache in GiB (default: 0 = the engine's default)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode/verify steps")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="split the model over this many Ray workers, docs/ray.md (default: %(default)s)")
@@ -175,7 +184,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kw = _engine_kwargs(args)
     if args.medusa:
         kw["speculative"] = _speculative(args)
-    serve(kw, args.model, args.host, args.port, args.served_model_name, args.max_request_bytes, args.drain_timeout_s)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MEDUSA_ENGINE_API_KEY") or None
+    serve(kw, args.model, args.host, args.port, args.served_model_name, args.max_request_bytes, args.drain_timeout_s,
+          api_key, args.log_level)
     return 0
 
 
@@ -237,6 +248,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     sv.add_argument("--drain-timeout-s", type=float, default=30.0,
                     help="on SIGTERM/SIGINT, how long in-flight requests may finish before they are aborted "
                          "(default: %(default)s)")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every /v1 route (401 otherwise; /health and "
+                         "/metrics stay open); default: $MEDUSA_ENGINE_API_KEY, else no key")
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="server and engine log level (default: %(default)s)")
     _engine_flags(sv)
     args = ap.parse_args(argv)
     import logging

@@ -9,6 +9,7 @@ model is a 404. A client that disconnects mid-stream aborts its request.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -113,6 +114,8 @@ def _decode(body: bytes, cls):
         raise APIError(400, f"invalid request: {text}", param) from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"malformed JSON: {e}") from None
+    except RecursionError:  # e.g. a prompt nested 10,000 deep: msgspec recurses per level
+        raise APIError(400, "malformed JSON: nested too deeply") from None
     except UnicodeDecodeError as e:
         raise APIError(400, f"request body: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
@@ -198,10 +201,29 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              api_key: Optional[str] = None):
+    """The OpenAI-compatible app. ``api_key``: every ``/v1`` route then needs the header
+    ``Authorization: Bearer <api_key>`` (401 JSON otherwise; compared in constant time, as
+    vLLM's ``--api-key``); ``/health`` and ``/metrics`` stay open for probes and scrapers."""
+    if api_key is not None and not api_key:
+        raise ValueError("api_key: must not be empty (None: no key)")
     app = FastAPI(title="medusa-engine")
     eng = engine.engine
     started = int(time.time())
+
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _require_key(request: Request, call_next):
+            if request.url.path.startswith("/v1"):
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected):
+                    return JSONResponse({"error": {"message": "missing or wrong API key (Authorization: Bearer ...)",
+                                                   "type": "authentication_error", "param": None,
+                                                   "code": "invalid_api_key"}}, status_code=401)
+            return await call_next(request)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -227,8 +249,12 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
         seed = req.seed + index if req.seed is not None and req.n > 1 else req.seed
         bias = {}
         for k, v in (req.logit_bias or {}).items():
-            if not k.isdigit() or int(k) >= eng.arch.vocab_size:
-                raise APIError(400, f"logit_bias: key {k!r} is not a token id below {eng.arch.vocab_size}", "logit_bias")
+            # ASCII digits only ("²".isdigit() is true, int("²") raises) and no longer than the
+            # vocabulary's largest id (Python refuses to parse ints of over 4,300 digits).
+            if not (k.isascii() and k.isdigit()) or len(k) > len(str(eng.arch.vocab_size)) \
+                    or int(k) >= eng.arch.vocab_size:
+                raise APIError(400, f"logit_bias: key {k[:40]!r} is not a token id below {eng.arch.vocab_size}",
+                               "logit_bias")
             bias[int(k)] = v
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -265,14 +291,19 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
                    for k in range(req.n)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         gens = []
-        try:
-            for index, ids, params in choices:
-                gens.append(engine.generate(None, params, request_id=f"{rid}-{index}", prompt_token_ids=ids))
-            firsts = [await g.__anext__() for g in gens]
-        except ValueError as e:
+        for index, ids, params in choices:
+            gens.append(engine.generate(None, params, request_id=f"{rid}-{index}", prompt_token_ids=ids))
+        # Every choice is queued at once (each generator submits its request on its first step),
+        # so they run in the same engine steps; awaited one by one, n choices were admitted one
+        # per step (64 prompts x 1 token: 66 steps instead of 3).
+        firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failed is not None:
             for g in gens:
                 await g.aclose()
-            raise APIError.bad_input(e) from None
+            if isinstance(failed, ValueError):
+                raise APIError.bad_input(failed) from None
+            raise failed
         if not req.stream:
             async def consume(g, first):
                 last = first
@@ -487,7 +518,8 @@ def prometheus_text(engine: AsyncEngine) -> str:
 
 
 def serve(engine_kwargs: dict, model: str, host: str, port: int, served_model_name: Optional[str],
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, drain_timeout_s: float = 30.0) -> None:
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, drain_timeout_s: float = 30.0,
+          api_key: Optional[str] = None, log_level: str = "info") -> None:
     """Run the server until SIGTERM/SIGINT. Then: no new connections; in-flight requests get
     ``drain_timeout_s`` to finish, after which uvicorn cancels them (each ends with 'abort',
     its blocks freed); the engine (and its Ray workers) shut down; exit status 0."""
@@ -500,7 +532,7 @@ def serve(engine_kwargs: dict, model: str, host: str, port: int, served_model_na
 
     from engine.engine import Engine
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     name = served_model_name or ("SmolLM2-135M-Instruct" if model == "default" else model)
     engine = Engine(model, **engine_kwargs)
 
@@ -522,8 +554,8 @@ def serve(engine_kwargs: dict, model: str, host: str, port: int, served_model_na
                     signal.signal(sig, handler)
 
     async_engine = AsyncEngine(engine)
-    config = uvicorn.Config(build_app(async_engine, name, max_request_bytes), host=host, port=port,
-                            log_level="info", timeout_graceful_shutdown=drain_timeout_s)
+    config = uvicorn.Config(build_app(async_engine, name, max_request_bytes, api_key), host=host, port=port,
+                            log_level=log_level, timeout_graceful_shutdown=drain_timeout_s)
     try:
         DrainingServer(config).run()
     finally:

@@ -58,6 +58,11 @@ def test_openai_client(bundled_server):
     (json.dumps({"model": NAME, "prompt": "hi", "temperature": -1}).encode(), 400, "temperature"),
     (json.dumps({"model": NAME, "prompt": "", "max_tokens": 4}).encode(), 400, "prompt"),
     (json.dumps({"model": "gpt-9", "prompt": "hi"}).encode(), 404, "model"),
+    # Found by fuzzing (issue 34), each a 500 before: a unicode digit, an int Python will not
+    # parse, a body nested deeper than msgspec recurses.
+    (json.dumps({"model": NAME, "prompt": "hi", "logit_bias": {"²": 1}}).encode(), 400, "logit_bias"),
+    (json.dumps({"model": NAME, "prompt": "hi", "logit_bias": {"9" * 5000: 1}}).encode(), 400, "logit_bias"),
+    (b'{"model": "smol", "prompt": ' + b"[" * 10000 + b"]" * 10000 + b"}", 400, None),
 ])
 def test_bad_requests_get_clear_4xx(bundled_server, body, status, param):
     r = httpx.post(bundled_server.url + "/v1/completions", content=body, timeout=60)
@@ -354,3 +359,40 @@ def test_sigterm_drains_then_aborts_and_exits_cleanly(bundled_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_all_choices_of_a_request_run_together(bundled_server):
+    """n choices and prompt lists are queued at once: 8 prompts of one token each take a few
+    engine steps (one prefill step, not one per prompt)."""
+    eng = bundled_server.engine
+    before = eng.stats.num_steps
+    r = httpx.post(bundled_server.url + "/v1/completions", timeout=120,
+                   json={"model": NAME, "prompt": [f"Count to {i}:" for i in range(8)], "max_tokens": 1,
+                         "temperature": 0})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8
+    assert eng.stats.num_steps - before <= 3, eng.stats.num_steps - before
+    before = eng.stats.num_steps
+    r = httpx.post(bundled_server.url + "/v1/completions", timeout=120,
+                   json={"model": NAME, "prompt": "Name a fruit:", "max_tokens": 1, "n": 6, "temperature": 0.8})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 6
+    assert eng.stats.num_steps - before <= 3, eng.stats.num_steps - before
+
+
+def test_an_api_key_guards_every_v1_route(tiny_llama):
+    """With an API key, /v1 routes answer 401 JSON to a missing or wrong Bearer token and serve
+    the right one; /health and /metrics stay open; an empty key is refused at build time."""
+    eng = Engine(str(tiny_llama), max_num_seqs=2)
+    with pytest.raises(ValueError, match="api_key"):
+        build_app(AsyncEngine(eng), NAME, api_key="")
+    with LoopbackServer(build_app(AsyncEngine(eng), NAME, api_key="s3cret")) as srv:
+        body = {"model": NAME, "prompt": "hi", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for path, method in (("/v1/completions", "post"), ("/v1/models", "get")):
+                r = httpx.request(method, srv.url + path, json=body if method == "post" else None, headers=headers,
+                                  timeout=60)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, path)
+        ok = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(srv.url + "/v1/completions", json=body, headers=ok, timeout=60).status_code == 200
+        assert httpx.get(srv.url + "/v1/models", headers=ok, timeout=60).status_code == 200
+        assert httpx.get(srv.url + "/health", timeout=60).status_code == 200
+        assert httpx.get(srv.url + "/metrics", timeout=60).status_code == 200
