@@ -169,5 +169,21 @@ def build_engine_config(model: str = "default", speculative: Any = None, **kwarg
     else:
         raise ValueError(f"speculative: expected a dict, SpeculativeConfig or None, got {speculative!r}")
     return EngineConfig(
-        **{name: cls(**parts[name]) for name, (cls, _) in _SECTIONS.items()}, speculative=spec
+        **{name: _typed(cls, parts[name]) for name, (cls, _) in _SECTIONS.items()}, speculative=spec
     )
+
+
+def _typed(cls, values: dict[str, Any]):
+    """``cls(**values)`` with every value checked against its field's type first: a wrong type
+    (``max_model_len="big"``) is a ValueError naming the field, not a TypeError from a check."""
+    try:
+        return msgspec.convert(values, cls)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        if " - at `$." in text:
+            message, field = text.rsplit(" - at `$.", 1)
+            field = field.rstrip("`")
+            if message.startswith("Expected `") and field in values:  # a wrong type: say what was given
+                message = f"expected {message.split('`')[1]}, got {values[field]!r}"
+            raise ValueError(f"{field}: {message}") from None
+        raise ValueError(text) from None

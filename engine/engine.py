@@ -70,6 +70,15 @@ class EngineStats(DecodeCounters):
         return 1e3 * self.decode_only_seconds / max(1, self.num_decode_only_steps)
 
 
+def _check_text(text: str, field: str) -> None:
+    """Text the tokenizer can encode: valid Unicode (a lone surrogate such as "\\ud800" is not —
+    the tokenizer would raise a TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{field}: not valid Unicode ({e.reason} at character {e.start})") from None
+
+
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,10 +188,18 @@ class Engine:
             policy = SpeculationPolicy({n: st.nodes for n, st in subtrees.items()}, backoff)
         # A request must fit the cache alone (plus a tree's lookahead), or it could never run.
         limit = mc.max_model_len or self.arch.max_position_embeddings
-        self.max_model_len = min(limit, num_blocks * block_size - tree_depth)
-        if self.max_model_len < 2:
+        capacity = num_blocks * block_size - tree_depth
+        self.max_model_len = min(limit, capacity)
+        if self.max_model_len < 2 or (mc.max_model_len is not None and mc.max_model_len > capacity):
             self.executor.shutdown()
-            raise ValueError(f"num_blocks={num_blocks} x block_size={block_size}: KV cache too small for any request")
+            raise ValueError(f"max_model_len: {limit} tokens asked for, but the KV cache holds {capacity} for one "
+                             f"request (num_blocks={num_blocks} x block_size={block_size}"
+                             f"{f' - a tree depth of {tree_depth}' if tree_depth else ''}); give the cache more "
+                             "memory (kv_cache_memory_gb / num_blocks) or lower max_model_len")
+        if self.max_model_len < limit:
+            logger.warning("max_model_len: the KV cache holds %d tokens for one request (num_blocks=%d x "
+                           "block_size=%d), fewer than the model's %d: requests are limited to %d tokens",
+                           capacity, num_blocks, block_size, limit, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager, self.max_model_len, tree_depth, policy)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler.finish)
@@ -220,6 +237,7 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
+            _check_text(prompt, "prompt")
             if chat:
                 return self.encode_messages([{"role": "user", "content": prompt}])
             return list(self.tokenizer.encode(prompt))
@@ -243,6 +261,7 @@ class Engine:
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
                     or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages[{i}]: expected {{'role': system|user|assistant|tool, 'content': str}}")
+            _check_text(m["content"], f"messages[{i}].content")
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 

@@ -41,7 +41,7 @@ def test_config_errors(tmp_path):
         SpeculativeConfig(acceptance="sometimes")
     with pytest.raises(ValueError, match="speculative: unknown keys"):
         build_engine_config("default", speculative={"tre": "x"})
-    with pytest.raises(ValueError, match="enforce_eager: expected True or False"):
+    with pytest.raises(ValueError, match="enforce_eager: expected bool, got 'yes'"):
         build_engine_config("default", enforce_eager="yes")
     with pytest.raises(ValueError, match="neither 'default' nor an existing local directory"):
         Engine(str(tmp_path / "nope"))
@@ -145,3 +145,25 @@ def test_a_failing_request_fails_alone_and_the_engine_keeps_serving(tiny_llama, 
     # The engine serves on.
     monkeypatch.setattr(mr.ModelRunner, "execute", real)
     assert eng.generate_batch([prompts[1]], params)[0].token_ids == ref[1].token_ids
+
+
+def test_wrong_types_surrogates_and_a_too_small_cache_are_value_errors(bundled_dir):
+    """A wrong option type names the option (it was a TypeError from a comparison); a prompt
+    or chat message with a lone surrogate is refused as invalid Unicode (the tokenizer raised a
+    TypeError); a max_model_len the KV cache cannot hold is refused with the numbers, not cut
+    down in silence."""
+    from engine.engine import Engine
+    from engine.sampling import SamplingParams
+
+    for kw, field in ((dict(max_model_len="big"), "max_model_len"), (dict(max_num_seqs=2.5), "max_num_seqs"),
+                      (dict(kv_cache_memory_gb="1"), "kv_cache_memory_gb"), (dict(num_blocks=True), "num_blocks")):
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            Engine(str(bundled_dir), **kw)
+    with pytest.raises(ValueError, match=r"max_model_len: 100 tokens .* holds 64 .*num_blocks=4 x block_size=16"):
+        Engine(str(bundled_dir), num_blocks=4, block_size=16, max_model_len=100)
+    eng = Engine(str(bundled_dir), num_blocks=4, block_size=16)
+    assert eng.max_model_len == 64  # the cache's capacity, said in the log
+    for chat in (False, True):
+        with pytest.raises(ValueError, match="not valid Unicode"):
+            eng.generate_batch(["hi \ud800 there"], SamplingParams(max_tokens=2), chat=chat)
+    assert eng.generate_batch(["hi there"], SamplingParams(max_tokens=2))[0].token_ids
