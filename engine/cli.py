@@ -202,7 +202,7 @@ def _version() -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="medusa-engine")
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", metavar="{generate,train-heads,export-heads,serve}")
     g = sub.add_parser("generate", help="generate text; with --medusa, compare with plain decoding")
     model_help = "'default' (the bundled SmolLM2-135M-Instruct) or a local HF directory (default: %(default)s)"
     g.add_argument("--model", default="default", help=model_help)
@@ -210,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     _engine_flags(g)
     g.add_argument("--json", help="write the timing rows here")
@@ -228,19 +228,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         t.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
                        default=None if f.default is MISSING else f.default, choices=TRAIN_CHOICES.get(f.name),
-                       help="default: %(default)s")
-    t.add_argument("--dtype", default="auto", help="(default: %(default)s)")
-    t.add_argument("--device", default="auto", help="(default: %(default)s)")
+                       help=f.metadata["help"])
+    t.add_argument("--dtype", default="auto", help="dtype of the distilling engine and the training (default: "
+                                                  "%(default)s: bfloat16 on CUDA, float32 on CPU)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     t.add_argument("--kv-cache-memory-gb", type=float, default=4.0,
                    help="KV cache of the distilling engine (default: %(default)s)")
     e = sub.add_parser("export-heads", help="write heads in vLLM's Medusa checkpoint layout")
     e.add_argument("--heads", required=True, help="heads directory (Medusa-1 heads)")
     e.add_argument("--out", required=True, help="directory to write")
-    e.add_argument("--model", default="default", help="base model (its lm_head is stored for shared heads)")
+    e.add_argument("--model", default="default",
+                   help="base model (its lm_head is stored for shared heads) (default: %(default)s)")
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     sv.add_argument("--model", default="default", help=model_help)
-    sv.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
-    sv.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     sv.add_argument("--served-model-name", default=None,
                     help="the model name clients use (default: the --model value; SmolLM2-135M-Instruct for default)")
     sv.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
@@ -255,6 +257,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="server and engine log level (default: %(default)s)")
     _engine_flags(sv)
     args = ap.parse_args(argv)
+    if args.cmd is None:  # bare `medusa-engine`: what it can do, not argparse's "required: cmd"
+        ap.print_help(sys.stderr)
+        return 2
     import logging
 
     # Start-up progress (model conversion, graph capture, timings) on stderr; results on stdout.

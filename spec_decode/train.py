@@ -25,7 +25,7 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -42,38 +42,44 @@ LOSSES = ("ce", "kl")
 TRAIN_CHOICES = {"head_kind": list(HEAD_KINDS), "loss": list(LOSSES)}
 
 
+def _opt(default, help_: str, show_default: bool = True):
+    """A TrainConfig field: its default, and what its command-line flag says about it."""
+    return field(default=default, metadata={"help": help_ + (" (default: %(default)s)" if show_default else "")})
+
+
 @dataclass
 class TrainConfig:
     """Defaults are the recipe of the bundled heads (benchmarks/RESULTS.md, "Head recipes"):
     ``medusa-engine train-heads --out DIR`` on an H100 reproduces them."""
     out: str
-    # One JSONL of prompts, or several separated by commas (ids must not repeat across them).
-    prompts: str = f"{DEFAULT_PROMPTS},{EXTRA_PROMPTS}"
-    num_heads: int = 4
-    num_layers: int = 2
-    # "medusa" (Medusa-1: h_t only), "root_conditioned" (also x_{t+1}) or "sequential" (Hydra:
-    # x_{t+1} and the tree path), see heads.py.
-    head_kind: str = "sequential"
-    # "ce": cross-entropy to the greedy tokens; "kl": to the base model's distribution.
-    loss: str = "ce"
-    max_train_prompts: int = 30000
-    max_eval_prompts: int = 64
-    max_prompt_chars: int = 1500
-    gen_max_tokens: int = 256
-    # 0: greedy self-distillation (the heads then learn exactly what greedy decoding emits).
-    gen_temperature: float = 0.0
-    gen_batch: int = 512
-    seed: int = 0
-    epochs: int = 3
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_rows: int = 2048
-    warmup_frac: float = 0.05
-    head_decay: float = 0.8
-    tree_budget: int = 63
-    eval_tokens: int = 128
-    # Tokens the heads may propose (the most frequent of the distilled responses); 0: all.
-    proposal_vocab_size: int = 8192
+    prompts: str = _opt(f"{DEFAULT_PROMPTS},{EXTRA_PROMPTS}",
+                        "one JSONL of prompts, or several separated by commas (ids must not repeat across them); "
+                        "prompts of the held-out sources are never trained on (spec_decode/data.py) "
+                        "(default: train_prompts.jsonl and train_prompts_extra.jsonl in ../shared/data beside "
+                        "the checkout)", show_default=False)
+    num_heads: int = _opt(4, "heads: head k guesses token t+k+2")
+    num_layers: int = _opt(2, "ResBlocks per head")
+    head_kind: str = _opt("sequential", "medusa (Medusa-1: h_t only), root_conditioned (also x_{t+1}) or sequential "
+                                        "(Hydra: x_{t+1} and the tree path), see spec_decode/heads.py")
+    loss: str = _opt("ce", "ce: cross-entropy to the greedy tokens; kl: KL to the base model's distribution")
+    max_train_prompts: int = _opt(30000, "at most this many training prompts")
+    max_eval_prompts: int = _opt(64, "held-out prompts to measure the heads on")
+    max_prompt_chars: int = _opt(1500, "longer prompts are skipped")
+    gen_max_tokens: int = _opt(256, "tokens the model answers each prompt with (self-distillation)")
+    gen_temperature: float = _opt(0.0, "0: greedy self-distillation (the heads then learn exactly what greedy "
+                                        "decoding emits)")
+    gen_batch: int = _opt(512, "prompts the distilling engine answers at once")
+    seed: int = _opt(0, "seed of the heads' initialisation, data order and sampled distillation")
+    epochs: int = _opt(3, "passes over the training rows")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    batch_rows: int = _opt(2048, "response positions per optimiser step")
+    warmup_frac: float = _opt(0.05, "share of the steps spent warming the learning rate up")
+    head_decay: float = _opt(0.8, "head k's loss is weighted head_decay**k")
+    tree_budget: int = _opt(63, "candidates in the tree built from the heads' measured accuracy (tree.json)")
+    eval_tokens: int = _opt(128, "tokens per held-out prompt when measuring accepted length through the engine")
+    proposal_vocab_size: int = _opt(8192, "tokens the heads may propose (the most frequent of the distilled "
+                                          "responses); 0: all")
 
     def __post_init__(self) -> None:
         if self.head_kind not in HEAD_KINDS:
