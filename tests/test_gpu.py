@@ -687,8 +687,10 @@ def test_no_graph_is_captured_while_serving():
     batches of 1 to 40 sequences, prompts from a few tokens to ~1,500 (block tables from 1 to
     25 pages: one width for every graph), greedy and sampled requests alone and side by side,
     top-p filters, a request with logprobs (host-decided), static batches and a queue refilled
-    as requests finish — no step captures a graph, none misses one, and the greedy requests
-    give plain decoding's tokens."""
+    as requests finish — no step captures a graph and none misses one, in the Medusa engine
+    and in a plain one. (Medusa's greedy tokens equal plain decoding's in float32 — the CPU
+    suite and test_medusa_lossless_on_gpu_float32_reference_path; in bf16 a verify step and a
+    plain step round differently and a near-tie can flip: test_16bit_agreement_report.)"""
     import random
 
     from engine.engine import Engine
@@ -708,9 +710,9 @@ def test_no_graph_is_captured_while_serving():
     for size in (1, 2, 5, 16, 40):
         batch = prompts[:size]
         for params in ([greedy] * size, [kinds[i % len(kinds)] for i in range(size)]):
-            outs = eng.generate_batch(batch, params)
-            if params[0] is greedy and all(p is greedy for p in params):
-                assert [o.token_ids for o in outs] == [o.token_ids for o in plain.generate_batch(batch, greedy)]
+            for e in (eng, plain):
+                outs = e.generate_batch(batch, params)
+                assert all(o.token_ids and o.finish_reason in ("stop", "length") for o in outs)
     queue = iter(prompts)  # steady load: at most 24 in flight, refilled at once
     for _ in range(24):
         eng.add_request(next(queue), kinds[rng.randrange(3)])
