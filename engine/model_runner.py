@@ -271,8 +271,10 @@ class ModelRunner:
     @staticmethod
     def _sampled_tail_inputs(params: list[SamplingParams], seeds: list[int], rules: list[str]) -> torch.Tensor:
         """The sampled tail's per-sequence inputs [B, 5] (spec_decode/tail.py ``SpecTail.sampled``):
-        temperature, top_p, top_k (0: off), seed key, the rule's index in ``SAMPLED_RULES``."""
-        return torch.tensor([[p.temperature, p.top_p, max(p.top_k, 0), seed_key(seed), SAMPLED_RULES.index(rule)]
+        temperature, top_p, top_k (0: off), seed key, the rule's index in ``SAMPLED_RULES`` (a
+        plain step reads no rule: one the tail does not implement stands as 0)."""
+        return torch.tensor([[p.temperature, p.top_p, max(p.top_k, 0), seed_key(seed),
+                              SAMPLED_RULES.index(rule) if rule in SAMPLED_RULES else 0]
                              for p, seed, rule in zip(params, seeds, rules)], dtype=torch.float64)
 
     def _tail(self, key, hidden, tokens, start, tables, static) -> torch.Tensor:
@@ -321,8 +323,11 @@ class ModelRunner:
             rules = {rows: frozenset({rule} | ({"greedy"} if rows else set())) if g.shape is not None else frozenset()
                      for rows in (False, True)}
             keys = [((g.shape, False, frozenset(), False, False), ())]
-            keys += [((g.shape, True, rules[greedy_rows], filters, greedy_rows), (inputs,))
-                     for filters in (False, True) for greedy_rows in (False, True)]
+            # (A registered rule without a device version decides its tree steps on the host,
+            # ``_device_tail_applies``: no sampled tail follows a verify graph then.)
+            if g.shape is None or rule in SAMPLED_RULES:
+                keys += [((g.shape, True, rules[greedy_rows], filters, greedy_rows), (inputs,))
+                         for filters in (False, True) for greedy_rows in (False, True)]
             for key, args in keys:
                 self.graphs.run_tail(g, key, self._tail_builder(key), *args)
                 if self.proposer is not None:
@@ -449,13 +454,21 @@ class ModelRunner:
             decided[s.seq_id] = acc.path, [node_list[i] for i in acc.path[1:]] + [acc.bonus]
         return decided
 
-    @staticmethod
-    def _device_tail_applies(batch: InputBatch) -> bool:
+    def _device_tail_applies(self, batch: InputBatch) -> bool:
         """A device tail decides every sequence of the step: a uniform step, every sequence
         sampling, none with logprobs, min_tokens still masking stop tokens, penalties or logit
-        bias (those need the host path)."""
-        return batch.uniform_nodes is not None and all(
-            s.sample and not decides_on_host(s.params, s.num_output_tokens) for s in batch.seqs)
+        bias, and — when it verifies a tree — every sampled sequence's acceptance rule one the
+        sampled tail implements (``SAMPLED_RULES``; a registered rule without a batched device
+        version decides on the host path, by its own function)."""
+        if batch.uniform_nodes is None or not all(
+                s.sample and not decides_on_host(s.params, s.num_output_tokens) for s in batch.seqs):
+            return False
+        return batch.tree is None or all(self._rule(s.params) in SAMPLED_RULES for s in batch.seqs
+                                         if not (s.params or SamplingParams()).greedy)
+
+    def _rule(self, params: Optional[SamplingParams]) -> str:
+        """The acceptance rule a sampled sequence's tree is decided by."""
+        return (params.acceptance if params is not None else None) or (self.spec.acceptance if self.spec else "greedy")
 
     @staticmethod
     def _tail_results(out: SchedulerOutput, tree: Optional[MedusaTree], rows: list[list[int]],

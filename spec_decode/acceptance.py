@@ -27,7 +27,10 @@ produced token, draw = the child's rank, or ``RESIDUAL_DRAW``), so for the same 
 accept the same path and produce the same tokens (tests/test_acceptance.py checks it).
 
 Rules are registered by name (``ACCEPTANCE_RULES``): config, sampling parameters and the CLI
-take their choices from there, so a new rule is one function plus one ``register_rule``.
+take their choices from there, so a new rule is one function plus one ``register_rule``. The
+runner decides a step on the device only when the sampled tail implements every rule in it
+(spec_decode/tail.py ``SAMPLED_RULES``: the three above); a step with a registered rule of
+one's own decides on the host path, by that rule's function.
 """
 
 from __future__ import annotations

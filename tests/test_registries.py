@@ -56,6 +56,45 @@ def test_a_registered_rule_is_accepted_everywhere(monkeypatch):
         SamplingParams(acceptance="always_root")
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_registered_rule_serves_requests(monkeypatch, bundled_dir, graphs):
+    """A rule registered as the docstring says runs real engine steps — as the engine's rule
+    and as a request's override, beside greedy and typical requests, eagerly and through the
+    graph path (uncaptured on CPU): it is called, tokens come out, nothing finishes with
+    'error', and since it accepts nothing a greedy-temperature request under it equals plain
+    decoding. (It failed every request with ``tuple.index(x): x not in tuple``, and engines
+    with graphs at start-up: the sampled tail knew three rules by name.)"""
+    import engine.worker
+    from engine.engine import Engine
+    from spec_decode.acceptance import Accepted
+    from tests.conftest import PROMPTS
+
+    calls = []
+
+    @register_rule("root_only", lossless=False, summary="test rule: accepts no candidate")
+    def root_only(tree, tokens, logits, params, seed, first_pos, epsilon, alpha):
+        calls.append(first_pos)
+        return Accepted([0], int(logits[0].argmax()))
+
+    try:
+        monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: graphs)
+        eng = Engine("default", speculative={"tree": "small_12", "acceptance": "root_only"}, max_num_seqs=4)
+        sampled = SamplingParams(temperature=0.7, seed=3, max_tokens=12)
+        params = [sampled, SamplingParams(temperature=0, max_tokens=12),
+                  SamplingParams(temperature=0.7, seed=4, max_tokens=12, acceptance="typical"), sampled]
+        outs = eng.generate_batch(PROMPTS[:4], params)
+        assert all(o.finish_reason in ("stop", "length") and o.token_ids for o in outs), outs
+        assert calls  # the host path decided by the registered function
+        # Accepting nothing, with the bonus drawn as argmax, a sampled request equals greedy decoding.
+        plain = Engine("default", max_num_seqs=4)
+        greedy = SamplingParams(temperature=0, max_tokens=12)
+        assert outs[0].token_ids == plain.generate_batch([PROMPTS[0]], greedy)[0].token_ids
+        if graphs:
+            assert eng.executor.worker.runner.graphs.misses == 0
+    finally:
+        ACCEPTANCE_RULES.pop("root_only")
+
+
 def _hf_config(**over):
     return {"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
             "num_hidden_layers": 1, "num_attention_heads": 2, **over}
