@@ -103,3 +103,45 @@ def test_stepping_an_idle_engine_is_harmless(engine):
     assert engine.step() == [] and engine.step() == []
     assert [done["idle0"], done["idle1"]] == want
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_adds_steps_aborts_and_idle_steps_keep_the_invariants(bundled_dir, seed):
+    """A random sequence of add_request / step / abort / idle steps (the cache small enough to
+    preempt): every request added is reported finished exactly once (aborted ones not at all),
+    none is lost, nothing is reported twice, finished requests' greedy tokens equal the same
+    prompt run alone, and the KV cache is empty at the end."""
+    rng = random.Random(seed)
+    eng = Engine(str(bundled_dir), num_blocks=24, block_size=16, max_num_seqs=6, max_num_batched_tokens=64)
+    params = SamplingParams(temperature=0, max_tokens=12)
+    live, aborted, finished, prompts = set(), set(), {}, {}
+    for i in range(120):
+        action = rng.random()
+        if action < 0.25 and len(prompts) < 14:
+            rid = f"r{len(prompts)}"
+            prompts[rid] = PROMPTS[rng.randrange(len(PROMPTS))]
+            eng.add_request(prompts[rid], params, request_id=rid)
+            live.add(rid)
+        elif action < 0.32 and live:
+            rid = rng.choice(sorted(live))
+            assert eng.abort(rid)
+            live.discard(rid)
+            aborted.add(rid)
+        else:
+            for o in eng.step():
+                assert o.request_id not in aborted and o.request_id not in finished, o.request_id
+                if o.finished:
+                    finished[o.request_id] = o.token_ids
+                    live.discard(o.request_id)
+    while eng.has_unfinished():
+        for o in eng.step():
+            assert o.request_id not in finished
+            if o.finished:
+                finished[o.request_id] = o.token_ids
+                live.discard(o.request_id)
+    assert not live and set(finished) | aborted == set(prompts) and not set(finished) & aborted
+    assert eng.step() == []
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    alone = Engine(str(bundled_dir), max_num_seqs=1)
+    for rid in sorted(finished)[:4]:
+        assert finished[rid] == alone.generate_batch([prompts[rid]], params)[0].token_ids, rid
