@@ -22,6 +22,7 @@ consumer) aborts the request and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from typing import AsyncIterator, Optional
 from engine.engine import Engine, Prompt
 from engine.request import RequestMetrics, RequestOutput
 from engine.sampling import SamplingParams
+
+# Put on a request's output queue by AsyncEngine.end_all: the request was ended by the server.
+_ENDED = object()
 
 
 @dataclass
@@ -83,6 +87,7 @@ class AsyncEngine:
         self._stopping = False
         self.num_requests = 0
         self.num_finished: dict[str, int] = {}
+        self.ending = False  # end_all() was called: the server is going away
 
     # ---- the engine thread ------------------------------------------------------------
     def _ensure_thread(self) -> None:
@@ -139,6 +144,19 @@ class AsyncEngine:
         self._commands.put((None, None, self.engine.abort, (rid,)))
         self._wakeup.set()
 
+    async def end_all(self) -> None:
+        """End every request in flight now (a server's drain deadline): each is aborted in the
+        engine, its blocks freed, and its stream gets a last output with finish_reason 'abort'
+        — a client sees the stream end, not a cut connection. ``ending`` stays True after."""
+        self.ending = True
+
+        def end() -> None:
+            for rid, (loop, q) in list(self._queues.items()):
+                self.engine.abort(rid)
+                loop.call_soon_threadsafe(q.put_nowait, _ENDED)
+            self._queues.clear()
+        await self._call(end)
+
     async def shutdown(self) -> None:
         if self._thread is not None:
             self._stopping = True
@@ -173,12 +191,18 @@ class AsyncEngine:
         hold = max((len(s) for s in params.stop), default=1) - 1
         sent_text, sent_tokens = "", 0
         finished = False
+        last: Optional[RequestOutput] = None
         try:
             while not finished:
                 item = await outputs.get()
                 if isinstance(item, Exception):
                     raise RuntimeError(f"engine step failed: {item}") from item
+                if item is _ENDED:  # end_all: what was generated, finished as aborted
+                    item = (dataclasses.replace(last, finished=True, finish_reason="abort") if last is not None
+                            else RequestOutput(request_id=rid, prompt_token_ids=list(prompt_token_ids),
+                                               finish_reason="abort", metrics=RequestMetrics()))
                 out: RequestOutput = item
+                last = out
                 finished = out.finished
                 delta = stream_delta(out.text, sent_text, hold, finished)
                 sent_text += delta

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from typing import Any, Optional, Union
@@ -25,6 +26,8 @@ from engine.sampling import SamplingParams
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.25
+logger = logging.getLogger("medusa_engine")
+
 # Request bodies larger than this are refused with 413 before they are read in full.
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
@@ -322,6 +325,9 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
                     await asyncio.gather(task, return_exceptions=True)
                     return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
             lasts = task.result()
+            if engine.ending and any(out.finish_reason == "abort" for out in lasts):
+                # Ended by the server's drain deadline: not an answer, a retry elsewhere.
+                raise APIError(503, "the server is shutting down; retry the request", None, "service_unavailable")
             return JSONResponse(render_final(rid, [(c[0], out) for c, out in zip(choices, lasts)]))
 
         async def sse():
@@ -524,7 +530,6 @@ def serve(engine_kwargs: dict, model: str, host: str, port: int, served_model_na
     ``drain_timeout_s`` to finish, after which uvicorn cancels them (each ends with 'abort',
     its blocks freed); the engine (and its Ray workers) shut down; exit status 0."""
     import contextlib
-    import logging
     import signal
     import threading
 
@@ -553,9 +558,24 @@ def serve(engine_kwargs: dict, model: str, host: str, port: int, served_model_na
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
+        async def shutdown(self, sockets=None) -> None:
+            """uvicorn's graceful shutdown (no new connections, in-flight requests finish), but at
+            the drain deadline every request still running is ended in the engine: each stream
+            gets its last chunk (finish_reason 'abort') and [DONE], each waiting non-streaming
+            request a 503 JSON error — instead of uvicorn cancelling the handlers (cut streams,
+            500 text/plain, a CancelledError traceback per request)."""
+            graceful = asyncio.ensure_future(super().shutdown(sockets))
+            done, _ = await asyncio.wait({graceful}, timeout=drain_timeout_s)
+            if not done:
+                logger.info("drain deadline (%.0f s): ending the requests still in flight", drain_timeout_s)
+                await async_engine.end_all()
+            await graceful
+
     async_engine = AsyncEngine(engine)
+    # uvicorn's own deadline (it cancels the handlers) comes after ours, with time for the ended
+    # requests' last chunks to go out.
     config = uvicorn.Config(build_app(async_engine, name, max_request_bytes, api_key), host=host, port=port,
-                            log_level=log_level, timeout_graceful_shutdown=drain_timeout_s)
+                            log_level=log_level, timeout_graceful_shutdown=drain_timeout_s + 10)
     try:
         DrainingServer(config).run()
     finally:

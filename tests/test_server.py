@@ -316,12 +316,15 @@ def test_body_limit_utf8_and_default_max_tokens(tiny_llama):
 
 
 def test_sigterm_drains_then_aborts_and_exits_cleanly(bundled_dir):
-    """SIGTERM with a long stream in flight: the server stops after --drain-timeout-s (not when
-    the stream would have ended), the stream is cut, and the exit status is 0."""
+    """SIGTERM with a long stream and a long non-streaming request in flight: the server stops
+    after --drain-timeout-s (not when they would have ended); at that deadline the stream gets
+    a last chunk with finish_reason 'abort' and [DONE], the waiting request a 503 JSON error;
+    no traceback in the log; the exit status is 0."""
     import signal
     import socket
     import subprocess
     import sys
+    import threading
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -339,23 +342,33 @@ def test_sigterm_drains_then_aborts_and_exits_cleanly(bundled_dir):
                 pass
             assert time.time() < deadline and proc.poll() is None, proc.stdout.read().decode()[-3000:]
             time.sleep(0.3)
-        body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "ignore_eos": True, "stream": True}
-        chunks = 0
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+        waiting = {}
+
+        def blocking():  # a non-streaming request still running at the deadline
+            r = httpx.post(url + "/v1/completions", json=body, timeout=90)
+            waiting.update(status=r.status_code, body=r.json())
+        thread = threading.Thread(target=blocking)
+        thread.start()
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
             t0 = None
-            try:
-                for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        chunks += 1
-                        if chunks == 5:
-                            proc.send_signal(signal.SIGTERM)
-                            t0 = time.time()
-            except httpx.HTTPError:
-                pass  # the server cut the stream
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if len(lines) == 5:
+                        proc.send_signal(signal.SIGTERM)
+                        t0 = time.time()
+        thread.join(timeout=90)
         assert proc.wait(timeout=60) == 0
         stopped_after = time.time() - t0
-        # 3,000 tokens take minutes on a CPU; the drain gave the stream 2 s, then stopped.
-        assert stopped_after < 30 and chunks < 3000, (stopped_after, chunks)
+        # 3,000 tokens take minutes on a CPU; the drain gave the stream 2 s, then ended it.
+        assert stopped_after < 30 and len(lines) < 3000, (stopped_after, len(lines))
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        assert waiting["status"] == 503 and waiting["body"]["error"]["type"] == "service_unavailable", waiting
+        log = proc.stdout.read().decode()
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
