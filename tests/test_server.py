@@ -409,3 +409,44 @@ def test_an_api_key_guards_every_v1_route(tiny_llama):
         assert httpx.get(srv.url + "/v1/models", headers=ok, timeout=60).status_code == 200
         assert httpx.get(srv.url + "/health", timeout=60).status_code == 200
         assert httpx.get(srv.url + "/metrics", timeout=60).status_code == 200
+
+
+def test_fuzzed_requests_get_2xx_or_4xx_json_and_the_server_stays_healthy(tiny_llama):
+    """The shape of a fuzzing corpus that found three 500s (issue 34): every field of both
+    routes given values of the wrong type, unicode digits, huge and negative numbers, deep
+    nesting, nulls, empty and huge strings — 400 requests, each answered 2xx or 4xx with a JSON
+    body (a 4xx names its field when the error is about one), and the server healthy after."""
+    rng = random.Random(7)
+    eng = Engine(str(tiny_llama), max_num_seqs=4)
+    weird = [None, True, -1, 0, 2 ** 70, -2 ** 70, 1e308, float("nan"), "", "²", "9" * 5000, "x" * 2000,
+             "\u0000", [], [1, "a"], {}, {"²": 1}, {"9" * 5000: 1}, [[[[1]]]], {"a": {"b": [None]}}]
+    fields = {"completions": ["prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
+                              "logit_bias", "logprobs", "echo", "stream", "stream_options", "min_tokens",
+                              "presence_penalty", "frequency_penalty", "repetition_penalty", "user", "suffix"],
+              "chat/completions": ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+                                   "stop", "seed", "logit_bias", "logprobs", "top_logprobs", "stream",
+                                   "response_format", "tools", "tool_choice", "user"]}
+    with LoopbackServer(build_app(AsyncEngine(eng), NAME)) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            for i in range(400):
+                route = rng.choice(list(fields))
+                body = ({"model": NAME, "prompt": "hi", "max_tokens": 2} if route == "completions" else
+                        {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+                for field in rng.sample(fields[route], rng.randint(1, 3)):
+                    body[field] = rng.choice(weird)
+                if i % 50 == 0:  # deep nesting and non-object bodies
+                    raw = rng.choice([b"[" * 5000 + b"]" * 5000, b'{"prompt": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+                                      b"null", b"42", b'"x"', b"{", b"\xff\xfe"])
+                else:
+                    raw = json.dumps(body, allow_nan=True).encode()
+                r = client.post(f"/v1/{route}", content=raw, headers={"content-type": "application/json"})
+                assert r.status_code < 500, (route, raw[:300], r.status_code, r.text[:300])
+                if r.status_code >= 400:
+                    err = r.json()["error"]
+                    assert err["message"] and err["type"], err
+                elif not body.get("stream"):
+                    r.json()
+            assert client.get("/health").json() == {"status": "ok"}
+            ok = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2})
+            assert ok.status_code == 200 and ok.json()["choices"]
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
