@@ -52,7 +52,10 @@ def test_openai_client(bundled_server):
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     (json.dumps({"model": NAME, "prompt": "hi", "max_tokens": "ten"}).encode(), 400, "max_tokens"),
-    (json.dumps({"model": NAME}).encode(), 400, None),
+    (json.dumps({"model": NAME}).encode(), 400, "prompt"),  # a missing field is named (was param null)
+    (json.dumps({"model": NAME, "prompt": "hi", "foo": 1}).encode(), 400, "foo"),
+    (json.dumps({"model": NAME, "prompt": "hi", "stream": True, "stream_options": {"bar": 1}}).encode(), 400,
+     "stream_options.bar"),
     (json.dumps({"model": NAME, "prompt": "hi", "max_tokens": 10**6}).encode(), 400, "max_tokens"),
     (json.dumps({"model": NAME, "prompt": "hi " * 9000, "max_tokens": 4}).encode(), 400, "prompt"),
     (json.dumps({"model": NAME, "prompt": "hi", "temperature": -1}).encode(), 400, "temperature"),
