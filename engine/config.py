@@ -173,6 +173,21 @@ def build_engine_config(model: str = "default", speculative: Any = None, **kwarg
     )
 
 
+def validation_field(text: str) -> Optional[str]:
+    """The field a msgspec ValidationError's message is about: the path it is at ("... - at
+    `$.messages[0]`"), followed by the field it names when it names one ("missing required
+    field `role`", "unknown field `foo`"); None for the value as a whole. (The HTTP server's
+    ``param`` of a 400, and the option a config error names.)"""
+    path = text.split(" - at `$.", 1)[1].rstrip("`") if " - at `$." in text else ""
+    named = None
+    for marker in ("required field `", "unknown field `"):
+        if marker in text:
+            named = text.split(marker, 1)[1].split("`", 1)[0]
+    if named is not None:
+        return f"{path}.{named}" if path else named
+    return path or None
+
+
 def _typed(cls, values: dict[str, Any]):
     """``cls(**values)`` with every value checked against its field's type first: a wrong type
     (``max_model_len="big"``) is a ValueError naming the field, not a TypeError from a check."""
@@ -180,10 +195,10 @@ def _typed(cls, values: dict[str, Any]):
         return msgspec.convert(values, cls)
     except msgspec.ValidationError as e:
         text = str(e)
-        if " - at `$." in text:
-            message, field = text.rsplit(" - at `$.", 1)
-            field = field.rstrip("`")
-            if message.startswith("Expected `") and field in values:  # a wrong type: say what was given
-                message = f"expected {message.split('`')[1]}, got {values[field]!r}"
-            raise ValueError(f"{field}: {message}") from None
-        raise ValueError(text) from None
+        field = validation_field(text)
+        if field is None:
+            raise ValueError(text) from None
+        message = text.split(" - at `$.", 1)[0]
+        if message.startswith("Expected `") and field in values:  # a wrong type: say what was given
+            message = f"expected {message.split('`')[1]}, got {values[field]!r}"
+        raise ValueError(f"{field}: {message}") from None

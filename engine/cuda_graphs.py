@@ -115,7 +115,7 @@ class MixedLayout:
 
     @property
     def size(self) -> int:
-        return 3 * self.tokens + 3 * self.batch + 2 + self.batch * self.width
+        return self._tables_at + self.batch * self.width
 
     @property
     def _tables_at(self) -> int:

@@ -242,8 +242,7 @@ class ModelRunner:
         sampled = not all(p.greedy for p in params)
         inputs, rules, filters, greedy_rows = None, frozenset(), False, False
         if sampled:
-            names = ["greedy" if p.greedy or self.spec is None else p.acceptance or self.spec.acceptance
-                     for p in params]
+            names = ["greedy" if p.greedy else self._rule(p) for p in params]
             inputs = self._sampled_tail_inputs(params, [s.seed for s in batch.seqs], names)
             rules = frozenset(names) if tree is not None else frozenset()
             filters = any(p.filtered for p in params)

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from engine.async_engine import AsyncEngine, StreamOutput
+from engine.config import validation_field
 from engine.sampling import SamplingParams
 
 
@@ -113,27 +114,13 @@ def _decode(body: bytes, cls):
         return msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as e:
         text = str(e)
-        raise APIError(400, f"invalid request: {text}", _error_param(text)) from None
+        raise APIError(400, f"invalid request: {text}", validation_field(text)) from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"malformed JSON: {e}") from None
     except RecursionError:  # e.g. a prompt nested 10,000 deep: msgspec recurses per level
         raise APIError(400, "malformed JSON: nested too deeply") from None
     except UnicodeDecodeError as e:
         raise APIError(400, f"request body: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-
-
-def _error_param(text: str) -> Optional[str]:
-    """The field a msgspec validation error is about, as OpenAI's ``param``: the path it is at
-    ("... - at `$.messages[0]`"), followed by the field it names when it names one ("missing
-    required field `role`", "unknown field `foo`"); None for the body as a whole."""
-    path = text.split(" - at `$.", 1)[1].rstrip("`") if " - at `$." in text else ""
-    named = None
-    for marker in ("required field `", "unknown field `"):
-        if marker in text:
-            named = text.split(marker, 1)[1].split("`", 1)[0]
-    if named is not None:
-        return f"{path}.{named}" if path else named
-    return path or None
 
 
 def _refuse_unsupported(req: _Common) -> None:
