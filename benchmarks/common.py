@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from spec_decode.data import read_prompts
+from engine.training.data import read_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 # The project's prompt file lies in ../shared; MEDUSA_ENGINE_PROMPTS points elsewhere (the
@@ -26,7 +26,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def eval_prompts(n: int, path: Path = DEFAULT_PROMPTS, max_chars: int = 600, split: str = "heldout") -> list[str]:
     """The first n prompts of ``split`` (repeated if there are fewer): by default of the
-    sources held out of head training, interleaved (spec_decode/data.py)."""
+    sources held out of head training, interleaved (engine/training/data.py)."""
     out = []
     for _, prompt in read_prompts(path, split, max_chars):
         out.append(prompt)

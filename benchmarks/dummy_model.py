@@ -61,8 +61,8 @@ def write_random_heads(model_dir: Path, out: Path, num_heads: int, num_layers: i
     """Random heads (bf16, shared lm_head) for the model in ``model_dir``, saved like trained ones."""
     import torch
 
-    from spec_decode.heads import MedusaHeads
-    from spec_decode.proposer import PROPOSAL_VOCAB_FILE
+    from engine.spec.heads import MedusaHeads
+    from engine.spec.proposer import PROPOSAL_VOCAB_FILE
 
     cfg = json.loads((model_dir / "config.json").read_text())
     hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
@@ -86,7 +86,7 @@ if __name__ == "__main__":
     ap.add_argument("--head-kind", default="medusa", help="medusa (Medusa-1), root_conditioned or sequential")
     ap.add_argument("--proposal-vocab", type=int, default=32768, help="proposal vocabulary size (0: none)")
     ap.add_argument("--tree-json", type=Path,
-                    help="copy this tree.json (e.g. spec_decode/bundled_heads/tree.json) into the heads: heads "
+                    help="copy this tree.json (e.g. engine/spec/bundled_heads/tree.json) into the heads: heads "
                          "whose measured accuracy claims what they do not deliver, for back-off (tree=auto, "
                          "backoff=True need one) — the stand-in for heads trained on other traffic")
     args = ap.parse_args()

@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.common import environment, eval_prompts, write_results
 from engine.engine import Engine
-from spec_decode.train import TrainConfig, distill_split, fit_heads, measure_acceptance, response_hidden_states
+from engine.training.train import TrainConfig, distill_split, fit_heads, measure_acceptance, response_hidden_states
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ import torch
 
 from benchmarks.common import environment, print_table, write_results
 from engine.engine import Engine
-from spec_decode.data import read_prompts
-from spec_decode.heads import BUNDLED_HEADS_DIR, MedusaHeads
-from spec_decode.train import _float_lm_head, distill, measure_acceptance, rank_accuracy, response_hidden_states
+from engine.training.data import read_prompts
+from engine.spec.heads import BUNDLED_HEADS_DIR, MedusaHeads
+from engine.training.train import _float_lm_head, distill, measure_acceptance, rank_accuracy, response_hidden_states
 
 
 def load_prompt_set(spec: str, n: int) -> tuple[str, list[tuple[str, str]]]:

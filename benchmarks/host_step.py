@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, print_table, write_results  # noqa: E402
 from engine.engine import Engine  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from scheduler.outputs import SeqResult, StepResult  # noqa: E402
-from spec_decode.policy import SpeculationPolicy  # noqa: E402
-from spec_decode.tree import nested_subtrees  # noqa: E402
+from engine import SamplingParams  # noqa: E402
+from engine.core.outputs import SeqResult, StepResult  # noqa: E402
+from engine.core.policy import SpeculationPolicy  # noqa: E402
+from engine.spec.tree import nested_subtrees  # noqa: E402
 
 
 def stand_in_executor(full: int, depth: int):
@@ -38,11 +38,11 @@ def stand_in_executor(full: int, depth: int):
             if not s.sample:
                 results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=[]))
                 continue
-            accepted = min(1, s.tree)
+            accepted = min(1, s.tree_size)
             results.append(SeqResult(
                 seq_id=s.seq_id, sampled_token_ids=s.candidates[:accepted] + [7],
                 next_candidates=[3] * full if out.propose else [], num_accepted=accepted,
-                accepted_per_depth=[int(accepted > d) for d in range(depth)] if s.tree else []))
+                accepted_per_depth=[int(accepted > d) for d in range(depth)] if s.tree_size else []))
         return StepResult(step_id=out.step_id, results=results)
     return execute
 

@@ -26,10 +26,11 @@ import argparse
 import torch
 
 from benchmarks.common import environment, interleaved_median_ms, print_table, write_results
-from engine.cuda_graphs import padded_batch
+from engine.core.shapes import cdiv, padded_batch
+from engine.worker.device_tail import ProposeAfter, TailKey
 from engine.engine import Engine
-from engine.sampling import SamplingParams
-from scheduler.outputs import ScheduledSeq, SchedulerOutput
+from engine import SamplingParams
+from engine.core.outputs import ScheduledSeq, SchedulerOutput
 
 
 def kernel_table(fn, iters: int = 20) -> list[tuple[str, float, float]]:
@@ -70,9 +71,9 @@ def main() -> None:
                     help="run the graph runner's code uncaptured on the CPU (checks the script, times nothing real)")
     args = ap.parse_args()
     if args.cpu_dry_run:
-        import engine.worker
+        import engine.worker.worker
 
-        engine.worker.use_cuda_graphs = lambda *a: True
+        engine.worker.worker.use_cuda_graphs = lambda *a: True
     elif not torch.cuda.is_available():
         raise SystemExit("profile_step times CUDA graph replays: it needs a GPU (or --cpu-dry-run)")
     eng = Engine(args.model, load_format=args.load_format, speculative={"heads": args.heads, "tree": args.tree},
@@ -82,7 +83,7 @@ def main() -> None:
     tree = runner.tree
     n = tree.num_nodes - 1
     bs = eng.block_manager.block_size
-    table = list(range(-(-(args.ctx + tree.depth + 1) // bs)))
+    table = list(range(cdiv(args.ctx + tree.depth + 1, bs)))
     greedy = SamplingParams(temperature=0)
     sampled = SamplingParams(temperature=args.temperature, seed=0)
     kinds = [("", greedy)] + ([(f" T={args.temperature:g}", sampled)] if args.temperature > 0 else [])
@@ -94,19 +95,20 @@ def main() -> None:
         modes = []
         for mode, cands, suffix, params in [(m, c, k, p) for k, p in kinds for m, c in (("plain", 0), (args.tree, n))]:
             seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=args.ctx, block_table=table, sample=True,
-                                 tree=cands, candidates=[1] * cands, params=params, seed=i) for i in range(b)]
+                                 tree_size=cands, candidates=[1] * cands, params=params, seed=i) for i in range(b)]
             # A verify step proposes the next step's candidates; a plain step does not.
             out = SchedulerOutput(step_id=-1, seqs=seqs, propose=bool(cands))
             runner.execute(out)
             shape = tree if cands else None
             g = runner.graphs.graphs[(shape, padded_batch(b))]  # the graph execute replayed
-            # A decision tail is keyed (tree, sampled, rules, filters, greedy_rows), the proposal
-            # after it ("propose", that key): this mode's decision, alone and with its proposal.
-            decision = next(k for k in g.tails if k[0] is shape and k[1] == (not params.greedy))
+            # A decision tail is keyed by a TailKey, the proposal after it by ProposeAfter(that
+            # key) (engine/worker/device_tail.py): this mode's decision, alone and with its proposal.
+            decision = next(k for k in g.tails if isinstance(k, TailKey) and k.tree is shape
+                            and k.sampled == (not params.greedy))
             parts = [("step", lambda out=out: runner.execute(out)), ("forward", g.replay),
                      ("tail (decision)", g.tails[decision][0])]
             if out.propose:
-                parts.append(("proposal", g.tails["propose", decision][0]))
+                parts.append(("proposal", g.tails[ProposeAfter(decision)][0]))
             modes.append((mode + suffix, cands, g, parts))
         # Every part of every mode in turn, round after round (benchmarks/common.py).
         times = iter(interleaved_median_ms([fn for *_, parts in modes for _, fn in parts], args.iters))

@@ -40,7 +40,7 @@ def main() -> None:
 
     from engine.async_engine import AsyncEngine
     from engine.engine import Engine
-    from engine.server import build_app
+    from engine.entrypoints.server import build_app
 
     kw = {"speculative": {"heads": "default", "tree": args.tree}} if args.medusa else {}
     engine = Engine("default", max_num_seqs=args.streams + 4, **kw)

@@ -43,8 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, eval_prompts, gc_pauses, print_table, write_results  # noqa: E402
 from benchmarks.throughput import sync  # noqa: E402
+from engine.core.shapes import cdiv  # noqa: E402
 from engine.engine import Engine  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+from engine import SamplingParams  # noqa: E402
 
 
 def _rounds(prompts, batch_size):
@@ -116,7 +117,7 @@ def run(engine, prompts, max_tokens, batch_size, temperature=0.0):
 
 
 # A tree name with this suffix ("backoff:sync"): the same engine, but every step waits for its
-# proposals before returning its tokens (engine/model_runner.py ``defer_candidates`` off) — the
+# proposals before returning its tokens (engine/worker/model_runner.py ``defer_candidates`` off) — the
 # A/B of the overlap of the proposal with the host's work, in one run.
 SYNC = ":sync"
 
@@ -181,9 +182,9 @@ class EngineProcess:
 
 def _no_gc_freeze() -> None:
     import engine.engine
-    import engine.worker
+    import engine.worker.worker
 
-    engine.worker.freeze_heap = engine.engine.freeze_heap = lambda device: None
+    engine.worker.worker.freeze_heap = engine.engine.freeze_heap = lambda device: None
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -195,7 +196,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--load-format", default="auto", help="dummy: random weights (benchmarks/dummy_model.py)")
     ap.add_argument("--split", default="heldout", choices=["heldout", "random_heldout"],
-                    help="heldout: prompts of sources the heads never trained on (spec_decode/data.py); "
+                    help="heldout: prompts of sources the heads never trained on (engine/training/data.py); "
                          "random_heldout: the old one-in-ten split of the trained sources, for comparison")
     ap.add_argument("--heads", default="default")
     ap.add_argument("--trees", nargs="+", default=["mc_sim_7b_63", "small_12", "chain:3"])
@@ -214,7 +215,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs per configuration and cell, alternating between configurations; the median")
     ap.add_argument("--no-gc-freeze", action="store_true",
-                    help="A/B: leave the collector's heap unfrozen after start-up (engine/worker.py freeze_heap)")
+                    help="A/B: leave the collector's heap unfrozen after start-up (engine/worker/worker.py freeze_heap)")
     ap.add_argument("--process-per-engine", action="store_true",
                     help="each configuration's engine in a process of its own (module doc)")
     ap.add_argument("--queue", type=int, default=0, metavar="K",
@@ -229,7 +230,7 @@ def main() -> None:
               load_format=args.load_format)
 
     def prompts_for(bs: int) -> list[str]:
-        return eval_prompts(bs * max(args.queue, -(-args.min_prompts // bs)), split=args.split)
+        return eval_prompts(bs * max(args.queue, cdiv(args.min_prompts, bs)), split=args.split)
     # Every configuration lives side by side and the timed runs alternate between them
     # (--repeats rounds, the median kept): a machine that drifts or stalls mid-run (a busy host
     # CPU moves this small model's steps by 2x) hits plain and Medusa alike.

@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, eval_prompts, gc_pauses, print_table, write_results  # noqa: E402
 from benchmarks.throughput import sync  # noqa: E402
 from engine.engine import Engine  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+from engine import SamplingParams  # noqa: E402
 
 
 def step_kind(out) -> str:
     prefill = sum(len(s.token_ids) for s in out.seqs if len(s.token_ids) > 1)
     decoding = [s for s in out.seqs if len(s.token_ids) == 1]
-    trees = sorted({s.tree for s in decoding})
+    trees = sorted({s.tree_size for s in decoding})
     if not decoding:
         return "prefill"
     kind = "decode" + "/".join(f"[{t}]" for t in trees)
@@ -80,7 +80,7 @@ def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
         if profile is not None:
             profile.disable()
         steps.append({"kind": kind, "seqs": len(out.seqs), "propose": out.propose,
-                      "tokens": sum(len(s.token_ids) + s.tree for s in out.seqs),
+                      "tokens": sum(len(s.token_ids) + s.tree_size for s in out.seqs),
                       "produced": sum(len(r.sampled_token_ids) for r in result.results),
                       "captured": result.captured,
                       "schedule_ms": 1e3 * (t0 - scheduled_at[0]),
@@ -188,7 +188,7 @@ def main() -> None:
         step_rows[tree] = steps
         if engine.backoff is not None:
             print("back-off latency grid [batch, candidates, ms]:", engine.step_latency)
-            print("back-off acceptance scale (delivered / promised extra tokens) by (decision path, batch bucket):",
+            print("back-off acceptance scale (delivered / promised extra tokens) by (decision route, batch bucket):",
                   {k: round(v, 3) for k, v in engine.backoff.calibration.learned().items()})
             print("back-off corrections learned (observed / measured) by (tree size, path):",
                   {k: round(v, 2) for k, v in engine.backoff.latency.correction.items()})

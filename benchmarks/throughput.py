@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import environment, eval_prompts, print_table, write_results  # noqa: E402
 from engine.engine import Engine  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+from engine import SamplingParams  # noqa: E402
 
 
 def sync(device):

@@ -2,7 +2,7 @@
 
     python -m benchmarks.tree_attention [--batch-sizes 1 4 16] [--ctx 256 1024 4096]
 
-Times ``engine.attention.tree_kernel.paged_tree_attention`` per call (one layer): ``--calls``
+Times ``engine.kernels.tree_attention.paged_tree_attention`` per call (one layer): ``--calls``
 calls captured back to back in a CUDA graph, as a forward runs its layers (eager calls would
 time Python's launches), CUDA events, the median of ``--iters`` replays. A tree of ``--tree``
 nodes over prefixes of ``--ctx`` tokens in a shuffled paged cache, with ``splits=1`` (every
@@ -19,8 +19,9 @@ import argparse
 import torch
 
 from benchmarks.common import environment, median_call_ms, print_table, write_results
-from engine.attention.tree_kernel import default_splits, paged_tree_attention
-from spec_decode.tree import MedusaTree
+from engine.core.shapes import cdiv
+from engine.kernels.tree_attention import default_splits, paged_tree_attention
+from engine.spec.tree import MedusaTree
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     rows = []
     for ctx in args.ctx:
         for b in args.batch_sizes:
-            pages = -(-(ctx + n) // page)
+            pages = cdiv(ctx + n, page)
             tables = torch.randperm(b * pages, generator=gen).view(b, pages).to(dev, torch.int32)
             k_cache = torch.randn(b * pages * page, args.kv_heads, args.head_dim, generator=gen).to(dev, dtype)
             v_cache = torch.randn_like(k_cache)

@@ -3,11 +3,9 @@ decoding. The public API:
 
     from engine import Engine, SamplingParams
 
-The names are imported on first use (PEP 562), so that importing a lower floor of the
-package — ``engine.sampling``, which ``spec_decode.acceptance`` builds on — does not pull in
-the whole engine first: ``from spec_decode.acceptance import register_rule`` before anything
-from ``engine`` was an import circle (acceptance → engine → engine.engine → model runner →
-acceptance, half initialised).
+The names are imported on first use (PEP 562): importing a lower floor of the package (say
+``engine.sample.acceptance`` to register a rule, or ``engine.core`` without torch) never pulls
+in the whole engine first. docs/architecture.md maps the floors.
 """
 
 from __future__ import annotations
@@ -16,12 +14,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
+    from engine.core.request import RequestOutput
+    from engine.core.sampling_params import SamplingParams
     from engine.engine import Engine, EngineStats
-    from engine.request import RequestOutput
-    from engine.sampling import SamplingParams
 
-_PUBLIC = {"Engine": "engine.engine", "EngineStats": "engine.engine", "RequestOutput": "engine.request",
-           "SamplingParams": "engine.sampling"}
+_PUBLIC = {"Engine": "engine.engine", "EngineStats": "engine.engine", "RequestOutput": "engine.core.request",
+           "SamplingParams": "engine.core.sampling_params"}
 __all__ = list(_PUBLIC)
 
 

@@ -28,9 +28,9 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
+from engine.core.request import RequestMetrics, RequestOutput
+from engine.core.sampling_params import SamplingParams
 from engine.engine import Engine, Prompt
-from engine.request import RequestMetrics, RequestOutput
-from engine.sampling import SamplingParams
 
 # Put on a request's output queue by AsyncEngine.end_all: the request was ended by the server.
 _ENDED = object()

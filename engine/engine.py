@@ -4,9 +4,10 @@ One step is a straight line: the scheduler decides what runs (and how much to sp
 the executor's workers run it, the scheduler applies the tokens, the output processor turns
 them into text and outputs:
 
+    scheduler.update_draft_token_ids(executor.take_candidates())  # the last step's, if it deferred them
     out = scheduler.schedule()                  # SchedulerOutput: chunks, trees, candidates
     result = executor.execute(out, defer_candidates=True)  # StepResult: tokens (next candidates later)
-    touched = scheduler.update(result, ms, executor.take_candidates)  # tokens appended, stops, KV freed
+    touched = scheduler.update(result, ms)      # tokens appended, stops, KV freed
     outputs = output_processor.process(touched) # text, stop strings, RequestOutputs
 """
 
@@ -24,24 +25,25 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from engine.attention import select_backend
-from engine.config import EngineConfig, build_engine_config
+from engine.attention import ATTENTION_BACKENDS, select_backend
+from engine.attention.kv_cache import PagedKVCache
+from engine.core.backoff import BackoffPolicy, LatencyModel, LatencyPoint
+from engine.core.block_manager import BlockManager
+from engine.core.config import EngineConfig, build_engine_config
+from engine.core.outputs import SchedulerOutput, SeqResult, StepResult
+from engine.core.policy import SpeculationPolicy
+from engine.core.request import DecodeCounters, Request, RequestOutput
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import Scheduler
 from engine.executor import WorkerError
 from engine.executor.uniproc import UniprocExecutor
-from engine.kv_cache import PagedKVCache
 from engine.models.config import eos_ids
 from engine.models.loader import read_arch_config, resolve_model_path
+from engine.models.parallel import ShardPlan
 from engine.output_processor import OutputProcessor
-from engine.parallel import ShardPlan
-from engine.request import DecodeCounters, Request, RequestOutput
-from engine.sampling import SamplingParams
-from engine.worker import WorkerSpec, freeze_heap
-from scheduler.block_manager import BlockManager
-from scheduler.outputs import SchedulerOutput, SeqResult, StepResult
-from scheduler.scheduler import Scheduler
-from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint
-from spec_decode.policy import SpeculationPolicy
-from spec_decode.tree import MedusaTree, SubTree, expected_accept_length
+from engine.sample.acceptance import ACCEPTANCE_RULES, check_rule
+from engine.spec.tree import MedusaTree, SubTree, expected_accept_length
+from engine.worker.worker import WorkerSpec, freeze_heap
 
 logger = logging.getLogger("medusa_engine")
 
@@ -110,6 +112,11 @@ class Engine:
     def __init__(self, model: str = "default", speculative: Any = None, **kwargs: Any) -> None:
         self.config: EngineConfig = build_engine_config(model, speculative, **kwargs)
         mc, cc, pc = self.config.model, self.config.cache, self.config.parallel
+        if self.config.speculative is not None:
+            check_rule(self.config.speculative.acceptance, "speculative.acceptance")
+        if mc.attention_backend != "auto" and mc.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend: expected 'auto' or one of {sorted(ATTENTION_BACKENDS)}, "
+                             f"got {mc.attention_backend!r}")
         self.model_path = resolve_model_path(mc.model, mc.load_format)
         self.arch = read_arch_config(self.model_path)
         self.tokenizer = _load_tokenizer(self.model_path)
@@ -201,7 +208,14 @@ class Engine:
                            "block_size=%d), fewer than the model's %d: requests are limited to %d tokens",
                            capacity, num_blocks, block_size, limit, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.config.scheduler, self.block_manager, self.max_model_len, tree_depth, policy)
+        engine_rule = spec.acceptance if spec is not None else "greedy"
+
+        def rule_on_device(name: Optional[str]) -> bool:  # (a request's rule, None: the engine's)
+            rule = ACCEPTANCE_RULES.get(name or engine_rule)
+            return rule is not None and rule.device is not None
+
+        self.scheduler = Scheduler(self.config.scheduler, self.block_manager, self.max_model_len, tree_depth, policy,
+                                   rule_on_device)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler.finish)
         self.reset_stats()
         self._seed_rng = random.Random(mc.seed)
@@ -274,8 +288,10 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
         rule = params.acceptance
-        if rule is not None and self.config.speculative is None:
-            raise ValueError("params.acceptance: set, but speculation is off for this engine")
+        if rule is not None:
+            check_rule(rule, "SamplingParams.acceptance")
+            if self.config.speculative is None:
+                raise ValueError("SamplingParams.acceptance: set, but speculation is off for this engine")
 
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None, chat: bool = False) -> str:
@@ -312,14 +328,19 @@ class Engine:
         (``finished`` tells which); finished requests are forgotten by the engine."""
         self._check_alive()
         started = time.perf_counter()
+        if self.scheduler.awaits_draft_tokens:  # the last step's proposals, computed meanwhile
+            try:
+                self.scheduler.update_draft_token_ids(self.executor.take_candidates())
+            except WorkerError as e:
+                raise self._fail_all(e) from None
         out = self.scheduler.schedule()
         if not out.seqs:
             return []
         failed: list[Request] = []
         try:
             # The step's tokens come back before its proposals are done: the device proposes
-            # while update() and the output processor run, and the scheduler takes the
-            # candidates when it schedules the next step.
+            # while update() and the output processor run, and the next step pushes the
+            # candidates into the scheduler before it schedules.
             result = self.executor.execute(out, defer_candidates=True)
         except WorkerError as e:
             raise self._fail_all(e) from None
@@ -333,8 +354,7 @@ class Engine:
         # for what the host's work did not hide of the previous step's proposal: a tree step's
         # cost lands in the steps that follow it, which run the same tree size but at a change.
         step_ms = 1e3 * (time.perf_counter() - started)
-        touched = self.scheduler.update(result, None if failed else step_ms,
-                                        self.executor.take_candidates if result.candidates_deferred else None)
+        touched = self.scheduler.update(result, None if failed else step_ms)
         for req in failed:
             # Finished with 'error': blocks freed, reported once; the engine keeps serving.
             self.scheduler.finish(req, "error")

@@ -63,3 +63,11 @@ def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+def invented_latency_grid(runner, batch_sizes, sizes, block_size, num_blocks, token_budget, tp, ctx=128, plain=True):
+    """A stand-in for the start-up latency measurement (engine/worker/startup.py
+    ``measure_step_latency``) in tests that set their own back-off policy: the grid's shape,
+    invented times — the CPU suite does not spend seconds timing steps nobody reads."""
+    return [[b, n, 1.0 + 0.01 * b * (n + 1)] for n in [0] * plain + [s for s in sizes if s > 0]
+            for b in batch_sizes if b * (n + 1) <= token_budget]

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from engine.sampling import SamplingParams
-from spec_decode.acceptance import accept
-from spec_decode.tree import MedusaTree
+from engine import SamplingParams
+from engine.sample.acceptance import accept
+from engine.spec.tree import MedusaTree
 
 TREES = ["mc_sim_7b_63", "small_12", "chain:3", [(0,), (1,), (0, 0), (1, 0), (1, 1), (0, 0, 0)]]
 
@@ -89,7 +89,7 @@ def test_typical_matches_loop(spec):
 
 def test_exact_match_rule_with_sampling_equals_plain_draws():
     """The greedy (exact-match) rule under temperature: tokens are the keyed plain draws."""
-    from engine.sampling import processed_probs, sample_token
+    from engine.sample.sampler import processed_probs, sample_token
 
     tree = MedusaTree.build("small_12", num_heads=4)
     params = SamplingParams(temperature=1.0, seed=3)
@@ -105,7 +105,7 @@ def test_exact_match_rule_with_sampling_equals_plain_draws():
 
 @pytest.mark.parametrize("spec", TREES, ids=str)
 def test_greedy_batch_equals_per_sequence(spec):
-    from spec_decode.acceptance import accept_greedy_batch
+    from engine.sample.acceptance import accept_greedy_batch
 
     tree = MedusaTree.build(spec, num_heads=4)
     cases = [_case(tree, 50, seed) for seed in range(24)]
@@ -121,7 +121,7 @@ def test_greedy_batch_equals_per_sequence(spec):
 @pytest.mark.parametrize("spec", TREES, ids=str)
 @pytest.mark.parametrize("rule", ["greedy", "typical", "rejection"])
 def test_device_rules_equal_the_host_rules_for_the_same_keys(spec, rule):
-    """The batched device rules (what spec_decode/tail.py captures) against the per-sequence
+    """The batched device rules (what engine/sample/tail.py captures) against the per-sequence
     host rules, sequence by sequence: the same accepted path and produced tokens for the same
     logits and keys — sampled rows with their own temperature / top-k / top-p / seed beside
     greedy rows, in one batch. (tests/test_gpu.py runs it on CUDA too.)"""
@@ -129,8 +129,10 @@ def test_device_rules_equal_the_host_rules_for_the_same_keys(spec, rule):
 
 
 def check_device_rules(spec, rule: str, device: torch.device) -> None:
-    from engine.sampling import params_rows, processed_probs_rows, seed_key
-    from spec_decode.acceptance import greedy_tree_accept, keyed_targets, rejection_tree_walk, typical_tree_accept
+    """The registered rule as one unit: its device version (``AcceptanceRule.device``) over a
+    batch against its host function per sequence."""
+    from engine.sample.acceptance import ACCEPTANCE_RULES, BatchedVerify
+    from engine.sample.sampler import params_rows, processed_probs_rows, seed_key
 
     tree = MedusaTree.build(spec, num_heads=4)
     n, vocab = tree.num_nodes, 40
@@ -141,26 +143,21 @@ def check_device_rules(spec, rule: str, device: torch.device) -> None:
     seeds = [123 + 7 * i for i in range(len(cases))]
     first_pos = [10 + 3 * i for i in range(len(cases))]
     tokens = torch.stack([t for t, _ in cases])  # [S, N]
-    logits = torch.stack([lg for _, lg in cases]).view(-1, vocab)
-    probs = processed_probs_rows(logits, *params_rows([p for p in params for _ in range(n)], device))
-    probs = probs.view(len(cases), n, vocab)
-    keys = torch.tensor([seed_key(s) for s in seeds], device=device)
+    logits = torch.stack([lg for _, lg in cases])  # [S, N, V]
+
+    def probs_of(rows):  # each sequence's rows with its own parameters
+        r = rows.shape[1]
+        out = processed_probs_rows(rows.flatten(0, 1), *params_rows([p for p in params for _ in range(r)], device))
+        return out.view(len(cases), r, vocab)
+
     depths = torch.tensor(tree.depths, device=device)
-    positions = torch.tensor(first_pos, device=device)[:, None] + depths[None]
-    target = keyed_targets(probs, keys, positions)
-    paths = tree.paths.to(device)
-    seq = torch.arange(len(cases), device=device)
-    if rule == "rejection":
-        path, n_acc, bonus = rejection_tree_walk(tree, tree.children_table.to(device), depths, tokens,
-                                                 lambda node: probs[seq, node], keys,
-                                                 torch.tensor(first_pos, device=device))
-    else:
-        parents = probs[:, torch.tensor(tree.parent_nodes, device=device)]  # the rows typical reads
-        best, n_acc = (greedy_tree_accept(paths, tokens, target) if rule == "greedy"
-                       else typical_tree_accept(paths, tokens, parents, torch.tensor(tree.parent_row, device=device),
-                                                0.09, 0.3))
-        path = paths[best]
-        bonus = target.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
+    v = BatchedVerify(tree=tree, tokens=tokens, logits=logits,
+                      positions=torch.tensor(first_pos, device=device)[:, None] + depths[None],
+                      keys=torch.tensor([seed_key(s) for s in seeds], device=device),
+                      temperature=torch.tensor([float(p.temperature) for p in params], device=device), filtered=True,
+                      probs_of=probs_of, tree_tensor=lambda name: torch.as_tensor(getattr(tree, name), device=device),
+                      epsilon=0.09, alpha=0.3, triton=False)
+    path, n_acc, bonus = ACCEPTANCE_RULES[rule].device(v)
     lengths = []
     for i, (t, lg) in enumerate(cases):
         want = accept(rule, tree, t, lg, params[i], seeds[i], first_pos[i], epsilon=0.09, alpha=0.3)
@@ -173,7 +170,7 @@ def check_device_rules(spec, rule: str, device: torch.device) -> None:
 def test_keyed_uniforms_are_uniform_distinct_and_device_free():
     """Counter-based keys: the same (key, position, draw) gives the same number from ints or
     tensors, different draws/positions/keys differ, and the numbers look uniform."""
-    from engine.sampling import keyed_uniform, seed_key
+    from engine.sample.sampler import keyed_uniform, seed_key
 
     keys = torch.tensor([seed_key(s) for s in (0, 1, -1, 2 ** 63, 12345678901234)])
     assert len(set(keys.tolist())) == 5 and all(0 <= k < 2 ** 32 for k in keys.tolist())

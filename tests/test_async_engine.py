@@ -2,9 +2,9 @@
 
 import asyncio
 
+from engine import SamplingParams
 from engine.async_engine import AsyncEngine, stream_delta
 from engine.engine import Engine
-from engine.sampling import SamplingParams
 
 
 def test_stream_delta_never_splits_characters_or_stop_strings():

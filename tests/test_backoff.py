@@ -5,11 +5,11 @@ import json
 
 import pytest
 
+from engine import SamplingParams
+from engine.core.backoff import BackoffPolicy, LatencyModel, LatencyPoint, batch_bucket
 from engine.engine import Engine
-from engine.sampling import SamplingParams
-from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint, batch_bucket
-from spec_decode.heads import MedusaHeads
-from spec_decode.tree import PRESETS, MedusaTree, build_tree_from_accuracy, expected_accept_length, nested_subtrees
+from engine.spec.heads import MedusaHeads
+from engine.spec.tree import PRESETS, MedusaTree, build_tree_from_accuracy, expected_accept_length, nested_subtrees
 from tests.conftest import PROMPTS
 
 ACC = [[0.6, 0.1, 0.05, 0.03, 0.02], [0.4, 0.1, 0.05, 0.03, 0.02], [0.3, 0.1, 0.05, 0.03, 0.02],
@@ -124,7 +124,7 @@ def test_served_steps_correct_an_optimistic_start_up_model():
     assert policy.expected_on("greedy", 1)[4] == pytest.approx(1.4, abs=0.02)
 
 
-def test_one_calibration_serves_every_nested_size_and_paths_learn_apart():
+def test_one_calibration_serves_every_nested_size_and_routes_learn_apart():
     """What served steps deliver scales every tree size's promise at once (the trees are
     nested, so sizes keep their order: an unlucky start on the full tree never leaves a smaller
     tree promising more than it, and a size that accepts far more than promised lifts the full
@@ -227,27 +227,27 @@ def test_a_tree_size_priced_out_is_tried_again_later():
 def test_steps_decided_on_the_host_are_priced_on_their_own():
     """Steps decided on the host (logprobs, penalties) cost several times the greedy steps the grid
     measured (H100, batch 16, T=0.7: 13.8 ms against 2.7). Surprises that persist are learned
-    at once; the host path's prices do not touch the greedy path's; a tree size not served on
+    at once; the host route's prices do not touch the greedy route's; a tree size not served on
     the host yet starts from what the served ones learned, plain decoding from its own."""
     m = LatencyModel([LatencyPoint(16, n, ms) for n, ms in ((0, 1.5), (4, 2.4), (8, 2.7))])
     policy = BackoffPolicy(m, {4: 2.0, 8: 2.3})
-    assert policy.choose(16, 63, path="host") == 8  # nothing known of the host path yet
+    assert policy.choose(16, 63, route="host") == 8  # nothing known of the host route yet
     for _ in range(LatencyModel.PERSISTENT):
-        policy.observe(16, 8, 13.8, 2.3, path="host")
+        policy.observe(16, 8, 13.8, 2.3, route="host")
     assert m.correction[8, "host", 16] == pytest.approx(13.8 / 2.7)
-    assert policy.choose(16, 63, path="host") == 0  # the 4-tree is priced like the 8-tree: plain wins
-    assert m.ms(16, 4, path="host") == pytest.approx(2.4 * 13.8 / 2.7) and m.ms(16, 0, path="host") == 1.5
+    assert policy.choose(16, 63, route="host") == 0  # the 4-tree is priced like the 8-tree: plain wins
+    assert m.ms(16, 4, route="host") == pytest.approx(2.4 * 13.8 / 2.7) and m.ms(16, 0, route="host") == 1.5
     assert policy.choose(16, 63) == 8  # greedy steps keep their own prices
     for _ in range(40):  # plain sampled steps really cost 2.5x: learned, and plain still wins
-        policy.observe(16, 0, 3.77, 1.0, path="host")
+        policy.observe(16, 0, 3.77, 1.0, route="host")
     assert m.correction[0, "host", 16] == pytest.approx(3.77 / 1.5, rel=0.05)
-    assert policy.choose(16, 63, path="host") == 0
+    assert policy.choose(16, 63, route="host") == 0
     # Before any tree was served on the host, plain decoding's host price is the trees' prior.
     m = LatencyModel([LatencyPoint(16, n, ms) for n, ms in ((0, 1.5), (4, 2.4), (8, 2.7))])
     policy = BackoffPolicy(m, {4: 2.0, 8: 2.3})
     for _ in range(LatencyModel.PERSISTENT):
-        policy.observe(16, 0, 9.0, 1.0, path="host")  # 6x the greedy plain step
-    assert m.ms(16, 8, path="host") == pytest.approx(2.7 * 6) and policy.choose(16, 63, path="host") == 8
+        policy.observe(16, 0, 9.0, 1.0, route="host")  # 6x the greedy plain step
+    assert m.ms(16, 8, route="host") == pytest.approx(2.7 * 6) and policy.choose(16, 63, route="host") == 8
 
 
 def test_loads_learn_apart_so_a_thinning_batch_does_not_teach_the_full_one():
@@ -283,7 +283,7 @@ def test_loads_learn_apart_so_a_thinning_batch_does_not_teach_the_full_one():
 def timed_starts(tmp_path, monkeypatch):
     """A fresh timings cache (MEDUSA_ENGINE_CACHE=tmp_path, re-measuring off) and the list that
     grows by one per call of the worker's step timing."""
-    import engine.worker as worker
+    import engine.worker.startup as worker
 
     monkeypatch.delenv("MEDUSA_ENGINE_REMEASURE")
     monkeypatch.setenv("MEDUSA_ENGINE_CACHE", str(tmp_path))
@@ -325,3 +325,15 @@ def test_tree_auto_timings_are_cached_too(tiny_llama, tiny_heads, tmp_path, time
     assert timed > 0 and len(calls) == timed
     assert second.tree_autotune == first.tree_autotune and second.tree.choices == first.tree.choices
     assert len(list((tmp_path / "step-latency").iterdir())) == 1
+
+
+def test_a_rule_without_a_device_version_is_priced_on_the_host_route():
+    """A sampled request whose acceptance rule has no device version decides its tree steps on
+    the host path, so back-off prices its steps on the host route; greedy ones stay greedy."""
+    from engine.core.sampling_params import decision_route
+
+    sampled = SamplingParams(temperature=0.7)
+    assert decision_route(sampled, 0) == "sampled"
+    assert decision_route(sampled, 0, rule_on_device=False) == "host"
+    assert decision_route(SamplingParams(temperature=0), 0, rule_on_device=False) == "greedy"
+    assert decision_route(SamplingParams(temperature=0.7, logprobs=True), 0) == "host"

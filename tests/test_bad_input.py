@@ -2,9 +2,9 @@
 
 import pytest
 
-from engine.config import SpeculativeConfig, build_engine_config
+from engine import SamplingParams
+from engine.core.config import build_engine_config
 from engine.engine import Engine
-from engine.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -16,7 +16,6 @@ from engine.sampling import SamplingParams
     ({"top_k": -2}, "top_k"),
     ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
     ({"stop": [""]}, "stop"),
-    ({"acceptance": "maybe"}, "acceptance"),
     # Strict types (issue 14): each of these used to pass and break the engine later.
     ({"temperature": 0.7, "seed": 1.5}, "seed"),
     ({"seed": "42"}, "seed"),
@@ -37,8 +36,8 @@ def test_sampling_params_errors(kwargs, field):
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown engine option 'blocksize'"):
         build_engine_config("default", blocksize=3)
-    with pytest.raises(ValueError, match="speculative.acceptance"):
-        SpeculativeConfig(acceptance="sometimes")
+    with pytest.raises(ValueError, match="speculative.acceptance: expected one of"):
+        Engine("default", speculative={"acceptance": "sometimes"})
     with pytest.raises(ValueError, match="speculative: unknown keys"):
         build_engine_config("default", speculative={"tre": "x"})
     with pytest.raises(ValueError, match="enforce_eager: expected bool, got 'yes'"):
@@ -80,7 +79,7 @@ def test_bad_requests_leave_engine_serving(tiny_llama):
         eng.add_request([5], good, request_id="ok")
     with pytest.raises(ValueError, match=r"prompts\[1\]: prompt: must not be empty"):
         eng.generate_batch([[5], []], good)
-    with pytest.raises(ValueError, match="params.acceptance"):
+    with pytest.raises(ValueError, match="SamplingParams.acceptance: set, but speculation is off"):
         eng.add_request([5], SamplingParams(acceptance="typical"))
     outs = []
     while eng.has_unfinished():
@@ -115,7 +114,7 @@ def test_a_failing_request_fails_alone_and_the_engine_keeps_serving(tiny_llama, 
     """A fault inside the runner for one request among several: that request finishes with
     'error' (its blocks freed), the others get exactly the tokens they get without the fault,
     and later steps and requests work."""
-    import engine.model_runner as mr
+    import engine.worker.model_runner as mr
 
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = [[5, 6, 7], [9, 10, 11, 12], [20, 21], [30, 31, 32]]
@@ -152,8 +151,8 @@ def test_wrong_types_surrogates_and_a_too_small_cache_are_value_errors(bundled_d
     or chat message with a lone surrogate is refused as invalid Unicode (the tokenizer raised a
     TypeError); a max_model_len the KV cache cannot hold is refused with the numbers, not cut
     down in silence."""
+    from engine import SamplingParams
     from engine.engine import Engine
-    from engine.sampling import SamplingParams
 
     for kw, field in ((dict(max_model_len="big"), "max_model_len"), (dict(max_num_seqs=2.5), "max_num_seqs"),
                       (dict(kv_cache_memory_gb="1"), "kv_cache_memory_gb"), (dict(num_blocks=True), "num_blocks")):

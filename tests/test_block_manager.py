@@ -2,13 +2,13 @@
 
 import random
 
-from engine.config import SchedulerConfig
-from engine.request import Request
-from engine.sampling import SamplingParams
-from scheduler.block_manager import BlockManager
-from scheduler.outputs import SeqResult, StepResult
-from scheduler.scheduler import Scheduler
-from spec_decode.policy import SpeculationPolicy
+from engine import SamplingParams
+from engine.core.block_manager import BlockManager
+from engine.core.config import SchedulerConfig
+from engine.core.outputs import SeqResult, StepResult
+from engine.core.policy import SpeculationPolicy
+from engine.core.request import Request
+from engine.core.scheduler import Scheduler
 
 
 def test_allocate_free_roundtrip():
@@ -107,18 +107,18 @@ def _decoding_scheduler(n_seqs: int, budget: int, n_cands: int, choice=None) -> 
 def test_trees_go_to_every_decoding_sequence_or_to_none():
     # 4 sequences x (1 + 6) = 28 tokens: fits a budget of 28, not one of 27.
     out = _decoding_scheduler(4, 28, 6).schedule()
-    assert [len(s.candidates) for s in out.seqs] == [6] * 4 and [s.tree for s in out.seqs] == [6] * 4
+    assert [len(s.candidates) for s in out.seqs] == [6] * 4 and [s.tree_size for s in out.seqs] == [6] * 4
     assert _decoding_scheduler(4, 28, 6).schedule().propose is True
     out = _decoding_scheduler(4, 27, 6).schedule()
-    assert len(out.seqs) == 4 and all(s.candidates == [] and s.tree == 0 for s in out.seqs)  # plain, not mixed
+    assert len(out.seqs) == 4 and all(s.candidates == [] and s.tree_size == 0 for s in out.seqs)  # plain, not mixed
     # ... and the next step would not fit them either: no proposals nobody reads.
     assert out.propose is False
     # Back-off's smaller tree (candidates 0, 2 and 5 of each full tree) makes them fit again,
     # and the step names it.
     out = _decoding_scheduler(4, 27, 6, choice=3).schedule()
-    assert [s.candidates for s in out.seqs] == [[10, 12, 15]] * 4 and [s.tree for s in out.seqs] == [3] * 4
+    assert [s.candidates for s in out.seqs] == [[10, 12, 15]] * 4 and [s.tree_size for s in out.seqs] == [3] * 4
     out = _decoding_scheduler(4, 28, 6, choice=0).schedule()
-    assert all(s.candidates == [] and s.tree == 0 for s in out.seqs)
+    assert all(s.candidates == [] and s.tree_size == 0 for s in out.seqs)
     # Choosing no tree also turns the next step's proposals off: the step is plain decoding.
     assert out.propose is False
 
@@ -131,14 +131,14 @@ def test_trees_only_when_every_decoding_sequence_holds_candidates():
     included."""
     sched = _decoding_scheduler(3, 64, 6)
     out = sched.schedule()
-    assert [s.tree for s in out.seqs] == [6] * 3
+    assert [s.tree_size for s in out.seqs] == [6] * 3
     sched.update(StepResult(step_id=out.step_id, results=[
         SeqResult(seq_id=s.seq_id, sampled_token_ids=[7], num_accepted=0,
                   next_candidates=[] if s.seq_id == 0 else list(range(10, 16))) for s in out.seqs]))
     out = sched.schedule()
-    assert all(s.tree == 0 and s.candidates == [] for s in out.seqs) and out.propose is True
+    assert all(s.tree_size == 0 and s.candidates == [] for s in out.seqs) and out.propose is True
     _answer(sched, out)
-    assert [s.tree for s in sched.schedule().seqs] == [6] * 3
+    assert [s.tree_size for s in sched.schedule().seqs] == [6] * 3
     # Full trees for n sequences fit a budget of 30 up to n = 4 (7 tokens each): four decode,
     # a fifth prompt arrives and gets a step of its own, which must not propose as for one.
     sched = _decoding_scheduler(4, 30, 6)
@@ -172,15 +172,15 @@ def test_prefill_first_new_prompts_alone_and_no_trees_beside_a_prefill():
     sched.add(req("next", 98, 10))
     out = sched.schedule()  # right after a prompt-only step: everyone, and no trees
     assert [len(s.token_ids) for s in out.seqs] == [1, 1, 1, 1, 1, 10]
-    assert all(s.tree == 0 and s.candidates == [] for s in out.seqs)
+    assert all(s.tree_size == 0 and s.candidates == [] for s in out.seqs)
     _answer(sched, out)
     out = sched.schedule()  # everyone decodes: trees again, the new requests' included
-    assert [s.tree for s in out.seqs] == [6] * 6
+    assert [s.tree_size for s in out.seqs] == [6] * 6
     _answer(sched, out)
     # A waiting request beyond max_num_seqs cannot be admitted: the trees stay.
     sched.add(req("late", 100, 2))
     out = sched.schedule()
-    assert [s.tree for s in out.seqs] == [6] * 6 and len(sched.waiting) == 1
+    assert [s.tree_size for s in out.seqs] == [6] * 6 and len(sched.waiting) == 1
     # A prompt longer than the budget: its first chunk alone, then its last chunk beside the
     # decodes (no trees), then trees for all.
     sched = _decoding_scheduler(2, 24, 6)
@@ -189,7 +189,7 @@ def test_prefill_first_new_prompts_alone_and_no_trees_beside_a_prefill():
     steps = []
     for _ in range(3):
         out = sched.schedule()
-        steps.append([(len(s.token_ids), s.tree) for s in out.seqs])
+        steps.append([(len(s.token_ids), s.tree_size) for s in out.seqs])
         _answer(sched, out)
     assert steps == [[(24, 0)], [(1, 0), (1, 0), (16, 0)], [(1, 6)] * 3]
 
@@ -215,7 +215,7 @@ def test_served_decode_steps_correct_the_policy():
         execute_ms=5.0)
     assert seen == []
     out = sched.schedule()
-    assert [s.tree for s in out.seqs] == [3, 3]
+    assert [s.tree_size for s in out.seqs] == [3, 3]
     sched.update(StepResult(step_id=out.step_id, results=[
         SeqResult(seq_id=0, sampled_token_ids=[10, 8], num_accepted=1, next_candidates=list(range(10, 16))),
         SeqResult(seq_id=1, sampled_token_ids=[9], num_accepted=0, next_candidates=list(range(10, 16)))]),

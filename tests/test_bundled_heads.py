@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-from engine import Engine
-from spec_decode.heads import BUNDLED_HEADS_DIR
-from engine.sampling import SamplingParams
+from engine import Engine, SamplingParams
+from engine.spec.heads import BUNDLED_HEADS_DIR
 from tests.conftest import PROMPTS
 
 # Measured when the heads were trained (see benchmarks/RESULTS.md, "Bundled heads"); the

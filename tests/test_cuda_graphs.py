@@ -4,16 +4,19 @@ packed input buffer (the capture and replay themselves are checked in test_gpu.p
 import pytest
 import torch
 
-from engine.cuda_graphs import BATCH_BUCKETS, GraphLayout, MixedStep, graphable_nodes, padded_batch
-from scheduler.outputs import ScheduledSeq
-from spec_decode.tree import MedusaTree
+from engine import SamplingParams
+from engine.core.outputs import ScheduledSeq
+from engine.core.shapes import BATCH_BUCKETS, padded_batch
+from engine.spec.tree import MedusaTree
+from engine.worker.cuda_graphs import GraphLayout, MixedStep, graphable_nodes
+from engine.worker.device_tail import ProposeAfter, TailKey
 
 TREE = MedusaTree.build("small_12", 4)
 
 
 def seq(i, start, table, tokens=(7,), cands=()):
     return ScheduledSeq(seq_id=i, token_ids=list(tokens), start_pos=start, block_table=list(table), sample=True,
-                        tree=len(cands), candidates=list(cands))
+                        tree_size=len(cands), candidates=list(cands), params=SamplingParams(temperature=0))
 
 
 def test_padded_batch_is_the_smallest_bucket_that_fits():
@@ -27,7 +30,7 @@ def test_a_step_ships_only_the_table_pages_it_uses():
     and copies ids, starts and only the first J pages of every table (J: its longest), the
     pad block past a sequence's pages and for padding sequences; the device view reads back
     each table row by row."""
-    from engine.cuda_graphs import load_inputs
+    from engine.worker.cuda_graphs import load_inputs
 
     layout = GraphLayout(batch=4, nodes=2, width=6)
     seqs = [seq(0, 20, [5, 2], cands=[1]), seq(1, 3, [7], cands=[1]), seq(2, 40, [3, 4, 6], cands=[1])]
@@ -44,7 +47,7 @@ def test_a_step_ships_only_the_table_pages_it_uses():
 def test_start_up_captures_every_bucket_a_step_within_the_budget_pads_to():
     """7 sequences of a 13-node tree fit a 100-token budget and run in the 8 bucket (104 padded
     tokens): that graph is captured at start-up too, not on first use mid-run."""
-    from engine.cuda_graphs import CudaGraphRunner
+    from engine.worker.cuda_graphs import CudaGraphRunner
 
     runner = CudaGraphRunner.__new__(CudaGraphRunner)
     captured = []
@@ -57,17 +60,14 @@ def test_start_up_captures_every_bucket_a_step_within_the_budget_pads_to():
 def test_only_uniform_decode_or_verify_steps_replay_graphs(bundled_dir):
     """The runner finds the uniform shape (one pending token plus the same tree, or nothing
     more) and the graph runner takes it if the tables fit and the batch has a bucket."""
-    from engine.model_runner import ModelRunner
+    from engine.core.outputs import SchedulerOutput
+    from engine.worker.input_batch import InputBatch
 
     n = TREE.num_nodes - 1
-    runner = ModelRunner.__new__(ModelRunner)
-    runner.trees, runner.block_size = {n: TREE, 2: MedusaTree.build("chain:2", 4)}, 16
-    runner.kv_cache = type("KV", (), {"scratch_slot0": 10_000, "scratch_tokens": 4096})()
+    trees = {n: TREE, 2: MedusaTree.build("chain:2", 4)}
 
     def nodes(seqs):
-        from scheduler.outputs import SchedulerOutput
-
-        return runner.prepare(SchedulerOutput(step_id=1, seqs=seqs)).uniform_nodes
+        return InputBatch.build(SchedulerOutput(step_id=1, seqs=seqs), trees, scratch_tokens=4096).uniform_nodes
 
     assert nodes([seq(0, 5, [0]), seq(1, 9, [1])]) == 1  # plain decode
     assert nodes([seq(0, 5, [0], cands=[1] * n)] * 3) == TREE.num_nodes  # verify
@@ -85,7 +85,7 @@ def test_only_uniform_decode_or_verify_steps_replay_graphs(bundled_dir):
 def test_fresh_prompts_replay_a_prefill_graph_of_their_padded_shape():
     """Prompts prefilled from position 0 take the graph of the next length bucket and batch
     bucket within the token budget; a later chunk, a decode token or a tree does not."""
-    from engine.cuda_graphs import PREFILL_BUCKETS, CudaGraphRunner, FreshPrefill
+    from engine.worker.cuda_graphs import PREFILL_BUCKETS, CudaGraphRunner, FreshPrefill
 
     graphs = CudaGraphRunner.__new__(CudaGraphRunner)
     graphs.max_prefill_tokens, graphs.mixed_tokens, graphs.sealed = 2048, (), False
@@ -110,7 +110,7 @@ def test_steps_without_a_tree_replay_a_mixed_graph_of_their_token_bucket():
     """Prefill chunks beside decode tokens take the mixed graph of the next token bucket within
     the budget, over the graphs' one batch bucket; a tree, too many sequences or tokens, or a
     table wider than the graphs' does not."""
-    from engine.cuda_graphs import MIXED_BUCKETS, CudaGraphRunner, MixedStep
+    from engine.worker.cuda_graphs import MIXED_BUCKETS, CudaGraphRunner, MixedStep
 
     graphs = CudaGraphRunner(None, None, torch.device("cpu"), width=4, pad_block=0, max_mixed_tokens=100, max_seqs=5)
     assert graphs.mixed_tokens == (16, 32, 64, 128) and graphs.mixed_batch == 8
@@ -137,11 +137,11 @@ def test_a_mixed_graph_attends_like_the_eager_step():
     the eager step through the backend's own metadata, the same K/V written to the same
     slots, and the padding writes only the pad block."""
     from engine.attention.base import SeqAttn, StepAttnInputs
+    from engine.attention.kv_cache import PagedKVCache
     from engine.attention.torch_ref import TorchAttentionBackend
-    from engine.cuda_graphs import CudaGraphRunner
-    from engine.kv_cache import PagedKVCache
-    from engine.model_runner import ModelRunner
-    from scheduler.outputs import SchedulerOutput
+    from engine.core.outputs import SchedulerOutput
+    from engine.worker.cuda_graphs import CudaGraphRunner
+    from engine.worker.input_batch import InputBatch
 
     torch.manual_seed(0)
     block, heads, kv_heads, dim = 16, 4, 2, 8
@@ -157,10 +157,8 @@ def test_a_mixed_graph_attends_like_the_eager_step():
 
     seqs = [seq(0, 0, [3, 9], tokens=range(1, 21)), seq(1, 37, [5, 2, 7], tokens=range(30, 41)),
             seq(2, 20, [11, 12]), seq(3, 5, [4])]
-    runner = ModelRunner.__new__(ModelRunner)
-    runner.kv_cache, runner.block_size, runner.trees = cache, block, {}
-    batch = runner.prepare(SchedulerOutput(step_id=1, seqs=seqs))
-    runner.locate(batch)
+    batch = InputBatch.build(SchedulerOutput(step_id=1, seqs=seqs), {}, cache.scratch_tokens)
+    batch.locate(cache)
     before = cache.k_all.clone()
     attn = [SeqAttn(q_len=len(s.token_ids), ctx_len=s.start_pos, block_table=s.block_table) for s in seqs]
     eager = model(torch.tensor(batch.ids), torch.tensor(batch.positions), backend,
@@ -183,14 +181,14 @@ def test_a_mixed_graph_attends_like_the_eager_step():
 def test_graphs_derive_positions_slots_and_lengths_like_the_eager_step(tree):
     """A decode or verify graph gets only ids, starts and tables from the host and derives the
     rest on the device: every real token's position and K/V slot equal what the eager step
-    computes (``ModelRunner.locate``), the attention lengths are the cached prefix before the
+    computes (``InputBatch.locate``), the attention lengths are the cached prefix before the
     pending token, and padded sequences start at 0 in the pad block, their candidates in
     scratch rows past the real ones."""
+    from engine.attention.kv_cache import PagedKVCache
     from engine.attention.torch_ref import TorchAttentionBackend
-    from engine.cuda_graphs import CudaGraphRunner
-    from engine.kv_cache import PagedKVCache
-    from engine.model_runner import ModelRunner
-    from scheduler.outputs import SchedulerOutput
+    from engine.core.outputs import SchedulerOutput
+    from engine.worker.cuda_graphs import CudaGraphRunner
+    from engine.worker.input_batch import InputBatch
 
     block, nodes = 16, tree.num_nodes if tree else 1
     cache = PagedKVCache(1, 20, block, 1, 8, torch.float32, torch.device("cpu"), scratch_tokens=4 * nodes)
@@ -205,10 +203,9 @@ def test_graphs_derive_positions_slots_and_lengths_like_the_eager_step(tree):
     graphs = CudaGraphRunner(model, backend, torch.device("cpu"), width=3, pad_block=cache.pad_block)
     cands = list(range(200, 200 + nodes - 1))
     seqs = [seq(0, 20, [5, 2], cands=cands), seq(1, 3, [7], tokens=(8,), cands=cands[::-1])]
-    runner = ModelRunner.__new__(ModelRunner)
-    runner.kv_cache, runner.block_size, runner.trees = cache, block, {nodes - 1: tree} if tree else {}
-    batch = runner.prepare(SchedulerOutput(step_id=1, seqs=seqs))
-    runner.locate(batch)
+    batch = InputBatch.build(SchedulerOutput(step_id=1, seqs=seqs), {nodes - 1: tree} if tree else {},
+                             cache.scratch_tokens)
+    batch.locate(cache)
     assert graphs.run(tree, seqs, batch.ids).layout.batch == 2
     assert seen["ids"] == batch.ids
     assert seen["positions"] == batch.positions and seen["slots"] == batch.slots
@@ -230,10 +227,10 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
     Medusa (bundled heads, so paths are accepted and committed): a sampled request beside
     greedy ones (the sampled tail), a request with logprobs (graph forward, host-side
     decision), greedy ones alone (greedy tail); no KV block leaked."""
-    import engine.worker
+    import engine.worker.worker
+    from engine import SamplingParams
+    from engine.core.backoff import BackoffPolicy, LatencyModel, LatencyPoint
     from engine.engine import Engine
-    from spec_decode.backoff import BackoffPolicy, LatencyModel, LatencyPoint
-    from engine.sampling import SamplingParams
     from tests.conftest import PROMPTS
 
     greedy = SamplingParams(temperature=0, max_tokens=20)
@@ -242,8 +239,15 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
     batches = [(PROMPTS[:3], mixed), (PROMPTS[3:5], logprobs), (PROMPTS[6:7], greedy)]
     specs = (None, {"tree": "small_12"}, {"tree": "small_12", "backoff": True})
 
+    # (Its own back-off policy: start-up's latency grid is invented, not timed. A 256-token
+    # budget: every step here fits it, and the CPU captures fewer prompt and mixed buckets.)
+    import engine.worker.startup
+    from tests.conftest import invented_latency_grid
+
+    monkeypatch.setattr(engine.worker.startup, "measure_step_latency", invented_latency_grid)
+
     def engine_for(spec):
-        eng = Engine("default", speculative=spec, max_num_seqs=4)
+        eng = Engine("default", speculative=spec, max_num_seqs=4, max_num_batched_tokens=256)
         if eng.backoff is not None:
             # An invented device where trees pay at one or two sequences and not beyond, so
             # steps verify nested subtrees of several sizes (learning off: it would pull back
@@ -260,7 +264,7 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         return eng, toks
 
     ref = {i: run(spec)[1] for i, spec in enumerate(specs)}
-    monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
+    monkeypatch.setattr(engine.worker.worker, "use_cuda_graphs", lambda *args: True)
     for i, spec in enumerate(specs):
         eng = engine_for(spec)
         graphs = eng.executor.worker.runner.graphs
@@ -268,12 +272,12 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         # The greedy decision and the acceptance rule's sampled one were captured at start-up
         # after every decode / verify graph, each followed by its proposal in a Medusa engine.
         decode_graphs = [g for g in graphs.graphs.values() if g.decodes]
-        decisions = [{k for k in g.tails if k[0] != "propose"} for g in decode_graphs]
+        decisions = [{k for k in g.tails if isinstance(k, TailKey)} for g in decode_graphs]
         # greedy, and sampled with / without filters x with / without greedy rows beside
-        sampled = [sorted((k[3], k[4]) for k in d if k[1]) for d in decisions]
+        sampled = [sorted((k.filters, k.greedy_rows) for k in d if k.sampled) for d in decisions]
         assert decode_graphs and all(x == [(False, False), (False, True), (True, False), (True, True)] for x in sampled)
-        assert all(sum(not k[1] for k in d) == 1 for d in decisions)
-        assert all({k[1] for k in g.tails if k[0] == "propose"} == (d if spec else set())
+        assert all(sum(not k.sampled for k in d) == 1 for d in decisions)
+        assert all({k.decision for k in g.tails if isinstance(k, ProposeAfter)} == (d if spec else set())
                    for g, d in zip(decode_graphs, decisions))
         calls = {"forward": 0, "tail": 0, "prefill": 0, "mixed": 0}
 
@@ -282,18 +286,18 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
         keys = []  # the tail keys the steps replayed
         run_tail = graphs.run_tail
 
-        def recorded_tail(g, key, *args):
+        def recorded_tail(g, key, *args, **kwargs):
             keys.append(key)
-            return run_tail(g, key, *args)
+            return run_tail(g, key, *args, **kwargs)
         graphs.run, graphs.run_tail = counted("forward", graphs.run), counted("tail", recorded_tail)
         graphs.run_prefill = counted("prefill", graphs.run_prefill)
         graphs.run_mixed = counted("mixed", graphs.run_mixed)
         toks = [[o.token_ids for o in eng.generate_batch(p, params)] for p, params in batches]
         assert toks == ref[i], spec
-        decided = [key for key in keys if key[0] != "propose"]
+        decided = [key for key in keys if isinstance(key, TailKey)]
         assert calls["forward"] > len(decided) > 0, calls  # the logprobs request's steps skip the tail
-        assert any(key[1] for key in decided) and any(not key[1] for key in decided), keys  # sampled, greedy
-        assert any(key[0] == "propose" for key in keys) == bool(spec), keys
+        assert any(key.sampled for key in decided) and any(not key.sampled for key in decided), keys
+        assert any(isinstance(key, ProposeAfter) for key in keys) == bool(spec), keys
         # Each batch's prompts in one step: one prompt through its fresh-prefill graph (captured
         # at start-up), several through a mixed graph.
         assert calls["prefill"] == 1 and calls["mixed"] == 2, calls
@@ -314,10 +318,13 @@ def test_every_shape_back_off_can_choose_has_its_graphs_after_start_up(monkeypat
     its batch bucket, and after it the greedy and sampled decisions, each with its proposal;
     the host-decided steps' proposal has a graph for every batch bucket; prompts and mixed
     steps have theirs. All before the first request, and then the runner is sealed."""
-    import engine.worker
+    import engine.worker.startup
+    import engine.worker.worker
     from engine.engine import Engine
+    from tests.conftest import invented_latency_grid
 
-    monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
+    monkeypatch.setattr(engine.worker.worker, "use_cuda_graphs", lambda *args: True)
+    monkeypatch.setattr(engine.worker.startup, "measure_step_latency", invented_latency_grid)  # (not what it checks)
     seqs, budget = 8, 128
     eng = Engine("default", speculative={"tree": "auto", "backoff": True}, max_num_seqs=seqs,
                  max_num_batched_tokens=budget)
@@ -333,9 +340,9 @@ def test_every_shape_back_off_can_choose_has_its_graphs_after_start_up(monkeypat
                 continue
             g = graphs.graphs.get((tree, padded_batch(b)))
             assert g is not None, (n, b)
-            decisions = [k for k in g.tails if k[0] != "propose"]
-            assert any(not k[1] for k in decisions) and any(k[1] for k in decisions), (n, b)
-            assert all(("propose", k) in g.tails for k in decisions), (n, b)
+            decisions = [k for k in g.tails if isinstance(k, TailKey)]
+            assert any(not k.sampled for k in decisions) and any(k.sampled for k in decisions), (n, b)
+            assert all(ProposeAfter(k) in g.tails for k in decisions), (n, b)
     assert {b for key, b in graphs.row_graphs if key == "propose"} == {b for b in BATCH_BUCKETS if b <= seqs}
     assert graphs.mixed_tokens and all((MixedStep(t), graphs.mixed_batch) in graphs.graphs for t in graphs.mixed_tokens)
 
@@ -344,17 +351,18 @@ def test_a_sealed_runner_runs_a_missing_shape_eagerly_and_counts_it(monkeypatch,
     """After start-up nothing is captured: a step whose graph is missing (one removed here)
     runs its forward eagerly, its decision and proposal eagerly too, gives the same tokens,
     and is counted — in the runner's misses and the engine's graph-miss steps."""
-    import engine.worker
-    from engine.cuda_graphs import padded_batch
+    import engine.worker.worker
+    from engine import SamplingParams
+    from engine.core.shapes import padded_batch
     from engine.engine import Engine
-    from engine.sampling import SamplingParams
     from tests.conftest import PROMPTS
 
     params = SamplingParams(temperature=0, max_tokens=12)
     spec = {"tree": "small_12"}
-    ref = [o.token_ids for o in Engine("default", speculative=spec, max_num_seqs=4).generate_batch(PROMPTS[:2], params)]
-    monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
-    eng = Engine("default", speculative=spec, max_num_seqs=4)
+    kwargs = dict(speculative=spec, max_num_seqs=4, max_num_batched_tokens=256)
+    ref = [o.token_ids for o in Engine("default", **kwargs).generate_batch(PROMPTS[:2], params)]
+    monkeypatch.setattr(engine.worker.worker, "use_cuda_graphs", lambda *args: True)
+    eng = Engine("default", **kwargs)
     runner = eng.executor.worker.runner
     graphs = runner.graphs
     seconds, count = graphs.capture_seconds, len(graphs.graphs)
@@ -369,9 +377,9 @@ def test_chunked_prompts_beside_decodes_give_eager_tokens_through_mixed_graphs(m
     """A token budget smaller than the prompts: later chunks and chunks beside decode tokens
     run the mixed graphs (uncaptured on CPU), their proposals the row graphs — the same tokens
     as the eager engine, greedy and seeded sampling, plain and Medusa; no KV block leaked."""
-    import engine.worker
+    import engine.worker.worker
+    from engine import SamplingParams
     from engine.engine import Engine
-    from engine.sampling import SamplingParams
     from tests.conftest import PROMPTS
 
     prompts = [p * 4 for p in PROMPTS[:4]]  # 20-60 tokens: chunks of 32
@@ -380,9 +388,9 @@ def test_chunked_prompts_beside_decodes_give_eager_tokens_through_mixed_graphs(m
     for spec in (None, {"tree": "small_12"}):
         kwargs = dict(speculative=spec, max_num_seqs=4, max_num_batched_tokens=32)
         with monkeypatch.context() as m:
-            m.setattr(engine.worker, "use_cuda_graphs", lambda *args: False)
+            m.setattr(engine.worker.worker, "use_cuda_graphs", lambda *args: False)
             ref = [o.token_ids for o in Engine("default", **kwargs).generate_batch(prompts, params)]
-        monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
+        monkeypatch.setattr(engine.worker.worker, "use_cuda_graphs", lambda *args: True)
         eng = Engine("default", **kwargs)
         graphs = eng.executor.worker.runner.graphs
         assert graphs.mixed_tokens == (16, 32) and graphs.mixed_batch == 4
@@ -401,12 +409,12 @@ def test_row_graphs_pad_to_a_bucket_and_give_each_row_its_own_answer(monkeypatch
     """The heads' proposal of a host-decided step through ``run_rows``: captured at start-up for
     every batch bucket up to max_num_seqs, fed n rows (padding rows hold older inputs), it
     gives row for row what the eager proposal gives for those n rows alone."""
-    import engine.worker
-    from engine.cuda_graphs import BATCH_BUCKETS
+    import engine.worker.worker
+    from engine.core.shapes import BATCH_BUCKETS
     from engine.engine import Engine
 
-    monkeypatch.setattr(engine.worker, "use_cuda_graphs", lambda *args: True)
-    eng = Engine("default", speculative={"tree": "small_12"}, max_num_seqs=6)
+    monkeypatch.setattr(engine.worker.worker, "use_cuda_graphs", lambda *args: True)
+    eng = Engine("default", speculative={"tree": "small_12"}, max_num_seqs=6, max_num_batched_tokens=256)
     runner = eng.executor.worker.runner
     graphs = runner.graphs
     assert sorted(b for key, b in graphs.row_graphs if key == "propose") == [b for b in BATCH_BUCKETS if b <= 8]

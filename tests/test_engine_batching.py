@@ -5,8 +5,8 @@ import random
 
 import pytest
 
+from engine import SamplingParams
 from engine.engine import Engine
-from engine.sampling import SamplingParams
 from tests.conftest import PROMPTS
 
 MAX = 40
@@ -76,7 +76,7 @@ def test_preemption_gives_identical_tokens(bundled_dir, engine):
 def test_a_decode_step_is_counted_as_merging_its_counts():
     """``record_decode`` (once per sequence and step, counted in place) keeps the counters that
     merging the step's own counts would: steps, tokens, the accepted-length histogram, per depth."""
-    from engine.request import DecodeCounters
+    from engine.core.request import DecodeCounters
 
     rng = random.Random(0)
     fast, merged = DecodeCounters(), DecodeCounters()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from spec_decode.heads import MedusaHeads
+from engine.spec.heads import MedusaHeads
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -42,7 +42,7 @@ def test_pt_checkpoint_and_errors(tmp_path):
 def test_vllm_layout_round_trip(tmp_path, shared):
     from safetensors.torch import load_file
 
-    from spec_decode.heads import export_vllm, load_vllm
+    from engine.spec.heads import export_vllm, load_vllm
 
     heads = MedusaHeads(3, 1, hidden_size=16, vocab_size=40, shared_lm_head=shared).randomize(4)
     lm_head = torch.nn.Linear(16, 40, bias=False)
@@ -65,7 +65,7 @@ def test_vllm_layout_round_trip(tmp_path, shared):
 
 
 def test_root_conditioned_heads_round_trip_and_refuse_vllm_export(tmp_path):
-    from spec_decode.heads import export_vllm
+    from engine.spec.heads import export_vllm
 
     heads = MedusaHeads(3, 2, hidden_size=16, vocab_size=40, kind="root_conditioned").randomize(2)
     heads.save(tmp_path / "h")
@@ -116,8 +116,8 @@ def _reference_candidates(heads, lm_head, embed, tree, x, roots, vocab):
 def test_proposer_matches_the_heads_logits():
     """The proposer's stacked GEMMs, depth-by-depth sequential pass and proposal-vocabulary
     projection give the candidates the heads' own logits give."""
-    from spec_decode.proposer import MedusaProposer
-    from spec_decode.tree import MedusaTree
+    from engine.spec.proposer import MedusaProposer
+    from engine.spec.tree import MedusaTree
 
     torch.manual_seed(0)
     tree = MedusaTree.build([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 1]], 3)
@@ -143,7 +143,7 @@ def test_benchmark_random_heads_load_like_trained_ones(tmp_path):
     train-heads writes (the engine loads them as it loads trained heads), with the proposal
     vocabulary asked for; a proposal vocabulary larger than the model's is refused."""
     from benchmarks.dummy_model import write_random_heads
-    from spec_decode.proposer import read_proposal_vocab
+    from engine.spec.proposer import read_proposal_vocab
 
     model = tmp_path / "model"
     model.mkdir()

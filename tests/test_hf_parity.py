@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from engine import SamplingParams
 from engine.engine import Engine
-from engine.sampling import SamplingParams
 from tests.conftest import PROMPTS, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=False)

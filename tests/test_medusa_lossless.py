@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from engine import SamplingParams
 from engine.engine import Engine
-from engine.sampling import SamplingParams
 from tests.conftest import PROMPTS
 from tests.test_engine_batching import _churn
 
@@ -64,7 +64,7 @@ def test_seeded_sampling_exact_match_rule_equals_plain(bundled_dir):
 
 @pytest.mark.parametrize("acceptance", ["typical", "rejection"])
 def test_device_tail_draws_what_the_host_rules_draw(bundled_dir, acceptance):
-    """Sampled requests decide on the device (spec_decode/tail.py ``sampled``) unless they ask
+    """Sampled requests decide on the device (engine/sample/tail.py ``sampled``) unless they ask
     for logprobs, which sends their steps to the host rules: both must produce the same
     tokens, step for step (the draws are keyed by seed, position and draw alike). A batch with
     top-k / top-p and a greedy request beside sampled ones, the bundled heads so paths get
@@ -107,7 +107,7 @@ def root_heads(bundled_dir, reference, tmp_path_factory, request):
     500 lowest ids."""
 
     from engine.models.loader import read_arch_config
-    from spec_decode.heads import MedusaHeads
+    from engine.spec.heads import MedusaHeads
 
     arch = read_arch_config(bundled_dir)
     path = tmp_path_factory.mktemp("root_heads")
@@ -163,7 +163,7 @@ def test_lossless_under_penalties_and_logit_bias(bundled_dir, tree):
     ref = [o.token_ids for o in plain.generate_batch(prompts, params)]
     unpenalized = [o.token_ids for o in plain.generate_batch(prompts, GREEDY)]
     assert sum(a != b for a, b in zip(ref, unpenalized)) >= 3
-    from spec_decode.heads import BUNDLED_HEADS_DIR
+    from engine.spec.heads import BUNDLED_HEADS_DIR
 
     eng = Engine(str(bundled_dir), speculative={"heads": str(BUNDLED_HEADS_DIR), "tree": tree}, max_num_seqs=8)
     assert [o.token_ids for o in eng.generate_batch(prompts, params)] == ref
@@ -174,9 +174,9 @@ def test_lossless_under_penalties_and_logit_bias(bundled_dir, tree):
 
 def test_deferred_candidates_are_the_steps_own_and_reach_its_next_step(bundled_dir, reference):
     """A uniform step returns its tokens before its proposals (the device proposes while the
-    host applies them): the candidates the scheduler takes at the next step are exactly what
+    host applies them): the candidates the driver pushes at the next step are exactly what
     the step would have returned at once, and the output stays plain greedy decoding's."""
-    from scheduler.outputs import StepResult
+    from engine.core.outputs import SeqResult, StepResult
 
     eng = Engine("default", speculative={"heads": "default", "tree": "small_12"}, max_num_seqs=16)
     runner = eng.executor.worker.runner
@@ -207,8 +207,16 @@ def test_deferred_candidates_are_the_steps_own_and_reach_its_next_step(bundled_d
         take()  # the last step's, which no step took: every request had finished
     with pytest.raises(RuntimeError, match="deferred no candidates"):
         take()
-    # A deferred result without the means to take its candidates is refused, not dropped.
+    # A deferred result leaves its candidates owed: the scheduler refuses to schedule until the
+    # driver pushes them, and takes only one list per result.
     eng.add_request(PROMPTS[0], GREEDY)
     step = eng.scheduler.schedule()
-    with pytest.raises(ValueError, match="take_candidates"):
-        eng.scheduler.update(StepResult(step_id=step.step_id, results=[], candidates_deferred=True))
+    eng.scheduler.update(StepResult(step_id=step.step_id, candidates_deferred=True,
+                                    results=[SeqResult(seq_id=s.seq_id, sampled_token_ids=[5]) for s in step.seqs]))
+    assert eng.scheduler.awaits_draft_tokens
+    with pytest.raises(RuntimeError, match="update_draft_token_ids"):
+        eng.scheduler.schedule()
+    with pytest.raises(ValueError, match="0 lists for 1 results"):
+        eng.scheduler.update_draft_token_ids([])
+    eng.scheduler.update_draft_token_ids([[7] * 12])
+    assert not eng.scheduler.awaits_draft_tokens and eng.scheduler.schedule().seqs[0].candidates

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
-from engine.server import build_app
+from engine.entrypoints.server import build_app
 from tests.serving import LoopbackServer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -38,7 +38,7 @@ def test_every_cli_flag_says_what_it_does_and_its_default():
     import io
     from pathlib import Path
 
-    from engine import cli
+    from engine.entrypoints import cli
 
     parsers = {}
     real = argparse.ArgumentParser.parse_args

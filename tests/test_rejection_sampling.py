@@ -6,8 +6,8 @@ import math
 import torch
 from transformers import AutoModelForCausalLM
 
+from engine import SamplingParams
 from engine.engine import Engine
-from engine.sampling import SamplingParams
 from tests.tiny import make_tiny_model
 
 VOCAB = 12

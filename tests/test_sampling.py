@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from engine import SamplingParams
 from engine.engine import Engine
-from engine.sampling import SamplingParams, processed_probs
+from engine.sample.sampler import processed_probs
 
 
 def test_processed_probs_top_k_top_p():

@@ -9,10 +9,10 @@ import time
 import httpx
 import pytest
 
+from engine import SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
-from engine.sampling import SamplingParams
-from engine.server import build_app
+from engine.entrypoints.server import build_app
 from tests.serving import LoopbackServer
 
 NAME = "smol"
@@ -332,7 +332,7 @@ def test_sigterm_drains_then_aborts_and_exits_cleanly(bundled_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", str(bundled_dir), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "engine.entrypoints.cli", "serve", "--model", str(bundled_dir), "--port",
                              str(port), "--drain-timeout-s", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

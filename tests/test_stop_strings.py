@@ -5,9 +5,9 @@ at the very token that completes them, where decoding the whole output every tok
 
 import pytest
 
+from engine import SamplingParams
+from engine.core.request import Request, RequestStatus
 from engine.output_processor import OutputProcessor
-from engine.request import Request, RequestStatus
-from engine.sampling import SamplingParams
 
 BODY = "Ein langer Text — with ümlauts, 漢字とかなの混ざった文章, emoji 🙂👍🏽 and plain words. " * 6
 

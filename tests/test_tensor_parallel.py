@@ -19,13 +19,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from engine import SamplingParams
 from engine.engine import Engine
 from engine.executor import WorkerError
 from engine.models.config import ArchConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.models.loader import read_arch_config
-from engine.parallel import ShardPlan, read_shard, shard_tensor, split_range
-from engine.sampling import SamplingParams
+from engine.models.parallel import ShardPlan, read_shard, shard_tensor, split_range
 from tests.conftest import PROMPTS
 from tests.tiny import make_tiny_model
 
@@ -168,7 +168,7 @@ def test_tp2_start_up_timings_agree_across_ranks(ray_cluster, tiny_tp, tmp_path,
     the ranks keep one tree (the executor refuses to start otherwise) and stay lossless."""
     import json
 
-    from spec_decode.heads import MedusaHeads
+    from engine.spec.heads import MedusaHeads
 
     arch = read_arch_config(tiny_tp)
     MedusaHeads(4, 1, arch.hidden_size, arch.vocab_size).randomize(5).save(tmp_path)

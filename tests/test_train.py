@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from engine.engine import Engine
-from spec_decode.heads import MedusaHeads
-from spec_decode.train import (TrainConfig, distill, head_loss, rank_accuracy, response_hidden_states,
-                               train_heads)
-from spec_decode.tree import build_tree_from_accuracy, expected_accept_length, node_probability
+from engine.spec.heads import MedusaHeads
+from engine.spec.tree import build_tree_from_accuracy, expected_accept_length, node_probability
+from engine.training.train import TrainConfig, distill, head_loss, rank_accuracy, response_hidden_states, train_heads
 
 
 def _pattern_examples(n: int, seed: int, pairs: bool = False) -> list[dict]:
@@ -144,7 +143,7 @@ def test_tree_from_accuracy_matches_brute_force(seed):
 
 
 def test_tree_auto_times_sizes_and_stays_lossless(tiny_llama, tmp_path):
-    from engine.sampling import SamplingParams
+    from engine import SamplingParams
 
     heads = MedusaHeads(3, 1, 64, 256).randomize(0)
     heads.save(tmp_path / "h")
@@ -173,7 +172,7 @@ def test_whole_sources_are_held_out_of_training(tmp_path):
     other sources is neither trained on nor mixed into the held-out set; the three splits
     cover every row once; held-out rows come repository by repository, so any first n mix
     them; a file without sources falls back to the random split."""
-    from spec_decode.data import HELDOUT_SOURCES, SPLITS, is_heldout, read_prompts
+    from engine.training.data import HELDOUT_SOURCES, SPLITS, is_heldout, read_prompts
 
     rows = [{"id": f"{repo.split('/')[0]}-{i}", "source": f"{repo}:data.jsonl", "prompt": f"{repo} prompt {i}"}
             for repo in ("a/trained", "b/trained", *HELDOUT_SOURCES[:2]) for i in range(40)]
@@ -192,3 +191,22 @@ def test_whole_sources_are_held_out_of_training(tmp_path):
     assert [p for p, _ in read_prompts(bare, "heldout")] == [r["id"] for r in rows if is_heldout(r["id"])]
     with pytest.raises(ValueError, match="split"):
         list(read_prompts(f, "test"))
+
+
+def test_the_data_directory_is_an_argument_with_a_clear_error(tmp_path, monkeypatch):
+    """train-heads finds its prompts in --data-dir, else $MEDUSA_ENGINE_DATA, else ../shared/data
+    beside a checkout; an installed package has none of them, and says which flag to pass."""
+    import engine.training.data as data
+    from engine.training.train import TrainConfig
+
+    (tmp_path / "train_prompts.jsonl").write_text("")
+    assert data.data_dir(str(tmp_path)) == tmp_path
+    assert TrainConfig(out="x", data_dir=str(tmp_path)).prompts == str(tmp_path / "train_prompts.jsonl")
+    monkeypatch.setenv("MEDUSA_ENGINE_DATA", str(tmp_path))
+    assert data.data_dir() == tmp_path
+    with pytest.raises(ValueError, match="--data-dir = .* is not a directory"):
+        data.data_dir(str(tmp_path / "nope"))
+    monkeypatch.delenv("MEDUSA_ENGINE_DATA")
+    monkeypatch.setattr(data, "CHECKOUT_DATA_DIR", tmp_path / "not-installed")
+    with pytest.raises(ValueError, match="pass --data-dir DIR"):
+        TrainConfig(out="x")

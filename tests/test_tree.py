@@ -6,7 +6,7 @@ import pytest
 import torch
 from xformers.ops.tree_attention import TreeAttnMetadata
 
-from spec_decode.tree import MedusaTree, PRESETS
+from engine.spec.tree import PRESETS, MedusaTree
 
 
 def _random_tree(rng: random.Random, n: int, depth: int, topk: int) -> list[tuple[int, ...]]:

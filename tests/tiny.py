@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 
 def _word_tokenizer(vocab_size: int, out: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}

@@ -56,11 +56,11 @@ def select_backend(name: str, device_type: str, dtype: str) -> BackendSpec:
     return spec
 
 
-# Preference order for "auto": xformers' paged kernels on CUDA, then the torch reference.
+# Preference order for "auto": the Triton kernels on CUDA, then the torch reference.
 register_backend(BackendSpec(
-    "xformers", "engine.attention.xformers_backend:XformersAttentionBackend", frozenset({"cuda"}),
+    "triton", "engine.attention.triton_backend:TritonAttentionBackend", frozenset({"cuda"}),
     frozenset({"bfloat16", "float16"}), cuda_graphs=True, block_size_multiple=64,
-    why=" (xformers' paged split-K kernels: 16-bit only, no CPU kernels)"))
+    why=" (Triton paged kernels and xformers' flash prefill: 16-bit only, no CPU kernels)"))
 register_backend(BackendSpec(
     "torch", "engine.attention.torch_ref:TorchAttentionBackend", frozenset({"cpu", "cuda"}),
     frozenset({"float32", "bfloat16", "float16"}), cuda_graphs=False))

@@ -23,7 +23,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from engine.kv_cache import PagedKVCache
+from engine.attention.kv_cache import PagedKVCache
 
 
 @dataclass
@@ -45,7 +45,7 @@ class StepAttnInputs:
 
 @dataclass
 class GraphAttnInputs:
-    """A fixed-shape step's attention metadata (see engine/cuda_graphs.py): the lengths and
+    """A fixed-shape step's attention metadata (see engine/worker/cuda_graphs.py): the lengths and
     block tables it reads are device tensors, refreshed in place before each replay."""
     meta: object
     # [batch] int32: cached positions each sequence attends to before its own query tokens
@@ -55,7 +55,7 @@ class GraphAttnInputs:
     block_tables: torch.Tensor  # [batch, width] int32
     # Mixed steps only ([batch + 1] int32 each): where each sequence's tokens start in the
     # step (the last entry: the step's token count), and its first query tile
-    # (engine/attention/varlen_kernel.py ``tile_starts``).
+    # (engine/kernels/varlen_attention.py ``tile_starts``).
     q_starts: Optional[torch.Tensor] = None
     first_tiles: Optional[torch.Tensor] = None
 
@@ -81,27 +81,6 @@ class AttentionBackend(Protocol):
         sequences, its tokens flat in ``write_slots``' order: sequence b runs the last
         ``q_starts[b+1] - q_starts[b]`` of its ``kv_lens[b]`` positions, causally over its paged
         cache. Sequences with no tokens are padding; so are tokens past ``q_starts[batch]``."""
-
-
-# Query tokens per program of the varlen kernel (engine/attention/varlen_kernel.py), each with
-# the query heads of one KV head. Its tiling lives here, free of Triton, because the host
-# counts a step's tiles (``tile_starts``) with the rest of its lengths, graph or eager.
-TILE_TOKENS = 16
-
-
-def tile_starts(q_lens: list[int]) -> list[int]:
-    """Each sequence's first query tile, then the step's tile count ([S + 1]): a sequence of
-    ``q_len`` tokens takes ``cdiv(q_len, TILE_TOKENS)`` tiles (none for a padding sequence)."""
-    starts = [0]
-    for n in q_lens:
-        starts.append(starts[-1] + -(-n // TILE_TOKENS))
-    return starts
-
-
-def max_tiles(tokens: int, seqs: int) -> int:
-    """The most tiles a step of ``tokens`` tokens over ``seqs`` sequences can need (each
-    sequence's last tile may be partial): the kernel's grid, fixed for a captured graph."""
-    return -(-tokens // TILE_TOKENS) + seqs
 
 
 def uniform_shape(seqs: list[SeqAttn]) -> Optional[tuple[int, Optional[torch.Tensor]]]:

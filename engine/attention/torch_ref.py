@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from engine.attention.base import GraphAttnInputs, SeqAttn, StepAttnInputs
-from engine.kv_cache import PagedKVCache
+from engine.attention.kv_cache import PagedKVCache
+from engine.core.shapes import cdiv
 
 # Query blocks up to this long are batched together (covers decode steps and Medusa trees).
 SHORT_QUERY = 80
@@ -38,7 +39,7 @@ class TorchAttnMeta:
 
 @dataclass
 class TorchStaticMeta:
-    """A fixed-shape step (engine/cuda_graphs.py): its group is derived on the device from the
+    """A fixed-shape step (engine/worker/cuda_graphs.py): its group is derived on the device from the
     in-place lengths and tables at every call, so nothing depends on host-side lists. (Eager
     steps keep the exact-width groups above: this backend is the CPU path and the ground
     truth, and its fixed-shape variant only has to mirror what a captured step does.)"""
@@ -151,7 +152,7 @@ class TorchAttentionBackend:
         the graphs' tables are as wide as the longest possible sequence. (This backend is never
         captured, so reading the lengths on the host costs nothing a graph would notice.)"""
         page = self.kv_cache.block_size
-        pages = -(-int(kv_lens.max()) // page) if kv_lens.numel() else 0
+        pages = cdiv(int(kv_lens.max()), page) if kv_lens.numel() else 0
         return min(tables.shape[1], max(1, pages)) * page
 
     def _static_group(self, meta: TorchStaticMeta) -> _Group:

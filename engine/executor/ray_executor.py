@@ -21,9 +21,9 @@ from typing import Any
 
 import msgspec
 
+from engine.core.outputs import ENCODER, SCHEDULER_OUTPUT_DECODER, STEP_RESULT_DECODER, SchedulerOutput, StepResult
 from engine.executor import WorkerError
-from engine.worker import WorkerInfo, WorkerSpec
-from scheduler.outputs import ENCODER, SCHEDULER_OUTPUT_DECODER, STEP_RESULT_DECODER, SchedulerOutput, StepResult
+from engine.worker.worker import WorkerInfo, WorkerSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -44,8 +44,8 @@ class RankActor:
         return ray.util.get_node_ip_address(), port
 
     def start(self, spec_bytes: bytes, address: str, port: int, timeout_s: float) -> bytes:
-        from engine.parallel import TPGroup
-        from engine.worker import Worker
+        from engine.models.parallel import TPGroup
+        from engine.worker.worker import Worker
 
         spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
         if spec.world_size > 1:
@@ -138,7 +138,7 @@ class RayExecutor:
 
     def execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
         """Every rank returns its whole result (candidates included): ``defer_candidates`` is an
-        in-process saving (engine/model_runner.py), and a result crosses processes as bytes."""
+        in-process saving (engine/worker/model_runner.py), and a result crosses processes as bytes."""
         if self.error is not None:
             raise self.error
         data = ENCODER.encode(out)

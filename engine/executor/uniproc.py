@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.worker import Worker, WorkerInfo, WorkerSpec
-from scheduler.outputs import SchedulerOutput, StepResult
+from engine.core.outputs import SchedulerOutput, StepResult
+from engine.worker.worker import Worker, WorkerInfo, WorkerSpec
 
 
 class UniprocExecutor:

@@ -15,7 +15,8 @@ from torch import nn
 
 from engine.models.config import ArchConfig
 from engine.models.ops import EAGER_OPS, ModelOps
-from engine.parallel import ShardPlan, TPGroup
+from engine.models.parallel import ShardPlan, TPGroup
+
 
 def rope_inv_freq(cfg: ArchConfig) -> torch.Tensor:
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, world_size:
     """The model, or with ``world_size > 1`` rank ``rank``'s tensor-parallel shard of it (``tp``:
     the rank's TPGroup). Each rank reads only its slices of the checkpoint; with
     ``load_format="dummy"`` nothing is read and the weights are random."""
-    from engine.parallel import ShardPlan, TPGroup, read_shard
+    from engine.models.parallel import ShardPlan, TPGroup, read_shard
 
     cfg = read_arch_config(path)
     model_cls = MODEL_REGISTRY[cfg.architecture].load_class()

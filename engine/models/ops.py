@@ -4,7 +4,7 @@ Eager, each is several small kernels (RMSNorm alone is ~8); on a small model at 
 decode step is bound by how many kernels it runs, not by bytes. On CUDA the same functions are
 compiled with ``torch.compile`` (Inductor fuses each into one or two Triton kernels, which CUDA
 graphs then capture), except RoPE and SiLU·mul, which are hand-written Triton programs there
-(engine/models/ops_kernel.py: Inductor's cost 3x as much at 64 rows as at one). The math is
+(engine/kernels/rope_silu.py: Inductor's cost 3x as much at 64 rows as at one). The math is
 the same either way; the eager versions are what CPU runs and what the HF parity tests pin down.
 """
 
@@ -83,10 +83,10 @@ def compiled_ops() -> ModelOps:
 
 def cuda_ops(head_dim: int) -> ModelOps:
     """What a model on CUDA runs: the norms compiled, RoPE and SiLU·mul as the Triton programs
-    of ops_kernel (RoPE where head_dim is a power of two, which its program needs; else the
+    of engine/kernels/rope_silu.py (RoPE where head_dim is a power of two, which its program needs; else the
     compiled one)."""
-    from engine.models import ops_kernel
+    from engine.kernels import rope_silu
 
     base = compiled_ops()
-    rope = ops_kernel.qkv_rope if ops_kernel.rope_applies(head_dim) else base.qkv_rope
-    return ModelOps(base.rms_norm, base.add_rms_norm, rope, ops_kernel.silu_mul)
+    rope = rope_silu.qkv_rope if rope_silu.rope_applies(head_dim) else base.qkv_rope
+    return ModelOps(base.rms_norm, base.add_rms_norm, rope, rope_silu.silu_mul)

@@ -1,0 +1,1 @@
+"""The command line (`medusa-engine`) and the OpenAI-compatible HTTP server."""

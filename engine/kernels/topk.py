@@ -1,0 +1,36 @@
+"""The Triton program behind engine/spec/topk.py ``row_topk`` and ``topk_into`` (imported only
+where Triton is)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def topk_rows_kernel(x_ptr, out_ptr, ids_ptr, dest_ptr, cols, stride_row, rows_per_seq, stride_out,
+                     K: tl.constexpr, BLOCK: tl.constexpr, MAPPED: tl.constexpr, DEST: tl.constexpr):
+    """One program per row: the row in registers (float32), then K rounds of the largest value
+    and its lowest column (one argmax), written out and knocked out of the row. Without DEST
+    winner i of row r goes to out[r, i]; with DEST row r = s·rows_per_seq + p puts winner i at
+    out[s, dest[p, i]] (skipped where dest is -1): a sequential head's top-k lands in the
+    tree's node columns."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_row + offs, mask=offs < cols, other=float("-inf")).to(tl.float32)
+    # A NaN equals nothing, not even the maximum: count it as -inf (heads' logits are finite).
+    x = tl.where(x == x, x, float("-inf"))
+    for i in tl.static_range(K):
+        # One reduction a round (the first column of the maximum), not a max and then a min
+        # over the columns that hold it.
+        col = tl.argmax(x, axis=0, tie_break_left=True)
+        col = tl.minimum(col, cols - 1)  # never out of the row, whatever the values
+        x = tl.where(offs == col, float("-inf"), x)
+        token = col.to(tl.int64)
+        if MAPPED:
+            token = tl.load(ids_ptr + col)
+        if DEST:
+            node = tl.load(dest_ptr + (row % rows_per_seq) * K + i)
+            tl.store(out_ptr + (row // rows_per_seq) * stride_out + node, token, mask=node >= 0)
+        else:
+            tl.store(out_ptr + row * K + i, token)

@@ -1,0 +1,1 @@
+"""What speculation proposes: Medusa heads, trees, the proposer and its top-k."""

@@ -1,0 +1,2 @@
+"""Offline head training (self-distillation) and its prompt data; nothing in the serving path
+imports it."""

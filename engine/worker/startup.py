@@ -1,0 +1,236 @@
+"""Start-up timings: what tree="auto" and back-off measure on this device before the first
+request, and the on-disk cache that lets a restart skip the measurement.
+
+- back-off: a latency grid (batch size x tree size → step ms, ``measure_step_latency``) that
+  its policy reads every step;
+- tree="auto": one verify step per tree size at small batches (``autotune_tree``), keeping the
+  tree with the best estimated speed-up.
+
+Both run real steps through the runner before any request exists (the KV blocks they write are
+free) and are cached under a key of everything they depend on (``latency_cache_key``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+
+from engine.core.outputs import ScheduledSeq, SchedulerOutput
+from engine.core.sampling_params import SamplingParams
+from engine.core.shapes import cdiv
+from engine.models.parallel import TPGroup
+from engine.spec.heads import BUNDLED_HEADS_DIR
+from engine.spec.tree import AUTO_TREE_SIZES, build_tree_from_accuracy, expected_accept_length, nested_subtrees
+from engine.worker.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from engine.worker.worker import WorkerSpec
+
+logger = logging.getLogger("medusa_engine")
+
+
+def choose_trees(runner: ModelRunner, spec: "WorkerSpec", head_accuracy, tp: TPGroup, graphs: bool
+                 ) -> tuple[Optional[list[dict]], Optional[list[list[float]]], dict[int, list[int]]]:
+    """Set the runner's tree set for the engine's speculation: with back-off the full tree and
+    the trees nested in it, with the latency grid; with tree="auto" the tree its timings pick;
+    else the full tree alone. Returns (tree=auto's rows, back-off's grid, the tree set as
+    candidate count → indices of that tree's candidates among the full tree's)."""
+    cfg, sc = spec.config, spec.config.scheduler
+    device = runner.device
+    if cfg.speculative.backoff:
+        if head_accuracy is None:
+            raise ValueError("speculative.backoff: needs heads with a tree.json holding rank_accuracy "
+                             "(written by train-heads) to know what each tree size is worth")
+        nested = nested_subtrees(runner.tree, head_accuracy, AUTO_TREE_SIZES)
+        runner.set_trees({n: st.tree for n, st in nested.items()})
+        batch_sizes = sorted({min(2 ** i, sc.max_num_seqs) for i in range(16)})
+        key = latency_cache_key(spec, device, sorted(nested), batch_sizes, runner.tree, graphs)
+        grid = cached_timings(
+            key, f"back-off step-latency grid ({len(batch_sizes)} batch sizes x {len(nested) + 1} tree sizes)",
+            lambda cached: cached if cached is not None else measure_step_latency(
+                runner, batch_sizes, sorted(nested), spec.block_size, spec.num_blocks, sc.max_num_batched_tokens, tp),
+            tp, spec.rank)
+        return None, grid, {n: list(st.nodes) for n, st in nested.items()}
+    rows = None
+    if cfg.speculative.tree == "auto":
+        batches = sorted({min(b, sc.max_num_seqs) for b in AUTOTUNE_BATCH_SIZES})
+        key = {**latency_cache_key(spec, device, list(AUTO_TREE_SIZES), batches, runner.tree, graphs),
+               "what": "tree-auto"}
+        rows = cached_timings(
+            key, f"tree=auto step timings ({len(AUTO_TREE_SIZES)} tree sizes)",
+            lambda cached: autotune_tree(runner, head_accuracy, spec.block_size, spec.num_blocks,
+                                         sc.max_num_batched_tokens, sc.max_num_seqs, tp, timed_rows=cached),
+            tp, spec.rank)
+    full = runner.tree
+    return rows, None, {full.num_nodes - 1: list(range(full.num_nodes - 1))}
+
+
+def cached_timings(key: dict, what: str, measure: Callable[[Optional[list]], list], tp: TPGroup, rank: int) -> list:
+    """Start-up timings kept on disk under ``key``: ``measure(cached)`` gets what an earlier
+    start stored (None: nothing, or MEDUSA_ENGINE_REMEASURE=1) and returns the timings, which
+    are stored when they were measured. Rank 0 decides (load or measure) for every rank: the
+    measurement's steps are collective."""
+    cached = tp.broadcast_object(load_timings(key) if rank == 0 else None)
+    if cached is not None:
+        logger.info("%s: loaded from the cache", what)
+        return measure(cached)
+    logger.info("%s: measuring; cached for the next start", what)
+    t0 = time.perf_counter()
+    timings = measure(None)
+    logger.info("%s: measured in %.1f s", what, time.perf_counter() - t0)
+    if rank == 0:
+        save_timings(key, timings)
+    return timings
+
+
+def latency_cache_key(spec: "WorkerSpec", device: torch.device, sizes: list[int], batch_sizes: list[int],
+                      tree, graphs: bool) -> dict:
+    """What measured step timings (back-off's grid, tree=auto's) depend on: the device, the
+    software, the model and heads (by their files' sizes and times), the tree set and the step
+    shapes."""
+    cfg = spec.config
+
+    def files(path) -> list:
+        p = Path(path)
+        if not p.is_dir():
+            return [str(path)]
+        return sorted([f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in p.iterdir()
+                      if f.suffix in (".json", ".safetensors", ".pt", ".bin"))
+
+    heads = cfg.speculative.heads
+    heads_dir = BUNDLED_HEADS_DIR if heads == "default" else heads
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}",
+            "torch": torch.__version__, "dtype": spec.dtype, "backend": spec.attention_backend, "graphs": graphs,
+            "model": [spec.model_path, files(spec.model_path)], "heads": [str(heads_dir), files(heads_dir)],
+            "proposal_vocab": cfg.speculative.proposal_vocab, "tree": [list(c) for c in tree.choices],
+            "sizes": sizes, "batch_sizes": batch_sizes, "block_size": spec.block_size,
+            "token_budget": cfg.scheduler.max_num_batched_tokens, "world_size": spec.world_size,
+            "version": LATENCY_CACHE_VERSION}
+
+
+# Bump when what a grid point measures changes (the cache then re-measures everywhere).
+LATENCY_CACHE_VERSION = 1
+
+
+def _latency_cache_file(key: dict) -> Path:
+    from engine.models.loader import cache_dir
+
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "step-latency" / f"{digest}.json"
+
+
+def load_timings(key: dict) -> Optional[list]:
+    """Timings measured before under the same key; None if there are none (or
+    MEDUSA_ENGINE_REMEASURE=1 asks for a fresh measurement)."""
+    if os.environ.get("MEDUSA_ENGINE_REMEASURE") == "1":
+        return None
+    f = _latency_cache_file(key)
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return data["grid"] if data.get("key") == key else None
+
+
+def save_timings(key: dict, timings: list) -> None:
+    f = _latency_cache_file(key)
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".part")
+        tmp.write_text(json.dumps({"key": key, "grid": timings, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        os.replace(tmp, f)
+    except OSError as e:  # a read-only cache only costs the next start a measurement
+        logger.warning("could not cache the step timings in %s (%s)", f, e)
+
+
+def _median_step_seconds(runner: ModelRunner, out: SchedulerOutput) -> float:
+    """Wall time of ``runner.execute(out)``: one warm-up run, then the median of three."""
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(4):
+        sync()
+        t0 = time.perf_counter()
+        runner.execute(out)
+        sync()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[1]
+
+
+# Batch sizes tree="auto" times: one fixed tree serves every step, so it is chosen for the small
+# batches where a fixed tree pays (back-off sizes the tree per step for the rest). On a CPU the
+# verify step's cost grows with batch x nodes (it is compute-bound), so batch 1 alone picked
+# trees too large for the README demo's batch of 4 (0.82x plain there).
+AUTOTUNE_BATCH_SIZES = (1, 4)
+
+
+def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, token_budget: int,
+                  max_num_seqs: int, tp: TPGroup, ctx: int = 128,
+                  timed_rows: Optional[list[dict]] = None) -> list[dict]:
+    """Time plain decoding and one verify step per tree size (``ctx`` tokens of context) at
+    batch 1 and 4; keep the tree with the best estimated speed-up (expected tokens per step x
+    plain step time / verify step time, averaged over the batch sizes). Runs before any
+    request exists, so the KV blocks it scribbles on are free. Under tensor parallelism every
+    rank times the same steps (they run in lockstep) and rank 0's choice is broadcast, so all
+    ranks agree. ``timed_rows``: this function's rows from an earlier start (cached), whose
+    timings are used instead of measuring."""
+    trees = {n: build_tree_from_accuracy(acc, n) for n in AUTO_TREE_SIZES}
+    batches = sorted({min(b, max_num_seqs) for b in AUTOTUNE_BATCH_SIZES})
+    ms: dict[tuple[int, int], float] = {}
+    for row in timed_rows or []:
+        ms.update({(int(b), row["nodes"]): t for b, t in row["latency_ms"].items()})
+        ms.update({(int(b), 0): t for b, t in row["plain_ms"].items()})
+    if timed_rows is None:
+        for n, tree in trees.items():
+            # Each tree alone, so its step proposes for that tree only (as it will when chosen).
+            runner.set_trees({n: tree})
+            grid = measure_step_latency(runner, batches, [n], block_size, num_blocks, token_budget, tp, ctx,
+                                        plain=not ms)
+            ms.update({(int(b), int(k)): t for b, k, t in grid})
+    rows = []
+    for n, tree in trees.items():
+        expected = expected_accept_length(tree.choices, acc)
+        timed = [b for b in batches if (b, n) in ms]
+        if not timed:
+            continue
+        speedup = {b: expected * ms[(b, 0)] / ms[(b, n)] for b in timed}
+        rows.append({"nodes": n, "latency_ms": {str(b): ms[(b, n)] for b in timed},
+                     "plain_ms": {str(b): ms[(b, 0)] for b in timed},
+                     "expected_tokens_per_step": round(expected, 3),
+                     "est_speedup": round(sum(speedup.values()) / len(speedup), 3)})
+    best = tp.broadcast_object(max(rows, key=lambda r: r["est_speedup"])["nodes"])
+    runner.set_trees({best: trees[best]})
+    return tp.broadcast_object(rows)
+
+
+def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: list[int], block_size: int,
+                         num_blocks: int, token_budget: int, tp: TPGroup, ctx: int = 128,
+                         plain: bool = True) -> list[list[float]]:
+    """[batch size, candidates, ms] for decode steps of B sequences verifying n-candidate trees
+    (n = 0: plain decoding, no proposals; unless ``plain`` is False), ``ctx`` tokens of context each; combinations over the
+    step token budget are skipped (the scheduler never runs them). Before any request exists,
+    so the blocks it writes are free; all sequences share one block table. Under TP rank 0's
+    table is broadcast, so every rank holds the same model."""
+    depth = runner.tree.depth
+    ctx = max(1, min(ctx, num_blocks * block_size - depth - 2))
+    table = list(range(cdiv(ctx + 1 + depth, block_size)))
+    greedy = SamplingParams(temperature=0)
+    rows = []
+    for n in [0] * plain + [s for s in sizes if s > 0]:
+        for b in batch_sizes:
+            if b * (n + 1) > token_budget:
+                continue
+            seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=ctx, block_table=table, sample=True,
+                                 tree_size=n, candidates=[1] * n, params=greedy) for i in range(b)]
+            out = SchedulerOutput(step_id=-1, seqs=seqs, propose=n > 0)
+            rows.append([b, n, round(1e3 * _median_step_seconds(runner, out), 4)])
+    return tp.broadcast_object(rows)

@@ -1,1 +1,0 @@
-"""Continuous-batching scheduler: policy only, never tensors."""

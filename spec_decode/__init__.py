@@ -1,1 +1,0 @@
-"""Medusa speculative decoding: heads, candidate trees, proposer, acceptance rules, training."""
