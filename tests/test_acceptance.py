@@ -135,7 +135,7 @@ def check_device_rules(spec, rule: str, device: torch.device) -> None:
     from engine.sample.sampler import params_rows, processed_probs_rows, seed_key
 
     tree = MedusaTree.build(spec, num_heads=4)
-    n, vocab = tree.num_nodes, 40
+    vocab = 40
     cases = [tuple(x.to(device) for x in _case(tree, vocab, seed)) for seed in range(32)]
     params = [SamplingParams(temperature=0) if i % 5 == 0 else
               SamplingParams(temperature=[0.5, 0.7, 1.0, 1.3][i % 4], top_k=[0, 5, 0, 12][i % 4],
