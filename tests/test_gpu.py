@@ -703,7 +703,10 @@ def test_no_graph_is_captured_while_serving():
     eng = Engine("default", dtype="bfloat16", speculative={"tree": "auto", "backoff": True}, max_num_seqs=64)
     plain = Engine("default", dtype="bfloat16", max_num_seqs=64)
     for e in (eng, plain):
-        assert e.num_graphs > 0 and e.graph_capture_s > 0 and e.graph_memory_gb > 0
+        assert e.num_graphs > 0 and e.graph_capture_s > 0
+    # (The second engine's pools may reuse what the process has cached: only the first must
+    # have taken new device memory.)
+    assert eng.graph_memory_gb > 0
     print(f"start-up {eng.startup_s:.1f} s: {eng.num_graphs} graphs captured in {eng.graph_capture_s:.1f} s, "
           f"{eng.graph_memory_gb:.2f} GiB")
     greedy = SamplingParams(temperature=0, max_tokens=48)
@@ -735,11 +738,12 @@ def test_no_graph_is_captured_while_serving():
 @pytest.mark.parametrize("on_device", [False, True])
 def test_a_registered_rule_serves_requests_with_cuda_graphs(on_device):
     """A rule registered by a user — host function only, or with its batched device version —
-    serves real steps in a bf16 engine with CUDA graphs: tokens come out, nothing finishes with
-    'error', no step captures or misses a graph (with a device version its tail is captured at
-    start-up as the engine's rule), and since it accepts nothing and draws the bonus as plain
-    decoding draws, sampled requests equal a plain engine's with the same seeds (up to bf16
-    near-ties between a verify step and a plain step: almost all)."""
+    serves real steps in a bf16 engine with CUDA graphs: it is called, tokens come out, nothing
+    finishes with 'error', no step captures or misses a graph (with a device version its tail
+    is captured at start-up as the engine's rule), and the graph engine samples what the same
+    engine run eagerly samples. (Against a plain engine bf16 rounds a verify step and a plain
+    step differently, and a sampled token flips at a near-tie: the CPU suite checks that
+    equality in float32, tests/test_registries.py.)"""
     from engine.engine import Engine
     from engine.sample.acceptance import ACCEPTANCE_RULES, Accepted, register_rule
     from engine.sample.sampler import processed_probs, sample_token
@@ -758,18 +762,20 @@ def test_a_registered_rule_serves_requests_with_cuda_graphs(on_device):
         return Accepted([0], sample_token(processed_probs(logits[0], params), params, seed, first_pos))
 
     try:
-        eng = Engine("default", dtype="bfloat16", speculative={"tree": "mc_sim_7b_63", "acceptance": "gpu_root_only"},
-                     max_num_seqs=16)
-        plain = Engine("default", dtype="bfloat16", max_num_seqs=16)
+        spec = {"tree": "mc_sim_7b_63", "acceptance": "gpu_root_only"}
         params = [SamplingParams(temperature=0.7, seed=i, max_tokens=32) for i in range(len(PROMPTS))]
-        outs = eng.generate_batch(PROMPTS, params)
-        assert all(o.token_ids and o.finish_reason in ("stop", "length") for o in outs)
-        assert calls["device" if on_device else "host"] > 0
-        assert eng.stats.num_capture_steps == 0 and eng.stats.num_graph_miss_steps == 0
-        same = sum(a.token_ids == b.token_ids for a, b in zip(outs, plain.generate_batch(PROMPTS, params)))
-        print(f"registered rule (device version: {on_device}): {same}/{len(PROMPTS)} equal plain sampling")
-        assert same >= len(PROMPTS) - 2
-        eng.shutdown()
-        plain.shutdown()
+        toks = {}
+        for eager in (False, True):
+            eng = Engine("default", dtype="bfloat16", speculative=spec, max_num_seqs=16, enforce_eager=eager)
+            calls.update(host=0, device=0)
+            outs = eng.generate_batch(PROMPTS, params)
+            assert all(o.token_ids and o.finish_reason in ("stop", "length") for o in outs)
+            assert calls["device" if on_device else "host"] > 0, calls
+            assert eng.stats.num_capture_steps == 0 and eng.stats.num_graph_miss_steps == 0
+            toks[eager] = [o.token_ids for o in outs]
+            eng.shutdown()
+        same = sum(a == b for a, b in zip(toks[False], toks[True]))
+        print(f"registered rule (device version: {on_device}): graphs vs eager {same}/{len(PROMPTS)} identical")
+        assert same >= len(PROMPTS) - 1
     finally:
         ACCEPTANCE_RULES.pop("gpu_root_only")

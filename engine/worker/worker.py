@@ -123,17 +123,21 @@ class Worker:
         """Every graph a served step can replay, before the first request: each tree a step may
         verify and plain decoding at every batch bucket with their tails, prompts and mixed
         steps. Then the runner is sealed: a served step never captures. Returns the device
-        memory the graphs took (GiB)."""
+        memory the capture took (GiB): what the device's free memory or torch's reserved memory
+        grew by, whichever is more. (Memory the process had cached already and the graphs' pools
+        reused — a second engine in one process — is not counted.)"""
         sc, graphs = self.spec.config.scheduler, self.runner.graphs
-        free = (lambda: torch.cuda.mem_get_info(self.device)[0]) if self.device.type == "cuda" else (lambda: 0)
-        free_before = free()
+        cuda = self.device.type == "cuda"
+        free = (lambda: torch.cuda.mem_get_info(self.device)[0]) if cuda else (lambda: 0)
+        reserved = (lambda: torch.cuda.memory_reserved(self.device)) if cuda else (lambda: 0)
+        free_before, reserved_before = free(), reserved()
         graphs.capture([None] + sorted(self.runner.trees.values(), key=lambda t: t.num_nodes),
                        sc.max_num_seqs, sc.max_num_batched_tokens)
         self.runner.capture_tails(sc.max_num_seqs)
         graphs.capture_prefill(sc.max_num_batched_tokens)
         graphs.capture_mixed()
         graphs.seal()
-        return max(0.0, (free_before - free()) / 2 ** 30)
+        return max(0.0, free_before - free(), reserved() - reserved_before) / 2 ** 30
 
     def info(self) -> WorkerInfo:
         tree, g = self.runner.tree, self.runner.graphs
