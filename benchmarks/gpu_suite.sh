@@ -47,8 +47,8 @@ if [[ " $PARTS " == *" backoff8b "* ]]; then
     python3 benchmarks/dummy_model.py llama-8b /tmp/llama-8b --heads /tmp/llama-8b-tj --proposal-vocab 32768 \
         --tree-json engine/spec/bundled_heads/tree.json >/dev/null
     python3 benchmarks/speculative.py --model /tmp/llama-8b --load-format dummy --heads /tmp/llama-8b-tj \
-        --trees backoff none --batch-sizes ${B8_BS:-1 8 32} --temperatures 0 --max-tokens ${B8_TOKENS:-64} \
-        --min-prompts 4 --repeats ${B8_REPEATS:-3} --kv-cache-memory-gb 16 2>&1 \
+        --trees ${B8_TREES:-backoff} --batch-sizes ${B8_BS:-1 8 32} --temperatures 0 --max-tokens ${B8_TOKENS:-64} \
+        --min-prompts 4 --repeats ${B8_REPEATS:-3} --kv-cache-memory-gb ${B8_KV:-8} 2>&1 \
         | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/backoff8b.log" | tail -12
 fi
 if [[ " $PARTS " == *" steps8b "* ]]; then

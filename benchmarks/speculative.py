@@ -56,19 +56,24 @@ def _params(max_tokens, temperature):
     return SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0 if temperature else None)
 
 
+def _chat(engine) -> bool:
+    """Prompts go through the chat template, where the tokenizer has one (a dummy model's may not)."""
+    return getattr(engine.tokenizer, "chat_template", None) is not None
+
+
 def _generate(engine, prompts, max_tokens, batch_size, temperature, queued):
     """Outputs in prompt order: in rounds of ``batch_size`` (each a static batch, ended by its
     slowest sequence), or ``queued``: at most ``batch_size`` requests in flight, a finished
     request's place taken by the next prompt at once (a server under steady load)."""
     params = _params(max_tokens, temperature)
     if not queued:
-        return [o for r in _rounds(prompts, batch_size) for o in engine.generate_batch(r, params, chat=True)]
+        return [o for r in _rounds(prompts, batch_size) for o in engine.generate_batch(r, params, chat=_chat(engine))]
     waiting, order, done = iter(prompts), [], {}
 
     def submit() -> None:
         prompt = next(waiting, None)
         if prompt is not None:
-            order.append(engine.add_request(prompt, params, chat=True))
+            order.append(engine.add_request(prompt, params, chat=_chat(engine)))
     for _ in range(batch_size):
         submit()
     while engine.has_unfinished():
@@ -222,12 +227,15 @@ def main() -> None:
                     help="0: each batch is static (run to completion together: its slowest sequence ends it); "
                          "K: K x batch-size prompts with at most batch-size in flight, a finished request's "
                          "place refilled at once (steady load, as a server sees it; module doc)")
+    ap.add_argument("--prefix-caching", action="store_true",
+                    help="keep prefix caching on: the repeated runs then find their prompts cached (off by default, "
+                         "so every run prefills as fresh traffic does; benchmarks/multi_turn.py measures caching)")
     args = ap.parse_args()
     if args.no_gc_freeze:
         _no_gc_freeze()
 
     kw = dict(dtype=args.dtype, max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb,
-              load_format=args.load_format)
+              load_format=args.load_format, enable_prefix_caching=args.prefix_caching)
 
     def prompts_for(bs: int) -> list[str]:
         return eval_prompts(bs * max(args.queue, cdiv(args.min_prompts, bs)), split=args.split)

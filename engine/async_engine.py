@@ -167,8 +167,10 @@ class AsyncEngine:
     # ---- requests ---------------------------------------------------------------------
     async def generate(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None, chat: bool = False,
-                       prompt_token_ids: Optional[list[int]] = None) -> AsyncIterator[StreamOutput]:
-        """Stream one request. Bad input raises ValueError before anything is queued."""
+                       prompt_token_ids: Optional[list[int]] = None,
+                       cache_salt: Optional[str] = None) -> AsyncIterator[StreamOutput]:
+        """Stream one request (``cache_salt``: Engine.add_request's). Bad input raises
+        ValueError before anything is queued."""
         params = params or SamplingParams()
         if prompt_token_ids is None:  # tokenising a long prompt takes a while: not on the loop
             prompt_token_ids = await asyncio.to_thread(self.engine.encode, prompt, chat)
@@ -176,7 +178,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
 
         def add() -> str:
-            rid = self.engine.add_request(prompt_token_ids, params, request_id=request_id)
+            rid = self.engine.add_request(prompt_token_ids, params, request_id=request_id, cache_salt=cache_salt)
             self._queues[rid] = (loop, outputs)  # before the next step can produce its output
             return rid
 

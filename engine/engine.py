@@ -66,6 +66,13 @@ class EngineStats(DecodeCounters):
     num_capture_steps: int = 0
     # Steps with a part that had no graph of its shape and ran eagerly (StepResult.graph_misses).
     num_graph_miss_steps: int = 0
+    # Prefix caching: tokens of admitted requests looked up, and those served from the cache.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
     @property
     def decode_step_ms(self) -> float:
@@ -207,7 +214,7 @@ class Engine:
             logger.warning("max_model_len: the KV cache holds %d tokens for one request (num_blocks=%d x "
                            "block_size=%d), fewer than the model's %d: requests are limited to %d tokens",
                            capacity, num_blocks, block_size, limit, self.max_model_len)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, cc.enable_prefix_caching)
         engine_rule = spec.acceptance if spec is not None else "greedy"
 
         def rule_on_device(name: Optional[str]) -> bool:  # (a request's rule, None: the engine's)
@@ -294,10 +301,14 @@ class Engine:
                 raise ValueError("SamplingParams.acceptance: set, but speculation is off for this engine")
 
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
-                    request_id: Optional[str] = None, chat: bool = False) -> str:
-        """Queue one request. Raises ValueError (and changes nothing) for bad input."""
+                    request_id: Optional[str] = None, chat: bool = False, cache_salt: Optional[str] = None) -> str:
+        """Queue one request. ``cache_salt``: its prefix-cache blocks are shared only with
+        requests of the same salt (None: the common pool). Raises ValueError (and changes
+        nothing) for bad input."""
         self._check_alive()
         params = params if params is not None else SamplingParams()
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt: expected a non-empty string or None, got {cache_salt!r:.100}")
         ids = self.encode(prompt, chat)
         self._validate(ids, params)
         seq_id = next(self._ids)
@@ -306,7 +317,8 @@ class Engine:
             raise ValueError(f"request_id: {rid!r} is already in use")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(62)
         req = Request(request_id=rid, seq_id=seq_id, prompt_token_ids=ids, params=params, seed=seed,
-                      eos_token_ids=self.eos_token_ids, detokenizer=self.output_processor.new_detokenizer())
+                      eos_token_ids=self.eos_token_ids, detokenizer=self.output_processor.new_detokenizer(),
+                      cache_salt=cache_salt)
         self._requests[rid] = req
         self.scheduler.add(req)
         return rid
@@ -333,7 +345,10 @@ class Engine:
                 self.scheduler.update_draft_token_ids(self.executor.take_candidates())
             except WorkerError as e:
                 raise self._fail_all(e) from None
+        queries, hits = self.scheduler.prefix_cache_queries, self.scheduler.prefix_cache_hits
         out = self.scheduler.schedule()
+        self.stats.prefix_cache_queries += self.scheduler.prefix_cache_queries - queries
+        self.stats.prefix_cache_hits += self.scheduler.prefix_cache_hits - hits
         if not out.seqs:
             return []
         failed: list[Request] = []

@@ -49,7 +49,7 @@ def test_start_up_captures_every_bucket_a_step_within_the_budget_pads_to():
     tokens): that graph is captured at start-up too, not on first use mid-run."""
     from engine.worker.cuda_graphs import CudaGraphRunner
 
-    runner = CudaGraphRunner.__new__(CudaGraphRunner)
+    runner = CudaGraphRunner(None, None, torch.device("cpu"), width=4, pad_block=0)
     captured = []
     runner._graph = lambda shape, b, width=None: captured.append((shape, b))
     runner.capture([None, TREE], max_batch=64, max_tokens=100)
@@ -87,8 +87,8 @@ def test_fresh_prompts_replay_a_prefill_graph_of_their_padded_shape():
     bucket within the token budget; a later chunk, a decode token or a tree does not."""
     from engine.worker.cuda_graphs import PREFILL_BUCKETS, CudaGraphRunner, FreshPrefill
 
-    graphs = CudaGraphRunner.__new__(CudaGraphRunner)
-    graphs.max_prefill_tokens, graphs.mixed_tokens, graphs.sealed = 2048, (), False
+    graphs = CudaGraphRunner(None, None, torch.device("cpu"), width=4, pad_block=0, max_prefill_tokens=2048)
+    assert graphs.mixed_tokens == () and not graphs.sealed
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(40))]) == FreshPrefill(64)
     assert graphs.prefill_shape([seq(0, 0, [0], tokens=range(2)), seq(1, 0, [1], tokens=range(16)),
                                  seq(2, 0, [2], tokens=range(17))]) == FreshPrefill(32)  # 4 x 32 tokens

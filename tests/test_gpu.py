@@ -766,11 +766,13 @@ def test_a_registered_rule_serves_requests_with_cuda_graphs(on_device):
         params = [SamplingParams(temperature=0.7, seed=i, max_tokens=32) for i in range(len(PROMPTS))]
         toks = {}
         for eager in (False, True):
-            eng = Engine("default", dtype="bfloat16", speculative=spec, max_num_seqs=16, enforce_eager=eager)
             calls.update(host=0, device=0)
+            eng = Engine("default", dtype="bfloat16", speculative=spec, max_num_seqs=16, enforce_eager=eager)
             outs = eng.generate_batch(PROMPTS, params)
             assert all(o.token_ids and o.finish_reason in ("stop", "length") for o in outs)
-            assert calls["device" if on_device else "host"] > 0, calls
+            # With a device version no tree step decides on the host (the graph engine called it
+            # while capturing its tails, the eager one every step); without, the host decides.
+            assert (calls["device"] > 0 and calls["host"] == 0) if on_device else calls["host"] > 0, calls
             assert eng.stats.num_capture_steps == 0 and eng.stats.num_graph_miss_steps == 0
             toks[eager] = [o.token_ids for o in outs]
             eng.shutdown()

@@ -57,8 +57,13 @@ class CacheConfig(msgspec.Struct, kw_only=True):
     # Fixed number of blocks, or None to size the cache from kv_cache_memory_gb.
     num_blocks: Optional[int] = None
     kv_cache_memory_gb: float = 1.0
+    # Automatic prefix caching: full blocks of committed tokens are shared by every request whose
+    # tokens (and cache salt) reach them, and kept, evictable, after their requests end.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", "True or False",
+               self.enable_prefix_caching)
         _check(self.block_size == "auto" or (isinstance(self.block_size, int) and self.block_size > 0),
                "block_size", "'auto' or a positive int", self.block_size)
         _check(self.num_blocks is None or self.num_blocks > 0, "num_blocks", "> 0 or None", self.num_blocks)

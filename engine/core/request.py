@@ -74,6 +74,9 @@ class RequestMetrics(DecodeCounters):
     finish_time: Optional[float] = None
     # Engine steps in which the request had work scheduled.
     num_steps: int = 0
+    # Prompt tokens whose K/V came from the prefix cache when the request was first admitted
+    # (OpenAI's usage.prompt_tokens_details.cached_tokens).
+    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -99,6 +102,10 @@ class Request:
     candidates: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    # Prefix caching: blocks are shared only between requests of the same salt (tenants), and
+    # the identities of the request's full blocks so far (engine/core/block_manager.py).
+    cache_salt: Optional[str] = None
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Iterable, Optional
 
-from engine.core.block_manager import BlockManager
+from engine.core.block_manager import BlockManager, extend_block_hashes
 from engine.core.config import SchedulerConfig
 from engine.core.outputs import ScheduledSeq, SchedulerOutput, StepResult
 from engine.core.policy import SpeculationPolicy
@@ -58,6 +58,9 @@ class Scheduler:
         # each result (None: finished, gets none), until the driver pushes them
         # (update_draft_token_ids) before the next schedule().
         self._drafts_owed_to: Optional[list[Optional[Request]]] = None
+        # Prefix caching: tokens of admitted requests, and those their cached prefix held.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------
@@ -181,11 +184,18 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and self.num_preemptions == preempted_before):
             req = self.waiting[0]
-            pending = req.num_tokens - req.num_computed
+            hits = self._prefix_hits(req)  # its cached prefix: computed already, by anyone
+            cached = len(hits) * self.blocks.block_size
+            pending = req.num_tokens - cached
             chunk = min(pending, budget)
-            if not self.blocks.allocate(req.seq_id, req.num_computed + chunk):
+            if not self.blocks.admit(req.seq_id, hits, cached + chunk):
                 break
             self.waiting.popleft()
+            req.num_computed = cached
+            self.prefix_cache_queries += req.num_tokens
+            self.prefix_cache_hits += cached
+            if req.metrics.num_steps == 0:
+                req.metrics.num_cached_tokens = cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.append(self._scheduled(req, chunk, chunk == pending, [], 0))
@@ -221,8 +231,24 @@ class Scheduler:
         if not self.waiting or len(self.running) >= self.config.max_num_seqs or budget <= 0:
             return False
         req = self.waiting[0]
-        chunk = min(req.num_tokens - req.num_computed, budget)
-        return self.blocks.num_missing(req.seq_id, req.num_computed + chunk) <= self.blocks.num_free_blocks
+        hits = self._prefix_hits(req)
+        cached = len(hits) * self.blocks.block_size
+        chunk = min(req.num_tokens - cached, budget)
+        return self.blocks.blocks_to_admit(hits, cached + chunk) <= self.blocks.num_free_blocks
+
+    def _identities(self, req: Request, num_blocks: int) -> list[bytes]:
+        """The identities of the request's first ``num_blocks`` full blocks (memoised on it)."""
+        if len(req.block_hashes) < num_blocks:
+            extend_block_hashes(req.block_hashes, req.all_token_ids, num_blocks, self.blocks.block_size,
+                                req.cache_salt)
+        return req.block_hashes[:num_blocks]
+
+    def _prefix_hits(self, req: Request) -> list[int]:
+        """The cached blocks of a waiting request's prefix: full blocks only, and never the
+        block of its last token (that token is computed: its logits start generation)."""
+        if not self.blocks.caching:
+            return []
+        return self.blocks.lookup(self._identities(req, (req.num_tokens - 1) // self.blocks.block_size))
 
     def _scheduled(self, req: Request, chunk: int, sample: bool, cands: list[int], tree: int) -> ScheduledSeq:
         self._in_flight[req.seq_id] = (chunk, sample)
@@ -285,6 +311,7 @@ class Scheduler:
                 continue
             req.num_computed += chunk
             if not sampled:
+                self._register_blocks(req)
                 continue
             # The accepted candidates' K/V were committed to the cache by the runner.
             req.num_computed += res.num_accepted
@@ -303,6 +330,7 @@ class Scheduler:
                     break
             req.candidates = list(res.next_candidates)
             touched.append(req)
+            self._register_blocks(req)
             if reason:
                 self.finish(req, reason)
         self._in_flight.clear()
@@ -313,6 +341,16 @@ class Scheduler:
         if execute_ms is not None and not result.captured:
             self._observe(step, result, execute_ms)
         return touched
+
+    def _register_blocks(self, req: Request) -> None:
+        """Cache the request's blocks that are full of committed tokens. Committed: computed
+        and final, never past the request's last token but one — a plain step computes up to
+        there, and so does a Medusa step however many candidates it accepted (a stop token
+        can end the output inside them), so the cache holds the same blocks with speculation
+        on or off."""
+        if self.blocks.caching:
+            full = min(req.num_computed, req.num_tokens - 1) // self.blocks.block_size
+            self.blocks.register(req.seq_id, self._identities(req, full))
 
     def _observe(self, step: SchedulerOutput, result: StepResult, execute_ms: float) -> None:
         """A pure decode step, every sequence verifying the tree the policy chose (or none, with

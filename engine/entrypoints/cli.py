@@ -26,7 +26,8 @@ def _tree_arg(text: str):
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    kw = {"dtype": args.dtype, "device": args.device, "enforce_eager": args.enforce_eager}
+    kw = {"dtype": args.dtype, "device": args.device, "enforce_eager": args.enforce_eager,
+          "enable_prefix_caching": args.enable_prefix_caching}
     if args.max_num_seqs:
         kw["max_num_seqs"] = args.max_num_seqs
     if args.max_model_len:
@@ -66,6 +67,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=0.0,
                    help="memory for the paged KV cache in GiB (default: 0 = the engine's default)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode/verify steps")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="recompute every prompt instead of reusing the K/V of prefixes seen before "
+                        "(default: prefix caching on)")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="split the model over this many Ray workers, docs/ray.md (default: %(default)s)")
     p.add_argument("--ray-address", default=None,
