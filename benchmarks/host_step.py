@@ -53,11 +53,15 @@ def main() -> None:
     ap.add_argument("--trees", type=int, nargs="+", default=[0, 4, 63],
                     help="candidates per sequence (0: plain decoding; at most 63)")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--prefix-caching", type=int, nargs="+", default=[0, 1], choices=[0, 1],
+                    help="engines with prefix caching off (0) and / or on (1): its host cost is the difference")
     args = ap.parse_args()
     rows, env = [], None
-    for b in args.batch_sizes:
+    for b, caching in [(b, c) for b in args.batch_sizes for c in args.prefix_caching]:
+        # (64-token blocks, as on a GPU: prefix caching hashes a block each time one fills.)
         eng = Engine("default", speculative={"heads": "default", "tree": "mc_sim_7b_63"}, max_num_seqs=b,
-                     max_num_batched_tokens=64 * b, num_blocks=40 * b, device="cpu")
+                     max_num_batched_tokens=64 * b, num_blocks=40 * b, device="cpu", block_size=64,
+                     enable_prefix_caching=bool(caching))
         env = env or environment(eng.device, eng.dtype, "SmolLM2-135M-Instruct (stand-in executor)")
         full, depth = eng.policy.full, eng.tree.depth
         sizes = sorted({n for n in args.trees if 0 < n < full})
@@ -84,14 +88,16 @@ def main() -> None:
                 gc.unfreeze()
             for r in ids:
                 eng.abort(r)
-            rows.append({**env, "batch_size": b, "candidates": n, "host_ms": ms})
+            rows.append({**env, "batch_size": b, "candidates": n, "prefix_caching": bool(caching), "host_ms": ms})
         eng.shutdown()
-    print_table(rows, ["batch_size", "candidates", "host_ms"])
+    print_table(rows, ["batch_size", "candidates", "prefix_caching", "host_ms"])
 
     def plot(ax, rows):
-        for n in args.trees:
-            pts = [(r["batch_size"], r["host_ms"]) for r in rows if r["candidates"] == n]
-            ax.plot(*zip(*pts), marker="o", label=f"{n} candidates" if n else "plain")
+        for n, caching in [(n, c) for n in args.trees for c in args.prefix_caching]:
+            pts = [(r["batch_size"], r["host_ms"]) for r in rows if r["candidates"] == n
+                   and r["prefix_caching"] == bool(caching)]
+            ax.plot(*zip(*pts), marker="o", label=(f"{n} candidates" if n else "plain")
+                    + (", prefix caching" if caching else ""))
         ax.set_xlabel("decoding sequences")
         ax.set_ylabel("host ms per step")
         ax.set_title(f"host share of an engine step, {env['device']}")

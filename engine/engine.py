@@ -457,6 +457,11 @@ class Engine:
                     pending.discard(o.request_id)
         return [done[r] for r in rids]
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (the next requests find nothing cached). Only while no request
+        is unfinished: False, and nothing changed, otherwise."""
+        return not self.has_unfinished() and self.block_manager.reset_cache()
+
     def reset_stats(self) -> None:
         self.stats = EngineStats()
         if self.policy is not None:

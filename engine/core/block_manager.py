@@ -152,6 +152,15 @@ class BlockManager:
                 self._hash_of[block] = identity
         self._registered[seq_id] = max(done, min(len(identities), len(table)))
 
+    def reset_cache(self) -> bool:
+        """Forget every cached identity (benchmarks start each replay cold). Only while no
+        sequence holds a block: False, and nothing forgotten, otherwise."""
+        if self._tables:
+            return False
+        self._cached.clear()
+        self._hash_of.clear()
+        return True
+
     def check_invariants(self) -> None:
         """Every block is free (reference count 0) or owned, its count the number of tables
         holding it; the cache maps identities and blocks one to one (tests call this)."""

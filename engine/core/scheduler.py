@@ -192,6 +192,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.num_computed = cached
+            req.num_registered_blocks = len(hits)
             self.prefix_cache_queries += req.num_tokens
             self.prefix_cache_hits += cached
             if req.metrics.num_steps == 0:
@@ -350,7 +351,9 @@ class Scheduler:
         on or off."""
         if self.blocks.caching:
             full = min(req.num_computed, req.num_tokens - 1) // self.blocks.block_size
-            self.blocks.register(req.seq_id, self._identities(req, full))
+            if full > req.num_registered_blocks:  # (most steps fill no block: nothing to hash)
+                self.blocks.register(req.seq_id, self._identities(req, full))
+                req.num_registered_blocks = full
 
     def _observe(self, step: SchedulerOutput, result: StepResult, execute_ms: float) -> None:
         """A pure decode step, every sequence verifying the tree the policy chose (or none, with
