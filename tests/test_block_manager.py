@@ -32,6 +32,13 @@ def _fake_step(sched: Scheduler, rng: random.Random, tree_depth: int) -> None:
         assert len(s.block_table) * sched.blocks.block_size >= need
         for b in s.block_table:
             assert owners.setdefault(b, s.seq_id) == s.seq_id, "block shared by two live sequences"
+    sched.update(StepResult(step_id=out.step_id, results=fake_results(out, rng, tree_depth)))
+    sched.blocks.check_invariants()
+
+
+def fake_results(out, rng: random.Random, tree_depth: int) -> list[SeqResult]:
+    """What a runner could return for ``out``: each sampling sequence accepts 0..depth of its
+    candidates (random tokens) and proposes the next ones."""
     results = []
     for s in out.seqs:
         if not s.sample:
@@ -40,8 +47,7 @@ def _fake_step(sched: Scheduler, rng: random.Random, tree_depth: int) -> None:
         acc = rng.randint(0, tree_depth) if s.candidates else 0
         results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=[rng.randint(3, 99) for _ in range(acc + 1)],
                                  num_accepted=acc, next_candidates=[5] * tree_depth if tree_depth else []))
-    sched.update(StepResult(step_id=out.step_id, results=results))
-    sched.blocks.check_invariants()
+    return results
 
 
 def test_random_workload_frees_every_block():

@@ -14,6 +14,7 @@ from engine.core.policy import SpeculationPolicy
 from engine.core.request import Request
 from engine.core.scheduler import Scheduler
 from tests.conftest import PROMPTS
+from tests.test_block_manager import fake_results
 
 
 def ids(tokens, salt=None, bs=4):
@@ -111,16 +112,8 @@ def test_random_workload_with_shared_prefixes_keeps_blocks_exact(tree_depth):
             last = s.start_pos + len(s.token_ids) + (tree_depth if s.candidates else 0) - 1
             for b in s.block_table[s.start_pos // 4:last // 4 + 1]:
                 assert holders[b] == {s.seq_id}, (s.seq_id, b)
-        results = []
-        for s in out.seqs:
-            if not s.sample:
-                results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=[]))
-                continue
-            acc = rng.randint(0, tree_depth) if s.candidates else 0
-            results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=[rng.randint(3, 99) for _ in range(acc + 1)],
-                                     num_accepted=acc, next_candidates=[5] * tree_depth if tree_depth else []))
         if out.seqs:
-            sched.update(StepResult(step_id=out.step_id, results=results))
+            sched.update(StepResult(step_id=out.step_id, results=fake_results(out, rng, tree_depth)))
         sched.blocks.check_invariants()
         steps += 1
         assert steps < 20000

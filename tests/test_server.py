@@ -474,3 +474,38 @@ def test_prefix_cache_hits_show_in_usage_and_metrics_and_salts_keep_tenants_apar
     metrics = httpx.get(bundled_server.url + "/metrics", timeout=60).text
     hits = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("medusa_prefix_cache_hits_total"))
     assert hits >= again["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+# The request bodies guidellm 0.8.1 sends (guidellm/backends/openai/request_handlers.py, text
+# completions and chat completions, streaming, a fixed output length): copied field for field.
+GUIDELLM_STREAM = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+
+
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+def test_guidellms_exact_request_shapes_are_served(bundled_server, route):
+    """guidellm's bodies — stop null, ignore_eos, max_tokens (completions) or
+    max_completion_tokens (chat), user content as text parts, stream_options with
+    continuous_usage_stats — stream every token with the usage so far, end with a usage chunk
+    counting exactly the tokens asked for, then [DONE]."""
+    import json
+
+    import httpx
+
+    text = "Summarise the rules of chess in three sentences."
+    body = {"model": NAME, **GUIDELLM_STREAM, "stop": None, "ignore_eos": True}
+    if route == "completions":
+        body.update(max_tokens=24, prompt=text)
+    else:
+        body.update(max_completion_tokens=24, messages=[{"role": "user", "content": [{"type": "text", "text": text}]}])
+    with httpx.stream("POST", f"{bundled_server.url}/v1/{route}", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
+    usage = [c["usage"] for c in chunks]
+    assert all(u is not None for u in usage) and [u["completion_tokens"] for u in usage] == \
+        sorted(u["completion_tokens"] for u in usage)
+    assert not chunks[-1]["choices"] and usage[-1]["completion_tokens"] == 24  # ignore_eos: all 24
+    pieces = [c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content") or "" for c in chunks
+              if c["choices"]]
+    assert "".join(pieces).strip()
