@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from engine.attention import ATTENTION_BACKENDS, select_backend
+from engine.attention import check_backend, select_backend
 from engine.attention.kv_cache import PagedKVCache
 from engine.core.backoff import BackoffPolicy, LatencyModel, LatencyPoint
 from engine.core.block_manager import BlockManager
@@ -121,9 +121,7 @@ class Engine:
         mc, cc, pc = self.config.model, self.config.cache, self.config.parallel
         if self.config.speculative is not None:
             check_rule(self.config.speculative.acceptance, "speculative.acceptance")
-        if mc.attention_backend != "auto" and mc.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend: expected 'auto' or one of {sorted(ATTENTION_BACKENDS)}, "
-                             f"got {mc.attention_backend!r}")
+        check_backend(mc.attention_backend)
         self.model_path = resolve_model_path(mc.model, mc.load_format)
         self.arch = read_arch_config(self.model_path)
         self.tokenizer = _load_tokenizer(self.model_path)

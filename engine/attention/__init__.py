@@ -37,6 +37,12 @@ def register_backend(spec: BackendSpec) -> BackendSpec:
     return spec
 
 
+def check_backend(name: str) -> None:
+    """ValueError naming the field unless ``name`` is "auto" or a registered backend."""
+    if name != "auto" and name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend: expected 'auto' or one of {sorted(ATTENTION_BACKENDS)}, got {name!r}")
+
+
 def select_backend(name: str, device_type: str, dtype: str) -> BackendSpec:
     """The backend called ``name`` ("auto": the first that supports the device and dtype);
     ValueError naming the field when it cannot run them."""
@@ -45,8 +51,7 @@ def select_backend(name: str, device_type: str, dtype: str) -> BackendSpec:
             if spec.supports(device_type, dtype):
                 return spec
         raise ValueError(f"attention_backend: no backend runs dtype={dtype} on {device_type}")
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention_backend: expected 'auto' or one of {sorted(ATTENTION_BACKENDS)}, got {name!r}")
+    check_backend(name)
     spec = ATTENTION_BACKENDS[name]
     if device_type not in spec.devices:
         raise ValueError(f"attention_backend: {name!r} runs on {sorted(spec.devices)}, not {device_type}{spec.why}")

@@ -107,8 +107,12 @@ class BlockManager:
                 self._free[block] = None
 
     # ---- prefix caching ---------------------------------------------------------------
+    def num_registered(self, seq_id: int) -> int:
+        """How many of the sequence's first blocks are registered in the cache."""
+        return self._registered.get(seq_id, 0)
+
     def lookup(self, identities: Sequence[bytes]) -> list[int]:
-        """The cached blocks of the longest prefix of ``identities`` (``block_hashes``)."""
+        """The cached blocks of the longest prefix of ``identities`` (``extend_block_hashes``)."""
         hits = []
         for identity in identities if self.caching else ():
             block = self._cached.get(identity)
@@ -144,7 +148,7 @@ class BlockManager:
         if not self.caching:
             return
         table = self._tables.get(seq_id, [])
-        done = self._registered.get(seq_id, 0)
+        done = self.num_registered(seq_id)
         for i in range(done, min(len(identities), len(table))):
             block, identity = table[i], identities[i]
             if identity not in self._cached and block not in self._hash_of:

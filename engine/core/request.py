@@ -106,8 +106,6 @@ class Request:
     # the identities of the request's full blocks so far (engine/core/block_manager.py).
     cache_salt: Optional[str] = None
     block_hashes: list[bytes] = field(default_factory=list)
-    # Blocks of its table registered in the cache (the scheduler's count, reset on admission).
-    num_registered_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -184,22 +184,19 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and self.num_preemptions == preempted_before):
             req = self.waiting[0]
-            hits = self._prefix_hits(req)  # its cached prefix: computed already, by anyone
+            hits, chunk = self._admission(req, budget)
             cached = len(hits) * self.blocks.block_size
-            pending = req.num_tokens - cached
-            chunk = min(pending, budget)
             if not self.blocks.admit(req.seq_id, hits, cached + chunk):
                 break
             self.waiting.popleft()
             req.num_computed = cached
-            req.num_registered_blocks = len(hits)
             self.prefix_cache_queries += req.num_tokens
             self.prefix_cache_hits += cached
             if req.metrics.num_steps == 0:
                 req.metrics.num_cached_tokens = cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.append(self._scheduled(req, chunk, chunk == pending, [], 0))
+            out.append(self._scheduled(req, chunk, cached + chunk == req.num_tokens, [], 0))
             budget -= chunk
 
         self._step_id += 1
@@ -232,10 +229,15 @@ class Scheduler:
         if not self.waiting or len(self.running) >= self.config.max_num_seqs or budget <= 0:
             return False
         req = self.waiting[0]
-        hits = self._prefix_hits(req)
+        hits, chunk = self._admission(req, budget)
         cached = len(hits) * self.blocks.block_size
-        chunk = min(req.num_tokens - cached, budget)
         return self.blocks.blocks_to_admit(hits, cached + chunk) <= self.blocks.num_free_blocks
+
+    def _admission(self, req: Request, budget: int) -> tuple[list[int], int]:
+        """A waiting request's cached prefix (its blocks: computed already, by anyone) and the
+        chunk it would compute after it with ``budget`` tokens."""
+        hits = self._prefix_hits(req)
+        return hits, min(req.num_tokens - len(hits) * self.blocks.block_size, budget)
 
     def _identities(self, req: Request, num_blocks: int) -> list[bytes]:
         """The identities of the request's first ``num_blocks`` full blocks (memoised on it)."""
@@ -351,9 +353,8 @@ class Scheduler:
         on or off."""
         if self.blocks.caching:
             full = min(req.num_computed, req.num_tokens - 1) // self.blocks.block_size
-            if full > req.num_registered_blocks:  # (most steps fill no block: nothing to hash)
+            if full > self.blocks.num_registered(req.seq_id):  # (most steps fill no block: nothing to hash)
                 self.blocks.register(req.seq_id, self._identities(req, full))
-                req.num_registered_blocks = full
 
     def _observe(self, step: SchedulerOutput, result: StepResult, execute_ms: float) -> None:
         """A pure decode step, every sequence verifying the tree the policy chose (or none, with

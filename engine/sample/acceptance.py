@@ -80,6 +80,13 @@ class BatchedVerify:
         """Plain decoding's keyed draw at each sequence's ``node`` [B]."""
         return keyed_targets(self.probs_at(node)[:, None], self.keys, self.positions.gather(1, node[:, None]))[:, 0]
 
+    def with_bonus(self, best: torch.Tensor, n_acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(path, accepted count, bonus) for each sequence's accepted path (its index ``best``
+        in the tree's paths, ``n_acc`` candidates on it): the bonus is plain decoding's draw at
+        its last accepted node."""
+        path = self.tree_tensor("paths")[best]
+        return path, n_acc, self.draw_at(path.clamp(min=0).gather(1, n_acc[:, None])[:, 0])
+
 
 # (tree, node_tokens, logits, params, seed, first_pos, epsilon, alpha) -> Accepted
 HostRule = Callable[..., Accepted]
@@ -319,9 +326,7 @@ def rejection_tree_walk(tree: MedusaTree, children: torch.Tensor, depths: torch.
 def exact_on_device(v: BatchedVerify) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``accept_exact`` batched: the candidates against plain decoding's draw at every node."""
     paths = v.tree_tensor("paths")
-    best, n_acc = greedy_tree_accept(paths, v.tokens, keyed_targets(v.probs_of(v.logits), v.keys, v.positions))
-    path = paths[best]
-    return path, n_acc, v.draw_at(path.clamp(min=0).gather(1, n_acc[:, None])[:, 0])
+    return v.with_bonus(*greedy_tree_accept(paths, v.tokens, keyed_targets(v.probs_of(v.logits), v.keys, v.positions)))
 
 
 def typical_on_device(v: BatchedVerify) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -337,8 +342,7 @@ def typical_on_device(v: BatchedVerify) -> tuple[torch.Tensor, torch.Tensor, tor
     else:
         parents = v.probs_of(v.logits[:, v.tree_tensor("parent_nodes")])
         best, n_acc = typical_tree_accept(paths, v.tokens, parents, parent_row, v.epsilon, v.alpha)
-    path = paths[best]
-    return path, n_acc, v.draw_at(path.clamp(min=0).gather(1, n_acc[:, None])[:, 0])
+    return v.with_bonus(best, n_acc)
 
 
 def rejection_on_device(v: BatchedVerify) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
