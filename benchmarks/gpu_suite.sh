@@ -8,7 +8,8 @@
 # PARTS="speculative queue" adds the same under steady load (--queue 3) in the same call. PARTS=steps8b adds the Llama-3.1-8B shape's step costs (random
 # weights and heads, benchmarks/profile_step.py); PARTS=backoff8b back-off against plain
 # decoding at that shape with random heads that claim the bundled heads' accuracy (their
-# tree.json) and accept nothing. Every row of the Medusa tables reports the capture steps of
+# tree.json) and accept nothing; PARTS=multiturn8b the multi-turn replay (prefix caching on /
+# off, plain decoding) at that shape, MT8_REPEATS interleaved repeats. Every row of the Medusa tables reports the capture steps of
 # its timed runs (0: every graph is captured at start-up), graph-miss steps, the A/A row
 # (``none``), the per-run ratios and the worst; prompts come from the held-out sources
 # (SPLIT=random_heldout: the old random split, for comparison). GPU_K: a pytest -k filter.
@@ -59,4 +60,13 @@ if [[ " $PARTS " == *" steps8b "* ]]; then
         python3 -m benchmarks.profile_step --model /tmp/llama-8b --load-format dummy --heads $heads \
             --batch-sizes ${P8_BS:-1 8 32} 2>&1 | grep --line-buffered -v -i -E "warn|Loading" | tee -a "$OUT/steps8b.log" | tail -12
     done
+fi
+if [[ " $PARTS " == *" multiturn8b "* ]]; then
+    # Random weights answer gibberish, but what caching saves is prefill of the shared history,
+    # which only the prompt lengths decide (TURNS: a JSONL of user messages, split "train").
+    python3 benchmarks/dummy_model.py llama-8b /tmp/llama-8b >/dev/null
+    python3 benchmarks/multi_turn.py --model /tmp/llama-8b --load-format dummy --no-medusa \
+        --prompts ${TURNS:-$MEDUSA_ENGINE_PROMPTS} --concurrency ${MT8_C:-1 16} --conversations ${MT8_CONVS:-16} \
+        --max-tokens ${MT8_TOKENS:-48} --repeats ${MT8_REPEATS:-2} --kv-cache-memory-gb ${MT8_KV:-8} 2>&1 \
+        | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/multiturn8b.log" | tail -16
 fi

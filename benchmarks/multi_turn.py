@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-medusa", action="store_true", help="plain decoding only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="replays per row, interleaved configuration by configuration (default: %(default)s)")
     args = ap.parse_args()
 
     convs = conversations(args.conversations, Path(args.prompts), args.seed)
@@ -124,26 +126,29 @@ def main() -> None:
         eng.reset_prefix_cache()
     rows = []
     for c in args.concurrency:
-        for (name, caching), eng in engines.items():
-            eng.reset_prefix_cache()
-            row = {"config": name, "prefix_caching": caching, "concurrency": c, **replay(eng, convs, c, params)}
-            rows.append(row)
-            print_table([row], list(row))
+        for rep in range(args.repeats):  # interleaved: every configuration once, then again
+            for (name, caching), eng in engines.items():
+                eng.reset_prefix_cache()
+                row = {"config": name, "prefix_caching": caching, "concurrency": c, "repeat": rep,
+                       **replay(eng, convs, c, params)}
+                rows.append(row)
+                print_table([row], list(row))
     env = {**environment(first.device, first.dtype, first.model_path.name), "conversations": len(convs),
            "turns": sum(len(cv) for cv in convs), "max_tokens": args.max_tokens,
-           "system_prompt_tokens": len(first.encode(SYSTEM)), "prompt_split": "train (user messages)"}
+           "system_prompt_tokens": len(first.encode(SYSTEM)), "prompt_split": "train (user messages)",
+           "repeats": args.repeats, "load_format": args.load_format}
     print(env)
-    for r in rows:  # caching on against off, same configuration and concurrency
+    for r in rows:  # caching on against off, same configuration, concurrency and repeat
         off = next(x for x in rows if x["config"] == r["config"] and x["concurrency"] == r["concurrency"]
-                   and not x["prefix_caching"])
+                   and x["repeat"] == r["repeat"] and not x["prefix_caching"])
         r["ttft_p50_vs_off"] = round(off["ttft_p50_ms"] / r["ttft_p50_ms"], 2)
         r["tok_s_vs_off"] = round(r["output_tok_s"] / off["output_tok_s"], 2)
-    print_table(rows, ["config", "prefix_caching", "concurrency", "turns", "ttft_p50_ms", "ttft_p99_ms",
+    print_table(rows, ["config", "prefix_caching", "concurrency", "repeat", "turns", "ttft_p50_ms", "ttft_p99_ms",
                        "output_tok_s", "hit_rate", "ttft_p50_vs_off", "tok_s_vs_off"])
 
     def plot(ax, rows_):
         for (name, caching) in engines:
-            pts = [r for r in rows_ if r["config"] == name and r["prefix_caching"] == caching]
+            pts = [r for r in rows_ if r["config"] == name and r["prefix_caching"] == caching and r["repeat"] == 0]
             ax.plot([r["concurrency"] for r in pts], [r["ttft_p50_ms"] for r in pts], marker="o",
                     label=f"{name}, caching {'on' if caching else 'off'}")
         ax.set_xscale("log", base=2)

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from engine.core.policy import SpeculationPolicy
 from engine.core.request import DecodeCounters, Request, RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
+from engine.core.structured import GuidanceBackend, StructuredOutputManager
 from engine.executor import WorkerError
 from engine.executor.uniproc import UniprocExecutor
 from engine.models.config import eos_ids
@@ -188,6 +190,9 @@ class Engine:
         self.tree: Optional[MedusaTree] = MedusaTree(tuple(tuple(c) for c in info.tree)) if info.tree else None
         tree_depth = self.tree.depth if self.tree else 0
         policy = None
+        self._node_parents: dict[int, list[int]] = {}  # tree size → each node's parent (grammar masks)
+        self._structured: Optional[StructuredOutputManager] = None  # made at the first constrained request
+        self._structured_lock = threading.Lock()  # (the server checks schemas from another thread)
         if self.tree is not None:
             # The tree set the workers built (the full tree and, with back-off, its nested trees).
             subtrees = {int(n): SubTree.of(self.tree, nodes) for n, nodes in info.subtrees.items()}
@@ -198,6 +203,7 @@ class Engine:
                 backoff = BackoffPolicy(LatencyModel([LatencyPoint(int(b), int(n), ms)
                                                       for b, n, ms in info.step_latency]), expected)
             policy = SpeculationPolicy({n: st.nodes for n, st in subtrees.items()}, backoff)
+            self._node_parents = {n: st.tree.parents for n, st in subtrees.items()}
         # A request must fit the cache alone (plus a tree's lookahead), or it could never run.
         limit = mc.max_model_len or self.arch.max_position_embeddings
         capacity = num_blocks * block_size - tree_depth
@@ -292,6 +298,8 @@ class Engine:
                              "(prompt plus at least one generated token must fit)")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if params.structured_outputs is not None:
+            self.structured.check(params.structured_outputs)  # compiles (cached): ValueError naming the field
         rule = params.acceptance
         if rule is not None:
             check_rule(rule, "SamplingParams.acceptance")
@@ -317,6 +325,8 @@ class Engine:
         req = Request(request_id=rid, seq_id=seq_id, prompt_token_ids=ids, params=params, seed=seed,
                       eos_token_ids=self.eos_token_ids, detokenizer=self.output_processor.new_detokenizer(),
                       cache_salt=cache_salt)
+        if params.structured_outputs is not None:
+            self.structured.add(seq_id, params.structured_outputs)
         self._requests[rid] = req
         self.scheduler.add(req)
         return rid
@@ -326,6 +336,8 @@ class Engine:
         if req is None:
             return False
         self.scheduler.abort([req.seq_id])
+        if self._structured is not None:
+            self._structured.remove(req.seq_id)
         self._account(req)  # what it generated before the abort counts too
         return True
 
@@ -349,6 +361,9 @@ class Engine:
         self.stats.prefix_cache_hits += self.scheduler.prefix_cache_hits - hits
         if not out.seqs:
             return []
+        if self._structured is not None and len(self._structured):
+            # Grammar masks for every row the step's decisions read (and trees fitted to them).
+            self._structured.prepare(out.seqs, self._node_parents)
         failed: list[Request] = []
         try:
             # The step's tokens come back before its proposals are done: the device proposes
@@ -368,6 +383,8 @@ class Engine:
         # cost lands in the steps that follow it, which run the same tree size but at a change.
         step_ms = 1e3 * (time.perf_counter() - started)
         touched = self.scheduler.update(result, None if failed else step_ms)
+        if self._structured is not None and len(self._structured):
+            self._advance_grammars(touched, failed)
         for req in failed:
             # Finished with 'error': blocks freed, reported once; the engine keeps serving.
             self.scheduler.finish(req, "error")
@@ -377,6 +394,8 @@ class Engine:
         for req in touched:
             if req.finished:
                 self._requests.pop(req.request_id, None)
+                if self._structured is not None:
+                    self._structured.remove(req.seq_id)
                 self._account(req)
         self.stats.num_steps += 1
         self.stats.num_capture_steps += int(result.captured)
@@ -386,6 +405,30 @@ class Engine:
             self.stats.num_decode_only_steps += 1
             self.stats.decode_only_seconds += time.perf_counter() - started
         return outputs
+
+    @property
+    def structured(self) -> StructuredOutputManager:
+        """The grammar state of constrained requests (built on first use: the grammar engine's
+        view of the tokenizer takes about a second)."""
+        with self._structured_lock:
+            if self._structured is None:
+                import llguidance.hf
+
+                tok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.arch.vocab_size,
+                                                   eos_token=sorted(self.eos_token_ids))
+                spec = self.config.speculative
+                self._structured = StructuredOutputManager(
+                    GuidanceBackend(tok), prune=spec.grammar_pruning if spec is not None else False)
+            return self._structured
+
+    def _advance_grammars(self, touched: list[Request], failed: list[Request]) -> None:
+        """Move each constrained request's matcher over its newly committed tokens. The masks
+        allow only what the grammar does, so a refusal is a bug: that request fails alone."""
+        for req in touched:
+            err = self._structured.advance(req.seq_id, req.output_token_ids)
+            if err is not None and not req.finished:
+                logger.error("request %s: the grammar refused its output (%s)", req.request_id, err)
+                failed.append(req)
 
     def _isolate_failure(self, out: SchedulerOutput, exc: Exception) -> tuple[StepResult, list[int]]:
         """A step raised. Run its sequences again one at a time, so that only the ones that
@@ -416,6 +459,9 @@ class Engine:
         engine refuses further work; the error names what happened."""
         failed = list(self._requests.values())
         self.scheduler.abort([r.seq_id for r in failed])
+        for req in failed:
+            if self._structured is not None:
+                self._structured.remove(req.seq_id)
         for req in failed:
             req.finish_reason = "error"
         self._requests.clear()

@@ -289,7 +289,7 @@ def test_openai_fields_are_honoured(bundled_server):
 
 @pytest.mark.parametrize("field, value", [
     ("presence_penalty", 3.0), ("repetition_penalty", 0), ("logit_bias", {"x": 10}), ("logit_bias", {"5": 500}),
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("response_format", {"type": "xml"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "auto"), ("top_logprobs", 30), ("n", 0), ("made_up_field", 1),
 ])
 def test_openai_fields_not_implemented_are_refused(bundled_server, field, value):
@@ -428,7 +428,8 @@ def test_fuzzed_requests_get_2xx_or_4xx_json_and_the_server_stays_healthy(tiny_l
                               "presence_penalty", "frequency_penalty", "repetition_penalty", "user", "suffix"],
               "chat/completions": ["messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                                    "stop", "seed", "logit_bias", "logprobs", "top_logprobs", "stream",
-                                   "response_format", "tools", "tool_choice", "user"]}
+                                   "response_format", "tools", "tool_choice", "user", "structured_outputs",
+                                   "guided_json", "guided_regex", "guided_choice", "guided_grammar"]}
     with LoopbackServer(build_app(AsyncEngine(eng), NAME)) as srv:
         with httpx.Client(base_url=srv.url, timeout=60) as client:
             for i in range(400):

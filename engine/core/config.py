@@ -99,6 +99,10 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True):
     # directory ships one (proposal_vocab.json), else the full vocabulary —, or "full". Output
     # is exact either way; only the candidates (and the proposal's cost) change.
     proposal_vocab: str = "heads"
+    # Structured outputs: fit each constrained sequence's tree to its grammar before verifying
+    # it (tree nodes the grammar refuses take the tokens a near-forced parent state allows;
+    # engine/core/structured.py). Output is exact either way; only acceptance changes.
+    grammar_pruning: bool = True
 
     def __post_init__(self) -> None:
         _check(self.method == "medusa", "speculative.method", "'medusa'", self.method)
@@ -108,6 +112,8 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True):
         _check(0 < self.epsilon < 1, "speculative.epsilon", "in (0, 1)", self.epsilon)
         _check(0 < self.alpha <= 1, "speculative.alpha", "in (0, 1]", self.alpha)
         _check(1 <= self.num_heads <= 16, "speculative.num_heads", "in [1, 16]", self.num_heads)
+        _check(isinstance(self.grammar_pruning, bool), "speculative.grammar_pruning", "True or False",
+               self.grammar_pruning)
         _check(self.proposal_vocab in ("heads", "full"), "speculative.proposal_vocab", "'heads' or 'full'",
                self.proposal_vocab)
 

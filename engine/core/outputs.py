@@ -35,6 +35,9 @@ class ScheduledSeq(msgspec.Struct, kw_only=True, array_like=True):
     # Prompt and output tokens so far, only for a sampling step of a request with penalties
     # (params.penalized): the output is the last num_output_tokens of it.
     history: list[int] = []
+    # Structured outputs: the grammar's token mask for each logits row the step's decision
+    # reads (tree_size + 1 rows, or one), concatenated (engine/core/structured.py's layout).
+    grammar_bitmask: bytes = b""
 
 
 class SchedulerOutput(msgspec.Struct, kw_only=True):

@@ -14,9 +14,89 @@ that uniform (``sample_rows``).
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from typing import Any, Optional
 
 import msgspec
+
+
+# Deeper schemas are refused (JSON encoders and grammar compilers recurse per level).
+MAX_SCHEMA_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """How deep dicts and lists nest in ``value`` (iteratively: no recursion to exhaust)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= MAX_SCHEMA_DEPTH:
+                todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+class StructuredOutputs(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A constraint on the output, exactly one kind (vLLM's ``StructuredOutputsParams``):
+
+    json          a JSON schema (a dict, or its JSON text): the output is one JSON value valid
+                  under it (OpenAI's ``response_format`` ``json_schema``)
+    json_object   True: any JSON object (OpenAI's ``json_object`` mode)
+    regex         the output matches this regular expression (Rust ``regex`` syntax)
+    choice        the output is one of these strings
+    grammar       a context-free grammar, GBNF (llama.cpp's EBNF) or Lark syntax
+
+    JSON is written compactly, with ", " and ": " between items and no other whitespace, so a
+    model cannot wander into endless blank lines; the grammar engine (engine/core/structured.py)
+    compiles every kind. Greedy output under a constraint is the same with and without Medusa.
+    """
+    json: Any = None
+    json_object: bool = False
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        def bad(field: str, expected: str, got: object) -> ValueError:
+            return ValueError(f"structured_outputs.{field}: expected {expected}, got {got!r:.200}")
+
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json: not valid JSON ({e})") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise bad("json", "a JSON schema (an object, or its JSON text)", self.json)
+        if self.json is not None and _depth(self.json) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"structured_outputs.json: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        if not isinstance(self.json_object, bool):
+            raise bad("json_object", "True or False", self.json_object)
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise bad(name, "a non-empty string", v)
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise bad("choice", "a non-empty list of non-empty strings", self.choice)
+        if self.choice is not None:
+            self.choice = list(self.choice)
+        kinds = self.kinds
+        if len(kinds) != 1:
+            raise ValueError("structured_outputs: set exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {', '.join(kinds) or 'none'}")
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k in ("json", "json_object", "regex", "choice", "grammar")
+                if getattr(self, k) not in (None, False)]
+
+    @property
+    def kind(self) -> str:
+        return self.kinds[0]
+
+    def key(self) -> str:
+        """The constraint as one canonical string (what a compiled grammar is cached under)."""
+        return json.dumps({self.kind: getattr(self, self.kind)}, sort_keys=True, separators=(",", ":"))
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -45,6 +125,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = {}
+    # A constraint on the output (JSON schema, JSON object, regex, choice, grammar). Each step's
+    # logits rows — every tree node's too — are masked by the grammar's state after that row's
+    # path, so speculation stays exact under it; such a request decides on the host path.
+    structured_outputs: Optional[StructuredOutputs] = None
 
     def __post_init__(self) -> None:
         def bad(field: str, expected: str, got: object) -> ValueError:
@@ -94,6 +178,24 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if not isinstance(self.logit_bias, dict) or any(
                 not is_int(k) or k < 0 or not is_real(v) or not -100 <= v <= 100 for k, v in self.logit_bias.items()):
             raise bad("logit_bias", "a dict of token id (int >= 0) to a number in [-100, 100]", self.logit_bias)
+        if self.structured_outputs is not None:
+            if isinstance(self.structured_outputs, dict):
+                try:
+                    self.structured_outputs = msgspec.convert(self.structured_outputs, StructuredOutputs)
+                except msgspec.ValidationError as e:  # (__post_init__'s errors name their field)
+                    text = str(e)
+                    raise ValueError(text if text.startswith("structured_outputs") else
+                                     f"structured_outputs: {text}") from None
+            if not isinstance(self.structured_outputs, StructuredOutputs):
+                raise bad("structured_outputs", "None, a StructuredOutputs or a dict of its fields",
+                          self.structured_outputs)
+            # A finished grammar allows only EOS: ignoring EOS, or forbidding it below min_tokens,
+            # would leave no token to produce.
+            if self.ignore_eos:
+                raise bad("ignore_eos", "False with structured_outputs (a finished grammar allows only EOS)",
+                          self.ignore_eos)
+            if self.min_tokens:
+                raise bad("min_tokens", "0 with structured_outputs (a grammar may finish sooner)", self.min_tokens)
         # Whether the rule is registered is the engine's check (engine.sample.acceptance owns
         # the registry; this floor knows only names).
         if self.acceptance is not None and (not isinstance(self.acceptance, str) or not self.acceptance):
@@ -118,8 +220,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 def decides_on_host(params: SamplingParams, num_output_tokens: int) -> bool:
     """Is a sampling step of this request decided on the host (the acceptance rules and the
     sampler) rather than by a tail on the device (engine/sample/tail.py)? Logprobs, penalties or
-    logit bias, and min_tokens still masking stop tokens."""
-    return bool(params.logprobs) or params.min_tokens > num_output_tokens or params.penalized
+    logit bias, min_tokens still masking stop tokens, and structured outputs (grammar masks)."""
+    return (bool(params.logprobs) or params.min_tokens > num_output_tokens or params.penalized
+            or params.structured_outputs is not None)
 
 
 DECISION_ROUTES = ("greedy", "sampled", "host")  # cheapest first

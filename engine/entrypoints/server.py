@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from engine.async_engine import AsyncEngine, StreamOutput
 from engine.core.config import validation_field
-from engine.core.sampling_params import SamplingParams
+from engine.core.sampling_params import SamplingParams, StructuredOutputs
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.25
@@ -76,6 +76,14 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # vLLM's extension: prefix-cache blocks are shared only between requests of the same salt
     # (a tenant's cache kept apart from another's).
     cache_salt: Optional[str] = None
+    # Structured outputs (``_structured``): OpenAI's response_format (json_object, json_schema),
+    # vLLM's structured_outputs object and its older guided_* fields; at most one of them.
+    response_format: Optional[dict[str, Any]] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -92,7 +100,6 @@ class ChatCompletionRequest(_Common, kw_only=True):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
-    response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: Optional[bool] = None
@@ -142,12 +149,48 @@ def _refuse_unsupported(req: _Common) -> None:
     else:
         if req.top_logprobs and not req.logprobs:
             no("top_logprobs", "needs logprobs=true")
-        if req.response_format is not None and req.response_format.get("type", "text") != "text":
-            no("response_format", "only {'type': 'text'} is supported (no JSON mode or schemas)")
         if req.tools:
             no("tools", "tool calling is not supported")
         if req.tool_choice not in (None, "none"):
             no("tool_choice", "tool calling is not supported")
+
+
+def _structured(req: _Common) -> tuple[Optional[StructuredOutputs], str]:
+    """The request's output constraint and the field it came from (400 naming it if malformed,
+    or if more than one field sets one)."""
+    found = []
+    rf = req.response_format
+    if rf is not None:
+        kind = rf.get("type", "text")
+        if kind == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict) \
+                    or not set(js) <= {"name", "description", "schema", "strict"}:
+                raise APIError(400, "response_format.json_schema: expected {name, description?, schema, strict?}",
+                               "response_format.json_schema")
+            # strict or not, the schema is enforced exactly (strict's guarantee, always).
+            found.append(("response_format", {"json": js.get("schema", {})}))
+        elif kind != "text" or set(rf) - {"type"}:
+            raise APIError(400, f"response_format: expected type text, json_object or json_schema, got {kind!r:.40}",
+                           "response_format")
+    if req.structured_outputs is not None:
+        found.append(("structured_outputs", req.structured_outputs))
+    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar")):
+        if getattr(req, name) is not None:
+            found.append((name, {kind: getattr(req, name)}))
+    if len(found) > 1:
+        raise APIError(400, f"{found[1][0]}: only one output constraint per request (also got {found[0][0]})",
+                       found[1][0])
+    if not found:
+        return None, ""
+    field, spec = found[0]
+    try:
+        return msgspec.convert(spec, StructuredOutputs), field
+    except (msgspec.ValidationError, ValueError) as e:
+        raise APIError(400, f"{field}: {e}", field) from None
 
 
 def _top_logprobs(req: _Common) -> int:
@@ -240,7 +283,8 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                            "model", "model_not_found")
 
-    def _params(req: _Common, prompt_len: int, index: int) -> SamplingParams:
+    def _params(req: _Common, prompt_len: int, index: int,
+                structured: Optional[StructuredOutputs] = None) -> SamplingParams:
         if prompt_len >= eng.max_model_len:
             raise APIError(400, f"prompt: {prompt_len} tokens, but the context holds {eng.max_model_len}", "prompt")
         room = eng.max_model_len - prompt_len
@@ -268,7 +312,8 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
                                                                            and req.logprobs is not False),
                                   top_logprobs=_top_logprobs(req),
                                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                  repetition_penalty=req.repetition_penalty, logit_bias=bias)
+                                  repetition_penalty=req.repetition_penalty, logit_bias=bias,
+                                  structured_outputs=structured)
         except ValueError as e:
             raise APIError.bad_input(e) from None
 
@@ -292,7 +337,13 @@ def build_app(engine: AsyncEngine, model_name: str, max_request_bytes: int = DEF
                    render_usage):
         """One engine request per choice (prompt x n); stream their chunks as they come, or
         answer once all are done. A client that leaves aborts every choice."""
-        choices = [(i * req.n + k, ids, _params(req, len(ids), k)) for i, ids in enumerate(prompts)
+        structured, field = _structured(req)
+        if structured is not None:
+            try:  # compiled off the event loop (then cached), so a bad schema is a 400 naming its field
+                await asyncio.to_thread(eng.structured.check, structured)
+            except ValueError as e:
+                raise APIError(400, f"{field}: {str(e).split(': ', 1)[-1]}", field) from None
+        choices = [(i * req.n + k, ids, _params(req, len(ids), k, structured)) for i, ids in enumerate(prompts)
                    for k in range(req.n)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         gens = []

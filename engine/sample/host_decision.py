@@ -2,6 +2,11 @@
 and mixed steps, logprobs, penalties and logit bias, min_tokens masking stop tokens, a rule
 without a device version — decided from its logits rows by the acceptance rules.
 
+Structured outputs mask each row by the grammar's state after that row's path
+(``ScheduledSeq.grammar_bitmask``, made on the driver: engine/core/structured.py), after
+penalties and before every rule, so greedy and sampled rules read what plain decoding under
+the same grammar reads.
+
 Row i of a sequence's logits predicts the token after its tree node i (one row without a
 tree). Penalties treat every node with its own history (the output plus the candidates on its
 path), and stop tokens are masked on the rows that produce an output index below min_tokens,
@@ -18,7 +23,7 @@ import torch
 from engine.core.outputs import ScheduledSeq
 from engine.core.sampling_params import SamplingParams
 from engine.sample.acceptance import Accepted, accept, accept_greedy_batch, keyed_targets
-from engine.sample.sampler import apply_penalties, params_rows, processed_probs_rows, seed_key
+from engine.sample.sampler import apply_penalties, apply_token_bitmask, params_rows, processed_probs_rows, seed_key
 from engine.spec.tree import MedusaTree
 
 RowRange = tuple[int, int]  # (first logits row, rows): a sequence's rows among the step's
@@ -63,6 +68,14 @@ class HostDecider:
                 if s.params.penalized:
                     self._penalize(rows, s, tree)
                 self._mask_before_min_tokens(rows, s, tree)
+        # Structured outputs: each row masked by its path's grammar state, every constrained
+        # sequence's rows in one copy and one masked fill.
+        constrained = [(s, rr) for s, rr in zip(seqs, ranges) if rr is not None and s.grammar_bitmask]
+        if constrained:
+            idx = torch.tensor([r for _, (r0, n) in constrained for r in range(r0, r0 + n)], device=logits.device)
+            rows = logits.index_select(0, idx)
+            apply_token_bitmask(rows, b"".join(s.grammar_bitmask for s, _ in constrained))
+            logits.index_copy_(0, idx, rows)
         accepted = self._accept(seqs, ranges, logits, tree)
         out: list[Optional[HostDecision]] = []
         for s, rr in zip(seqs, ranges):

@@ -45,6 +45,17 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
             row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: bytes) -> None:
+    """In place: -inf on every token a grammar forbids. ``bitmask`` holds one mask per row of
+    ``logits`` [R, V], token t allowed when bit t % 8 of byte t // 8 of its row's mask is set
+    (engine/core/structured.py; the same bits as its int32 little-endian words)."""
+    rows, v = logits.shape
+    packed = torch.frombuffer(bytearray(bitmask), dtype=torch.uint8).view(rows, -1).to(logits.device)
+    bits = (packed[:, :, None] >> torch.arange(8, dtype=torch.uint8, device=logits.device)) & 1
+    allowed = bits.view(rows, -1)[:, :v].bool()
+    logits.masked_fill_(~allowed, float("-inf"))
+
+
 # The draw of a rejection walk's residual sample (after every child of a node is rejected);
 # draws 0, 1, … are a node's children in rank order, draw 0 also a plain sample's.
 RESIDUAL_DRAW = 0xFFFF
