@@ -514,6 +514,8 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the workers (Ray: kill the actors, remove the placement group). Idempotent."""
         self.executor.shutdown()
+        if self._structured is not None:
+            self._structured.close()
         if self._dead is None:
             self._dead = WorkerError("the engine was shut down")
             if self.device.type == "cuda":

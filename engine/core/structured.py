@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Protocol, Sequence
 
 from engine.core.outputs import ScheduledSeq
@@ -165,10 +166,12 @@ class StructuredOutputManager:
     """The driver's grammar state: a matcher per constrained request, and the masks and pruned
     candidates of each step (``prepare``), before the step goes to the workers."""
 
-    def __init__(self, backend: GrammarBackend, prune: bool = True) -> None:
-        self.backend, self.prune = backend, prune
+    def __init__(self, backend: GrammarBackend, prune: bool = True, threads: int = 1) -> None:
+        self.backend, self.prune, self.threads = backend, prune, threads
         self._all = b""  # a row no decision can reach: left unmasked (the backend's mask length)
         self._mask_len = 0
+        self._children: dict[int, list[list[int]]] = {}  # tree size → each node's children
+        self._pool: Optional[ThreadPoolExecutor] = None
         self._matchers: dict[int, GrammarMatcher] = {}
         self._consumed: dict[int, int] = {}
         # Counters for the benchmark: tree nodes checked, refused by the grammar, given a new token.
@@ -207,25 +210,48 @@ class StructuredOutputManager:
     def prepare(self, seqs: Sequence[ScheduledSeq], node_parents: dict[int, Sequence[int]]) -> None:
         """For every constrained sequence that samples: its rows' masks into
         ``grammar_bitmask``, and (``prune``) its candidates fitted to the grammar.
-        ``node_parents``: tree size → each node's parent (node 0 the root, parent -1)."""
-        for s in seqs:
-            m = self._matchers.get(s.seq_id)
-            if m is None or not s.sample:
-                continue
-            if not s.tree_size:
-                mask = m.bitmask()
-                s.grammar_bitmask = mask if mask.count(0) != len(mask) else self._ones(len(mask))
-                continue
-            tokens = [s.token_ids[-1]] + list(s.candidates)
+        ``node_parents``: tree size → each node's parent (node 0 the root, parent -1).
+        With ``threads`` > 1 the sequences run on a thread pool (the grammar engine computes a
+        mask without the GIL; the walk itself holds it)."""
+        work = [(self._matchers[s.seq_id], s) for s in seqs if s.sample and s.seq_id in self._matchers]
+        if len(work) > 1 and self.threads > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="grammar-masks")
+            counts = list(self._pool.map(lambda w: self._prepare_one(*w, node_parents), work))
+        else:
+            counts = [self._prepare_one(m, s, node_parents) for m, s in work]
+        for nodes, refused, replaced in counts:
+            self.nodes += nodes
+            self.refused += refused
+            self.replaced += replaced
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def _prepare_one(self, m: GrammarMatcher, s: ScheduledSeq,
+                     node_parents: dict[int, Sequence[int]]) -> tuple[int, int, int]:
+        """One sequence's masks and fitted candidates; (nodes checked, refused, replaced)."""
+        if not s.tree_size:
+            mask = m.bitmask()
+            s.grammar_bitmask = mask if mask.count(0) != len(mask) else self._ones(len(mask))
+            return 0, 0, 0
+        tokens = [s.token_ids[-1]] + list(s.candidates)
+        children = self._children.get(s.tree_size)
+        if children is None:
             parents = node_parents[s.tree_size]
-            children: list[list[int]] = [[] for _ in tokens]
+            children = [[] for _ in tokens]
             for i in range(1, len(tokens)):
                 children[parents[i]].append(i)
-            masks: list[Optional[bytes]] = [None] * len(tokens)
-            self._visit(m, 0, tokens, children, masks)
-            s.candidates = tokens[1:]
-            ones = self._ones(self._mask_len) if None in masks else b""
-            s.grammar_bitmask = b"".join(x if x is not None else ones for x in masks)
+            self._children[s.tree_size] = children
+        masks: list[Optional[bytes]] = [None] * len(tokens)
+        counts = [0, 0, 0]
+        self._visit(m, 0, tokens, children, masks, counts)
+        s.candidates = tokens[1:]
+        ones = self._ones(self._mask_len) if None in masks else b""
+        s.grammar_bitmask = b"".join(x if x is not None else ones for x in masks)
+        return counts[0], counts[1], counts[2]
 
     def _ones(self, n: int) -> bytes:
         if len(self._all) != n:
@@ -233,7 +259,7 @@ class StructuredOutputManager:
         return self._all
 
     def _visit(self, m: GrammarMatcher, node: int, tokens: list[int], children: list[list[int]],
-               masks: list[Optional[bytes]]) -> None:
+               masks: list[Optional[bytes]], counts: list[int]) -> None:
         """Depth first from ``node`` (the matcher stands after its path): its mask, its
         children's tokens checked (and, pruning, replaced) against it, then each allowed child
         with its token consumed and rolled back."""
@@ -243,9 +269,9 @@ class StructuredOutputManager:
             return
         masks[node] = mask
         kids = children[node]
-        self.nodes += len(kids)
+        counts[0] += len(kids)
         refused = [c for c in kids if not _allowed(mask, tokens[c])]
-        self.refused += len(refused)
+        counts[1] += len(refused)
         if refused and self.prune:
             allowed = _allowed_tokens(mask, PRUNE_MAX_ALLOWED)
             if allowed is not None:
@@ -256,8 +282,8 @@ class StructuredOutputManager:
                     if t is None:
                         break
                     tokens[c] = t
-                    self.replaced += 1
+                    counts[2] += 1
         for c in kids:
             if _allowed(mask, tokens[c]) and m.consume([tokens[c]]):
-                self._visit(m, c, tokens, children, masks)
+                self._visit(m, c, tokens, children, masks, counts)
                 m.rollback(1)
