@@ -80,15 +80,21 @@ class Attention(nn.Module):
         return self.tp.all_reduce(linear(self.o_proj, out.reshape(t, self.num_heads * self.head_dim)))
 
 
-def linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``, with 2 or 3 rows on a CPU padded to 4: MKL's CPU GEMM runs 2 and 3 rows as
-    2 and 3 matrix-vector products, each as slow as the whole 4-row GEMM (measured on the
-    2-core CI box, 576 x 49,152 lm_head: 1 row 7.0 ms, 2 rows 14.0, 3 rows 21.0, 4 rows 9.6),
-    which made a batch-1 verify step of a 1- or 2-node tree cost twice a plain step there."""
-    n = x.shape[0]
-    if x.device.type != "cpu" or n not in (2, 3) or x.dim() != 2:
-        return layer(x)
-    return layer(torch.cat([x, x.new_zeros(4 - n, x.shape[1])]))[:n]
+# Row counts a CPU step runs through oneDNN's blocked weights (``block_cpu_weights``): decode and
+# verify steps of a few sequences and tree nodes. MKL's GEMM reads the weights about once for
+# 1-3 rows but re-reads them from 4 rows on, and a blocked layout reads them once for a few
+# dozen rows (2-core AVX2 box, the bundled model's 30 layers, 425 MB: 1 row 18.8 ms, 4 rows
+# 31.3 / blocked 27.0, 8 rows 38.8 / 30.1, 16 rows 47.7 / 36.8; docs/performance.md).
+CPU_BLOCKED_ROWS = (4, 64)
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``x @ layer.weight.T`` (+ bias): the one place the model's projections run. On a CPU, 4 to
+    64 rows use the layer's oneDNN-blocked weight when the model made one (``block_cpu_weights``)."""
+    blocked = getattr(layer, "cpu_blocked_weight", None)
+    if blocked is not None and x.dim() == 2 and CPU_BLOCKED_ROWS[0] <= x.shape[0] <= CPU_BLOCKED_ROWS[1]:
+        return torch.ops.mkldnn._linear_pointwise(x, blocked, layer.bias, "none", [], "")
+    return nn.functional.linear(x, layer.weight, layer.bias)
 
 
 class MLP(nn.Module):
@@ -120,7 +126,7 @@ class VocabParallelLMHead(nn.Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather_vocab(linear(super().forward, x))
+        return self.tp.all_gather_vocab(linear(self, x))
 
 
 class DecoderLayer(nn.Module):
@@ -182,6 +188,20 @@ class LlamaForCausalLM(nn.Module):
             from engine.models.ops import cuda_ops
 
             self.ops = cuda_ops(self.cfg.head_dim)
+        return self
+
+    def block_cpu_weights(self) -> "LlamaForCausalLM":
+        """float32 on a CPU with oneDNN: give every projection (and the lm_head) a second copy of
+        its weight in oneDNN's blocked layout, which ``linear`` uses for 4-64 rows (one more
+        copy of the weights in memory; fewer rows keep MKL's GEMM, whose 1-row path is the
+        fastest, and prompts keep it too)."""
+        if not torch.backends.mkldnn.is_available() or self.lm_head.weight.dtype != torch.float32:
+            return self
+        layers = [self.lm_head] + [m for layer in self.model.layers
+                                   for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                             layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        for m in layers:
+            m.cpu_blocked_weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 16)
         return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend, meta) -> torch.Tensor:

@@ -120,7 +120,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, world_size:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_buffers(device)  # buffers built on the meta device hold no data
-    return model.fuse(compiled=device.type == "cuda").eval(), cfg
+    model = model.fuse(compiled=device.type == "cuda").eval()
+    return (model.block_cpu_weights() if device.type == "cpu" else model), cfg
 
 
 def _dummy_model(model_cls: type, cfg: ArchConfig, plan, tp, dtype: torch.dtype, device: torch.device,
@@ -141,7 +142,8 @@ def _dummy_model(model_cls: type, cfg: ArchConfig, plan, tp, dtype: torch.dtype,
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_buffers(device)
-    return model.fuse(compiled=device.type == "cuda").eval()
+    model = model.fuse(compiled=device.type == "cuda").eval()
+    return model.block_cpu_weights() if device.type == "cpu" else model
 
 
 # ---- the bundled default model ----------------------------------------------------------
