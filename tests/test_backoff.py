@@ -282,7 +282,7 @@ def test_loads_learn_apart_so_a_thinning_batch_does_not_teach_the_full_one():
 @pytest.fixture
 def timed_starts(tmp_path, monkeypatch):
     """A fresh timings cache (MEDUSA_ENGINE_CACHE=tmp_path, re-measuring off) and the list that
-    grows by one per call of the worker's step timing."""
+    grows by one per call of the worker's step timing (back-off's grid, tree="auto"'s rounds)."""
     import engine.worker.startup as worker
 
     monkeypatch.delenv("MEDUSA_ENGINE_REMEASURE")
@@ -295,6 +295,13 @@ def timed_starts(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(worker, "measure_step_latency", counting)
+    real_rounds = worker._interleaved_ms  # tree="auto"'s timing rounds
+
+    def counting_rounds(*a, **k):
+        calls.append(1)
+        return real_rounds(*a, **k)
+
+    monkeypatch.setattr(worker, "_interleaved_ms", counting_rounds)
     return calls
 
 

@@ -104,7 +104,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print("tree=auto, verify-step latency per tree size on this device:")
             for row in eng.tree_autotune:
                 print("  ", row)
-            print(f"   chosen: {eng.tree.num_nodes - 1} nodes")
+            best = next(r for r in eng.tree_autotune if r["nodes"] == eng.tree.num_nodes - 1)
+            print(f"   chosen: {best['nodes']} nodes — the best estimated speed-up, {best['est_speedup']:.2f}x plain "
+                  f"({best['expected_tokens_per_step']:.2f} tokens a step expected from the heads' accuracy; "
+                  "step times are medians of interleaved rounds)")
         _run(eng, prompts[:1], SamplingParams(temperature=0, max_tokens=4), args.chat)  # warm-up
         eng.reset_stats()
         outs, dt, ntok = _run(eng, prompts, params, args.chat)

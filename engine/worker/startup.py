@@ -117,8 +117,8 @@ def latency_cache_key(spec: "WorkerSpec", device: torch.device, sizes: list[int]
             "version": LATENCY_CACHE_VERSION}
 
 
-# Bump when what a grid point measures changes (the cache then re-measures everywhere).
-LATENCY_CACHE_VERSION = 1
+# Bump when what a grid point measures changes, or how (the cache then re-measures everywhere).
+LATENCY_CACHE_VERSION = 2  # 2: tree=auto in interleaved rounds; CPU GEMMs through blocked weights
 
 
 def _latency_cache_file(key: dict) -> Path:
@@ -154,16 +154,28 @@ def save_timings(key: dict, timings: list) -> None:
 
 def _median_step_seconds(runner: ModelRunner, out: SchedulerOutput) -> float:
     """Wall time of ``runner.execute(out)``: one warm-up run, then the median of three."""
-    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     times = []
     for i in range(4):
-        sync()
-        t0 = time.perf_counter()
-        runner.execute(out)
-        sync()
+        t = _step_seconds(runner, out)
         if i:
-            times.append(time.perf_counter() - t0)
+            times.append(t)
     return sorted(times)[1]
+
+
+def _step_seconds(runner: ModelRunner, out: SchedulerOutput) -> float:
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    runner.execute(out)
+    sync()
+    return time.perf_counter() - t0
+
+
+def _decode_step(b: int, n: int, ctx: int, table: list[int]) -> SchedulerOutput:
+    """A step of ``b`` sequences at ``ctx`` tokens of context verifying ``n``-candidate trees."""
+    seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=ctx, block_table=table, sample=True,
+                         tree_size=n, candidates=[1] * n, params=SamplingParams(temperature=0)) for i in range(b)]
+    return SchedulerOutput(step_id=-1, seqs=seqs, propose=n > 0)
 
 
 # Batch sizes tree="auto" times: one fixed tree serves every step, so it is chosen for the small
@@ -190,12 +202,7 @@ def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, to
         ms.update({(int(b), row["nodes"]): t for b, t in row["latency_ms"].items()})
         ms.update({(int(b), 0): t for b, t in row["plain_ms"].items()})
     if timed_rows is None:
-        for n, tree in trees.items():
-            # Each tree alone, so its step proposes for that tree only (as it will when chosen).
-            runner.set_trees({n: tree})
-            grid = measure_step_latency(runner, batches, [n], block_size, num_blocks, token_budget, tp, ctx,
-                                        plain=not ms)
-            ms.update({(int(b), int(k)): t for b, k, t in grid})
+        ms.update(_interleaved_ms(runner, trees, batches, block_size, num_blocks, token_budget, tp, ctx))
     rows = []
     for n, tree in trees.items():
         expected = expected_accept_length(tree.choices, acc)
@@ -212,6 +219,37 @@ def autotune_tree(runner: ModelRunner, acc, block_size: int, num_blocks: int, to
     return tp.broadcast_object(rows)
 
 
+# tree="auto" times every configuration in rounds — plain and each tree size once per round —
+# and keeps each one's median: a busy second on a shared CPU slows one round of every
+# configuration instead of all the runs of one (which could pick a tree that loses).
+AUTOTUNE_ROUNDS = 3
+
+
+def _interleaved_ms(runner: ModelRunner, trees: dict, batches: list[int], block_size: int, num_blocks: int,
+                    token_budget: int, tp: TPGroup, ctx: int) -> dict[tuple[int, int], float]:
+    """(batch, candidates) → median ms of a decode step (0 candidates: plain), the
+    configurations taking turns for ``AUTOTUNE_ROUNDS`` rounds after one warm-up each."""
+    depth = max(t.depth for t in trees.values())
+    ctx = max(1, min(ctx, num_blocks * block_size - depth - 2))
+    table = list(range(cdiv(ctx + 1 + depth, block_size)))
+    steps = {(b, n): _decode_step(b, n, ctx, table) for n in [0, *trees] for b in batches
+             if b * (n + 1) <= token_budget}
+
+    def run(b: int, n: int) -> float:
+        if n:  # each tree alone, so its step proposes for that tree only (as it will when chosen)
+            runner.set_trees({n: trees[n]})
+        return _step_seconds(runner, steps[(b, n)])
+
+    for key in steps:
+        run(*key)
+    times: dict[tuple[int, int], list[float]] = {key: [] for key in steps}
+    for _ in range(AUTOTUNE_ROUNDS):
+        for key in steps:
+            times[key].append(run(*key))
+    ms = {key: round(1e3 * sorted(t)[len(t) // 2], 4) for key, t in times.items()}
+    return {tuple(k): v for k, v in tp.broadcast_object(sorted(ms.items()))}
+
+
 def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: list[int], block_size: int,
                          num_blocks: int, token_budget: int, tp: TPGroup, ctx: int = 128,
                          plain: bool = True) -> list[list[float]]:
@@ -223,14 +261,10 @@ def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: lis
     depth = runner.tree.depth
     ctx = max(1, min(ctx, num_blocks * block_size - depth - 2))
     table = list(range(cdiv(ctx + 1 + depth, block_size)))
-    greedy = SamplingParams(temperature=0)
     rows = []
     for n in [0] * plain + [s for s in sizes if s > 0]:
         for b in batch_sizes:
             if b * (n + 1) > token_budget:
                 continue
-            seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=ctx, block_table=table, sample=True,
-                                 tree_size=n, candidates=[1] * n, params=greedy) for i in range(b)]
-            out = SchedulerOutput(step_id=-1, seqs=seqs, propose=n > 0)
-            rows.append([b, n, round(1e3 * _median_step_seconds(runner, out), 4)])
+            rows.append([b, n, round(1e3 * _median_step_seconds(runner, _decode_step(b, n, ctx, table)), 4)])
     return tp.broadcast_object(rows)
