@@ -62,8 +62,18 @@ class PagedKVCache:
         if self._copy_slots is not None:
             self._copy_slots(self.k_all, self.v_all, src, dst)
             return
-        self.k_all[:, dst] = self.k_all[:, src]
-        self.v_all[:, dst] = self.v_all[:, src]
+        # index_select / index_copy_, not ``t[:, dst] = t[:, src]``: torch's CPU advanced
+        # indexing of a large tensor costs ~0.5-1 ms a call whatever the index's size.
+        self.k_all.index_copy_(1, dst, self.k_all.index_select(1, src))
+        self.v_all.index_copy_(1, dst, self.v_all.index_select(1, src))
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s K and V at ``slots`` (any shape S): [*S, kv_heads, head_dim] each.
+        One index_select per tensor: torch's advanced indexing (``k[slots]``) of the cache took
+        ~1 ms a call on a 2-core CPU for a hundred slots (index_select: 5 µs)."""
+        flat = slots.reshape(-1)
+        k, v = self.k[layer].index_select(0, flat), self.v[layer].index_select(0, flat)
+        return k.view(*slots.shape, *k.shape[1:]), v.view(*slots.shape, *v.shape[1:])
 
     # A token's slot: its position's block in the table, times the block size, plus its offset
     # in that block — on the device (``slots``) and on the host (``host_slots``).

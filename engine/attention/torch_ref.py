@@ -139,7 +139,7 @@ class TorchAttentionBackend:
         # A padding token sees position 0 of some table, so its row is not all masked.
         visible = (pos <= q_pos[:, None]) & real[:, None] | (pos == 0)
         slots = self.kv_cache.slots(meta.tables[seq].long(), pos)
-        keys, vals = self.kv_cache.k[layer][slots], self.kv_cache.v[layer][slots]  # [T, span, KVH, D]
+        keys, vals = self.kv_cache.gather(layer, slots)  # [T, span, KVH, D]
         kvh = keys.shape[2]
         queries = q.view(t, kvh, h // kvh, d)
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -183,9 +183,9 @@ class TorchAttentionBackend:
         return out
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: _Group) -> torch.Tensor:
-        kc, vc = self.kv_cache.k[layer], self.kv_cache.v[layer]
-        keys = torch.cat([kc[g.prefix_slots], k[g.q_index]], dim=1)  # [B, S, KVH, D]
-        vals = torch.cat([vc[g.prefix_slots], v[g.q_index]], dim=1)
+        kc, vc = self.kv_cache.gather(layer, g.prefix_slots)
+        keys = torch.cat([kc, k[g.q_index]], dim=1)  # [B, S, KVH, D]
+        vals = torch.cat([vc, v[g.q_index]], dim=1)
         b, _, kvh, d = keys.shape
         qmax, h = g.q_index.shape[1], q.shape[1]
         n_rep = h // kvh
