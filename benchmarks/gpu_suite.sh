@@ -9,7 +9,9 @@
 # weights and heads, benchmarks/profile_step.py); PARTS=backoff8b back-off against plain
 # decoding at that shape with random heads that claim the bundled heads' accuracy (their
 # tree.json) and accept nothing; PARTS=multiturn8b the multi-turn replay (prefix caching on /
-# off, plain decoding) at that shape, MT8_REPEATS interleaved repeats. Every row of the Medusa tables reports the capture steps of
+# off, plain decoding) at that shape, MT8_REPEATS interleaved repeats; PARTS=structured the
+# driver's grammar-mask cost (benchmarks/grammar_masks.py) and constrained vs free decoding
+# (benchmarks/structured.py; needs llguidance and jsonschema wheels in .whl). Every row of the Medusa tables reports the capture steps of
 # its timed runs (0: every graph is captured at start-up), graph-miss steps, the A/A row
 # (``none``), the per-run ratios and the worst; prompts come from the held-out sources
 # (SPLIT=random_heldout: the old random split, for comparison). GPU_K: a pytest -k filter.
@@ -69,4 +71,11 @@ if [[ " $PARTS " == *" multiturn8b "* ]]; then
         --prompts ${TURNS:-$MEDUSA_ENGINE_PROMPTS} --concurrency ${MT8_C:-1 16} --conversations ${MT8_CONVS:-16} \
         --max-tokens ${MT8_TOKENS:-48} --repeats ${MT8_REPEATS:-2} --kv-cache-memory-gb ${MT8_KV:-8} 2>&1 \
         | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/multiturn8b.log" | tail -16
+fi
+if [[ " $PARTS " == *" structured "* ]]; then
+    python3 benchmarks/grammar_masks.py --batch-sizes ${GM_BS:-1 16 64} --threads 1 8 --iters 10 --trees mc_sim_7b_63 2>&1 \
+        | grep --line-buffered -v -i warn | tee "$OUT/grammar_masks.log" | tail -14
+    python3 benchmarks/structured.py --batch-sizes ${SO_BS:-1 16 64} --prompts-per-batch 16 --max-tokens ${SO_TOKENS:-96} \
+        --repeats ${SO_REPEATS:-1} --kv-cache-memory-gb 4 2>&1 | grep --line-buffered -v -i -E "warn|Loading" \
+        | tee "$OUT/structured.log" | tail -30
 fi
