@@ -190,7 +190,7 @@ class Engine:
         self.tree: Optional[MedusaTree] = MedusaTree(tuple(tuple(c) for c in info.tree)) if info.tree else None
         tree_depth = self.tree.depth if self.tree else 0
         policy = None
-        self._node_parents: dict[int, list[int]] = {}  # tree size → each node's parent (grammar masks)
+        self._node_children: dict[int, list[list[int]]] = {}  # tree size → each node's children (grammar masks)
         self._structured: Optional[StructuredOutputManager] = None  # made at the first constrained request
         self._structured_lock = threading.Lock()  # (the server checks schemas from another thread)
         if self.tree is not None:
@@ -203,7 +203,7 @@ class Engine:
                 backoff = BackoffPolicy(LatencyModel([LatencyPoint(int(b), int(n), ms)
                                                       for b, n, ms in info.step_latency]), expected)
             policy = SpeculationPolicy({n: st.nodes for n, st in subtrees.items()}, backoff)
-            self._node_parents = {n: st.tree.parents for n, st in subtrees.items()}
+            self._node_children = {n: st.tree.children for n, st in subtrees.items()}
         # A request must fit the cache alone (plus a tree's lookahead), or it could never run.
         limit = mc.max_model_len or self.arch.max_position_embeddings
         capacity = num_blocks * block_size - tree_depth
@@ -363,7 +363,7 @@ class Engine:
             return []
         if self._structured is not None and len(self._structured):
             # Grammar masks for every row the step's decisions read (and trees fitted to them).
-            self._structured.prepare(out.seqs, self._node_parents)
+            self._structured.prepare(out.seqs, self._node_children)
         failed: list[Request] = []
         try:
             # The step's tokens come back before its proposals are done: the device proposes
@@ -460,10 +460,9 @@ class Engine:
         failed = list(self._requests.values())
         self.scheduler.abort([r.seq_id for r in failed])
         for req in failed:
+            req.finish_reason = "error"
             if self._structured is not None:
                 self._structured.remove(req.seq_id)
-        for req in failed:
-            req.finish_reason = "error"
         self._requests.clear()
         self._dead = WorkerError(f"{err}; {len(failed)} in-flight request(s) failed")
         return self._dead

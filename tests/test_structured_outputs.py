@@ -147,8 +147,8 @@ def test_every_row_is_masked_by_its_paths_grammar_state(engines):
         first = ids[0]  # '{' ... then the rest of '{"name": "' as candidates on one path
         assert m.consume([first])
         so.advance(-1, [first])
-        tree_size = max(eng._node_parents)
-        parents = eng._node_parents[tree_size]
+        tree_size = max(eng._node_children)
+        parents = eng.tree.parents  # (the full tree: this engine has no back-off)
         cands = [ids[1]] * tree_size
         deepest = max(range(tree_size + 1), key=lambda i: (len(eng.tree.choices[i - 1]) if i else 0))
         chain = []
@@ -160,7 +160,7 @@ def test_every_row_is_masked_by_its_paths_grammar_state(engines):
             cands[node - 1] = ids[1 + i]
         seq = ScheduledSeq(seq_id=-1, token_ids=[first], start_pos=0, block_table=[], sample=True,
                            tree_size=tree_size, candidates=list(cands), params=SamplingParams())
-        so.prepare([seq], eng._node_parents)
+        so.prepare([seq], eng._node_children)
         n = len(seq.grammar_bitmask) // (tree_size + 1)
         rows = [seq.grammar_bitmask[i * n:(i + 1) * n] for i in range(tree_size + 1)]
         assert rows[0] == m.bitmask()

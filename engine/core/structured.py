@@ -170,7 +170,6 @@ class StructuredOutputManager:
         self.backend, self.prune, self.threads = backend, prune, threads
         self._all = b""  # a row no decision can reach: left unmasked (the backend's mask length)
         self._mask_len = 0
-        self._children: dict[int, list[list[int]]] = {}  # tree size → each node's children
         self._pool: Optional[ThreadPoolExecutor] = None
         self._matchers: dict[int, GrammarMatcher] = {}
         self._consumed: dict[int, int] = {}
@@ -207,19 +206,19 @@ class StructuredOutputManager:
             return m.error() or "the grammar refused a token"
         return None
 
-    def prepare(self, seqs: Sequence[ScheduledSeq], node_parents: dict[int, Sequence[int]]) -> None:
+    def prepare(self, seqs: Sequence[ScheduledSeq], node_children: dict[int, Sequence[Sequence[int]]]) -> None:
         """For every constrained sequence that samples: its rows' masks into
         ``grammar_bitmask``, and (``prune``) its candidates fitted to the grammar.
-        ``node_parents``: tree size → each node's parent (node 0 the root, parent -1).
+        ``node_children``: tree size → each node's children (``MedusaTree.children``; node 0 the root).
         With ``threads`` > 1 the sequences run on a thread pool (the grammar engine computes a
         mask without the GIL; the walk itself holds it)."""
         work = [(self._matchers[s.seq_id], s) for s in seqs if s.sample and s.seq_id in self._matchers]
         if len(work) > 1 and self.threads > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="grammar-masks")
-            counts = list(self._pool.map(lambda w: self._prepare_one(*w, node_parents), work))
+            counts = list(self._pool.map(lambda w: self._prepare_one(*w, node_children), work))
         else:
-            counts = [self._prepare_one(m, s, node_parents) for m, s in work]
+            counts = [self._prepare_one(m, s, node_children) for m, s in work]
         for nodes, refused, replaced in counts:
             self.nodes += nodes
             self.refused += refused
@@ -231,23 +230,16 @@ class StructuredOutputManager:
             self._pool = None
 
     def _prepare_one(self, m: GrammarMatcher, s: ScheduledSeq,
-                     node_parents: dict[int, Sequence[int]]) -> tuple[int, int, int]:
+                     node_children: dict[int, Sequence[Sequence[int]]]) -> tuple[int, int, int]:
         """One sequence's masks and fitted candidates; (nodes checked, refused, replaced)."""
         if not s.tree_size:
             mask = m.bitmask()
             s.grammar_bitmask = mask if mask.count(0) != len(mask) else self._ones(len(mask))
             return 0, 0, 0
         tokens = [s.token_ids[-1]] + list(s.candidates)
-        children = self._children.get(s.tree_size)
-        if children is None:
-            parents = node_parents[s.tree_size]
-            children = [[] for _ in tokens]
-            for i in range(1, len(tokens)):
-                children[parents[i]].append(i)
-            self._children[s.tree_size] = children
         masks: list[Optional[bytes]] = [None] * len(tokens)
         counts = [0, 0, 0]
-        self._visit(m, 0, tokens, children, masks, counts)
+        self._visit(m, 0, tokens, node_children[s.tree_size], masks, counts)
         s.candidates = tokens[1:]
         ones = self._ones(self._mask_len) if None in masks else b""
         s.grammar_bitmask = b"".join(x if x is not None else ones for x in masks)
@@ -258,7 +250,7 @@ class StructuredOutputManager:
             self._all = b"\xff" * n
         return self._all
 
-    def _visit(self, m: GrammarMatcher, node: int, tokens: list[int], children: list[list[int]],
+    def _visit(self, m: GrammarMatcher, node: int, tokens: list[int], children: Sequence[Sequence[int]],
                masks: list[Optional[bytes]], counts: list[int]) -> None:
         """Depth first from ``node`` (the matcher stands after its path): its mask, its
         children's tokens checked (and, pruning, replaced) against it, then each allowed child

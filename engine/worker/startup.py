@@ -171,6 +171,13 @@ def _step_seconds(runner: ModelRunner, out: SchedulerOutput) -> float:
     return time.perf_counter() - t0
 
 
+def _timing_context(depth: int, ctx: int, block_size: int, num_blocks: int) -> tuple[int, list[int]]:
+    """The context a timed step's sequences share (``ctx`` tokens, fewer if the cache is
+    smaller) and their one block table, room left for a tree of ``depth``."""
+    ctx = max(1, min(ctx, num_blocks * block_size - depth - 2))
+    return ctx, list(range(cdiv(ctx + 1 + depth, block_size)))
+
+
 def _decode_step(b: int, n: int, ctx: int, table: list[int]) -> SchedulerOutput:
     """A step of ``b`` sequences at ``ctx`` tokens of context verifying ``n``-candidate trees."""
     seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=ctx, block_table=table, sample=True,
@@ -229,9 +236,7 @@ def _interleaved_ms(runner: ModelRunner, trees: dict, batches: list[int], block_
                     token_budget: int, tp: TPGroup, ctx: int) -> dict[tuple[int, int], float]:
     """(batch, candidates) → median ms of a decode step (0 candidates: plain), the
     configurations taking turns for ``AUTOTUNE_ROUNDS`` rounds after one warm-up each."""
-    depth = max(t.depth for t in trees.values())
-    ctx = max(1, min(ctx, num_blocks * block_size - depth - 2))
-    table = list(range(cdiv(ctx + 1 + depth, block_size)))
+    ctx, table = _timing_context(max(t.depth for t in trees.values()), ctx, block_size, num_blocks)
     steps = {(b, n): _decode_step(b, n, ctx, table) for n in [0, *trees] for b in batches
              if b * (n + 1) <= token_budget}
 
@@ -258,9 +263,7 @@ def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: lis
     step token budget are skipped (the scheduler never runs them). Before any request exists,
     so the blocks it writes are free; all sequences share one block table. Under TP rank 0's
     table is broadcast, so every rank holds the same model."""
-    depth = runner.tree.depth
-    ctx = max(1, min(ctx, num_blocks * block_size - depth - 2))
-    table = list(range(cdiv(ctx + 1 + depth, block_size)))
+    ctx, table = _timing_context(runner.tree.depth, ctx, block_size, num_blocks)
     rows = []
     for n in [0] * plain + [s for s in sizes if s > 0]:
         for b in batch_sizes:
