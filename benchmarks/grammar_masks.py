@@ -47,7 +47,6 @@ def main() -> None:
     rows = []
     for tree_name in args.trees:
         tree = MedusaTree(tuple(tuple(c) for c in PRESETS[tree_name]))
-        children = {tree.num_nodes - 1: tree.children}
         for state, (text, cand) in STATES.items():
             ids = tok.encode(text, add_special_tokens=False)
             c = tok.encode(cand, add_special_tokens=False)[0]
@@ -63,7 +62,7 @@ def main() -> None:
                                              tree_size=tree.num_nodes - 1, candidates=[c] * (tree.num_nodes - 1),
                                              params=SamplingParams()) for i in range(b)]
                         t0 = time.perf_counter()
-                        so.prepare(seqs, children)
+                        so.prepare(seqs, lambda s: tree.children)
                         times.append(1e3 * (time.perf_counter() - t0))
                     so.close()
                     rows.append({"tree": tree_name, "nodes": tree.num_nodes, "state": state, "batch": b,

@@ -21,6 +21,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -28,10 +29,11 @@ import torch
 
 from engine.attention import check_backend, select_backend
 from engine.attention.kv_cache import PagedKVCache
+from engine.core.adaptive import AdaptiveTrees
 from engine.core.backoff import BackoffPolicy, LatencyModel, LatencyPoint
 from engine.core.block_manager import BlockManager
 from engine.core.config import EngineConfig, build_engine_config
-from engine.core.outputs import SchedulerOutput, SeqResult, StepResult
+from engine.core.outputs import ScheduledSeq, SchedulerOutput, SeqResult, StepResult
 from engine.core.policy import SpeculationPolicy
 from engine.core.request import DecodeCounters, Request, RequestOutput
 from engine.core.sampling_params import SamplingParams
@@ -196,13 +198,16 @@ class Engine:
         if self.tree is not None:
             # The tree set the workers built (the full tree and, with back-off, its nested trees).
             subtrees = {int(n): SubTree.of(self.tree, nodes) for n, nodes in info.subtrees.items()}
-            backoff = None
+            backoff = adaptive = None
             if info.step_latency is not None:
-                expected = {n: expected_accept_length(st.tree.choices, self.head_accuracy)
-                            for n, st in subtrees.items()}
-                backoff = BackoffPolicy(LatencyModel([LatencyPoint(int(b), int(n), ms)
-                                                      for b, n, ms in info.step_latency]), expected)
-            policy = SpeculationPolicy({n: st.nodes for n, st in subtrees.items()}, backoff)
+                latency = LatencyModel([LatencyPoint(int(b), int(n), ms) for b, n, ms in info.step_latency])
+                if spec.adaptive:
+                    adaptive = AdaptiveTrees(self.tree.parents, self.tree.depths, latency)
+                else:
+                    expected = {n: expected_accept_length(st.tree.choices, self.head_accuracy)
+                                for n, st in subtrees.items()}
+                    backoff = BackoffPolicy(latency, expected)
+            policy = SpeculationPolicy({n: st.nodes for n, st in subtrees.items()}, backoff, adaptive)
             self._node_children = {n: st.tree.children for n, st in subtrees.items()}
         # A request must fit the cache alone (plus a tree's lookahead), or it could never run.
         limit = mc.max_model_len or self.arch.max_position_embeddings
@@ -234,6 +239,13 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._dead: Optional[WorkerError] = None
         freeze_heap(self.device)  # the driver's start-up objects too (with Ray, the workers froze theirs)
+
+    def tree_children(self, seq: ScheduledSeq) -> list[list[int]]:
+        """The tree a scheduled sequence verifies, as each node's children (node 0 the root):
+        the tree set's ``tree_size`` tree, or its adaptive tree (``tree_nodes``)."""
+        if not seq.tree_nodes:
+            return self._node_children[seq.tree_size]
+        return _cut_tree(self.tree, tuple(seq.tree_nodes)).children
 
     @property
     def policy(self) -> Optional[SpeculationPolicy]:
@@ -363,7 +375,7 @@ class Engine:
             return []
         if self._structured is not None and len(self._structured):
             # Grammar masks for every row the step's decisions read (and trees fitted to them).
-            self._structured.prepare(out.seqs, self._node_children)
+            self._structured.prepare(out.seqs, self.tree_children)
         failed: list[Request] = []
         try:
             # The step's tokens come back before its proposals are done: the device proposes
@@ -525,6 +537,12 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+@lru_cache(maxsize=4096)
+def _cut_tree(full: MedusaTree, nodes: tuple[int, ...]) -> MedusaTree:
+    """The full tree cut down to these of its candidates (an adaptive tree)."""
+    return MedusaTree(tuple(full.choices[i] for i in nodes))
 
 
 def _load_tokenizer(path: Path):

@@ -14,8 +14,6 @@ from engine import Engine, SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.core.sampling_params import StructuredOutputs
 from engine.core.structured import _allowed
-from engine.entrypoints.server import build_app
-from tests.serving import LoopbackServer
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
           "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}}}
@@ -160,7 +158,7 @@ def test_every_row_is_masked_by_its_paths_grammar_state(engines):
             cands[node - 1] = ids[1 + i]
         seq = ScheduledSeq(seq_id=-1, token_ids=[first], start_pos=0, block_table=[], sample=True,
                            tree_size=tree_size, candidates=list(cands), params=SamplingParams())
-        so.prepare([seq], eng._node_children)
+        so.prepare([seq], eng.tree_children)
         n = len(seq.grammar_bitmask) // (tree_size + 1)
         rows = [seq.grammar_bitmask[i * n:(i + 1) * n] for i in range(tree_size + 1)]
         assert rows[0] == m.bitmask()
@@ -217,6 +215,9 @@ def test_aborting_a_constrained_request_frees_its_grammar(engines):
 @pytest.fixture(scope="module")
 def server(bundled_dir):
     eng = Engine("default", max_num_seqs=8, speculative={"tree": "mc_sim_7b_63"})
+    from engine.entrypoints.server import build_app  # (here: the GPU machine has no FastAPI for the rest)
+    from tests.serving import LoopbackServer
+
     with LoopbackServer(build_app(AsyncEngine(eng), "smol")) as srv:
         yield srv
 

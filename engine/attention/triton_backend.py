@@ -41,6 +41,9 @@ class TritonAttnMeta:
     tree_mask: Optional[torch.Tensor] = None  # [N, N] int8, 1 = may attend
     tree_kv_lens: Optional[torch.Tensor] = None  # [B] int32: cached positions before each root
     tree_tables: Optional[torch.Tensor] = None  # [B, W] int32
+    # Adaptive trees, each sequence its own: [B + 1] int32 first row of each (``tree_mask`` is
+    # then [B, N, N], N the largest tree's nodes).
+    tree_q_starts: Optional[torch.Tensor] = None
     # Every row of the step is causal (or every row is in a tree): no gather/scatter of rows.
     causal_all: bool = False
     tree_all: bool = False
@@ -87,6 +90,22 @@ class TritonAttentionBackend:
                                 tree_kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=self.device),
                                 tree_all=True)
 
+    def ragged_metadata(self, masks: list[torch.Tensor], kv_lens: list[int], tables: torch.Tensor,
+                        slots: torch.Tensor) -> TritonAttnMeta:
+        """Every sequence runs its pending token plus a tree of its own (``masks``: each one's
+        [n_i, n_i] bool ancestor mask): the masks stacked into [B, N, N] int8 (N the largest),
+        each sequence's first row in ``tree_q_starts``."""
+        width = max(m.shape[0] for m in masks)
+        stacked = torch.zeros(len(masks), width, width, dtype=torch.int8)
+        starts = [0]
+        for i, m in enumerate(masks):
+            n = m.shape[0]
+            stacked[i, :n, :n] = m
+            starts.append(starts[-1] + n)
+        host = torch.tensor(starts + kv_lens, dtype=torch.int32).to(self.device)
+        return TritonAttnMeta(slots=slots, tree_mask=stacked.to(self.device), tree_tables=tables,
+                              tree_kv_lens=host[len(starts):], tree_q_starts=host[:len(starts)], tree_all=True)
+
     def prepare(self, inputs: StepAttnInputs) -> TritonAttnMeta:
         dev = self.device
         slots = inputs.slot_mapping.to(dev)
@@ -121,11 +140,13 @@ class TritonAttentionBackend:
             meta.causal_idx = torch.tensor(causal_rows, device=dev)
             meta.causal_all = len(causal_rows) == offset
         if trees:
-            n_nodes = trees[0].q_len
-            if any(s.q_len != n_nodes for s in trees):
-                raise ValueError("triton backend: all trees of a step must have the same size")
-            tree = self.uniform_metadata(len(trees), n_nodes, trees[0].tree_mask, [s.ctx_len for s in trees],
-                                         block_tables([s.block_table for s in trees], dev), slots)
+            tables = block_tables([s.block_table for s in trees], dev)
+            kv_lens = [s.ctx_len for s in trees]
+            if all(s.tree_mask is trees[0].tree_mask for s in trees):
+                tree = self.uniform_metadata(len(trees), trees[0].q_len, trees[0].tree_mask, kv_lens, tables, slots)
+            else:  # adaptive trees: each sequence its own (the kernel's ragged mode)
+                tree = self.ragged_metadata([s.tree_mask for s in trees], kv_lens, tables, slots)
+                meta.tree_q_starts = tree.tree_q_starts
             meta.tree_mask, meta.tree_kv_lens, meta.tree_tables = tree.tree_mask, tree.tree_kv_lens, tree.tree_tables
             meta.tree_idx = torch.tensor(tree_rows, device=dev)
             meta.tree_all = len(tree_rows) == offset
@@ -188,10 +209,10 @@ class TritonAttentionBackend:
             trees = meta.tree_kv_lens.shape[0]
             # Split-K by the batch bucket (a graph's batch), so that graph and eager steps of a
             # batch split their prefixes alike and give the same tokens.
-            splits = default_splits(padded_batch(trees) or trees, h, g, meta.tree_mask.shape[0], q.device)
+            splits = default_splits(padded_batch(trees) or trees, h, g, meta.tree_mask.shape[-1], q.device)
             ot = paged_tree_attention(rows(q), rows(k), rows(v), self.kv_cache.k[layer], self.kv_cache.v[layer],
                                       meta.tree_tables, meta.tree_kv_lens, meta.tree_mask, self.kv_cache.block_size,
-                                      splits=splits)
+                                      splits=splits, q_starts=meta.tree_q_starts)
             if meta.tree_all:
                 return ot
             out.index_copy_(0, meta.tree_idx, ot)

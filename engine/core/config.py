@@ -95,6 +95,11 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True):
     # Size the tree every step from the number of decoding sequences and a latency model
     # measured at start-up (down to no speculation); needs heads with measured accuracies.
     backoff: bool = False
+    # Size every sequence's tree on its own, each step: the full tree's nodes taken best-first
+    # across all decoding sequences by the heads' own probabilities (calibrated online against
+    # what served steps accept), as many as the step-latency grid says pay
+    # (engine/core/adaptive.py). Exclusive with ``backoff`` (which sizes one tree per step).
+    adaptive: bool = False
     # Which tokens the heads may propose: "heads" — the heads' proposal vocabulary when their
     # directory ships one (proposal_vocab.json), else the full vocabulary —, or "full". Output
     # is exact either way; only the candidates (and the proposal's cost) change.
@@ -112,6 +117,9 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True):
         _check(0 < self.epsilon < 1, "speculative.epsilon", "in (0, 1)", self.epsilon)
         _check(0 < self.alpha <= 1, "speculative.alpha", "in (0, 1]", self.alpha)
         _check(1 <= self.num_heads <= 16, "speculative.num_heads", "in [1, 16]", self.num_heads)
+        _check(isinstance(self.adaptive, bool), "speculative.adaptive", "True or False", self.adaptive)
+        _check(not (self.adaptive and self.backoff), "speculative.adaptive",
+               "False when speculative.backoff is on (adaptive sizes each sequence's tree itself)", self.adaptive)
         _check(isinstance(self.grammar_pruning, bool), "speculative.grammar_pruning", "True or False",
                self.grammar_pruning)
         _check(self.proposal_vocab in ("heads", "full"), "speculative.proposal_vocab", "'heads' or 'full'",

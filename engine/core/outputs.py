@@ -38,6 +38,11 @@ class ScheduledSeq(msgspec.Struct, kw_only=True, array_like=True):
     # Structured outputs: the grammar's token mask for each logits row the step's decision
     # reads (tree_size + 1 rows, or one), concatenated (engine/core/structured.py's layout).
     grammar_bitmask: bytes = b""
+    # An adaptive tree (speculative.adaptive): the full tree's candidates this sequence verifies,
+    # as indices among the full tree's candidates, ascending and closed under parents; its own
+    # tree is the full tree cut down to them (``candidates`` are theirs, in this order). Empty:
+    # the tree is the tree set's ``tree_size`` one.
+    tree_nodes: list[int] = []
 
 
 class SchedulerOutput(msgspec.Struct, kw_only=True):
@@ -67,6 +72,9 @@ class SeqResult(msgspec.Struct, kw_only=True, array_like=True):
     num_accepted: int = 0
     # Per tree depth: was a candidate at that depth accepted (for per-head acceptance rates).
     accepted_per_depth: list[int] = []
+    # With speculative.adaptive: per next candidate, the heads' probability of it given its
+    # parent (node 0 the root) — what the adaptive policy sizes the next tree by.
+    next_confidence: list[float] = []
 
 
 class StepResult(msgspec.Struct, kw_only=True):

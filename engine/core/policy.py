@@ -4,23 +4,30 @@ The scheduler asks it two things per step — which tree the decoding sequences 
 by its number of candidates, a key of the engine's tree set; 0: plain decoding) and whether
 the step should propose candidates for the next one — and tells it what served steps cost.
 Without back-off the answer is always the full tree; with back-off (engine/core/backoff.py)
-it follows a latency model measured on the device and the heads' measured acceptance.
+it follows a latency model measured on the device and the heads' measured acceptance. With
+adaptive trees (engine/core/adaptive.py) there is no one tree a step: the scheduler asks
+``adaptive.plan`` for each sequence's own.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from engine.core.adaptive import AdaptiveTrees
 from engine.core.backoff import BackoffPolicy
 
 
 class SpeculationPolicy:
-    def __init__(self, subtrees: dict[int, Sequence[int]], backoff: Optional[BackoffPolicy] = None) -> None:
+    def __init__(self, subtrees: dict[int, Sequence[int]], backoff: Optional[BackoffPolicy] = None,
+                 adaptive: Optional[AdaptiveTrees] = None) -> None:
         """``subtrees``: candidate count → indices of that tree's candidates among the full tree's
-        (the full tree maps to all of them)."""
+        (the full tree maps to all of them). ``adaptive``: per-sequence trees instead of one
+        size a step (exclusive with ``backoff``)."""
+        if backoff is not None and adaptive is not None:
+            raise ValueError("speculation policy: back-off and adaptive trees are exclusive")
         self.subtrees = {n: tuple(nodes) for n, nodes in subtrees.items()}
         self.full = max(self.subtrees)
-        self.backoff = backoff
+        self.backoff, self.adaptive = backoff, adaptive
         # Engine steps per tree size (0 = plain) among steps in which sequences decoded.
         self.steps_by_tree_size: dict[int, int] = {}
 
@@ -46,6 +53,8 @@ class SpeculationPolicy:
         reads cost a plain step a third of its time (H100, batch 64: 2.83 vs 2.13 ms)."""
         if num_sampling <= 0:
             return False
+        if self.adaptive is not None:
+            return self.adaptive.propose_next()
         if self.backoff is None:
             return num_sampling * (1 + self.full) <= token_budget
         return self.tree_for(num_sampling, token_budget, route) > 0

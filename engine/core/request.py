@@ -100,6 +100,8 @@ class Request:
     num_computed: int = 0
     # Medusa candidates for the next decode step (kept with the sequence, sent each step).
     candidates: list[int] = field(default_factory=list)
+    # Per candidate, its head's probability given its parent (speculative.adaptive only).
+    candidate_confidence: list[float] = field(default_factory=list)
     finish_reason: Optional[str] = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     # Prefix caching: blocks are shared only between requests of the same salt (tenants), and

@@ -13,8 +13,10 @@ produces exactly the tokens it would have produced without the preemption.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
+from engine.core.adaptive import ROUTE as ADAPTIVE_ROUTE
+from engine.core.adaptive import Candidates
 from engine.core.block_manager import BlockManager, extend_block_hashes
 from engine.core.config import SchedulerConfig
 from engine.core.outputs import ScheduledSeq, SchedulerOutput, StepResult
@@ -51,6 +53,9 @@ class Scheduler:
         # seq_id -> (tokens computed, sampled) for the step in flight, and that step.
         self._in_flight: dict[int, tuple[int, bool]] = {}
         self._in_flight_step: Optional[SchedulerOutput] = None
+        # seq_id -> (candidate indices, their tokens, their head probabilities) of the adaptive
+        # trees in flight.
+        self._in_flight_trees: dict[int, tuple[Sequence[int], list[int], list[float]]] = {}
         self._step_tree = 0  # the tree size the policy chose for the step in flight
         self._step_route = "greedy"  # ... and how its decodes decide (engine/sample/sampler.py decision_route)
         self._last_prefill_only = False  # the previous step left the decoding sequences out
@@ -96,7 +101,7 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
-        req.candidates = []
+        req.candidates, req.candidate_confidence = [], []
         self.blocks.free(req.seq_id)
         self._by_seq_id.pop(req.seq_id, None)
 
@@ -104,7 +109,7 @@ class Scheduler:
         self.running.remove(req)
         self.blocks.free(req.seq_id)
         req.num_computed = 0
-        req.candidates = []
+        req.candidates, req.candidate_confidence = [], []
         req.status = RequestStatus.WAITING
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -136,18 +141,30 @@ class Scheduler:
         route = max((decision_route(r.params, len(r.output_token_ids), self.rule_on_device(r.params.acceptance))
                      for r in decoding),
                    key=DECISION_ROUTES.index, default="greedy")
-        n = self.policy.tree_for(len(decoding), budget, route) if self.policy is not None else 0
-
-        # Each decoding sequence's candidates cut down to the chosen tree, once.
-        cut = {r.seq_id: self.policy.cut(n, r.candidates) for r in decoding if r.candidates} if n else {}
-        tree_tokens = sum(1 + len(c) for c in cut.values())
         prefill_due = self._prefill_due(len(decoding), budget)
-        # Trees only when every decoding sequence has candidates: one without (its last step
-        # proposed nothing — e.g. a prompt prefilled while proposals were off) would make the
-        # step non-uniform, and such a step runs eagerly. Measured on an H100 (back-off, 128
-        # requests in flight, each finished one replaced at once): decode steps averaged 10.7
-        # ms against plain decoding's 3.5, at 0.5x its throughput.
-        trees = n > 0 and len(cut) == len(decoding) and tree_tokens <= budget and not prefill_due
+        adaptive = self.policy.adaptive if self.policy is not None else None
+        # Adaptive trees: each decoding sequence's own candidates (indices into the full tree's).
+        nodes_of: dict[int, list[int]] = {}
+        if adaptive is not None:
+            route, n = ADAPTIVE_ROUTE, 0
+            if decoding and not prefill_due:
+                nodes_of = adaptive.plan(
+                    [Candidates(r.seq_id, r.candidates, r.candidate_confidence) for r in decoding
+                     if r.candidates and r.num_tokens + self.tree_depth <= self.max_model_len],
+                    len(decoding), budget - len(decoding))
+            cut = {sid: [self._by_seq_id[sid].candidates[i] for i in nodes] for sid, nodes in nodes_of.items()}
+            trees = bool(cut)
+        else:
+            n = self.policy.tree_for(len(decoding), budget, route) if self.policy is not None else 0
+            # Each decoding sequence's candidates cut down to the chosen tree, once.
+            cut = {r.seq_id: self.policy.cut(n, r.candidates) for r in decoding if r.candidates} if n else {}
+            tree_tokens = sum(1 + len(c) for c in cut.values())
+            # Trees only when every decoding sequence has candidates: one without (its last step
+            # proposed nothing — e.g. a prompt prefilled while proposals were off) would make the
+            # step non-uniform, and such a step runs eagerly. Measured on an H100 (back-off, 128
+            # requests in flight, each finished one replaced at once): decode steps averaged 10.7
+            # ms against plain decoding's 3.5, at 0.5x its throughput.
+            trees = n > 0 and len(cut) == len(decoding) and tree_tokens <= budget and not prefill_due
         # New prompts alone, decodes next step (never two such steps in a row, so a stream of
         # arrivals cannot starve the decodes): a step that carries a prompt verifies no trees,
         # the next one can. (Both replay graphs; when a step mixing prompts and decodes ran
@@ -168,6 +185,7 @@ class Scheduler:
             cands = cut.get(req.seq_id, []) if (trees and reaches_end and pending == 1) else []
             if cands and (1 + len(cands) > budget or req.num_tokens + self.tree_depth > self.max_model_len):
                 cands = []  # no room for the tree this step: plain decode is still exact
+            nodes = nodes_of.get(req.seq_id, []) if cands else []
             slots = req.num_computed + chunk + (self.tree_depth if cands else 0)
             while not self.blocks.allocate(req.seq_id, slots):
                 victim = self.running[-1]
@@ -176,7 +194,7 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 break  # req preempted itself: everything after it is gone too
-            out.append(self._scheduled(req, chunk, reaches_end, cands, n if cands else 0))
+            out.append(self._scheduled(req, chunk, reaches_end, cands, (n or len(cands)) if cands else 0, nodes))
             budget -= chunk + len(cands)
             i += 1
 
@@ -208,8 +226,12 @@ class Scheduler:
             # ones and the decodes a prompts-only step left out (they hold their candidates).
             next_decoding = sum(1 for s in out if s.sample) + (len(decoding) if prefill_only else 0)
             step.propose = self.policy.propose_next(next_decoding, self.config.max_num_batched_tokens, route)
+            if adaptive is not None:  # the steps' sizes are recorded as the nearest measured tree size
+                n = sum(len(s.candidates) for s in out)
             if any(s.sample and len(s.token_ids) == 1 for s in out):
-                self.policy.record(n if any(s.candidates for s in out) else 0)
+                decodes = sum(1 for s in out if s.sample and len(s.token_ids) == 1)
+                recorded = n if adaptive is None else adaptive.grid_size(decodes, n)
+                self.policy.record(recorded if any(s.candidates for s in out) else 0)
         self._in_flight_step = step
         self._step_tree, self._step_route = n, route
         return step
@@ -253,8 +275,11 @@ class Scheduler:
             return []
         return self.blocks.lookup(self._identities(req, (req.num_tokens - 1) // self.blocks.block_size))
 
-    def _scheduled(self, req: Request, chunk: int, sample: bool, cands: list[int], tree: int) -> ScheduledSeq:
+    def _scheduled(self, req: Request, chunk: int, sample: bool, cands: list[int], tree: int,
+                   nodes: Sequence[int] = ()) -> ScheduledSeq:
         self._in_flight[req.seq_id] = (chunk, sample)
+        if nodes:  # what the adaptive policy learns from once the step is back
+            self._in_flight_trees[req.seq_id] = (nodes, cands, [req.candidate_confidence[i] for i in nodes])
         req.metrics.num_steps += 1
         start = req.num_computed
         return ScheduledSeq(
@@ -269,6 +294,7 @@ class Scheduler:
             seed=req.seed,
             num_output_tokens=len(req.output_token_ids),
             history=req.all_token_ids if sample and req.params.penalized else [],
+            tree_nodes=list(nodes),
         )
 
     @property
@@ -289,7 +315,7 @@ class Scheduler:
         self._drafts_owed_to = None
         for req, cands in zip(reqs, candidates):
             if req is not None and req.status is RequestStatus.RUNNING:
-                req.candidates = cands
+                req.candidates, req.candidate_confidence = cands, []
 
     def update(self, result: StepResult, execute_ms: Optional[float] = None) -> list[Request]:
         """Apply a step's results: advance KV accounting, append tokens (stopping exactly at the
@@ -305,6 +331,7 @@ class Scheduler:
         if step is None:
             raise RuntimeError("update() without a scheduled step")
         touched = []
+        verified = []  # adaptive trees: what each verified and produced
         deferred_to: list[Optional[Request]] = []  # per result, the request its candidates go to
         for res in result.results:
             chunk, sampled = self._in_flight.pop(res.seq_id)
@@ -332,12 +359,19 @@ class Scheduler:
                 if reason:
                     break
             req.candidates = list(res.next_candidates)
+            req.candidate_confidence = list(res.next_confidence)
+            if res.seq_id in self._in_flight_trees:
+                nodes, cands, probs = self._in_flight_trees[res.seq_id]
+                verified.append((nodes, cands, probs, res.sampled_token_ids))
             touched.append(req)
             self._register_blocks(req)
             if reason:
                 self.finish(req, reason)
         self._in_flight.clear()
+        self._in_flight_trees.clear()
         self._in_flight_step = None
+        if verified and self.policy is not None and self.policy.adaptive is not None:
+            self.policy.adaptive.observe_step(verified)
         if result.candidates_deferred and any(r is not None and r.status is RequestStatus.RUNNING
                                               for r in deferred_to):
             self._drafts_owed_to = deferred_to
@@ -360,7 +394,13 @@ class Scheduler:
         """A pure decode step, every sequence verifying the tree the policy chose (or none, with
         no proposals when it chose none): what it cost and yielded corrects the policy."""
         n = self._step_tree
-        if self.policy is None or not step.seqs or step.propose != (n > 0):
+        if self.policy is None or not step.seqs:
+            return
+        if self.policy.adaptive is not None:  # n: the step's tree nodes in all
+            if all(s.sample and len(s.token_ids) == 1 for s in step.seqs):
+                self.policy.adaptive.observe_latency(len(step.seqs), n, execute_ms)
+            return
+        if step.propose != (n > 0):
             return
         if all(s.sample and len(s.token_ids) == 1 and len(s.candidates) == n for s in step.seqs):
             made = [len(r.sampled_token_ids) for r in result.results]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from engine.core.outputs import ScheduledSeq
 from engine.core.sampling_params import StructuredOutputs
@@ -206,19 +206,21 @@ class StructuredOutputManager:
             return m.error() or "the grammar refused a token"
         return None
 
-    def prepare(self, seqs: Sequence[ScheduledSeq], node_children: dict[int, Sequence[Sequence[int]]]) -> None:
+    def prepare(self, seqs: Sequence[ScheduledSeq],
+                children_of: Callable[[ScheduledSeq], Sequence[Sequence[int]]]) -> None:
         """For every constrained sequence that samples: its rows' masks into
         ``grammar_bitmask``, and (``prune``) its candidates fitted to the grammar.
-        ``node_children``: tree size → each node's children (``MedusaTree.children``; node 0 the root).
+        ``children_of``: a sequence's tree as each node's children (``MedusaTree.children``;
+        node 0 the root).
         With ``threads`` > 1 the sequences run on a thread pool (the grammar engine computes a
         mask without the GIL; the walk itself holds it)."""
         work = [(self._matchers[s.seq_id], s) for s in seqs if s.sample and s.seq_id in self._matchers]
         if len(work) > 1 and self.threads > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="grammar-masks")
-            counts = list(self._pool.map(lambda w: self._prepare_one(*w, node_children), work))
+            counts = list(self._pool.map(lambda w: self._prepare_one(*w, children_of), work))
         else:
-            counts = [self._prepare_one(m, s, node_children) for m, s in work]
+            counts = [self._prepare_one(m, s, children_of) for m, s in work]
         for nodes, refused, replaced in counts:
             self.nodes += nodes
             self.refused += refused
@@ -230,7 +232,7 @@ class StructuredOutputManager:
             self._pool = None
 
     def _prepare_one(self, m: GrammarMatcher, s: ScheduledSeq,
-                     node_children: dict[int, Sequence[Sequence[int]]]) -> tuple[int, int, int]:
+                     children_of: Callable[[ScheduledSeq], Sequence[Sequence[int]]]) -> tuple[int, int, int]:
         """One sequence's masks and fitted candidates; (nodes checked, refused, replaced)."""
         if not s.tree_size:
             mask = m.bitmask()
@@ -239,7 +241,7 @@ class StructuredOutputManager:
         tokens = [s.token_ids[-1]] + list(s.candidates)
         masks: list[Optional[bytes]] = [None] * len(tokens)
         counts = [0, 0, 0]
-        self._visit(m, 0, tokens, node_children[s.tree_size], masks, counts)
+        self._visit(m, 0, tokens, children_of(s), masks, counts)
         s.candidates = tokens[1:]
         ones = self._ones(self._mask_len) if None in masks else b""
         s.grammar_bitmask = b"".join(x if x is not None else ones for x in masks)

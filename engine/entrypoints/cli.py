@@ -54,6 +54,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="acceptance rule: " + "; ".join(f"{r.name}: {r.summary}" for r in ACCEPTANCE_RULES.values())
                         + " (default: %(default)s)")
     p.add_argument("--backoff", action="store_true", help="size the tree per step from measured step latency")
+    p.add_argument("--adaptive", action="store_true",
+                   help="size every sequence's tree on its own from its heads' calibrated confidence, under a "
+                        "budget from measured step latency (exclusive with --backoff)")
     p.add_argument("--proposal-vocab", default="heads", choices=["heads", "full"],
                    help="tokens the heads may propose: the heads' proposal_vocab.json when shipped (heads), "
                         "or the full vocabulary (full); output is exact either way (default: %(default)s)")
@@ -78,7 +81,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
 
 def _speculative(args: argparse.Namespace) -> dict:
     return {"heads": args.heads, "tree": _tree_arg(args.tree), "acceptance": args.acceptance, "backoff": args.backoff,
-            "proposal_vocab": args.proposal_vocab}
+            "adaptive": args.adaptive, "proposal_vocab": args.proposal_vocab}
 
 
 def _run(engine, prompts, params, chat):

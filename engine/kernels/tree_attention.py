@@ -48,19 +48,28 @@ BLOCK_M = 64  # query rows ((node, head) pairs) per program
 def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, tables_ptr, kv_lens_ptr, mask_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_ch, stride_ot, stride_oh,
-        stride_tb, scale, part_m_ptr, part_l_ptr, part_acc_ptr, total_rows,
+        stride_tb, scale, part_m_ptr, part_l_ptr, part_acc_ptr, total_rows, q_starts_ptr,
         NODES: tl.constexpr, REP: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+        PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+        RAGGED: tl.constexpr):
     seq_head = tl.program_id(0)
     split = tl.program_id(2)
     b = seq_head // KV_HEADS
     g = seq_head % KV_HEADS
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < NODES * REP
+    if RAGGED:  # each sequence its own tree: its rows from q_starts, its mask [NODES, NODES] of its own
+        first = tl.load(q_starts_ptr + b)
+        n_b = tl.load(q_starts_ptr + b + 1) - first
+        mask_ptr = mask_ptr + b * NODES * NODES
+        if tl.program_id(1) * BLOCK_M >= n_b * REP:  # past this sequence's (smaller) tree
+            return
+    else:
+        first = b * NODES  # the sequence's first flat row (its root)
+        n_b = NODES
+    row_ok = rows < n_b * REP
     node = tl.where(row_ok, rows // REP, 0)
     head = g * REP + rows % REP
     dims = tl.arange(0, HEAD_DIM)
-    first = b * NODES  # the sequence's first flat row (its root)
 
     q = tl.load(q_ptr + (first + node)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -86,9 +95,9 @@ def _tree_attention_kernel(
     # (b) The tree: the step's own K/V, each node seeing its ancestors and itself (the root
     # sees itself, so no row is ever all masked).
     if split == SPLITS - 1:  # the last run takes the tree
-        for start in range(0, NODES, BLOCK_N):
+        for start in range(0, n_b, BLOCK_N):
             j = start + cols
-            ok = j < NODES
+            ok = j < n_b
             kt = tl.load(k_ptr + (first + j)[None, :] * stride_kt + g * stride_kh + dims[:, None],
                          mask=ok[None, :], other=0.0)
             visible = tl.load(mask_ptr + node[:, None] * NODES + j[None, :], mask=row_ok[:, None] & ok[None, :],
@@ -148,7 +157,7 @@ def default_splits(batch: int, heads: int, kv_heads: int, nodes: int, device: to
 def paged_tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
                          mask: torch.Tensor, page_size: int, out: torch.Tensor | None = None,
-                         splits: int | None = None) -> torch.Tensor:
+                         splits: int | None = None, q_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of B sequences' trees of N nodes each over their paged prefixes.
 
     q [B*N, H, D] and k, v [B*N, KVH, D]: the step's tokens, sequence after sequence (root
@@ -156,13 +165,20 @@ def paged_tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
     int32; kv_lens [B] int32: cached positions before each root; mask [N, N] int8 (1: node i
     may attend to node j); ``splits``: runs over each prefix (split-K; None: ``default_splits``
     for this grid). Returns [B*N, H, D] in q's dtype. Capturable in a CUDA graph: no host
-    reads, lengths and tables are read on the device."""
+    reads, lengths and tables are read on the device.
+
+    Ragged trees (adaptive trees: every sequence its own): ``q_starts`` [B + 1] int32, the
+    first row of each sequence's tree (the last entry: the row count), and ``mask`` [B, N, N]
+    int8, each sequence's mask in its top-left corner (N: the largest tree's nodes)."""
     t, h, d = q.shape
     kvh = k.shape[1]
-    nodes = mask.shape[0]
-    b = t // nodes
+    nodes = mask.shape[-1]
+    ragged = q_starts is not None
+    if ragged != (mask.dim() == 3):
+        raise ValueError("paged_tree_attention: ragged trees need q_starts and a mask per sequence, together")
+    b = mask.shape[0] if ragged else t // nodes
     rep = h // kvh
-    if t != b * nodes or h != kvh * rep or d & (d - 1) or d < 16:
+    if (not ragged and t != b * nodes) or h != kvh * rep or d & (d - 1) or d < 16:
         raise ValueError(f"paged_tree_attention: {t} rows are not whole {nodes}-node trees, or {h} heads over "
                          f"{kvh} KV heads, or head_dim {d} (a power of two >= 16 is needed)")
     if k_cache.stride() != v_cache.stride() or any(x.stride(2) != 1 for x in (q, k, v, k_cache)):
@@ -184,8 +200,8 @@ def paged_tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ca
         q, k, v, k_cache, v_cache, out, block_tables, kv_lens, mask,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0), 1.0 / math.sqrt(d), part_m, part_l, part_acc, total_rows,
-        NODES=nodes, REP=rep, KV_HEADS=kvh, HEAD_DIM=d, PAGE=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        SPLITS=splits, num_warps=4, num_stages=2)
+        q_starts if ragged else kv_lens, NODES=nodes, REP=rep, KV_HEADS=kvh, HEAD_DIM=d, PAGE=page_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, RAGGED=ragged, num_warps=4, num_stages=2)
     if splits > 1:
         block_r = 16
         _merge_splits_kernel[(triton.cdiv(total_rows, block_r),)](

@@ -16,7 +16,7 @@ so a tree node's processed logits equal what plain decoding computes at that pos
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -59,10 +59,11 @@ class HostDecider:
         self.eos_token_ids = eos_token_ids  # masked below min_tokens (unless ignore_eos)
 
     def decide(self, seqs: list[ScheduledSeq], ranges: list[Optional[RowRange]], logits: torch.Tensor,
-               tree: Optional[MedusaTree]) -> list[Optional[HostDecision]]:
+               trees: Sequence[Optional[MedusaTree]]) -> list[Optional[HostDecision]]:
         """Each sampling sequence's decision from its ``logits`` rows (modified in place by
-        penalties and masks); None for a sequence that does not sample."""
-        for s, rr in zip(seqs, ranges):
+        penalties and masks); None for a sequence that does not sample. ``trees``: each
+        sequence's tree (None: it verifies none)."""
+        for s, rr, tree in zip(seqs, ranges, trees):
             if rr is not None:
                 rows = logits[rr[0]:rr[0] + rr[1]]
                 if s.params.penalized:
@@ -76,7 +77,7 @@ class HostDecider:
             rows = logits.index_select(0, idx)
             apply_token_bitmask(rows, b"".join(s.grammar_bitmask for s, _ in constrained))
             logits.index_copy_(0, idx, rows)
-        accepted = self._accept(seqs, ranges, logits, tree)
+        accepted = self._accept(seqs, ranges, logits, trees)
         out: list[Optional[HostDecision]] = []
         for s, rr in zip(seqs, ranges):
             if rr is None:
@@ -94,22 +95,27 @@ class HostDecider:
         return out
 
     def _accept(self, seqs: list[ScheduledSeq], ranges: list[Optional[RowRange]], logits: torch.Tensor,
-                tree: Optional[MedusaTree]) -> dict[int, tuple[list[int], list[int]]]:
+                trees: Sequence[Optional[MedusaTree]]) -> dict[int, tuple[list[int], list[int]]]:
         """seq_id → (accepted path, new tokens) for every sequence that samples. Greedy ones are
-        decided together, one device→host copy for the batch: trees by the batched greedy rule,
+        decided together, one device→host copy per tree: trees by the batched greedy rule,
         plain decodes by one argmax; sampled plain rows by one batched keyed draw; sampled trees
         by their acceptance rule."""
         dev = logits.device
         decided: dict[int, tuple[list[int], list[int]]] = {}
+        tree_of = {s.seq_id: t for s, t in zip(seqs, trees)}
         greedy = [(s, rr) for s, rr in zip(seqs, ranges) if rr is not None and s.params.greedy]
-        greedy_tree = [(s, rr) for s, rr in greedy if s.tree_size]
         greedy_plain = [(s, rr) for s, rr in greedy if not s.tree_size]
+        by_tree: dict[int, list[tuple[ScheduledSeq, RowRange]]] = {}  # (adaptive trees: one group each)
+        for s, rr in greedy:
+            if s.tree_size:
+                by_tree.setdefault(id(tree_of[s.seq_id]), []).append((s, rr))
         accepted: dict[int, Accepted] = {}
-        if greedy_tree:
-            idx = torch.tensor([r0 for _, (r0, _) in greedy_tree], device=dev)
+        for group in by_tree.values():
+            tree = tree_of[group[0][0].seq_id]
+            idx = torch.tensor([r0 for _, (r0, _) in group], device=dev)
             stacked = logits[idx[:, None] + torch.arange(tree.num_nodes, device=dev)]
-            toks = torch.tensor([s.token_ids[-1:] + s.candidates for s, _ in greedy_tree], device=dev)
-            accepted.update({s.seq_id: a for (s, _), a in zip(greedy_tree, accept_greedy_batch(tree, toks, stacked))})
+            toks = torch.tensor([s.token_ids[-1:] + s.candidates for s, _ in group], device=dev)
+            accepted.update({s.seq_id: a for (s, _), a in zip(group, accept_greedy_batch(tree, toks, stacked))})
         if greedy_plain:
             idx = torch.tensor([r0 for _, (r0, _) in greedy_plain], device=dev)
             for (s, _), tok in zip(greedy_plain, logits.index_select(0, idx).argmax(-1).tolist()):
@@ -135,7 +141,8 @@ class HostDecider:
             acc = accepted.get(s.seq_id)
             if acc is None:
                 first_pos = s.start_pos + len(s.token_ids)  # position of the first token produced
-                acc = accept(s.params.acceptance or self.default_rule, tree, torch.tensor(node_list, device=dev),
+                acc = accept(s.params.acceptance or self.default_rule, tree_of[s.seq_id],
+                             torch.tensor(node_list, device=dev),
                              logits[rr[0]:rr[0] + rr[1]], s.params, s.seed, first_pos, self.epsilon, self.alpha)
             decided[s.seq_id] = acc.path, [node_list[i] for i in acc.path[1:]] + [acc.bonus]
         return decided

@@ -102,10 +102,23 @@ class MedusaProposer:
     def propose(self, hidden: torch.Tensor, roots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden [S, H] at the last accepted token of S sequences, roots [S] the token the model
         chose there (the next step's pending token) → candidates [S, C] for the full tree."""
+        return self._propose(hidden, roots, False)[0]
+
+    def propose_with_confidence(self, hidden: torch.Tensor, roots: Optional[torch.Tensor] = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``propose``'s candidates [S, C] and, per candidate, its head's probability of it
+        (softmax over the proposal vocabulary; a sequential head's given the path above it)
+        [S, C] float32 — the adaptive policy's evidence (engine/core/adaptive.py). The
+        probabilities need the softmax rows, so this takes the torch top-k, not the Triton one."""
+        tokens, probs = self._propose(hidden, roots, True)
+        return tokens, probs
+
+    def _propose(self, hidden: torch.Tensor, roots: Optional[torch.Tensor], with_probs: bool
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.heads.root_conditioned and roots is None:
             raise ValueError(f"propose: {self.heads.kind} heads need each sequence's root token")
         if self.heads.kind == "sequential":
-            return self._propose_by_depth(hidden, roots)
+            return self._propose_by_depth(hidden, roots, with_probs)
         k, depth = self.heads.num_heads, self.tree.depth
         x = hidden[None].expand(k, -1, -1)  # [K, S, H]
         if self.root_w is not None:
@@ -113,27 +126,42 @@ class MedusaProposer:
             x = x + r.transpose(0, 1)
         for w, b in zip(self.block_w, self.block_b):
             x = self._resblock(x, w, b)
-        top = self._topk(x[:depth]).transpose(0, 1)  # [S, D, k]; heads deeper than the tree idle
         head, rank = self._tree_index(hidden.device)
-        return top[:, head, rank]
+        logits = self._logits(x[:depth])  # heads deeper than the tree idle
+        if not with_probs:
+            return row_topk(logits, self.tree.topk, self.vocab_ids).transpose(0, 1)[:, head, rank], None
+        top, probs = self._topk_probs(logits)  # [D, S, k] each
+        return top.transpose(0, 1)[:, head, rank], probs.transpose(0, 1)[:, head, rank]
 
-    def _propose_by_depth(self, hidden: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+    def _propose_by_depth(self, hidden: torch.Tensor, roots: torch.Tensor, with_probs: bool
+                          ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Sequential heads: depth d's candidates come from head d-1 run once per parent node,
         reading the root and the candidates on the path to that parent."""
         s = hidden.shape[0]
         tokens = torch.empty((s, self.tree.num_nodes), dtype=torch.long, device=hidden.device)  # node order
         tokens[:, 0] = roots
+        probs = torch.ones((s, self.tree.num_nodes), dtype=torch.float32, device=hidden.device) if with_probs else None
+        k = self.tree.topk
         for d, idx in enumerate(self._depth_index(hidden.device), start=1):
             x = self._path_input(tokens, idx.anc, hidden, d)  # [S·P, H], row s·P + p
             for w, b in zip(self.block_w, self.block_b):
                 x = self._resblock(x[None], w[d - 1:d], b[d - 1:d])[0]
             logits = self._logits(x, d - 1)
-            if topk_kernel_applies(logits, self.tree.topk):  # (CUDA logits: the fused proposer's)
-                topk_into(logits, self.tree.topk, self.vocab_ids, tokens, idx.dest)
+            if probs is not None:
+                top, p = self._topk_probs(logits)
+                tokens[:, idx.nodes] = top.view(s, -1, k)[:, idx.slot, idx.rank]
+                probs[:, idx.nodes] = p.view(s, -1, k)[:, idx.slot, idx.rank]
+            elif topk_kernel_applies(logits, k):  # (CUDA logits: the fused proposer's)
+                topk_into(logits, k, self.vocab_ids, tokens, idx.dest)
             else:
-                top = row_topk(logits, self.tree.topk, self.vocab_ids).view(s, -1, self.tree.topk)
+                top = row_topk(logits, k, self.vocab_ids).view(s, -1, k)
                 tokens[:, idx.nodes] = top[:, idx.slot, idx.rank]
-        return tokens[:, 1:]
+        return tokens[:, 1:], probs[:, 1:] if probs is not None else None
+
+    def _topk_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [..., V'] → (the top-k token ids, their softmax probabilities), largest first."""
+        vals, top = torch.topk(logits.float().softmax(-1), self.tree.topk, dim=-1)
+        return (self.vocab_ids[top] if self.vocab_ids is not None else top), vals
 
     def _resblock(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """x [G, M, H] → x + SiLU(x W_g + b_g) for G heads at once."""
@@ -166,10 +194,6 @@ class MedusaProposer:
         if head is None:
             return torch.bmm(x, self.proj_w[: x.shape[0]])
         return x @ self.proj_w[head]
-
-    def _topk(self, x: torch.Tensor) -> torch.Tensor:
-        """x [D, S, H] (heads 0…D-1) → the tree's top-k token ids [D, S, k]."""
-        return row_topk(self._logits(x), self.tree.topk, self.vocab_ids)
 
     def _tree_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """node_head, node_rank on the proposer's device, made once per tree (no host→device

@@ -4,7 +4,7 @@ its results to the host (``HostCopy``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -19,7 +19,9 @@ class InputBatch:
     """One step, flattened: sequence after sequence, each its input tokens then its tree's
     candidates."""
     out: SchedulerOutput
-    tree: Optional[MedusaTree]  # the tree this step's decoding sequences verify (one per step)
+    # The tree this step's decoding sequences verify, when they all verify the same one (None
+    # with adaptive trees of their own: ``seq_trees``).
+    tree: Optional[MedusaTree]
     ids: list[int]
     offsets: list[int]  # first flat row of each sequence
     # Filled by ``locate`` (steps that are not a decode or verify graph's):
@@ -29,21 +31,34 @@ class InputBatch:
     # Query tokens per sequence when every sequence runs one pending token plus the same
     # tree (or nothing more): the step has a fixed shape. None otherwise.
     uniform_nodes: Optional[int]
+    # Every sequence's tree (None: it verifies none).
+    seq_trees: list[Optional[MedusaTree]]
 
     @property
     def seqs(self) -> list[ScheduledSeq]:
         return self.out.seqs
 
     @classmethod
-    def build(cls, out: SchedulerOutput, trees: dict[int, MedusaTree], scratch_tokens: int) -> "InputBatch":
-        """The step's flat ids and its shape; ValueError for a step the worker cannot run (several
-        trees, a tree not in ``trees``, more tree tokens than the K/V scratch region holds)."""
-        sizes = {s.tree_size for s in out.seqs if s.tree_size}
+    def build(cls, out: SchedulerOutput, trees: dict[int, MedusaTree], scratch_tokens: int,
+              tree_of_nodes: Optional[Callable[[tuple[int, ...]], MedusaTree]] = None) -> "InputBatch":
+        """The step's flat ids and its shape; ValueError for a step the worker cannot run (trees of
+        several sizes from the tree set, a tree not in ``trees``, adaptive trees without
+        ``tree_of_nodes`` — the full tree cut down to a sequence's ``tree_nodes`` — more tree
+        tokens than the K/V scratch region holds)."""
+        sizes = {s.tree_size for s in out.seqs if s.tree_size and not s.tree_nodes}
         if len(sizes) > 1 or not sizes <= trees.keys():
             raise ValueError(f"step {out.step_id}: trees {sorted(sizes)} do not fit the engine's "
                              f"trees {sorted(trees)} (one tree per step)")
-        tree = trees[sizes.pop()] if sizes else None
-        batch = cls(out=out, tree=tree, ids=[], offsets=[], positions=[], slots=[], attn=[], uniform_nodes=None)
+        if tree_of_nodes is None and any(s.tree_nodes for s in out.seqs):
+            raise ValueError(f"step {out.step_id}: adaptive trees (tree_nodes), but the worker has no full tree")
+        seq_trees = [tree_of_nodes(tuple(s.tree_nodes)) if s.tree_nodes else trees[s.tree_size] if s.tree_size
+                     else None for s in out.seqs]
+        distinct = {id(t): t for t in seq_trees if t is not None}
+        if sizes and len(distinct) > 1:
+            raise ValueError(f"step {out.step_id}: a tree of the tree set beside adaptive trees")
+        tree = next(iter(distinct.values())) if len(distinct) == 1 else None
+        batch = cls(out=out, tree=tree, ids=[], offsets=[], positions=[], slots=[], attn=[], uniform_nodes=None,
+                    seq_trees=seq_trees)
         for s in out.seqs:
             n = len(s.token_ids)
             if s.tree_size and (n != 1 or len(s.candidates) != s.tree_size):
@@ -53,20 +68,18 @@ class InputBatch:
             batch.ids += s.token_ids
             if s.tree_size:
                 batch.ids += s.candidates
-        if tree is not None and len(batch.ids) > scratch_tokens:
+        if distinct and len(batch.ids) > scratch_tokens:
             raise ValueError(f"step {out.step_id}: {len(batch.ids)} tokens exceed the K/V scratch region "
                              f"({scratch_tokens})")
-        if all(len(s.token_ids) == 1 for s in out.seqs):
-            counts = {s.tree_size for s in out.seqs}
-            if len(counts) == 1:
-                batch.uniform_nodes = counts.pop() + 1
+        if all(len(s.token_ids) == 1 for s in out.seqs) and len({id(t) for t in seq_trees}) == 1:
+            batch.uniform_nodes = out.seqs[0].tree_size + 1 if out.seqs else None
         return batch
 
     def locate(self, kv_cache: PagedKVCache) -> None:
         """Every token's position, K/V slot (tree candidates: their rows of the scratch region)
         and the attention inputs of each sequence."""
-        scratch, tree = kv_cache.scratch_slot0, self.tree
-        for s, row in zip(self.seqs, self.offsets):
+        scratch = kv_cache.scratch_slot0
+        for s, row, tree in zip(self.seqs, self.offsets, self.seq_trees):
             n = len(s.token_ids)
             self.positions += range(s.start_pos, s.start_pos + n)
             self.slots += kv_cache.host_slots(s.block_table, s.start_pos, n)

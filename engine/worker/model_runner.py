@@ -22,6 +22,7 @@ worker returns everything at once).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -55,8 +56,14 @@ class ModelRunner:
         # Trees a step may verify, by candidate count: the full tree, and with back-off the
         # smaller trees nested in it (the scheduler cuts each sequence's candidates down).
         self.trees: dict[int, MedusaTree] = {}
+        # Adaptive trees (speculative.adaptive): the full tree cut down to a sequence's
+        # candidates, by their indices; the tree set's own trees under theirs.
+        self._trees_by_nodes: dict[tuple[int, ...], MedusaTree] = {}
+        self._adaptive_trees: OrderedDict[tuple[int, ...], MedusaTree] = OrderedDict()
         if proposer is not None:
             self.set_trees({proposer.tree.num_nodes - 1: proposer.tree})
+        # Adaptive trees decide on the host path, which also reports the heads' confidence.
+        self.adaptive = spec is not None and spec.adaptive
         self._candidates_owed = False  # the last step deferred its candidates (device_tail.proposed)
 
     @property
@@ -67,7 +74,34 @@ class ModelRunner:
     def set_trees(self, trees: dict[int, MedusaTree]) -> None:
         """The tree set: candidate count → tree; the largest is the full tree the heads propose."""
         self.trees = dict(trees)
-        self.proposer.tree = trees[max(trees)]
+        full = self.proposer.tree = trees[max(trees)]
+        index = {c: i for i, c in enumerate(full.choices)}
+        self._trees_by_nodes = {tuple(index[c] for c in t.choices): t for t in trees.values()}
+
+    # Distinct adaptive trees kept made (each holds its masks and paths): the least recently
+    # used go first.
+    MAX_ADAPTIVE_TREES = 4096
+
+    def tree_of_nodes(self, nodes: tuple[int, ...]) -> MedusaTree:
+        """The full tree cut down to these candidates (indices among its candidates, ascending,
+        closed under parents): the tree set's own tree when it is one of them, else made once
+        per distinct set."""
+        tree = self._trees_by_nodes.get(nodes)
+        if tree is not None:
+            return tree
+        tree = self._adaptive_trees.pop(nodes, None)
+        if tree is None:
+            choices = self.tree.choices
+            if any(not 0 <= i < len(choices) for i in nodes) or list(nodes) != sorted(set(nodes)):
+                raise ValueError(f"tree_nodes {list(nodes)}: not ascending candidates of the full tree")
+            taken = {choices[i] for i in nodes}
+            if any(len(c) > 1 and c[:-1] not in taken for c in taken):
+                raise ValueError(f"tree_nodes {list(nodes)}: not closed under parents")
+            tree = MedusaTree(tuple(choices[i] for i in nodes))
+            if len(self._adaptive_trees) >= self.MAX_ADAPTIVE_TREES:
+                self._adaptive_trees.popitem(last=False)
+        self._adaptive_trees[nodes] = tree
+        return tree
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
@@ -93,9 +127,12 @@ class ModelRunner:
     def _execute(self, out: SchedulerOutput, defer_candidates: bool) -> StepResult:
         if not out.seqs:
             return StepResult(step_id=out.step_id, results=[])
-        batch = InputBatch.build(out, self.trees, self.kv_cache.scratch_tokens)
+        batch = InputBatch.build(out, self.trees, self.kv_cache.scratch_tokens,
+                                 self.tree_of_nodes if self.proposer is not None else None)
         graph, hidden = self.run_model(batch)
-        if not self.device_tail.applies(batch):
+        # Adaptive trees and the confidences of a proposal come from the host path for now.
+        adaptive_step = self.adaptive and (out.propose or any(s.tree_nodes for s in out.seqs))
+        if adaptive_step or not self.device_tail.applies(batch):
             return StepResult(step_id=out.step_id, results=self.decide_on_host(batch, hidden))
         decided, proposed = self.device_tail.run(batch, hidden, graph)
         depth = batch.tree.depth if batch.tree is not None else 0
@@ -134,14 +171,15 @@ class ModelRunner:
     def decide_on_host(self, batch: InputBatch, hidden: torch.Tensor) -> list[SeqResult]:
         """The host path: logits for the rows a decision reads, the decisions
         (engine/sample/host_decision.py), then the commit of accepted nodes and the proposals."""
-        seqs, tree, dev = batch.seqs, batch.tree, self.device
+        seqs, dev = batch.seqs, self.device
         ranges, rows = logits_rows(seqs, batch.offsets)
         if not rows:
             return [SeqResult(seq_id=s.seq_id, sampled_token_ids=[]) for s in seqs]
         decisions = self.host.decide(seqs, ranges, self.model.compute_logits(hidden[torch.tensor(rows, device=dev)]),
-                                     tree)
+                                     batch.seq_trees)
+        depth = self.tree.depth if self.tree is not None else 0  # (accepted_per_depth: the full tree's depths)
         results, src, dst, last = [], [], [], []
-        for s, offset, d in zip(seqs, batch.offsets, decisions):
+        for s, offset, d, tree in zip(seqs, batch.offsets, decisions, batch.seq_trees):
             if d is None:
                 results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=[]))
                 continue
@@ -152,23 +190,30 @@ class ModelRunner:
             kept = Decided(len(d.path) - 1, d.tokens)
             results.append(SeqResult(seq_id=s.seq_id, sampled_token_ids=d.tokens, logprobs=d.logprobs,
                                      top_logprobs=d.top_logprobs, num_accepted=kept.num_accepted,
-                                     accepted_per_depth=kept.accepted_per_depth(tree.depth) if s.tree_size else []))
+                                     accepted_per_depth=kept.accepted_per_depth(depth) if s.tree_size else []))
         if src:
             self.tail.commit(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
         if self.proposer is not None and last and batch.out.propose:
             roots = torch.tensor([r.sampled_token_ids[-1] for r in results if r.sampled_token_ids], device=dev)
-            cands = iter(self._propose(hidden[torch.tensor(last, device=dev)], roots).tolist())
+            proposed = self._propose(hidden[torch.tensor(last, device=dev)], roots)
+            cands = iter(proposed[0].tolist())
+            confidence = iter(proposed[1].tolist()) if proposed[1] is not None else None
             for r in results:
                 if r.sampled_token_ids:
                     r.next_candidates = next(cands)
+                    if confidence is not None:
+                        r.next_confidence = next(confidence)
         return results
 
-    def _propose(self, hidden: torch.Tensor, roots: torch.Tensor) -> torch.Tensor:
+    def _propose(self, hidden: torch.Tensor, roots: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The heads' proposal for a host-decided step (engine/sample/tail.py ``SpecTail.propose``),
-        from a graph per batch bucket when the engine has graphs."""
+        from a graph per batch bucket when the engine has graphs; with adaptive trees (eager)
+        also each candidate's confidence."""
+        if self.adaptive:
+            return self.proposer.propose_with_confidence(hidden, roots)
         if self.graphs is None:
-            return self.tail.propose(hidden, roots)
-        return self.graphs.run_rows("propose", self.tail.propose, [hidden, roots])
+            return self.tail.propose(hidden, roots), None
+        return self.graphs.run_rows("propose", self.tail.propose, [hidden, roots]), None
 
     def capture_tails(self, max_rows: int = 1) -> None:
         """Capture the device tails after every decode and verify graph, and the host-decided

@@ -45,8 +45,10 @@ def choose_trees(runner: ModelRunner, spec: "WorkerSpec", head_accuracy, tp: TPG
     candidate count → indices of that tree's candidates among the full tree's)."""
     cfg, sc = spec.config, spec.config.scheduler
     device = runner.device
-    if cfg.speculative.backoff:
-        if head_accuracy is None:
+    if cfg.speculative.backoff or cfg.speculative.adaptive:
+        # (Adaptive trees price steps with the same grid; they learn what nodes are worth
+        # from the heads' probabilities and served steps, not from tree.json.)
+        if head_accuracy is None and cfg.speculative.backoff:
             raise ValueError("speculative.backoff: needs heads with a tree.json holding rank_accuracy "
                              "(written by train-heads) to know what each tree size is worth")
         nested = nested_subtrees(runner.tree, head_accuracy, AUTO_TREE_SIZES)
@@ -111,7 +113,8 @@ def latency_cache_key(spec: "WorkerSpec", device: torch.device, sizes: list[int]
             else f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}",
             "torch": torch.__version__, "dtype": spec.dtype, "backend": spec.attention_backend, "graphs": graphs,
             "model": [spec.model_path, files(spec.model_path)], "heads": [str(heads_dir), files(heads_dir)],
-            "proposal_vocab": cfg.speculative.proposal_vocab, "tree": [list(c) for c in tree.choices],
+            "proposal_vocab": cfg.speculative.proposal_vocab, "adaptive": cfg.speculative.adaptive,
+            "tree": [list(c) for c in tree.choices],
             "sizes": sizes, "batch_sizes": batch_sizes, "block_size": spec.block_size,
             "token_budget": cfg.scheduler.max_num_batched_tokens, "world_size": spec.world_size,
             "version": LATENCY_CACHE_VERSION}

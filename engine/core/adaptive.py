@@ -1,0 +1,297 @@
+"""Adaptive trees: each decoding sequence's tree sized by its own heads' confidence, under one
+budget of verify tokens per step (``speculative.adaptive``).
+
+Back-off (engine/core/backoff.py) picks one tree size per step for every sequence. Here every
+sequence verifies its own part of the full tree:
+
+1. **Value of a node.** The proposal reports, per candidate, its head's probability of it given
+   its parent (``SeqResult.next_confidence``). ``NodeCalibration`` maps that probability, per
+   tree depth, to the chance that served steps accepted such a node when its parent was
+   accepted. A node's value is the product of those chances along its path: the estimated
+   probability that the whole path is accepted — each factor is at most 1, so a child is never
+   worth more than its parent.
+2. **Best-first across sequences.** All (sequence, node) pairs are ranked by value (the
+   shallower node first on a tie, so the taken set is closed under parents): the first M of
+   them are the step's verified nodes. A sequence whose heads are unsure gets few nodes or
+   none, a sure one a deep tree. The expected tokens of the step are B + the sum of the M
+   values (each node adds the chance it is on the accepted path; siblings guess distinct
+   tokens, so at most one per depth is).
+3. **The budget.** M is the count with the most expected tokens per millisecond, pricing a
+   step of B sequences and M nodes from the start-up latency grid (``LatencyModel``:
+   batch sizes × uniform tree sizes, corrected by served steps) at M/B nodes a sequence,
+   interpolated between measured tree sizes. A step of trees must promise ``margin`` times
+   plain decoding's rate, or the step is plain.
+4. **Calibration learned online.** After each step every verified node whose parent was
+   accepted is a trial: accepted or not (``observe_step``). Evidence decays, so a shift in
+   traffic is followed within a few dozen steps, and the heads' own word is the prior — heads
+   that promise much and deliver nothing are priced out within a few steps.
+5. **Proposals.** When the last steps chose no nodes, the heads still propose now and then,
+   ever more rarely (their confidence is what could bring trees back; ``propose_next``), so
+   heads that are never trusted cost a small share of a plain run.
+
+The policy runs on the driver in pure Python (the core needs no torch): per step O(B·C) for B
+sequences and C candidates of the full tree. Steps that verify adaptive trees or propose (the
+confidences come from the proposal's softmax) run eagerly and decide on the host path for now
+(engine/worker/model_runner.py), and are priced as such (``ROUTE``); a plain step that does
+not propose takes the device tail and its graphs like any engine's.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from engine.core.backoff import LatencyModel
+
+# Steps whose sequences verify trees of their own decide on the host path (the device tails
+# take uniform steps only): back-off's latency corrections are learned on that route.
+ROUTE = "host"
+
+# Bins of the heads' probability a calibration keeps apart (a head that says 0.9 is usually
+# right more often than one that says 0.3, but by how much depends on the traffic).
+PROB_EDGES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9)
+
+
+def _bin(p: float) -> int:
+    return bisect.bisect_right(PROB_EDGES, p)
+
+
+class NodeCalibration:
+    """Head probability → P(node accepted | its parent accepted), per tree depth and
+    probability bin: what served steps delivered over what the heads promised there.
+
+    Evidence is pooled in three levels, each the prior of the next: all depths together (the
+    heads' own word, ratio 1, counts as ``GLOBAL_PRIOR`` promised tokens), each depth (the
+    global ratio as ``DEPTH_PRIOR`` promised tokens), each (depth, bin) (its depth's ratio as
+    ``BIN_PRIOR`` trials at the bin's mean promise). So heads that promise much and deliver
+    nothing are priced out everywhere within a few steps — also at depths and confidences
+    never verified yet — while well-calibrated heads keep their word, and a bin with evidence
+    of its own follows it. The evidence decays by ``DECAY`` every observed step and by
+    ``IDLE_DECAY`` every step that verified nothing, so heads priced out are tried again now
+    and then (a few steps in several hundred)."""
+
+    GLOBAL_PRIOR = 8.0
+    DEPTH_PRIOR = 4.0
+    BIN_PRIOR = 4.0
+    DECAY = 0.98
+    IDLE_DECAY = 0.995
+    MAX_VALUE = 0.999  # a node is never certain: the product along a path must shrink
+
+    def __init__(self, depth: int) -> None:
+        nb = len(PROB_EDGES) + 1
+        # Per depth and bin: [trials, accepted, the heads' summed probability over the trials].
+        self.sums = [[[0.0, 0.0, 0.0] for _ in range(nb)] for _ in range(depth)]
+        self._ratio: list[list[float]] = [[1.0] * nb for _ in range(depth)]
+
+    def value(self, depth: int, p: float) -> float:
+        """Calibrated P(accepted | parent accepted) of a depth-``depth`` node (1-based) whose
+        head said ``p``."""
+        return min(self.MAX_VALUE, p * self._ratio[depth - 1][_bin(p)])
+
+    def ratio(self, depth: int, p: float) -> float:
+        return self._ratio[depth - 1][_bin(p)]
+
+    def observe(self, trials: Sequence[tuple[int, float, bool]]) -> None:
+        """One step's trials: (depth, head probability, accepted)."""
+        self._age(self.DECAY)
+        for depth, p, ok in trials:
+            s = self.sums[depth - 1][_bin(p)]
+            s[0] += 1.0
+            s[1] += float(ok)
+            s[2] += p
+        self._refresh()
+
+    def idle(self) -> None:
+        self._age(self.IDLE_DECAY)
+        self._refresh()
+
+    def _age(self, f: float) -> None:
+        for row in self.sums:
+            for s in row:
+                s[0] *= f
+                s[1] *= f
+                s[2] *= f
+
+    def _refresh(self) -> None:
+        acc_all = sum(s[1] for row in self.sums for s in row)
+        prom_all = sum(s[2] for row in self.sums for s in row)
+        pooled = (acc_all + self.GLOBAL_PRIOR) / (prom_all + self.GLOBAL_PRIOR)
+        for d, row in enumerate(self.sums):
+            acc_d, prom_d = sum(s[1] for s in row), sum(s[2] for s in row)
+            depth = (acc_d + self.DEPTH_PRIOR * pooled) / (prom_d + self.DEPTH_PRIOR)
+            for b, (n, acc, prom) in enumerate(row):
+                if n < 1e-9:
+                    self._ratio[d][b] = depth
+                    continue
+                w = self.BIN_PRIOR * prom / n  # BIN_PRIOR trials at the bin's mean promise
+                self._ratio[d][b] = (acc + w * depth) / (prom + w)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What a decoding sequence offers a step: the full tree's candidate tokens and, per
+    candidate, its head's probability given its parent."""
+    seq_id: int
+    tokens: Sequence[int]
+    confidence: Sequence[float]
+
+
+class AdaptivePlan(dict):
+    """seq_id → the candidates (indices among the full tree's, ascending) it verifies; only
+    sequences with at least one. ``expected``: the step's expected tokens beyond one a
+    sequence."""
+    expected: float = 0.0
+
+
+class AdaptiveTrees:
+    """The adaptive tree policy's state: calibration, latency model, proposal probes."""
+
+    # Nodes a sequence, on average, that a step may verify: the budgets priced each step.
+    NODES_PER_SEQ = (0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    MIN_VALUE = 1e-3  # a node less likely than this to be accepted is never verified
+    PROBE_FIRST = 4
+    PROBE_MAX = 64
+
+    def __init__(self, parents: Sequence[int], depths: Sequence[int], latency: LatencyModel,
+                 margin: float = 1.1, learning_rate: float = 0.1) -> None:
+        """``parents`` / ``depths``: the full tree's (``MedusaTree.parents`` / ``depths``, node 0
+        the root, candidate i is node i + 1). ``margin``: how much more than plain decoding's
+        rate a step of trees must promise; ``learning_rate``: how fast served steps correct the
+        latency model (the calibration always learns)."""
+        self.parents = [p - 1 for p in parents[1:]]  # candidate index of each candidate's parent (-1: root)
+        self.depths = list(depths[1:])
+        self.children: list[list[int]] = [[] for _ in range(len(self.depths) + 1)]  # by node id
+        for c, p in enumerate(self.parents):
+            self.children[p + 1].append(c)
+        self.latency, self.margin, self.learning_rate = latency, margin, learning_rate
+        self.calibration = NodeCalibration(max(self.depths))
+        self._sizes = [n for n in latency.sizes if n > 0]
+        self._plain_streak = 0  # steps in a row that verified no node
+        self._since_proposal = 0
+        self._probe_every = self.PROBE_FIRST
+
+    # ---- one step's plan ---------------------------------------------------------------
+    def values(self, confidence: Sequence[float]) -> list[float]:
+        """Each candidate's estimated probability that its whole path is accepted."""
+        v = [0.0] * len(self.depths)
+        cal = self.calibration
+        for c, (p, d, parent) in enumerate(zip(confidence, self.depths, self.parents)):
+            v[c] = cal.value(d, p) * (v[parent] if parent >= 0 else 1.0)
+        return v
+
+    def plan(self, seqs: Sequence[Candidates], num_decoding: int, max_nodes: int) -> AdaptivePlan:
+        """The step's trees: ``seqs`` the decoding sequences holding candidates, ``num_decoding``
+        all decoding sequences (those without candidates decode plainly), ``max_nodes`` what
+        the token budget leaves for tree nodes."""
+        plan = AdaptivePlan()
+        ranked: list[tuple[float, int, int, int]] = []  # (-value, depth, seq index, candidate)
+        for i, s in enumerate(seqs):
+            if len(s.confidence) != len(self.depths):
+                continue
+            for c, v in enumerate(self.values(s.confidence)):
+                if v >= self.MIN_VALUE:
+                    ranked.append((-v, self.depths[c], i, c))
+        b = num_decoding
+        if not ranked or b <= 0 or max_nodes <= 0:
+            return self._chose(plan)
+        ranked.sort()
+        gain = [0.0]
+        for r in ranked:
+            gain.append(gain[-1] - r[0])
+        plain = b / self.latency.ms(b, 0, ROUTE)
+        best_m, best_rate = 0, plain * self.margin
+        for per_seq in self.NODES_PER_SEQ:
+            m = min(len(ranked), max_nodes, max(1, round(per_seq * b)))
+            rate = (b + gain[m]) / self.step_ms(b, m)
+            if rate > best_rate:
+                best_m, best_rate = m, rate
+            if m == len(ranked) or m == max_nodes:
+                break
+        for _, _, i, c in ranked[:best_m]:
+            plan.setdefault(seqs[i].seq_id, []).append(c)
+        for nodes in plan.values():
+            nodes.sort()
+        plan.expected = gain[best_m]
+        return self._chose(plan)
+
+    def _chose(self, plan: AdaptivePlan) -> AdaptivePlan:
+        self._plain_streak = 0 if plan else self._plain_streak + 1
+        if not plan:
+            self.calibration.idle()
+        return plan
+
+    def step_ms(self, batch_size: int, nodes: int) -> float:
+        """A step of ``batch_size`` sequences verifying ``nodes`` tree nodes in all: the latency
+        grid at nodes / batch_size a sequence, linear between the measured tree sizes."""
+        n = nodes / batch_size
+        sizes = self._sizes
+        lo = 0
+        for s in sizes:
+            if s >= n:
+                hi = s
+                break
+            lo = s
+        else:  # beyond the grid: the last interval's slope
+            lo, hi = (sizes[-2] if len(sizes) > 1 else 0), sizes[-1]
+        a, z = self.latency.ms(batch_size, lo, ROUTE), self.latency.ms(batch_size, hi, ROUTE)
+        return a + (z - a) * (n - lo) / (hi - lo)
+
+    def grid_size(self, batch_size: int, nodes: int) -> int:
+        """The measured tree size nearest ``nodes / batch_size`` (what a served step teaches)."""
+        n = nodes / max(1, batch_size)
+        return min([0] + self._sizes, key=lambda s: abs(s - n))
+
+    def propose_next(self) -> bool:
+        """Should this step's heads propose? Yes while trees are chosen. After a run of plain
+        steps only now and then (the confidences could bring trees back): ``PROBE_FIRST`` steps
+        after the last proposal, then twice as long after every probe that brought no tree, up
+        to ``PROBE_MAX`` — a step that proposes decides on the host path, which on a GPU costs
+        a few plain steps."""
+        if self._plain_streak < 2:
+            self._since_proposal, self._probe_every = 0, self.PROBE_FIRST
+            return True
+        self._since_proposal += 1
+        if self._since_proposal >= self._probe_every:
+            self._since_proposal = 0
+            self._probe_every = min(self.PROBE_MAX, 2 * self._probe_every)
+            return True
+        return False
+
+    # ---- what served steps teach -------------------------------------------------------
+    def observe_step(self, verified: Sequence[tuple[Sequence[int], Sequence[int], Sequence[float], Sequence[int]]]
+                     ) -> None:
+        """Per sequence that verified a tree: (its candidate indices, their tokens, their head
+        probabilities, the tokens the step produced). A verified node whose parent was accepted
+        is a trial; it succeeded when it was accepted too."""
+        trials: list[tuple[int, float, bool]] = []
+        for nodes, tokens, probs, produced in verified:
+            by_node = {c: (t, p) for c, t, p in zip(nodes, tokens, probs)}
+            parent = -1  # the accepted path so far (the root: always accepted)
+            for depth in range(1, len(produced) + 1):
+                nxt = -1
+                for c in self.children[parent + 1]:
+                    if c in by_node:
+                        t, p = by_node[c]
+                        ok = depth <= len(produced) - 1 and t == produced[depth - 1]
+                        trials.append((depth, p, ok))
+                        if ok:
+                            nxt = c
+                if nxt < 0:
+                    break
+                parent = nxt
+        if trials:
+            self.calibration.observe(trials)
+
+    def observe_latency(self, batch_size: int, nodes: int, ms: float) -> None:
+        """A served pure decode step of ``batch_size`` sequences and ``nodes`` tree nodes took
+        ``ms`` (``learning_rate`` 0: the latency model learns nothing)."""
+        if self.learning_rate > 0:
+            self.latency.observe(batch_size, self.grid_size(batch_size, nodes), ms, self.learning_rate, ROUTE)
+
+
+def verified_share(plan: Optional[AdaptivePlan], num_decoding: int) -> float:
+    """Mean verified nodes a decoding sequence (the benchmark's column)."""
+    if not plan or num_decoding <= 0:
+        return 0.0
+    return sum(len(v) for v in plan.values()) / num_decoding
