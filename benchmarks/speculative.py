@@ -111,7 +111,7 @@ def timed(engine, prompts, max_tokens, batch_size, temperature=0.0, queued=False
             "gc_ms": round(gc_time["ms"], 1), "capture_steps": st.num_capture_steps,
             "graph_miss_steps": st.num_graph_miss_steps,
             "step_ms": 1e3 * dt / max(1, st.num_steps), "decode_ms": st.decode_step_ms,
-            "mean_accepted": st.mean_accepted_length,
+            "mean_accepted": st.mean_accepted_length, "mean_verified": st.mean_verified_candidates,
             "per_head_acceptance": [round(x, 3) for x in st.per_head_acceptance],
             "steps_by_tree_size": dict(st.steps_by_tree_size)}
 
@@ -325,10 +325,12 @@ def main() -> None:
                          "plain_step_ms": ref["step_ms"], "medusa_step_ms": r["step_ms"],
                          "plain_decode_ms": ref["decode_ms"], "medusa_decode_ms": r["decode_ms"], **extra[bs],
                          "mean_accepted": r["mean_accepted"], "per_head_acceptance": r["per_head_acceptance"],
+                         # Tree candidates verified per sequence and decode step: the verify work spent.
+                         "mean_verified": r["mean_verified"],
                          "steps_by_tree_size": r["steps_by_tree_size"],
                          "greedy_identical": r["tokens"] == ref["tokens"] if t == 0 else None})
             print_table([rows[-1]], ["config", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup", "speedup_min",
-                                     "mean_accepted", "plain_decode_ms", "medusa_decode_ms", "capture_steps",
+                                     "mean_accepted", "mean_verified", "plain_decode_ms", "medusa_decode_ms", "capture_steps",
                                      "graph_miss_steps"])
     for eng in engines.values():
         eng.shutdown()
@@ -383,7 +385,7 @@ def main() -> None:
 
     print(f"\n{env}")
     print_table(rows, ["config", "tree_nodes", "batch_size", "plain_tok_s", "medusa_tok_s", "speedup", "speedup_min",
-                       "speedup_runs", "mean_accepted", "plain_decode_ms", "medusa_decode_ms", "capture_steps",
+                       "speedup_runs", "mean_accepted", "mean_verified", "plain_decode_ms", "medusa_decode_ms", "capture_steps",
                        "graph_miss_steps", "greedy_identical"])
     spoilt = [f"{r['config']} b{r['batch_size']}" for r in rows if r["capture_steps"]]
     if spoilt:

@@ -28,6 +28,8 @@ class DecodeCounters:
     accepted_hist: list[int] = field(default_factory=list)
     # accepted_per_depth[d]: decode steps whose accepted path reached depth d+1 (head d right).
     accepted_per_depth: list[int] = field(default_factory=list)
+    # Tree candidates the decode steps verified (the verify work speculation spent).
+    num_verified_candidates: int = 0
     num_preemptions: int = 0
 
     @property
@@ -36,15 +38,21 @@ class DecodeCounters:
         return self.num_decode_tokens / self.num_decode_steps if self.num_decode_steps else 0.0
 
     @property
+    def mean_verified_candidates(self) -> float:
+        """Tree candidates verified per decode step (0.0 without speculation)."""
+        return self.num_verified_candidates / self.num_decode_steps if self.num_decode_steps else 0.0
+
+    @property
     def per_head_acceptance(self) -> list[float]:
         """Fraction of decode steps in which head d's guess was accepted."""
         return [n / self.num_decode_steps for n in self.accepted_per_depth] if self.num_decode_steps else []
 
-    def record_decode(self, num_accepted: int, per_depth: list[int]) -> None:
+    def record_decode(self, num_accepted: int, per_depth: list[int], verified: int = 0) -> None:
         # Once per sequence and decode step: counted in place (at batch 64 the general
         # merge_counts was the scheduler update's dearest call).
         self.num_decode_steps += 1
         self.num_decode_tokens += num_accepted + 1
+        self.num_verified_candidates += verified
         hist, depth = self.accepted_hist, self.accepted_per_depth
         if len(hist) <= num_accepted:
             hist.extend([0] * (num_accepted + 1 - len(hist)))
@@ -57,6 +65,7 @@ class DecodeCounters:
     def merge(self, other: "DecodeCounters") -> None:
         self.merge_counts(other.num_decode_steps, other.num_decode_tokens, other.accepted_hist,
                           other.accepted_per_depth)
+        self.num_verified_candidates += other.num_verified_candidates
 
     def merge_counts(self, steps: int, tokens: int, hist: list[int], per_depth: list[int]) -> None:
         self.num_decode_steps += steps

@@ -51,7 +51,7 @@ class Scheduler:
         self._by_seq_id: dict[int, Request] = {}
         self._step_id = 0
         # seq_id -> (tokens computed, sampled) for the step in flight, and that step.
-        self._in_flight: dict[int, tuple[int, bool]] = {}
+        self._in_flight: dict[int, tuple[int, bool, int]] = {}  # ... and candidates verified
         self._in_flight_step: Optional[SchedulerOutput] = None
         # seq_id -> (candidate indices, their tokens, their head probabilities) of the adaptive
         # trees in flight.
@@ -277,7 +277,7 @@ class Scheduler:
 
     def _scheduled(self, req: Request, chunk: int, sample: bool, cands: list[int], tree: int,
                    nodes: Sequence[int] = ()) -> ScheduledSeq:
-        self._in_flight[req.seq_id] = (chunk, sample)
+        self._in_flight[req.seq_id] = (chunk, sample, len(cands))
         if nodes:  # what the adaptive policy learns from once the step is back
             self._in_flight_trees[req.seq_id] = (nodes, cands, [req.candidate_confidence[i] for i in nodes])
         req.metrics.num_steps += 1
@@ -334,7 +334,7 @@ class Scheduler:
         verified = []  # adaptive trees: what each verified and produced
         deferred_to: list[Optional[Request]] = []  # per result, the request its candidates go to
         for res in result.results:
-            chunk, sampled = self._in_flight.pop(res.seq_id)
+            chunk, sampled, verified_nodes = self._in_flight.pop(res.seq_id)
             req = self._by_seq_id.get(res.seq_id)
             deferred_to.append(req if sampled else None)
             if req is None:
@@ -347,7 +347,7 @@ class Scheduler:
             req.num_computed += res.num_accepted
             was_decode = chunk == 1 and req.output_token_ids
             if was_decode:
-                req.metrics.record_decode(res.num_accepted, res.accepted_per_depth)
+                req.metrics.record_decode(res.num_accepted, res.accepted_per_depth, verified_nodes)
             reason = None
             for j, tok in enumerate(res.sampled_token_ids):
                 req.output_token_ids.append(tok)
