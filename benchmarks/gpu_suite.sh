@@ -3,7 +3,7 @@
 # Expects: the engine importable (PYTHONPATH), MEDUSA_ENGINE_GGUF pointing at the bundled GGUF,
 # MEDUSA_ENGINE_PROMPTS at held-out prompts, $OUT for the results.
 # PARTS picks what runs (default: tests, throughput, speculative); a call has 600 s. The
-# Medusa table (plain / fixed tree / back-off / a second plain engine x batch 1…128 x greedy and
+# Medusa table (plain / fixed tree / back-off / adaptive trees / a second plain engine x batch 1…128 x greedy and
 # typical T=0.7, static batches) took 2 minutes on an H100 once every step replayed a graph;
 # PARTS="speculative queue" adds the same under steady load (--queue 3) in the same call. PARTS=steps8b adds the Llama-3.1-8B shape's step costs (random
 # weights and heads, benchmarks/profile_step.py); PARTS=backoff8b back-off against plain
@@ -34,7 +34,7 @@ if [[ " $PARTS " == *" throughput "* ]]; then
         | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/throughput.log" | tail -8
 fi
 if [[ " $PARTS " == *" speculative "* ]]; then
-    python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${TREES:-mc_sim_7b_63 backoff none} \
+    python3 benchmarks/speculative.py --heads ${HEADS:-default} --trees ${TREES:-mc_sim_7b_63 backoff adaptive none} \
         --batch-sizes ${SP_BS:-1 4 16 64 128} --temperatures ${SP_TEMPS:-0 0.7} --max-tokens ${SP_TOKENS:-128} \
         --split ${SPLIT:-heldout} ${SP_FLAGS:---kv-cache-memory-gb 8} 2>&1 \
         | grep --line-buffered -v -i -E "warn|Loading" | tee "$OUT/speculative.log" | tail -24

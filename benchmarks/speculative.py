@@ -7,7 +7,8 @@ batch size, greedy, held-out chat prompts; one run side by side.
 The tree name ``backoff`` runs Medusa with back-off (tree sized per step from a latency model
 measured at start-up; needs heads with tree.json, e.g. the default heads); ``adaptive`` with
 adaptive trees (each sequence's tree sized by its heads' calibrated confidence under a budget
-from the same latency model, engine/core/adaptive.py); ``none`` a second
+from the same latency model, engine/core/adaptive.py), cut from the heads' tree
+(``adaptive:<tree>``: from that tree, e.g. for random heads); ``none`` a second
 engine without speculation, timed like the others against the first: its row is the run's
 noise floor (an A/A comparison); ``<tree>:sync`` (e.g. ``backoff:sync``) the same engine with
 every step waiting for its proposals before returning its tokens (the overlap's A/B). ``--hf`` adds HF
@@ -250,8 +251,9 @@ def main() -> None:
         spec = {"heads": args.heads, "tree": tree.removesuffix(SYNC), "acceptance": args.acceptance}
         if tree.removesuffix(SYNC) == "backoff":
             spec.update(tree="auto", backoff=True)
-        if tree.removesuffix(SYNC) == "adaptive":  # per-sequence trees cut from the heads' full tree
-            spec.update(tree="auto", adaptive=True)
+        base = tree.removesuffix(SYNC)
+        if base == "adaptive" or base.startswith("adaptive:"):  # per-sequence trees cut from the full tree
+            spec.update(tree=base.partition(":")[2] or "auto", adaptive=True)
         return {**kw, "speculative": spec}
 
     engines: dict = {}

@@ -422,5 +422,6 @@ def test_row_graphs_pad_to_a_bucket_and_give_each_row_its_own_answer(monkeypatch
     hidden = torch.randn(8, runner.model.lm_head.weight.shape[1])
     roots = torch.randint(0, 49152, (8,))
     for n in (5, 1, 3, 8):  # each after a larger one: padding rows hold its inputs
-        got = runner._propose(hidden[:n], roots[:n])
+        got, confidence = runner._propose(hidden[:n], roots[:n])
+        assert confidence is None  # (only adaptive trees ask for it)
         assert got.shape[0] == n and torch.equal(got, runner.tail.propose(hidden[:n], roots[:n])), n
