@@ -164,3 +164,17 @@ def test_sampled_rules_decide_adaptive_trees(adaptive_engine):
     assert all(len(t) == 24 or (len(t) < 24 and t[-1] in eng.eos_token_ids) for t in out)
     assert sum(eng.stats.accepted_hist[1:]) > accepted
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_constrained_requests_over_adaptive_trees(adaptive_engine):
+    """A grammar over adaptive trees: each row's mask follows its own tree (Engine.tree_children),
+    greedy output equals plain decoding's under the same grammar, the grammars are dropped."""
+    sp = SamplingParams(temperature=0, max_tokens=40,
+                        structured_outputs={"json": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}})
+    prompts = ["Name a large city as JSON.", "Which city is the capital of France? Answer in JSON."]
+    ref = [o.token_ids for o in Engine("default", max_num_seqs=2).generate_batch(prompts, sp, chat=True)]
+    eng = adaptive_engine
+    verified = eng.stats.num_verified_candidates
+    assert [o.token_ids for o in eng.generate_batch(prompts, sp, chat=True)] == ref
+    assert eng.stats.num_verified_candidates > verified and len(eng.structured) == 0
