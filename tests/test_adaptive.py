@@ -99,14 +99,22 @@ def test_only_the_accepted_path_teaches_and_the_walk_stops_where_it_was_rejected
     assert sorted(seen) == [(1, 0.5, False), (1, 0.5, True), (2, 0.5, False)]
 
 
-def test_proposals_are_probed_while_no_tree_is_chosen():
-    policy = _policy()
+def test_proposals_are_probed_while_no_tree_is_chosen_and_the_probes_are_priced():
     seqs = [Candidates(0, [7] * 63, _confidence(1e-6))]
-    proposals = 0
-    for _ in range(64):
-        assert not policy.plan(seqs, 1, 10_000)
-        proposals += policy.propose_next()
-    assert 3 <= proposals <= 6  # the first steps, then probes ever further apart
+
+    def proposals(policy: AdaptiveTrees, steps: int) -> int:
+        n = 0
+        for _ in range(steps):
+            assert not policy.plan(seqs, 1, 10_000)
+            n += policy.propose_next(1)
+        return n
+
+    assert 3 <= proposals(_policy(), 64) <= 5  # a cheap device: probes 4, 8, 16, 32 steps apart
+    # A GPU-like device, where a proposing step (the host path) costs 3x a plain one: the first
+    # probe waits until it costs 2% of the plain steps between (100 steps), then longer.
+    gpu = AdaptiveTrees(FULL.parents, FULL.depths, LatencyModel(
+        [LatencyPoint(b, n, 1.0 if n == 0 else 3.0) for n in SIZES for b in (1, 4)]))
+    assert proposals(gpu, 99) == 0 and proposals(gpu, 1) == 1 and proposals(gpu, 300) == 1
 
 
 def test_adaptive_and_backoff_are_exclusive():
@@ -120,8 +128,13 @@ def adaptive_engine(bundled_dir):
     requests, and a device where verifying is cheap (this CPU's timings vary from box to box;
     latency learning off, so served steps cannot pull it back): trees are sized by the heads'
     calibrated confidence."""
-    eng = Engine("default", max_num_seqs=6, num_blocks=14, block_size=16,
-                 speculative={"heads": "default", "adaptive": True, "acceptance": "greedy"})
+    import engine.worker.startup as startup
+
+    with pytest.MonkeyPatch.context() as mp:  # (the start-up grid is replaced below: not measured)
+        mp.setattr(startup, "measure_step_latency", lambda runner, batch_sizes, sizes, *a, **kw: [
+            [b, n, 10.0 + 0.01 * b * (n + 1)] for n in [0, *sizes] for b in batch_sizes])
+        eng = Engine("default", max_num_seqs=6, num_blocks=14, block_size=16,
+                     speculative={"heads": "default", "adaptive": True, "acceptance": "greedy"})
     eng.policy.adaptive.latency, eng.policy.adaptive.learning_rate = _device(0.01), 0.0
     return eng
 

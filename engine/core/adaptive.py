@@ -25,9 +25,9 @@ sequence verifies its own part of the full tree:
    accepted is a trial: accepted or not (``observe_step``). Evidence decays, so a shift in
    traffic is followed within a few dozen steps, and the heads' own word is the prior — heads
    that promise much and deliver nothing are priced out within a few steps.
-5. **Proposals.** When the last steps chose no nodes, the heads still propose now and then,
-   ever more rarely (their confidence is what could bring trees back; ``propose_next``), so
-   heads that are never trusted cost a small share of a plain run.
+5. **Proposals.** When the last step chose no node, the heads still propose now and then,
+   ever more rarely and priced (``propose_next``: their confidence is what could bring trees
+   back), so heads that are never trusted cost ~2% of a plain run.
 
 The policy runs on the driver in pure Python (the core needs no torch): per step O(B·C) for B
 sequences and C candidates of the full tree. Steps that verify adaptive trees or propose (the
@@ -39,6 +39,7 @@ not propose takes the device tail and its graphs like any engine's.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -151,7 +152,8 @@ class AdaptiveTrees:
     NODES_PER_SEQ = (0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     MIN_VALUE = 1e-3  # a node less likely than this to be accepted is never verified
     PROBE_FIRST = 4
-    PROBE_MAX = 64
+    PROBE_MAX = 512
+    PROBE_BUDGET = 0.02  # the share of a plain run the probes may cost
 
     def __init__(self, parents: Sequence[int], depths: Sequence[int], latency: LatencyModel,
                  margin: float = 1.1, learning_rate: float = 0.1) -> None:
@@ -169,7 +171,7 @@ class AdaptiveTrees:
         self._sizes = [n for n in latency.sizes if n > 0]
         self._plain_streak = 0  # steps in a row that verified no node
         self._since_proposal = 0
-        self._probe_every = self.PROBE_FIRST
+        self._probe_every = 0  # steps between probes (0: not set since trees were last chosen)
 
     # ---- one step's plan ---------------------------------------------------------------
     def values(self, confidence: Sequence[float]) -> list[float]:
@@ -242,15 +244,20 @@ class AdaptiveTrees:
         n = nodes / max(1, batch_size)
         return min([0] + self._sizes, key=lambda s: abs(s - n))
 
-    def propose_next(self) -> bool:
-        """Should this step's heads propose? Yes while trees are chosen. After a run of plain
-        steps only now and then (the confidences could bring trees back): ``PROBE_FIRST`` steps
-        after the last proposal, then twice as long after every probe that brought no tree, up
-        to ``PROBE_MAX`` — a step that proposes decides on the host path, which on a GPU costs
-        a few plain steps."""
-        if self._plain_streak < 2:
-            self._since_proposal, self._probe_every = 0, self.PROBE_FIRST
+    def propose_next(self, batch_size: int) -> bool:
+        """Should this step's heads propose (for ``batch_size`` sequences)? Yes while trees are
+        chosen. After a step that chose none, only now and then — the confidences are what
+        could bring trees back, but a proposing step decides on the host path, which on a GPU
+        costs a few plain steps: the first probe comes after as many steps as keep its extra
+        cost within ``PROBE_BUDGET`` of plain decoding's time (at least ``PROBE_FIRST``), and
+        every probe that brings no tree doubles the wait, up to ``PROBE_MAX``."""
+        if self._plain_streak == 0:
+            self._since_proposal, self._probe_every = 0, 0
             return True
+        if not self._probe_every:
+            plain = self.latency.ms(batch_size, 0, ROUTE)
+            extra = max(0.0, self.step_ms(batch_size, batch_size) - plain) / plain
+            self._probe_every = max(self.PROBE_FIRST, math.ceil(extra / self.PROBE_BUDGET))
         self._since_proposal += 1
         if self._since_proposal >= self._probe_every:
             self._since_proposal = 0
