@@ -90,9 +90,6 @@ class NodeCalibration:
         head said ``p``."""
         return min(self.MAX_VALUE, p * self._ratio[depth - 1][_bin(p)])
 
-    def ratio(self, depth: int, p: float) -> float:
-        return self._ratio[depth - 1][_bin(p)]
-
     def observe(self, trials: Sequence[tuple[int, float, bool]]) -> None:
         """One step's trials: (depth, head probability, accepted)."""
         self._age(self.DECAY)
@@ -296,9 +293,3 @@ class AdaptiveTrees:
         if self.learning_rate > 0:
             self.latency.observe(batch_size, self.grid_size(batch_size, nodes), ms, self.learning_rate, ROUTE)
 
-
-def verified_share(plan: Optional[AdaptivePlan], num_decoding: int) -> float:
-    """Mean verified nodes a decoding sequence (the benchmark's column)."""
-    if not plan or num_decoding <= 0:
-        return 0.0
-    return sum(len(v) for v in plan.values()) / num_decoding

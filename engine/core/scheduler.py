@@ -125,8 +125,11 @@ class Scheduler:
         (without one: no trees). Trees go to every decoding sequence or to none, so a step
         stays uniform (one tree size, which CUDA graphs need) — when the budget cannot hold
         them all, plain decoding of the whole batch beats trees for some and a wait or a
-        plain step for the rest. A step that prefills verifies no trees (``_prefill_due``), and
-        new prompts get a step of their own when every running sequence decodes."""
+        plain step for the rest. With adaptive trees (``policy.adaptive``) each decoding
+        sequence gets its own instead, nodes taken best-first across them by the heads'
+        calibrated confidence (engine/core/adaptive.py): some get none. A step that prefills
+        verifies no trees (``_prefill_due``), and new prompts get a step of their own when every
+        running sequence decodes."""
         if self._in_flight_step is not None:
             raise RuntimeError("schedule() called again before update() of the previous step")
         if self._drafts_owed_to is not None:
