@@ -70,7 +70,8 @@ class NodeCalibration:
     never verified yet — while well-calibrated heads keep their word, and a bin with evidence
     of its own follows it. The evidence decays by ``DECAY`` every observed step and by
     ``IDLE_DECAY`` every step that verified nothing, so heads priced out are tried again now
-    and then (a few steps in several hundred)."""
+    and then (in tests/test_adaptive.py's setting: priced out after 2 steps, tried again
+    after ~90 plain ones)."""
 
     GLOBAL_PRIOR = 8.0
     DEPTH_PRIOR = 4.0
