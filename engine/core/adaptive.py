@@ -39,6 +39,7 @@ not propose takes the device tail and its graphs like any engine's.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -175,9 +176,11 @@ class AdaptiveTrees:
     def values(self, confidence: Sequence[float]) -> list[float]:
         """Each candidate's estimated probability that its whole path is accepted."""
         v = [0.0] * len(self.depths)
-        cal = self.calibration
+        ratio, edges, top = self.calibration._ratio, PROB_EDGES, NodeCalibration.MAX_VALUE
         for c, (p, d, parent) in enumerate(zip(confidence, self.depths, self.parents)):
-            v[c] = cal.value(d, p) * (v[parent] if parent >= 0 else 1.0)
+            # (NodeCalibration.value, inlined: this loop runs B x C times a step)
+            x = p * ratio[d - 1][bisect.bisect_right(edges, p)]
+            v[c] = (x if x < top else top) * (v[parent] if parent >= 0 else 1.0)
         return v
 
     def plan(self, seqs: Sequence[Candidates], num_decoding: int, max_nodes: int) -> AdaptivePlan:
@@ -185,30 +188,35 @@ class AdaptiveTrees:
         all decoding sequences (those without candidates decode plainly), ``max_nodes`` what
         the token budget leaves for tree nodes."""
         plan = AdaptivePlan()
-        ranked: list[tuple[float, int, int, int]] = []  # (-value, depth, seq index, candidate)
+        # Every (sequence, node) worth verifying, as a sort key: its value, less a hair per depth
+        # so that a tie goes to the shallower node (a child is worth at most MAX_VALUE x its
+        # parent, far more than the hair apart, so no child sorts before its parent).
+        keys: list[float] = []
+        where: list[tuple[int, int]] = []  # (seq index, candidate) of each key
+        depths, floor = self.depths, self.MIN_VALUE
         for i, s in enumerate(seqs):
-            if len(s.confidence) != len(self.depths):
+            if len(s.confidence) != len(depths):
                 continue
             for c, v in enumerate(self.values(s.confidence)):
-                if v >= self.MIN_VALUE:
-                    ranked.append((-v, self.depths[c], i, c))
+                if v >= floor:
+                    keys.append(v - 1e-9 * depths[c])
+                    where.append((i, c))
         b = num_decoding
-        if not ranked or b <= 0 or max_nodes <= 0:
+        if not keys or b <= 0 or max_nodes <= 0:
             return self._chose(plan)
-        ranked.sort()
-        gain = [0.0]
-        for r in ranked:
-            gain.append(gain[-1] - r[0])
+        order = sorted(range(len(keys)), key=keys.__getitem__, reverse=True)
+        gain = [0.0, *itertools.accumulate(keys[j] for j in order)]
         plain = b / self.latency.ms(b, 0, ROUTE)
         best_m, best_rate = 0, plain * self.margin
         for per_seq in self.NODES_PER_SEQ:
-            m = min(len(ranked), max_nodes, max(1, round(per_seq * b)))
+            m = min(len(keys), max_nodes, max(1, round(per_seq * b)))
             rate = (b + gain[m]) / self.step_ms(b, m)
             if rate > best_rate:
                 best_m, best_rate = m, rate
-            if m == len(ranked) or m == max_nodes:
+            if m == len(keys) or m == max_nodes:
                 break
-        for _, _, i, c in ranked[:best_m]:
+        for j in order[:best_m]:
+            i, c = where[j]
             plan.setdefault(seqs[i].seq_id, []).append(c)
         for nodes in plan.values():
             nodes.sort()
