@@ -42,7 +42,7 @@ import bisect
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 from engine.core.backoff import LatencyModel
 
