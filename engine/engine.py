@@ -21,7 +21,6 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -46,7 +45,7 @@ from engine.models.loader import read_arch_config, resolve_model_path
 from engine.models.parallel import ShardPlan
 from engine.output_processor import OutputProcessor
 from engine.sample.acceptance import ACCEPTANCE_RULES, check_rule
-from engine.spec.tree import MedusaTree, SubTree, expected_accept_length
+from engine.spec.tree import CutTrees, MedusaTree, SubTree, expected_accept_length
 from engine.worker.worker import WorkerSpec, freeze_heap
 
 logger = logging.getLogger("medusa_engine")
@@ -193,6 +192,7 @@ class Engine:
         tree_depth = self.tree.depth if self.tree else 0
         policy = None
         self._node_children: dict[int, list[list[int]]] = {}  # tree size → each node's children (grammar masks)
+        self._cut_trees: Optional[CutTrees] = None
         self._structured: Optional[StructuredOutputManager] = None  # made at the first constrained request
         self._structured_lock = threading.Lock()  # (the server checks schemas from another thread)
         if self.tree is not None:
@@ -209,6 +209,7 @@ class Engine:
                     backoff = BackoffPolicy(latency, expected)
             policy = SpeculationPolicy({n: st.nodes for n, st in subtrees.items()}, backoff, adaptive)
             self._node_children = {n: st.tree.children for n, st in subtrees.items()}
+            self._cut_trees = CutTrees(self.tree, [st.tree for st in subtrees.values()])  # adaptive trees
         # A request must fit the cache alone (plus a tree's lookahead), or it could never run.
         limit = mc.max_model_len or self.arch.max_position_embeddings
         capacity = num_blocks * block_size - tree_depth
@@ -245,7 +246,7 @@ class Engine:
         the tree set's ``tree_size`` tree, or its adaptive tree (``tree_nodes``)."""
         if not seq.tree_nodes:
             return self._node_children[seq.tree_size]
-        return _cut_tree(self.tree, tuple(seq.tree_nodes)).children
+        return self._cut_trees.get(tuple(seq.tree_nodes)).children
 
     @property
     def policy(self) -> Optional[SpeculationPolicy]:
@@ -537,12 +538,6 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
-
-
-@lru_cache(maxsize=4096)
-def _cut_tree(full: MedusaTree, nodes: tuple[int, ...]) -> MedusaTree:
-    """The full tree cut down to these of its candidates (an adaptive tree)."""
-    return MedusaTree(tuple(full.choices[i] for i in nodes))
 
 
 def _load_tokenizer(path: Path):

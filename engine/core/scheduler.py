@@ -229,11 +229,10 @@ class Scheduler:
             # ones and the decodes a prompts-only step left out (they hold their candidates).
             next_decoding = sum(1 for s in out if s.sample) + (len(decoding) if prefill_only else 0)
             step.propose = self.policy.propose_next(next_decoding, self.config.max_num_batched_tokens, route)
-            if adaptive is not None:  # the steps' sizes are recorded as the nearest measured tree size
-                n = sum(len(s.candidates) for s in out)
             if any(s.sample and len(s.token_ids) == 1 for s in out):
-                decodes = sum(1 for s in out if s.sample and len(s.token_ids) == 1)
-                recorded = n if adaptive is None else adaptive.grid_size(decodes, n)
+                # (adaptive trees: the step's nodes recorded as the nearest measured tree size)
+                recorded = n if adaptive is None else adaptive.grid_size(
+                    sum(1 for s in out if s.sample and len(s.token_ids) == 1), sum(len(s.candidates) for s in out))
                 self.policy.record(recorded if any(s.candidates for s in out) else 0)
         self._in_flight_step = step
         self._step_tree, self._step_route = n, route
@@ -399,9 +398,10 @@ class Scheduler:
         n = self._step_tree
         if self.policy is None or not step.seqs:
             return
-        if self.policy.adaptive is not None:  # n: the step's tree nodes in all
+        if self.policy.adaptive is not None:  # priced by the step's tree nodes in all
             if all(s.sample and len(s.token_ids) == 1 for s in step.seqs):
-                self.policy.adaptive.observe_latency(len(step.seqs), n, execute_ms)
+                self.policy.adaptive.observe_latency(len(step.seqs), sum(len(s.candidates) for s in step.seqs),
+                                                     execute_ms)
             return
         if step.propose != (n > 0):
             return

@@ -110,8 +110,7 @@ class MedusaProposer:
         (softmax over the proposal vocabulary; a sequential head's given the path above it)
         [S, C] float32 — the adaptive policy's evidence (engine/core/adaptive.py). The
         probabilities need the softmax rows, so this takes the torch top-k, not the Triton one."""
-        tokens, probs = self._propose(hidden, roots, True)
-        return tokens, probs
+        return self._propose(hidden, roots, True)
 
     def _propose(self, hidden: torch.Tensor, roots: Optional[torch.Tensor], with_probs: bool
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -9,9 +9,10 @@ the mask, positions and paths here agree with it).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -234,6 +235,39 @@ class SubTree:
     def of(cls, full: MedusaTree, nodes: Sequence[int]) -> "SubTree":
         """The sub-tree of ``full`` made of these candidates (in the sub-tree's node order)."""
         return cls(MedusaTree(tuple(full.choices[i] for i in nodes)), tuple(nodes))
+
+
+class CutTrees:
+    """The full tree cut down to sets of its candidates (adaptive trees: a sequence's
+    ``ScheduledSeq.tree_nodes``), each made once by ``SubTree.of`` after its node set is
+    checked, and kept in an LRU of ``capacity`` (each tree holds its mask and paths); the
+    ``fixed`` trees (the tree set's) answer for their own node sets and are never evicted."""
+
+    def __init__(self, full: MedusaTree, fixed: Iterable[MedusaTree] = (), capacity: int = 4096) -> None:
+        self.full, self.capacity = full, capacity
+        index = {c: i for i, c in enumerate(full.choices)}
+        self._fixed = {tuple(index[c] for c in t.choices): t for t in fixed}
+        self._made: OrderedDict[tuple[int, ...], MedusaTree] = OrderedDict()
+
+    def get(self, nodes: tuple[int, ...]) -> MedusaTree:
+        """The tree of these candidates (indices among the full tree's, ascending, closed under
+        parents); ValueError for a set that is not."""
+        tree = self._fixed.get(nodes)
+        if tree is not None:
+            return tree
+        tree = self._made.pop(nodes, None)
+        if tree is None:
+            choices = self.full.choices
+            if any(not 0 <= i < len(choices) for i in nodes) or list(nodes) != sorted(set(nodes)):
+                raise ValueError(f"tree_nodes {list(nodes)}: not ascending candidates of the full tree")
+            taken = {choices[i] for i in nodes}
+            if any(len(c) > 1 and c[:-1] not in taken for c in taken):
+                raise ValueError(f"tree_nodes {list(nodes)}: not closed under parents")
+            tree = SubTree.of(self.full, nodes).tree
+            if len(self._made) >= self.capacity:
+                self._made.popitem(last=False)
+        self._made[nodes] = tree
+        return tree
 
 
 def nested_subtrees(full: MedusaTree, acc: Optional[Sequence[Sequence[float]]],

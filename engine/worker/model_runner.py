@@ -22,7 +22,6 @@ worker returns everything at once).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -34,7 +33,7 @@ from engine.sample.decided import Decided
 from engine.sample.host_decision import HostDecider, logits_rows
 from engine.sample.tail import SpecTail
 from engine.spec.proposer import MedusaProposer
-from engine.spec.tree import MedusaTree
+from engine.spec.tree import CutTrees, MedusaTree
 from engine.worker.cuda_graphs import CudaGraphRunner, graphable_nodes
 from engine.worker.device_tail import DeviceTail
 from engine.worker.input_batch import InputBatch
@@ -56,10 +55,8 @@ class ModelRunner:
         # Trees a step may verify, by candidate count: the full tree, and with back-off the
         # smaller trees nested in it (the scheduler cuts each sequence's candidates down).
         self.trees: dict[int, MedusaTree] = {}
-        # Adaptive trees (speculative.adaptive): the full tree cut down to a sequence's
-        # candidates, by their indices; the tree set's own trees under theirs.
-        self._trees_by_nodes: dict[tuple[int, ...], MedusaTree] = {}
-        self._adaptive_trees: OrderedDict[tuple[int, ...], MedusaTree] = OrderedDict()
+        # Adaptive trees (speculative.adaptive): the full tree cut down to a sequence's candidates.
+        self.cut_trees: Optional[CutTrees] = None
         if proposer is not None:
             self.set_trees({proposer.tree.num_nodes - 1: proposer.tree})
         # Adaptive trees decide on the host path, which also reports the heads' confidence.
@@ -75,33 +72,7 @@ class ModelRunner:
         """The tree set: candidate count → tree; the largest is the full tree the heads propose."""
         self.trees = dict(trees)
         full = self.proposer.tree = trees[max(trees)]
-        index = {c: i for i, c in enumerate(full.choices)}
-        self._trees_by_nodes = {tuple(index[c] for c in t.choices): t for t in trees.values()}
-
-    # Distinct adaptive trees kept made (each holds its masks and paths): the least recently
-    # used go first.
-    MAX_ADAPTIVE_TREES = 4096
-
-    def tree_of_nodes(self, nodes: tuple[int, ...]) -> MedusaTree:
-        """The full tree cut down to these candidates (indices among its candidates, ascending,
-        closed under parents): the tree set's own tree when it is one of them, else made once
-        per distinct set."""
-        tree = self._trees_by_nodes.get(nodes)
-        if tree is not None:
-            return tree
-        tree = self._adaptive_trees.pop(nodes, None)
-        if tree is None:
-            choices = self.tree.choices
-            if any(not 0 <= i < len(choices) for i in nodes) or list(nodes) != sorted(set(nodes)):
-                raise ValueError(f"tree_nodes {list(nodes)}: not ascending candidates of the full tree")
-            taken = {choices[i] for i in nodes}
-            if any(len(c) > 1 and c[:-1] not in taken for c in taken):
-                raise ValueError(f"tree_nodes {list(nodes)}: not closed under parents")
-            tree = MedusaTree(tuple(choices[i] for i in nodes))
-            if len(self._adaptive_trees) >= self.MAX_ADAPTIVE_TREES:
-                self._adaptive_trees.popitem(last=False)
-        self._adaptive_trees[nodes] = tree
-        return tree
+        self.cut_trees = CutTrees(full, trees.values())
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
@@ -128,7 +99,7 @@ class ModelRunner:
         if not out.seqs:
             return StepResult(step_id=out.step_id, results=[])
         batch = InputBatch.build(out, self.trees, self.kv_cache.scratch_tokens,
-                                 self.tree_of_nodes if self.proposer is not None else None)
+                                 self.cut_trees.get if self.cut_trees is not None else None)
         graph, hidden = self.run_model(batch)
         # Adaptive trees and the confidences of a proposal come from the host path for now.
         adaptive_step = self.adaptive and (out.propose or any(s.tree_nodes for s in out.seqs))
