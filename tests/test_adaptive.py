@@ -3,6 +3,7 @@ calibrated confidence under one budget a step — the policy's choices, its cali
 that output stays exactly plain decoding's with ragged trees in a step."""
 
 import pytest
+import torch
 
 from engine import SamplingParams
 from engine.core.adaptive import AdaptiveTrees, Candidates, NodeCalibration
@@ -162,6 +163,49 @@ def test_adaptive_trees_are_lossless_ragged_and_leak_nothing(adaptive_engine, mo
     assert any(len(set(s)) > 1 for s in sizes_per_step), sizes_per_step  # ragged steps ran
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
     assert eng.stats.num_preemptions > preempted
+
+
+def test_ragged_step_graphs_are_lossless(bundled_dir, monkeypatch):
+    """The GPU's path for adaptive trees, run uncaptured on the CPU (the graph runner's CPU
+    mode: the same static buffers, derived positions, slots and masks, and the same tails): a
+    ragged step's graph forwards each sequence's own tree, the greedy tail decides it in the
+    full tree's node space and commits the accepted nodes, and the proposal reports its
+    confidences. Output == plain decoding, every ragged step had its graph, nothing leaks."""
+    import engine.worker.startup as startup
+    import engine.worker.worker as worker
+    from engine.worker.cuda_graphs import CudaGraphRunner
+
+    monkeypatch.setattr(worker, "use_cuda_graphs", lambda *a, **kw: True)
+    monkeypatch.setattr(startup, "measure_step_latency", lambda runner, batch_sizes, sizes, *a, **kw: [
+        [b, n, 10.0 + 0.01 * b * (n + 1)] for n in [0, *sizes] for b in batch_sizes])
+    from engine.sample.host_decision import logits_rows
+    from engine.worker.model_runner import ModelRunner
+
+    ragged, checked = [], []
+    run_ragged, ragged_results = CudaGraphRunner.run_ragged, ModelRunner._ragged_results
+    monkeypatch.setattr(CudaGraphRunner, "run_ragged", lambda self, shape, b, seqs: ragged.append(
+        sorted(len(s.candidates) for s in seqs)) or run_ragged(self, shape, b, seqs))
+
+    def check(self, batch, graph):  # every ragged decision is the host decider's on the same logits
+        logits = self.model.lm_head(graph.hidden[:graph.shape.num_tokens])
+        ranges, rows = logits_rows(batch.seqs, batch.offsets)
+        host = self.host.decide(batch.seqs, ranges, logits[torch.tensor(rows)], batch.seq_trees)
+        results = ragged_results(self, batch, graph)
+        checked.extend(r.sampled_token_ids == d.tokens for r, d in zip(results, host))
+        return results
+
+    monkeypatch.setattr(ModelRunner, "_ragged_results", check)
+    eng = Engine("default", max_num_seqs=2, max_num_batched_tokens=128, num_blocks=64, block_size=16,
+                 speculative={"heads": "default", "tree": "small_12", "adaptive": True, "acceptance": "greedy"})
+    eng.policy.adaptive.latency, eng.policy.adaptive.learning_rate = _device(0.01), 0.0
+    prompts = PROMPTS[:3]
+    params = [SamplingParams(temperature=0, max_tokens=14 + 5 * i) for i in range(len(prompts))]
+    ref = [o.token_ids for o in Engine("default", max_num_seqs=2).generate_batch(prompts, params, chat=True)]
+    assert [o.token_ids for o in eng.generate_batch(prompts, params, chat=True)] == ref
+    assert any(max(sizes) > 0 for sizes in ragged), ragged  # trees were verified in ragged graphs
+    assert checked and all(checked)
+    assert eng.stats.num_graph_miss_steps == 0 and sum(eng.stats.accepted_hist[1:]) > 0
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
 def test_sampled_rules_decide_adaptive_trees(adaptive_engine):

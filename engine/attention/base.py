@@ -41,6 +41,9 @@ class StepAttnInputs:
     seqs: list[SeqAttn]
     # [T] slot each token's K/V is written to.
     slot_mapping: torch.Tensor
+    # Adaptive trees (sequences with trees of their own): the full tree's nodes, what every
+    # sequence's mask is padded to — as in a ragged step's graph, so that both split alike.
+    ragged_nodes: int = 0
 
 
 @dataclass
@@ -58,6 +61,9 @@ class GraphAttnInputs:
     # (engine/kernels/varlen_attention.py ``tile_starts``).
     q_starts: Optional[torch.Tensor] = None
     first_tiles: Optional[torch.Tensor] = None
+    # Ragged steps only (adaptive trees): [batch, nodes, nodes] each sequence's ancestor mask in
+    # its top-left corner (``q_starts`` as above).
+    masks: Optional[torch.Tensor] = None
 
 
 class AttentionBackend(Protocol):
@@ -81,6 +87,14 @@ class AttentionBackend(Protocol):
         sequences, its tokens flat in ``write_slots``' order: sequence b runs the last
         ``q_starts[b+1] - q_starts[b]`` of its ``kv_lens[b]`` positions, causally over its paged
         cache. Sequences with no tokens are padding; so are tokens past ``q_starts[batch]``."""
+
+    def ragged_inputs(self, batch: int, nodes: int, width: int, write_slots: torch.Tensor) -> GraphAttnInputs:
+        """Metadata for a step of adaptive trees over up to ``batch`` sequences, its tokens flat in
+        ``write_slots``' order: sequence b runs tokens ``q_starts[b]`` to ``q_starts[b+1]`` — its
+        pending token at position ``kv_lens[b]``, then its tree's nodes — attending to its
+        ``kv_lens[b]`` cached positions and, among its own tokens, as ``masks[b]`` says (at most
+        ``nodes`` tokens). Sequences with no tokens are padding; so are tokens past
+        ``q_starts[batch]``."""
 
 
 def uniform_shape(seqs: list[SeqAttn]) -> Optional[tuple[int, Optional[torch.Tensor]]]:

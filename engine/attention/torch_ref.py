@@ -63,6 +63,19 @@ class TorchMixedMeta:
     tables: torch.Tensor  # [S, W]
 
 
+@dataclass
+class TorchRaggedMeta:
+    """A ragged step's static inputs (``ragged_inputs``): each token's sequence and its index
+    among the sequence's tokens are derived from the offsets at every call; it attends to its
+    sequence's cached prefix and, among the step's tokens, as its sequence's mask says — the CPU
+    mirror of the tree kernel's ragged mode in a captured step."""
+    slots: torch.Tensor
+    q_starts: torch.Tensor  # [S + 1]
+    kv_lens: torch.Tensor  # [S]
+    tables: torch.Tensor  # [S, W]
+    masks: torch.Tensor  # [S, N, N] bool
+
+
 class TorchAttentionBackend:
     def __init__(self, kv_cache: PagedKVCache, device: torch.device) -> None:
         self.kv_cache = kv_cache
@@ -125,6 +138,41 @@ class TorchAttentionBackend:
         return GraphAttnInputs(meta=meta, kv_lens=meta.kv_lens, block_tables=meta.tables, q_starts=meta.q_starts,
                                first_tiles=zeros(batch + 1))
 
+    def ragged_inputs(self, batch: int, nodes: int, width: int, write_slots: torch.Tensor) -> GraphAttnInputs:
+        dev = self.device
+        zeros = lambda n: torch.zeros(n, dtype=torch.int32, device=dev)  # noqa: E731
+        meta = TorchRaggedMeta(slots=write_slots, q_starts=zeros(batch + 1), kv_lens=zeros(batch),
+                               tables=torch.full((batch, width), self.kv_cache.pad_block, dtype=torch.int32, device=dev),
+                               masks=torch.zeros(batch, nodes, nodes, dtype=torch.bool, device=dev))
+        return GraphAttnInputs(meta=meta, kv_lens=meta.kv_lens, block_tables=meta.tables, q_starts=meta.q_starts,
+                               masks=meta.masks)
+
+    def _ragged(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: TorchRaggedMeta) -> torch.Tensor:
+        """Every token as a batch of one query over its sequence's cached prefix, then its
+        sequence's step tokens: [T, span + N] keys."""
+        t, h, d = q.shape
+        s, n = meta.masks.shape[0], meta.masks.shape[-1]
+        starts = meta.q_starts.long()
+        token = torch.arange(t, device=q.device)
+        seq = torch.searchsorted(starts[1:], token, right=True).clamp(max=s - 1)
+        real = token < starts[-1]
+        local = (token - starts[seq]).clamp(0, n - 1)
+        span = self._span(meta.tables, meta.kv_lens)
+        pos = torch.arange(span, device=q.device).expand(t, span)
+        # A padding token sees position 0 of some table, so its row is not all masked.
+        prefix = (pos < meta.kv_lens[seq].long()[:, None]) & real[:, None] | (pos == 0) & ~real[:, None]
+        own = starts[seq][:, None] + torch.arange(n, device=q.device)[None, :]  # [T, N] its sequence's tokens
+        mine = meta.masks[seq, local] & real[:, None] & (own < starts[seq + 1][:, None])
+        kc, vc = self.kv_cache.gather(layer, self.kv_cache.slots(meta.tables[seq].long(), pos))
+        own = own.clamp(max=t - 1)
+        keys, vals = torch.cat([kc, k[own]], dim=1), torch.cat([vc, v[own]], dim=1)  # [T, span + N, KVH, D]
+        kvh = keys.shape[2]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.view(t, kvh, h // kvh, d), keys.transpose(1, 2), vals.transpose(1, 2),
+            attn_mask=torch.cat([prefix, mine], dim=1)[:, None, None, :])
+        return out.reshape(t, h, d)
+
     def _mixed(self, layer: int, q: torch.Tensor, meta: TorchMixedMeta) -> torch.Tensor:
         """Every token as a batch of one query over its sequence's table: [T, span] keys."""
         t, h, d = q.shape
@@ -173,6 +221,8 @@ class TorchAttentionBackend:
         self.kv_cache.write(layer, meta.slots, k, v)
         if isinstance(meta, TorchMixedMeta):
             return self._mixed(layer, q, meta)
+        if isinstance(meta, TorchRaggedMeta):
+            return self._ragged(layer, q, k, v, meta)
         if isinstance(meta, TorchStaticMeta):
             return self._attend(layer, q, k, v, self._static_group(meta))
         if len(meta.groups) == 1:

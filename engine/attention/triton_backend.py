@@ -91,11 +91,12 @@ class TritonAttentionBackend:
                                 tree_all=True)
 
     def ragged_metadata(self, masks: list[torch.Tensor], kv_lens: list[int], tables: torch.Tensor,
-                        slots: torch.Tensor) -> TritonAttnMeta:
+                        slots: torch.Tensor, nodes: int = 0) -> TritonAttnMeta:
         """Every sequence runs its pending token plus a tree of its own (``masks``: each one's
-        [n_i, n_i] bool ancestor mask): the masks stacked into [B, N, N] int8 (N the largest),
-        each sequence's first row in ``tree_q_starts``."""
-        width = max(m.shape[0] for m in masks)
+        [n_i, n_i] bool ancestor mask): the masks stacked into [B, N, N] int8 (N the largest, or
+        ``nodes`` — the full tree's, as a ragged step's graph has them), each sequence's first
+        row in ``tree_q_starts``."""
+        width = max([nodes] + [m.shape[0] for m in masks])
         stacked = torch.zeros(len(masks), width, width, dtype=torch.int8)
         starts = [0]
         for i, m in enumerate(masks):
@@ -145,7 +146,7 @@ class TritonAttentionBackend:
             if all(s.tree_mask is trees[0].tree_mask for s in trees):
                 tree = self.uniform_metadata(len(trees), trees[0].q_len, trees[0].tree_mask, kv_lens, tables, slots)
             else:  # adaptive trees: each sequence its own (the kernel's ragged mode)
-                tree = self.ragged_metadata([s.tree_mask for s in trees], kv_lens, tables, slots)
+                tree = self.ragged_metadata([s.tree_mask for s in trees], kv_lens, tables, slots, inputs.ragged_nodes)
                 meta.tree_q_starts = tree.tree_q_starts
             meta.tree_mask, meta.tree_kv_lens, meta.tree_tables = tree.tree_mask, tree.tree_kv_lens, tree.tree_tables
             meta.tree_idx = torch.tensor(tree_rows, device=dev)
@@ -174,6 +175,17 @@ class TritonAttentionBackend:
         meta = TritonAttnMeta(slots=write_slots, varlen=varlen, causal_all=True)
         return GraphAttnInputs(meta=meta, kv_lens=varlen.kv_lens, block_tables=varlen.tables,
                                q_starts=varlen.q_starts, first_tiles=varlen.first_tiles)
+
+    def ragged_inputs(self, batch: int, nodes: int, width: int, write_slots: torch.Tensor) -> GraphAttnInputs:
+        """``ragged_metadata`` on static tensors (all sequences padding until refreshed)."""
+        dev = self.device
+        q_starts = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
+        kv_lens = torch.zeros(batch, dtype=torch.int32, device=dev)
+        tables = torch.full((batch, width), self.kv_cache.pad_block, dtype=torch.int32, device=dev)
+        masks = torch.zeros(batch, nodes, nodes, dtype=torch.int8, device=dev)
+        meta = TritonAttnMeta(slots=write_slots, tree_mask=masks, tree_kv_lens=kv_lens, tree_tables=tables,
+                              tree_q_starts=q_starts, tree_all=True)
+        return GraphAttnInputs(meta=meta, kv_lens=kv_lens, block_tables=tables, q_starts=q_starts, masks=masks)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: TritonAttnMeta) -> torch.Tensor:

@@ -29,11 +29,14 @@ sequence verifies its own part of the full tree:
    ever more rarely and priced (``propose_next``: their confidence is what could bring trees
    back), so heads that are never trusted cost ~2% of a plain run.
 
-The policy runs on the driver in pure Python (the core needs no torch): per step O(B·C) for B
-sequences and C candidates of the full tree. Steps that verify adaptive trees or propose (the
-confidences come from the proposal's softmax) run eagerly and decide on the host path for now
-(engine/worker/model_runner.py), and are priced as such (``ROUTE``); a plain step that does
-not propose takes the device tail and its graphs like any engine's.
+The policy runs on the driver in pure Python (the core needs no torch or numpy): per step
+O(B·C) for B sequences and C candidates of the full tree. The node counts it weighs are what
+the ragged steps' CUDA graphs of the batch bucket hold (engine/core/shapes.py
+``ragged_tokens``), so a step fills its graph. On a GPU a step of greedy sequences that
+verifies adaptive trees or proposes replays such a graph and decides on the device (the
+"greedy" route); a step with sampled sequences (or without graphs) decides on the host path
+(``ROUTE``); each is priced on its route. A plain step that does not propose takes the
+uniform graphs and device tail like any engine's.
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
 from engine.core.backoff import LatencyModel
+from engine.core.shapes import RAGGED_NODES_PER_SEQ, padded_batch, ragged_tokens
 
 # Steps whose sequences verify trees of their own decide on the host path (the device tails
 # take uniform steps only): back-off's latency corrections are learned on that route.
@@ -147,8 +152,6 @@ class AdaptivePlan(dict):
 class AdaptiveTrees:
     """The adaptive tree policy's state: calibration, latency model, proposal probes."""
 
-    # Nodes a sequence, on average, that a step may verify: the budgets priced each step.
-    NODES_PER_SEQ = (0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     MIN_VALUE = 1e-3  # a node less likely than this to be accepted is never verified
     PROBE_FIRST = 4
     PROBE_MAX = 512
@@ -167,7 +170,7 @@ class AdaptiveTrees:
             self.children[p + 1].append(c)
         self.latency, self.margin, self.learning_rate = latency, margin, learning_rate
         self.calibration = NodeCalibration(max(self.depths))
-        self._sizes = [n for n in latency.sizes if n > 0]
+        self._hair = [1e-9 * d for d in self.depths]  # (plan's tie-break)
         self._plain_streak = 0  # steps in a row that verified no node
         self._since_proposal = 0
         self._probe_every = 0  # steps between probes (0: not set since trees were last chosen)
@@ -183,43 +186,57 @@ class AdaptiveTrees:
             v[c] = (x if x < top else top) * (v[parent] if parent >= 0 else 1.0)
         return v
 
-    def plan(self, seqs: Sequence[Candidates], num_decoding: int, max_nodes: int) -> AdaptivePlan:
+    def budgets(self, num_decoding: int, max_nodes: int) -> list[int]:
+        """The node counts a step of ``num_decoding`` sequences may verify: what the ragged-step
+        graphs of its batch bucket hold beyond its pending tokens (engine/core/shapes.py
+        ``ragged_tokens``), at most ``max_nodes``; past the largest bucket, the same shares of
+        the batch."""
+        b, n = num_decoding, len(self.depths) + 1
+        bucket = padded_batch(b)
+        counts = (ragged_tokens(bucket, n, b + max_nodes) if bucket is not None else
+                  [b + math.ceil(b * x) for x in RAGGED_NODES_PER_SEQ])
+        return sorted({min(t - b, max_nodes) for t in counts if t > b})
+
+    def plan(self, seqs: Sequence[Candidates], num_decoding: int, max_nodes: int, route: str = ROUTE) -> AdaptivePlan:
         """The step's trees: ``seqs`` the decoding sequences holding candidates, ``num_decoding``
         all decoding sequences (those without candidates decode plainly), ``max_nodes`` what
-        the token budget leaves for tree nodes."""
+        the token budget leaves for tree nodes, ``route`` how the step decides (its price)."""
         plan = AdaptivePlan()
-        # Every (sequence, node) worth verifying, as a sort key: its value, less a hair per depth
-        # so that a tie goes to the shallower node (a child is worth at most MAX_VALUE x its
-        # parent, far more than the hair apart, so no child sorts before its parent).
+        c = len(self.depths)
+        mine = [s for s in seqs if len(s.confidence) == c]
+        # Every (sequence, node), flat (sequence i's node k at i * C + k), as a sort key: its
+        # value, less a hair per depth so that a tie goes to the shallower node (a child is
+        # worth at most MAX_VALUE x its parent, far more than the hair apart, so no child sorts
+        # before its parent).
         keys: list[float] = []
-        where: list[tuple[int, int]] = []  # (seq index, candidate) of each key
-        depths, floor = self.depths, self.MIN_VALUE
-        for i, s in enumerate(seqs):
-            if len(s.confidence) != len(depths):
-                continue
-            for c, v in enumerate(self.values(s.confidence)):
-                if v >= floor:
-                    keys.append(v - 1e-9 * depths[c])
-                    where.append((i, c))
+        for s in mine:
+            keys += map(operator.sub, self.values(s.confidence), self._hair)
+        floor = self.MIN_VALUE
+        ranked = sorted(filter(floor.__le__, keys), reverse=True)
         b = num_decoding
-        if not keys or b <= 0 or max_nodes <= 0:
+        if not ranked or b <= 0 or max_nodes <= 0:
             return self._chose(plan)
-        order = sorted(range(len(keys)), key=keys.__getitem__, reverse=True)
-        gain = [0.0, *itertools.accumulate(keys[j] for j in order)]
-        plain = b / self.latency.ms(b, 0, ROUTE)
+        gain = [0.0, *itertools.accumulate(ranked)]
+        plain = b / self.latency.ms(b, 0, route)
         best_m, best_rate = 0, plain * self.margin
-        for per_seq in self.NODES_PER_SEQ:
-            m = min(len(keys), max_nodes, max(1, round(per_seq * b)))
-            rate = (b + gain[m]) / self.step_ms(b, m)
+        for m in self.budgets(b, max_nodes):
+            m = min(m, len(ranked))
+            rate = (b + gain[m]) / self.step_ms(b, m, route)
             if rate > best_rate:
                 best_m, best_rate = m, rate
-            if m == len(keys) or m == max_nodes:
+            if m == len(ranked):
                 break
-        for j in order[:best_m]:
-            i, c = where[j]
-            plan.setdefault(seqs[i].seq_id, []).append(c)
-        for nodes in plan.values():
-            nodes.sort()
+        if best_m:
+            # The best_m largest keys: every one down to the last taken (of keys equal to it, the
+            # first ones: an exact tie across sequences is the only way to have more).
+            cut = ranked[best_m - 1]
+            taken = [j for j, k in enumerate(keys) if k >= cut]
+            extra = len(taken) - best_m
+            if extra:
+                last = [j for j in taken if keys[j] == cut][-extra:]
+                taken = [j for j in taken if j not in set(last)]
+            for j in taken:
+                plan.setdefault(mine[j // c].seq_id, []).append(j % c)
         plan.expected = gain[best_m]
         return self._chose(plan)
 
@@ -229,7 +246,12 @@ class AdaptiveTrees:
             self.calibration.idle()
         return plan
 
-    def step_ms(self, batch_size: int, nodes: int) -> float:
+    @property
+    def _sizes(self) -> list[int]:
+        """The tree sizes the latency grid measured (the model may be replaced: read it now)."""
+        return [n for n in self.latency.sizes if n > 0]
+
+    def step_ms(self, batch_size: int, nodes: int, route: str = ROUTE) -> float:
         """A step of ``batch_size`` sequences verifying ``nodes`` tree nodes in all: the latency
         grid at nodes / batch_size a sequence, linear between the measured tree sizes."""
         n = nodes / batch_size
@@ -242,7 +264,7 @@ class AdaptiveTrees:
             lo = s
         else:  # beyond the grid: the last interval's slope
             lo, hi = (sizes[-2] if len(sizes) > 1 else 0), sizes[-1]
-        a, z = self.latency.ms(batch_size, lo, ROUTE), self.latency.ms(batch_size, hi, ROUTE)
+        a, z = self.latency.ms(batch_size, lo, route), self.latency.ms(batch_size, hi, route)
         return a + (z - a) * (n - lo) / (hi - lo)
 
     def grid_size(self, batch_size: int, nodes: int) -> int:
@@ -250,7 +272,7 @@ class AdaptiveTrees:
         n = nodes / max(1, batch_size)
         return min([0] + self._sizes, key=lambda s: abs(s - n))
 
-    def propose_next(self, batch_size: int) -> bool:
+    def propose_next(self, batch_size: int, route: str = ROUTE) -> bool:
         """Should this step's heads propose (for ``batch_size`` sequences)? Yes while trees are
         chosen. After a step that chose none, only now and then — the confidences are what
         could bring trees back, but a proposing step decides on the host path, which on a GPU
@@ -261,8 +283,8 @@ class AdaptiveTrees:
             self._since_proposal, self._probe_every = 0, 0
             return True
         if not self._probe_every:
-            plain = self.latency.ms(batch_size, 0, ROUTE)
-            extra = max(0.0, self.step_ms(batch_size, batch_size) - plain) / plain
+            plain = self.latency.ms(batch_size, 0, route)
+            extra = max(0.0, self.step_ms(batch_size, batch_size, route) - plain) / plain
             self._probe_every = max(self.PROBE_FIRST, math.ceil(extra / self.PROBE_BUDGET))
         self._since_proposal += 1
         if self._since_proposal >= self._probe_every:
@@ -296,9 +318,9 @@ class AdaptiveTrees:
         if trials:
             self.calibration.observe(trials)
 
-    def observe_latency(self, batch_size: int, nodes: int, ms: float) -> None:
+    def observe_latency(self, batch_size: int, nodes: int, ms: float, route: str = ROUTE) -> None:
         """A served pure decode step of ``batch_size`` sequences and ``nodes`` tree nodes took
         ``ms`` (``learning_rate`` 0: the latency model learns nothing)."""
         if self.learning_rate > 0:
-            self.latency.observe(batch_size, self.grid_size(batch_size, nodes), ms, self.learning_rate, ROUTE)
+            self.latency.observe(batch_size, self.grid_size(batch_size, nodes), ms, self.learning_rate, route)
 

@@ -54,7 +54,7 @@ class SpeculationPolicy:
         if num_sampling <= 0:
             return False
         if self.adaptive is not None:
-            return self.adaptive.propose_next(num_sampling)
+            return self.adaptive.propose_next(num_sampling, route)
         if self.backoff is None:
             return num_sampling * (1 + self.full) <= token_budget
         return self.tree_for(num_sampling, token_budget, route) > 0

@@ -149,12 +149,14 @@ class Scheduler:
         # Adaptive trees: each decoding sequence's own candidates (indices into the full tree's).
         nodes_of: dict[int, list[int]] = {}
         if adaptive is not None:
-            route, n = ADAPTIVE_ROUTE, 0
+            # Greedy steps of adaptive trees decide in the ragged steps' graphs on the device; any
+            # other decides on the host path.
+            route, n = ("greedy" if route == "greedy" else ADAPTIVE_ROUTE), 0
             if decoding and not prefill_due:
                 nodes_of = adaptive.plan(
                     [Candidates(r.seq_id, r.candidates, r.candidate_confidence) for r in decoding
                      if r.candidates and r.num_tokens + self.tree_depth <= self.max_model_len],
-                    len(decoding), budget - len(decoding))
+                    len(decoding), budget - len(decoding), route)
             cut = {sid: [self._by_seq_id[sid].candidates[i] for i in nodes] for sid, nodes in nodes_of.items()}
             trees = bool(cut)
         else:
@@ -401,7 +403,7 @@ class Scheduler:
         if self.policy.adaptive is not None:  # priced by the step's tree nodes in all
             if all(s.sample and len(s.token_ids) == 1 for s in step.seqs):
                 self.policy.adaptive.observe_latency(len(step.seqs), sum(len(s.candidates) for s in step.seqs),
-                                                     execute_ms)
+                                                     execute_ms, self._step_route)
             return
         if step.propose != (n > 0):
             return

@@ -110,6 +110,40 @@ class SpecTail:
         bonus = argmax.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
         return self._finish(tree, tokens, start, tables, path, n_acc, bonus)
 
+    def greedy_ragged(self, hidden: torch.Tensor, tree: MedusaTree, ids: torch.Tensor, nodes: torch.Tensor,
+                      seqs: torch.Tensor, q_starts: torch.Tensor, start: torch.Tensor,
+                      tables: torch.Tensor) -> torch.Tensor:
+        """``greedy`` for a step of adaptive trees (engine/worker/cuda_graphs.py ``RaggedStep``):
+        every sequence its pending token plus some of the full tree ``tree``'s nodes, its
+        tokens flat — ids, nodes (in the full tree) and seqs [T] per token, q_starts [B + 1]
+        (tokens past q_starts[B] are padding), start [B], tables [B, W]. Each token's row is
+        scattered into the full tree's node space [B, N]; a node the sequence does not verify
+        holds token -1, which no argmax equals, so the full tree's paths decide it as
+        ``greedy`` does. A sequence with no tokens (padding) decides nothing. Same rows as
+        ``greedy``, the hidden-state row of each being the step's flat row."""
+        t, b, n = ids.shape[0], start.shape[0], tree.num_nodes
+        dev = ids.device
+        argmax = self.lm_head(hidden[:t]).argmax(-1)
+        rows = torch.arange(t, device=dev)
+        # Padding tokens all land on one spare entry past the B x N node space.
+        flat = torch.where(rows < q_starts[-1], seqs * n + nodes, b * n)
+        spread = lambda x, fill: torch.full((b * n + 1,), fill, dtype=torch.long, device=dev).scatter_(  # noqa: E731
+            0, flat, x)[:-1].view(b, n)
+        tokens, node_argmax, flat_row = spread(ids, -1), spread(argmax, 0), spread(rows, 0)
+        paths = self.device_tensor(tree, "paths")
+        best, n_acc = greedy_tree_accept(paths, tokens, node_argmax)
+        path = paths[best]
+        bonus = node_argmax.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
+        return self._finish(tree, tokens, start[:, None], tables, path, n_acc, bonus, flat_row)
+
+    def propose_confident_after(self, hidden: torch.Tensor, decided: torch.Tensor) -> torch.Tensor:
+        """``propose_after`` with each candidate's confidence (``propose_with_confidence``) for
+        the adaptive policy: [B, 2C] int64, the candidates then their probabilities as float64
+        bits (one tensor, one copy to the host: ``.view(torch.float64)`` reads them)."""
+        cands, probs = self.proposer.propose_with_confidence(hidden.index_select(0, last_rows(decided)),
+                                                             bonus_tokens(decided))
+        return torch.cat([cands, probs.double().view(torch.int64)], dim=1)
+
     def sampled(self, hidden: torch.Tensor, tree: Optional[MedusaTree], tokens: torch.Tensor,
                 start: torch.Tensor, tables: torch.Tensor, params: torch.Tensor, rules: frozenset,
                 filters: bool, greedy_rows: bool = True) -> torch.Tensor:
@@ -160,12 +194,14 @@ class SpecTail:
         return self._finish(tree, tokens, start, tables, path, n_acc, bonus)
 
     def _finish(self, tree: Optional[MedusaTree], tokens: torch.Tensor, start: torch.Tensor, tables: torch.Tensor,
-                path: torch.Tensor, n_acc: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
+                path: torch.Tensor, n_acc: torch.Tensor, bonus: torch.Tensor,
+                flat_row: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Commit the accepted nodes (``path`` [B, depth + 1] root first, ``n_acc`` of them
-        after the root); returns ``greedy``'s rows."""
+        after the root); returns ``greedy``'s rows. ``flat_row`` [B, N]: each node's row of the
+        step (None: node i of sequence b is row b * N + i, a uniform step's)."""
         b, n = tokens.shape
         dev = tokens.device
-        if tree is not None and self.fused:  # the same rows and commit, one launch
+        if tree is not None and self.fused and flat_row is None:  # the same rows and commit, one launch
             from engine.kernels.decision import commit_rows
 
             kv = self.kv_cache
@@ -174,6 +210,8 @@ class SpecTail:
             kv.copy_slots(src.flatten(), dst.flatten())
             return rows
         seq = torch.arange(b, device=dev)
+        if flat_row is None:
+            flat_row = seq[:, None] * n + torch.arange(n, device=dev)[None, :]
         path = path.clamp(min=0)
         last = path.gather(1, n_acc[:, None])
         accepted = tokens[:, :0]
@@ -185,5 +223,5 @@ class SpecTail:
             page = self.kv_cache.block_size
             dst = self.kv_cache.slots(tables, (start + steps).clamp(max=tables.shape[1] * page - 1))
             dst = torch.where(steps[None, :] <= n_acc[:, None], dst, self.kv_cache.pad_slot)
-            self.commit((seq[:, None] * n + path[:, 1:]).flatten(), dst.flatten())
-        return pack_rows(n_acc, accepted, bonus, seq * n + last[:, 0])
+            self.commit(flat_row.gather(1, path[:, 1:]).flatten(), dst.flatten())
+        return pack_rows(n_acc, accepted, bonus, flat_row.gather(1, last)[:, 0])

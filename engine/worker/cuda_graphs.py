@@ -45,6 +45,12 @@ Positions and K/V slots come from the host (``InputBatch.locate``), as for fresh
 pad tokens write into the pad block. Eagerly such a step is bound by the host (~40 ms on an
 H100 with the bundled model, ±20% run to run).
 
+A step of adaptive trees (``RaggedStep``: every sequence its pending token plus a tree of its
+own, or nothing) has a fixed shape once its tokens are padded to a count of its batch bucket
+(engine/core/shapes.py ``ragged_tokens``, the counts the adaptive plan chooses among): its
+tokens' nodes in the full tree and sequences come from the host, and positions, slots and
+each sequence's ancestor mask are derived on the device (``_RaggedGraph``).
+
 The output (the final hidden states) is a tensor of the graphs' shared memory pool: valid
 until the next replay, which is enough because a step consumes it before the next starts.
 """
@@ -61,7 +67,7 @@ import numpy as np
 import torch
 
 from engine.core.outputs import ScheduledSeq
-from engine.core.shapes import BATCH_BUCKETS, padded_batch
+from engine.core.shapes import BATCH_BUCKETS, padded_batch, ragged_tokens
 from engine.kernels.varlen_tiles import tile_starts
 
 # Prompt lengths fresh-prefill graphs are captured for: a prompt is padded up to the next one.
@@ -194,6 +200,65 @@ def _pack_tables(dst: np.ndarray, seqs: list[ScheduledSeq], batch: int, pad_bloc
     tables[:] = pad_block
     for i, s in enumerate(seqs):
         tables[:len(s.block_table), i] = s.block_table
+
+
+@dataclass(frozen=True)
+class RaggedStep:
+    """The shape of a step of adaptive trees (engine/core/adaptive.py): every sequence runs its
+    pending token plus a tree of its own — the full tree ``tree`` cut down to some of its
+    candidates, or nothing — ``num_tokens`` tokens in all (the step's, padded at the end)."""
+    num_tokens: int
+    tree: object  # the full MedusaTree
+
+
+@dataclass(frozen=True)
+class RaggedLayout:
+    """Offsets of each input in a ragged step's int64 buffer: per token its id, its node in the
+    full tree (0: the pending token) and its sequence; per sequence (``batch``, padding
+    included) where its tokens start (+ the end), its pending token's position and its table
+    ``width`` pages wide."""
+    tokens: int
+    batch: int
+    width: int
+
+    @property
+    def size(self) -> int:
+        return self._tables_at + self.batch * self.width
+
+    @property
+    def _tables_at(self) -> int:
+        return 3 * self.tokens + 2 * self.batch + 1
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        t, b = self.tokens, self.batch
+        views, at = {}, 0
+        for name, n in (("ids", t), ("nodes", t), ("seqs", t), ("q_starts", b + 1), ("starts", b)):
+            views[name] = buf[at:at + n]
+            at += n
+        views["tables"] = _tables_view(buf, at, b, self.width)
+        return views
+
+    def pack(self, seqs: list[ScheduledSeq], pad_block: int) -> tuple[torch.Tensor, int]:
+        """The buffer's contents for a step of adaptive trees (host tensor) and how much of it the
+        step uses (``_tables_view``): each sequence's pending token, then its candidates, with
+        their nodes in the full tree (``tree_nodes`` + 1). Tokens past the step's are padding
+        (they write the pad slot); so are sequences past ``seqs`` (no tokens)."""
+        used = self._tables_at + self.batch * _table_columns(seqs)
+        buf = np.zeros(used, dtype=np.int64)
+        t, b = self.tokens, self.batch
+        at = 0
+        for i, s in enumerate(seqs):
+            n = 1 + len(s.candidates)
+            buf[at] = s.token_ids[0]
+            buf[at + 1:at + n] = s.candidates
+            buf[t + at + 1:t + at + n] = [c + 1 for c in s.tree_nodes]
+            buf[2 * t + at:2 * t + at + n] = i
+            buf[3 * t + i] = at
+            at += n
+        buf[3 * t + len(seqs):3 * t + b + 1] = at
+        buf[3 * t + b + 1:3 * t + b + 1 + len(seqs)] = [s.start_pos for s in seqs]
+        _pack_tables(buf[self._tables_at:], seqs, b, pad_block)
+        return torch.from_numpy(buf), used
 
 
 def graphable_nodes(seqs: list[ScheduledSeq], nodes: Optional[int], width: int) -> bool:
@@ -393,6 +458,81 @@ class _MixedGraph:
         return self.hidden
 
 
+@dataclass(frozen=True)
+class RaggedTensors:
+    """What the tails after a ragged forward read (engine/sample/tail.py ``greedy_ragged``):
+    the forward's static output and inputs."""
+    hidden: torch.Tensor  # [T, H] final hidden states, the step's tokens first
+    ids: torch.Tensor  # [T] token ids
+    nodes: torch.Tensor  # [T] each token's node in the full tree (0: a pending token)
+    seqs: torch.Tensor  # [T] each token's sequence
+    q_starts: torch.Tensor  # [B + 1] each sequence's first token (the last entry: the step's tokens)
+    starts: torch.Tensor  # [B] each pending token's position
+    tables: torch.Tensor  # [B, W] int64 block tables, contiguous
+    after: Optional[torch.Tensor]  # the output of the tail this one follows
+
+
+class _RaggedGraph:
+    """One captured forward of a step of adaptive trees: ``shape.num_tokens`` tokens over
+    ``batch`` sequences (a batch bucket: the attention splits its prefixes by it, as an eager
+    step of that batch does). Each token's position (its sequence's start + its node's depth)
+    and K/V slot (a pending token's in its blocks, a candidate's scratch row, padding's the pad
+    slot), and each sequence's ancestor mask (the full tree's, cut to its nodes) are derived
+    on the device from the packed ids, nodes, sequences and starts."""
+
+    def __init__(self, runner: "CudaGraphRunner", shape: RaggedStep, batch: int, width: int) -> None:
+        self.shape, self.layout = shape, RaggedLayout(shape.num_tokens, batch, width)
+        self.decodes = False  # (not a uniform step: its tails are the ragged ones)
+        dev, kv = runner.device, runner.backend.kv_cache
+        self.buf = _device_buffer(self.layout, self.layout.pack([], runner.pad_block), runner.pad_block, dev)
+        v = self.views = self.layout.views(self.buf)
+        tree, t = shape.tree, shape.num_tokens
+        n = tree.num_nodes
+        depths = torch.as_tensor(tree.depths, device=dev)
+        full_mask = tree.mask.to(dev)
+        write_slots = torch.zeros(t, dtype=torch.long, device=dev)
+        attn = runner.backend.ragged_inputs(batch, n, width, write_slots)
+        self.tables = torch.full((batch, width), runner.pad_block, dtype=torch.long, device=dev)
+        rows, local = torch.arange(t, device=dev), torch.arange(n, device=dev)
+        model, backend = runner.model, runner.backend
+
+        def forward() -> torch.Tensor:
+            ids, nodes, seqs, q_starts, starts = v["ids"], v["nodes"], v["seqs"], v["q_starts"], v["starts"]
+            tables = self.tables
+            tables.copy_(v["tables"])
+            start = starts.index_select(0, seqs)
+            root = kv.slots(tables.index_select(0, seqs), start[:, None])[:, 0]
+            slot = torch.where(nodes == 0, root, kv.scratch_slot0 + rows)
+            write_slots.copy_(torch.where(rows < q_starts[-1], slot, kv.pad_slot))
+            # Sequence b's i-th token is the full tree's node nodes[q_starts[b] + i]: its mask is
+            # the full mask's rows and columns of those nodes.
+            count = q_starts[1:] - q_starts[:-1]
+            valid = local[None, :] < count[:, None]
+            mine = torch.where(valid, nodes[(q_starts[:-1, None] + local[None, :]).clamp(max=t - 1)], 0)
+            mask = full_mask[mine[:, :, None], mine[:, None, :]] & valid[:, :, None] & valid[:, None, :]
+            attn.masks.copy_(mask)
+            attn.q_starts.copy_(q_starts)
+            attn.kv_lens.copy_(starts)
+            attn.block_tables.copy_(tables)
+            return model(ids, start + depths.index_select(0, nodes), backend, attn.meta)
+
+        self.forward = forward  # (see _Graph)
+        self.tails: dict[Hashable, tuple[Callable[[], torch.Tensor], Callable]] = {}
+        self.tail_inputs: dict[Hashable, torch.Tensor] = {}
+        self.tail_outputs: dict[Hashable, torch.Tensor] = {}
+        self._replay, self.hidden = _capture(runner, forward)
+
+    def replay(self) -> torch.Tensor:
+        self.hidden = self._replay()
+        return self.hidden
+
+    def tensors(self, inputs: Optional[torch.Tensor], after: Optional[Hashable]) -> RaggedTensors:
+        v = self.views
+        return RaggedTensors(hidden=self.hidden, ids=v["ids"], nodes=v["nodes"], seqs=v["seqs"],
+                             q_starts=v["q_starts"], starts=v["starts"], tables=self.tables,
+                             after=self.tail_outputs[after] if after is not None else None)
+
+
 class CudaGraphRunner:
     """(On CUDA) captures graphs per (query shape, batch bucket) at start-up and replays them.
     ``width``: pages of the longest possible sequence — every graph's block tables are that
@@ -459,7 +599,8 @@ class CudaGraphRunner:
             if self.sealed:
                 self.misses += 1
                 return None
-            cls = _MixedGraph if isinstance(shape, MixedStep) else _Graph
+            cls = (_MixedGraph if isinstance(shape, MixedStep) else _RaggedGraph if isinstance(shape, RaggedStep)
+                   else _Graph)
             # A fresh prefill reads no table: its buffer holds one column.
             width = 1 if getattr(shape, "fresh", False) else self.width
             g = self.graphs[key] = self._timed(lambda: cls(self, shape, batch, width))
@@ -562,6 +703,41 @@ class CudaGraphRunner:
         g.replay()
         return g
 
+    def capture_ragged(self, tree, max_seqs: int, max_tokens: int) -> None:
+        """Capture the ragged-step graph (adaptive trees of ``tree``, the full tree) of every
+        batch bucket up to ``max_seqs`` sequences and every token count ``ragged_tokens`` names
+        for it within ``max_tokens``."""
+        top = padded_batch(max_seqs) or BATCH_BUCKETS[-1]
+        for b in sorted((b for b in BATCH_BUCKETS if b <= top), reverse=True):
+            for t in sorted(ragged_tokens(b, tree.num_nodes, max_tokens), reverse=True):
+                self._graph(RaggedStep(t, tree), b)
+
+    def ragged_shape(self, tree, seqs: list[ScheduledSeq]) -> Optional[tuple[RaggedStep, int]]:
+        """(shape, batch bucket) of a step in which every sequence runs its pending token plus an
+        adaptive tree of ``tree`` (or nothing more), if a captured graph holds it: the smallest
+        token count of its batch bucket that fits. None otherwise."""
+        b = padded_batch(len(seqs))
+        if b is None or not seqs or any(len(s.token_ids) != 1 or len(s.block_table) > self.width for s in seqs):
+            return None
+        tokens = sum(1 + len(s.candidates) for s in seqs)
+        fit = [key[0] for key in self.graphs if isinstance(key[0], RaggedStep) and key[1] == b
+               and key[0].tree is tree and key[0].num_tokens >= tokens]
+        if fit:
+            return min(fit, key=lambda shape: shape.num_tokens), b
+        if self.sealed:  # start-up captured no graph this step fits: a bug, counted
+            self.misses += 1
+            return None
+        return RaggedStep(tokens, tree), b  # (start-up's own steps, and the uncaptured CPU path)
+
+    def run_ragged(self, shape: RaggedStep, batch: int, seqs: list[ScheduledSeq]) -> Optional[_RaggedGraph]:
+        """Replay the ragged-step graph of ``shape`` at ``batch`` for the step (None: no graph)."""
+        g = self._graph(shape, batch)
+        if g is None:
+            return None
+        load_inputs(g.buf, g.layout.pack(seqs, self.pad_block))
+        g.replay()
+        return g
+
     def run_rows(self, key: Hashable, fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
         """``fn(*inputs)`` for row-wise work (row i of the output depends on row i of each input
         only), replayed from a graph captured per (``key``, batch bucket of the rows) at
@@ -601,7 +777,7 @@ class CudaGraphRunner:
                     self.run_rows(key, fn, [torch.zeros((b, *shape), dtype=dt, device=self.device)
                                             for shape, dt in zip(row_shapes, dtypes)])
 
-    def run_tail(self, g: _Graph, key: Hashable, tail: Tail, inputs: Optional[torch.Tensor] = None,
+    def run_tail(self, g, key: Hashable, tail: Tail, inputs: Optional[torch.Tensor] = None,
                  after: Optional[Hashable] = None) -> torch.Tensor:
         """After ``run``: ``tail`` on the graph's tensors (``GraphTensors``), replayed from a
         graph captured under ``key`` after g's forward (unless sealed; sealed and never

@@ -25,7 +25,7 @@ from engine.sample.decided import Decided
 from engine.sample.sampler import seed_key
 from engine.sample.tail import SpecTail
 from engine.spec.tree import MedusaTree
-from engine.worker.cuda_graphs import CudaGraphRunner, GraphTensors
+from engine.worker.cuda_graphs import CudaGraphRunner, GraphTensors, RaggedStep
 from engine.worker.input_batch import HostCopy, InputBatch
 
 
@@ -37,6 +37,12 @@ class TailKey:
     rules: frozenset = frozenset()  # the acceptance rules present (verify steps only)
     filters: bool = False  # some sequence uses top-k / top-p
     greedy_rows: bool = False  # some sequence is greedy beside the sampled ones
+
+
+# The tails of a step of adaptive trees (a ragged step's graph): the greedy decision, and the
+# proposal with each candidate's confidence after it.
+RAGGED_DECISION = "ragged-greedy"
+RAGGED_PROPOSAL = "ragged-propose"
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,38 @@ class DeviceTail:
             return False
         on_device = device_rules()
         return batch.tree is None or all(self.rule(s.params) in on_device for s in batch.seqs if not s.params.greedy)
+
+    @staticmethod
+    def ragged_applies(batch: InputBatch) -> bool:
+        """Does the ragged tail decide every sequence of a step of adaptive trees? Every sequence
+        decodes (one pending token, its adaptive tree or none) greedily, with nothing the host decides
+        (logprobs, penalties, min_tokens, grammars). Sampled sequences decide on the host path."""
+        return all(s.sample and len(s.token_ids) == 1 and s.params.greedy and (s.tree_nodes or not s.candidates)
+                   and not decides_on_host(s.params, s.num_output_tokens) for s in batch.seqs)
+
+    def run_ragged(self, batch: InputBatch, tree: MedusaTree, graph
+                   ) -> tuple[list[Decided], Optional[torch.Tensor]]:
+        """Decide and commit a step of adaptive trees after its ragged forward ``graph``, then
+        (when the step proposes) propose with confidences. Returns the real sequences'
+        decisions and the proposal on the host ([B, 2C] int64: candidates, then the bits of their
+        float64 confidences, ``SpecTail.propose_confident_after``; None when the step does not
+        propose)."""
+        b = len(batch.seqs)
+        self.decided.start(self.graphs.run_tail(graph, RAGGED_DECISION, self.ragged_decision(tree))[:b])
+        propose = self.proposes and batch.out.propose
+        if propose:
+            self.proposed.start(self.graphs.run_tail(graph, RAGGED_PROPOSAL, self.propose_confident,
+                                                     after=RAGGED_DECISION)[:b])
+        decided = [Decided.from_row(row, tree.depth) for row in self.decided.wait().tolist()]
+        return decided, self.proposed.wait() if propose else None
+
+    def ragged_decision(self, tree: MedusaTree):
+        """The greedy decision over adaptive trees of ``tree``, as a tail on a ragged step's tensors."""
+        return lambda t: self.tail.greedy_ragged(t.hidden, tree, t.ids, t.nodes, t.seqs, t.q_starts, t.starts,
+                                                 t.tables)
+
+    def propose_confident(self, t) -> torch.Tensor:
+        return self.tail.propose_confident_after(t.hidden, t.after)
 
     def run(self, batch: InputBatch, hidden: torch.Tensor, graph) -> tuple[list[Decided], bool]:
         """Decide and commit the step on the device — replayed after the forward ``graph``, or
@@ -133,6 +171,10 @@ class DeviceTail:
         if self.proposes:  # the host-decided steps' proposal, every batch bucket
             self.graphs.capture_rows("propose", self.tail.propose, [(lm_head_weight.shape[1],), ()],
                                      [lm_head_weight.dtype, torch.long], max_rows)
+        for g in list(self.graphs.graphs.values()):
+            if isinstance(g.shape, RaggedStep):  # a step of adaptive trees: its greedy tail
+                self.graphs.run_tail(g, RAGGED_DECISION, self.ragged_decision(g.shape.tree))
+                self.graphs.run_tail(g, RAGGED_PROPOSAL, self.propose_confident, after=RAGGED_DECISION)
         rule = self.spec.acceptance if self.spec is not None else "greedy"
         inputs = self.sampled_inputs([SamplingParams(temperature=1.0)], [0], [rule])  # (only the shape matters)
         for g in list(self.graphs.graphs.values()):

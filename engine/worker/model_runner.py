@@ -10,7 +10,8 @@
               step without a tree (mixed: prefill chunks and decode tokens, padded to a token
               bucket), else eager; either way the final hidden states
     decide    on the device for a uniform step (engine/worker/device_tail.py: decide → commit
-              → propose, captured after the forward graph), else on the host
+              → propose, captured after the forward graph) and for a greedy step of adaptive
+              trees (a ragged step's graph and its tails, ``RaggedStep``), else on the host
               (engine/sample/host_decision.py) followed by the same commit and proposal
 
 The runner makes no policy decisions: which tree each sequence verifies and whether to propose
@@ -100,9 +101,15 @@ class ModelRunner:
             return StepResult(step_id=out.step_id, results=[])
         batch = InputBatch.build(out, self.trees, self.kv_cache.scratch_tokens,
                                  self.cut_trees.get if self.cut_trees is not None else None)
-        graph, hidden = self.run_model(batch)
-        # Adaptive trees and the confidences of a proposal come from the host path for now.
+        # A step of adaptive trees, or one whose proposal must report confidences: a ragged
+        # step's graph and tails when every sequence decodes greedily, else the host path.
         adaptive_step = self.adaptive and (out.propose or any(s.tree_nodes for s in out.seqs))
+        if adaptive_step and self.graphs is not None and self.device_tail.ragged_applies(batch):
+            shape = self.graphs.ragged_shape(self.tree, out.seqs)
+            graph = self.graphs.run_ragged(*shape, out.seqs) if shape is not None else None
+            if graph is not None:
+                return StepResult(step_id=out.step_id, results=self._ragged_results(batch, graph))
+        graph, hidden = self.run_model(batch)
         if adaptive_step or not self.device_tail.applies(batch):
             return StepResult(step_id=out.step_id, results=self.decide_on_host(batch, hidden))
         decided, proposed = self.device_tail.run(batch, hidden, graph)
@@ -115,6 +122,21 @@ class ModelRunner:
                              next_candidates=cands[i] if cands is not None else [])
                    for i, (s, d) in enumerate(zip(out.seqs, decided))]
         return StepResult(step_id=out.step_id, results=results, candidates_deferred=deferred)
+
+    def _ragged_results(self, batch: InputBatch, graph) -> list[SeqResult]:
+        """A ragged step's results: its decisions and, when it proposed, each sequence's next
+        candidates and their confidences."""
+        decided, proposal = self.device_tail.run_ragged(batch, self.tree, graph)
+        depth = self.tree.depth
+        c = self.tree.num_nodes - 1
+        results = [SeqResult(seq_id=s.seq_id, sampled_token_ids=d.tokens, num_accepted=d.num_accepted,
+                             accepted_per_depth=d.accepted_per_depth(depth) if s.tree_size else [])
+                   for s, d in zip(batch.seqs, decided)]
+        if proposal is not None:  # (candidates, then their confidences' float64 bits)
+            cands, confidence = proposal[:, :c].tolist(), proposal[:, c:].contiguous().view(torch.float64).tolist()
+            for r, nxt, conf in zip(results, cands, confidence):
+                r.next_candidates, r.next_confidence = nxt, conf
+        return results
 
     def run_model(self, batch: InputBatch):
         """(the decode or verify graph replayed, or None; the final hidden states [T', H]): the
@@ -135,7 +157,10 @@ class ModelRunner:
 
     def forward(self, batch: InputBatch) -> torch.Tensor:
         """Eager forward over the step's tokens → final hidden states [T, H]."""
-        meta = self.backend.prepare(StepAttnInputs(seqs=batch.attn, slot_mapping=torch.tensor(batch.slots)))
+        # (Adaptive trees' masks padded to the full tree's nodes, as a ragged step's graph has them.)
+        ragged = batch.tree is None and any(t is not None for t in batch.seq_trees)
+        meta = self.backend.prepare(StepAttnInputs(seqs=batch.attn, slot_mapping=torch.tensor(batch.slots),
+                                                   ragged_nodes=self.tree.num_nodes if ragged else 0))
         return self.model(torch.tensor(batch.ids, device=self.device),
                           torch.tensor(batch.positions, device=self.device), self.backend, meta)
 

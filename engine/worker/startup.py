@@ -121,7 +121,9 @@ def latency_cache_key(spec: "WorkerSpec", device: torch.device, sizes: list[int]
 
 
 # Bump when what a grid point measures changes, or how (the cache then re-measures everywhere).
-LATENCY_CACHE_VERSION = 2  # 2: tree=auto in interleaved rounds; CPU GEMMs through blocked weights
+# 2: tree=auto in interleaved rounds; CPU GEMMs through blocked weights. 3: adaptive trees timed
+# as ragged steps (their graphs on a GPU), not as the tree set's uniform ones.
+LATENCY_CACHE_VERSION = 3
 
 
 def _latency_cache_file(key: dict) -> Path:
@@ -181,10 +183,14 @@ def _timing_context(depth: int, ctx: int, block_size: int, num_blocks: int) -> t
     return ctx, list(range(cdiv(ctx + 1 + depth, block_size)))
 
 
-def _decode_step(b: int, n: int, ctx: int, table: list[int]) -> SchedulerOutput:
-    """A step of ``b`` sequences at ``ctx`` tokens of context verifying ``n``-candidate trees."""
+def _decode_step(b: int, n: int, ctx: int, table: list[int], adaptive: bool = False) -> SchedulerOutput:
+    """A step of ``b`` sequences at ``ctx`` tokens of context verifying ``n``-candidate trees
+    (``adaptive``: as adaptive trees — the full tree's first n candidates, closed under parents
+    since nodes are ordered by depth — which run as a ragged step)."""
+    nodes = list(range(n)) if adaptive else []
     seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=ctx, block_table=table, sample=True,
-                         tree_size=n, candidates=[1] * n, params=SamplingParams(temperature=0)) for i in range(b)]
+                         tree_size=n, candidates=[1] * n, params=SamplingParams(temperature=0), tree_nodes=nodes)
+            for i in range(b)]
     return SchedulerOutput(step_id=-1, seqs=seqs, propose=n > 0)
 
 
@@ -272,5 +278,6 @@ def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: lis
         for b in batch_sizes:
             if b * (n + 1) > token_budget:
                 continue
-            rows.append([b, n, round(1e3 * _median_step_seconds(runner, _decode_step(b, n, ctx, table)), 4)])
+            step = _decode_step(b, n, ctx, table, runner.adaptive)
+            rows.append([b, n, round(1e3 * _median_step_seconds(runner, step), 4)])
     return tp.broadcast_object(rows)

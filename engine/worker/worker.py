@@ -133,6 +133,8 @@ class Worker:
         free_before, reserved_before = free(), reserved()
         graphs.capture([None] + sorted(self.runner.trees.values(), key=lambda t: t.num_nodes),
                        sc.max_num_seqs, sc.max_num_batched_tokens)
+        if self.runner.adaptive:  # steps of adaptive trees: ragged graphs by batch bucket and tokens
+            graphs.capture_ragged(self.runner.tree, sc.max_num_seqs, sc.max_num_batched_tokens)
         self.runner.capture_tails(sc.max_num_seqs)
         graphs.capture_prefill(sc.max_num_batched_tokens)
         graphs.capture_mixed()
