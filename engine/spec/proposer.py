@@ -158,9 +158,15 @@ class MedusaProposer:
         return tokens[:, 1:], probs[:, 1:] if probs is not None else None
 
     def _topk_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [..., V'] → (the top-k token ids, their softmax probabilities), largest first."""
-        vals, top = torch.topk(logits.float().softmax(-1), self.tree.topk, dim=-1)
-        return (self.vocab_ids[top] if self.vocab_ids is not None else top), vals
+        """logits [..., V'] → (the top-k token ids, their softmax probabilities), largest first:
+        the top-k columns as ``propose`` finds them (on CUDA the Triton top-k), and each one's
+        probability exp(logit - logsumexp) — no softmax over the vocabulary is materialised
+        and sorted (on an H100 that made a ragged step's proposal ~0.4 ms dearer than a
+        uniform one's)."""
+        cols = row_topk(logits, self.tree.topk)
+        lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+        probs = (logits.gather(-1, cols).float() - lse).exp()
+        return (self.vocab_ids[cols] if self.vocab_ids is not None else cols), probs
 
     def _resblock(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """x [G, M, H] → x + SiLU(x W_g + b_g) for G heads at once."""
