@@ -4,7 +4,7 @@ One step is a straight line: the scheduler decides what runs (and how much to sp
 the executor's workers run it, the scheduler applies the tokens, the output processor turns
 them into text and outputs:
 
-    scheduler.update_draft_token_ids(executor.take_candidates())  # the last step's, if it deferred them
+    scheduler.update_draft_token_ids(...)       # executor.take_candidates(): the last step's drafts, if deferred
     out = scheduler.schedule()                  # SchedulerOutput: chunks, trees, candidates
     result = executor.execute(out, defer_candidates=True)  # StepResult: tokens (next candidates later)
     touched = scheduler.update(result, ms)      # tokens appended, stops, KV freed
@@ -365,7 +365,8 @@ class Engine:
         started = time.perf_counter()
         if self.scheduler.awaits_draft_tokens:  # the last step's proposals, computed meanwhile
             try:
-                self.scheduler.update_draft_token_ids(self.executor.take_candidates())
+                drafts = self.executor.take_candidates()
+                self.scheduler.update_draft_token_ids(drafts.candidates, drafts.confidence)
             except WorkerError as e:
                 raise self._fail_all(e) from None
         queries, hits = self.scheduler.prefix_cache_queries, self.scheduler.prefix_cache_hits

@@ -93,6 +93,14 @@ class StepResult(msgspec.Struct, kw_only=True):
     candidates_deferred: bool = False
 
 
+class Drafts(msgspec.Struct, kw_only=True):
+    """A step's deferred proposals (``StepResult.candidates_deferred``, the executor's
+    ``take_candidates()``), one list per result in result order: the next candidates and, with
+    adaptive trees, each candidate's confidence (``SeqResult.next_confidence``)."""
+    candidates: list[list[int]]
+    confidence: list[list[float]] = []
+
+
 ENCODER = msgspec.msgpack.Encoder()
 SCHEDULER_OUTPUT_DECODER = msgspec.msgpack.Decoder(SchedulerOutput)
 STEP_RESULT_DECODER = msgspec.msgpack.Decoder(StepResult)

@@ -307,19 +307,21 @@ class Scheduler:
         must push them (``update_draft_token_ids``) before the next ``schedule()``."""
         return self._drafts_owed_to is not None
 
-    def update_draft_token_ids(self, candidates: list[list[int]]) -> None:
+    def update_draft_token_ids(self, candidates: list[list[int]],
+                               confidence: Optional[list[list[float]]] = None) -> None:
         """The last step's deferred candidates, one list per result in result order (the
-        executor's ``take_candidates()``), to the requests still running: they decide the next
-        step's trees (vLLM's post_step → ``update_draft_token_ids``)."""
+        executor's ``take_candidates()``), and with adaptive trees their confidences, to the
+        requests still running: they decide the next step's trees (vLLM's post_step →
+        ``update_draft_token_ids``)."""
         if self._drafts_owed_to is None:
             raise RuntimeError("update_draft_token_ids: the last step deferred no candidates")
         reqs = self._drafts_owed_to
         if len(candidates) != len(reqs):
             raise ValueError(f"update_draft_token_ids: {len(candidates)} lists for {len(reqs)} results")
         self._drafts_owed_to = None
-        for req, cands in zip(reqs, candidates):
+        for i, (req, cands) in enumerate(zip(reqs, candidates)):
             if req is not None and req.status is RequestStatus.RUNNING:
-                req.candidates, req.candidate_confidence = cands, []
+                req.candidates, req.candidate_confidence = cands, list(confidence[i]) if confidence else []
 
     def update(self, result: StepResult, execute_ms: Optional[float] = None) -> list[Request]:
         """Apply a step's results: advance KV accounting, append tokens (stopping exactly at the

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from engine.core.outputs import ENCODER, SCHEDULER_OUTPUT_DECODER, STEP_RESULT_DECODER, SchedulerOutput, StepResult
+from engine.core.outputs import ENCODER, SCHEDULER_OUTPUT_DECODER, STEP_RESULT_DECODER, Drafts, SchedulerOutput, StepResult
 from engine.executor import WorkerError
 from engine.worker.worker import WorkerInfo, WorkerSpec
 
@@ -148,7 +148,7 @@ class RayExecutor:
             raise self.error
         return STEP_RESULT_DECODER.decode(results[0])
 
-    def take_candidates(self) -> list[list[int]]:
+    def take_candidates(self) -> Drafts:
         raise RuntimeError("take_candidates: Ray ranks return their candidates with the step's tokens")
 
     def shutdown(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.core.outputs import SchedulerOutput, StepResult
+from engine.core.outputs import Drafts, SchedulerOutput, StepResult
 from engine.worker.worker import Worker, WorkerInfo, WorkerSpec
 
 
@@ -16,7 +16,7 @@ class UniprocExecutor:
         (``StepResult.candidates_deferred``); ``take_candidates()`` then collects them."""
         return self.worker.execute(out, defer_candidates)
 
-    def take_candidates(self) -> list[list[int]]:
+    def take_candidates(self) -> Drafts:
         return self.worker.take_candidates()
 
     def shutdown(self) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from engine.attention.base import AttentionBackend, StepAttnInputs
 from engine.core.config import SpeculativeConfig
-from engine.core.outputs import SchedulerOutput, SeqResult, StepResult
+from engine.core.outputs import Drafts, SchedulerOutput, SeqResult, StepResult
 from engine.sample.decided import Decided
 from engine.sample.host_decision import HostDecider, logits_rows
 from engine.sample.tail import SpecTail
@@ -62,7 +62,9 @@ class ModelRunner:
             self.set_trees({proposer.tree.num_nodes - 1: proposer.tree})
         # Adaptive trees decide on the host path, which also reports the heads' confidence.
         self.adaptive = spec is not None and spec.adaptive
-        self._candidates_owed = False  # the last step deferred its candidates (device_tail.proposed)
+        # The last step deferred its candidates (device_tail.proposed): "uniform" or "ragged"
+        # (a ragged step's proposal carries confidences), None when it did not.
+        self._candidates_owed: Optional[str] = None
 
     @property
     def tree(self) -> Optional[MedusaTree]:
@@ -80,7 +82,7 @@ class ModelRunner:
         """One step. ``defer_candidates``: a uniform step that proposes returns its results
         with ``candidates_deferred`` set and no ``next_candidates``, once its tokens are known;
         ``take_candidates()`` gives them, in the order of the results."""
-        self._candidates_owed = False  # candidates nobody took are dropped (HostCopy waits for its copy)
+        self._candidates_owed = None  # candidates nobody took are dropped (HostCopy waits for its copy)
         g = self.graphs
         captured_before, misses_before = (g.capture_seconds, g.misses) if g is not None else (0.0, 0)
         result = self._execute(out, defer_candidates)
@@ -89,12 +91,23 @@ class ModelRunner:
             result.graph_misses = g.misses - misses_before
         return result
 
-    def take_candidates(self) -> list[list[int]]:
-        """The next candidates of the last step that deferred them, one list per result."""
-        if not self._candidates_owed:
+    def take_candidates(self) -> Drafts:
+        """The next candidates (and a ragged step's confidences) of the last step that deferred
+        them, one list per result."""
+        owed, self._candidates_owed = self._candidates_owed, None
+        if not owed:
             raise RuntimeError("take_candidates: the last step deferred no candidates")
-        self._candidates_owed = False
-        return self.device_tail.proposed.wait().tolist()
+        proposal = self.device_tail.proposed.wait()
+        if owed == "ragged":
+            return self._unpack(proposal)
+        return Drafts(candidates=proposal.tolist())
+
+    def _unpack(self, proposal: torch.Tensor) -> Drafts:
+        """A ragged step's proposal on the host ([B, 2C] int64: candidates, then the bits of
+        their float64 confidences, ``SpecTail.propose_confident_after``)."""
+        c = self.tree.num_nodes - 1
+        return Drafts(candidates=proposal[:, :c].tolist(),
+                      confidence=proposal[:, c:].contiguous().view(torch.float64).tolist())
 
     def _execute(self, out: SchedulerOutput, defer_candidates: bool) -> StepResult:
         if not out.seqs:
@@ -108,14 +121,14 @@ class ModelRunner:
             shape = self.graphs.ragged_shape(self.tree, out.seqs)
             graph = self.graphs.run_ragged(*shape, out.seqs) if shape is not None else None
             if graph is not None:
-                return StepResult(step_id=out.step_id, results=self._ragged_results(batch, graph))
+                return self._ragged_step(batch, graph, defer_candidates)
         graph, hidden = self.run_model(batch)
         if adaptive_step or not self.device_tail.applies(batch):
             return StepResult(step_id=out.step_id, results=self.decide_on_host(batch, hidden))
         decided, proposed = self.device_tail.run(batch, hidden, graph)
         depth = batch.tree.depth if batch.tree is not None else 0
         deferred = proposed and defer_candidates
-        self._candidates_owed = deferred
+        self._candidates_owed = "uniform" if deferred else None
         cands = self.device_tail.proposed.wait().tolist() if proposed and not deferred else None
         results = [SeqResult(seq_id=s.seq_id, sampled_token_ids=d.tokens, num_accepted=d.num_accepted,
                              accepted_per_depth=d.accepted_per_depth(depth),
@@ -123,20 +136,26 @@ class ModelRunner:
                    for i, (s, d) in enumerate(zip(out.seqs, decided))]
         return StepResult(step_id=out.step_id, results=results, candidates_deferred=deferred)
 
-    def _ragged_results(self, batch: InputBatch, graph) -> list[SeqResult]:
-        """A ragged step's results: its decisions and, when it proposed, each sequence's next
-        candidates and their confidences."""
-        decided, proposal = self.device_tail.run_ragged(batch, self.tree, graph)
-        depth = self.tree.depth
-        c = self.tree.num_nodes - 1
-        results = [SeqResult(seq_id=s.seq_id, sampled_token_ids=d.tokens, num_accepted=d.num_accepted,
-                             accepted_per_depth=d.accepted_per_depth(depth) if s.tree_size else [])
-                   for s, d in zip(batch.seqs, decided)]
-        if proposal is not None:  # (candidates, then their confidences' float64 bits)
-            cands, confidence = proposal[:, :c].tolist(), proposal[:, c:].contiguous().view(torch.float64).tolist()
-            for r, nxt, conf in zip(results, cands, confidence):
+    def _ragged_step(self, batch: InputBatch, graph, defer_candidates: bool) -> StepResult:
+        """A ragged step's result: its decisions and, when it proposed, each sequence's next
+        candidates and their confidences — deferred like a uniform step's when asked."""
+        results = self._ragged_results(batch, graph)
+        proposed = self.device_tail.proposes and batch.out.propose
+        deferred = proposed and defer_candidates
+        if proposed and not deferred:
+            drafts = self._unpack(self.device_tail.proposed.wait())
+            for r, nxt, conf in zip(results, drafts.candidates, drafts.confidence):
                 r.next_candidates, r.next_confidence = nxt, conf
-        return results
+        self._candidates_owed = "ragged" if deferred else None
+        return StepResult(step_id=batch.out.step_id, results=results, candidates_deferred=deferred)
+
+    def _ragged_results(self, batch: InputBatch, graph) -> list[SeqResult]:
+        """A ragged step's decisions as results (its proposal, when it proposes, is left in
+        ``device_tail.proposed``)."""
+        depth = self.tree.depth
+        return [SeqResult(seq_id=s.seq_id, sampled_token_ids=d.tokens, num_accepted=d.num_accepted,
+                          accepted_per_depth=d.accepted_per_depth(depth) if s.tree_size else [])
+                for s, d in zip(batch.seqs, self.device_tail.run_ragged(batch, self.tree, graph))]
 
     def run_model(self, batch: InputBatch):
         """(the decode or verify graph replayed, or None; the final hidden states [T', H]): the

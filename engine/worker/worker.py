@@ -22,7 +22,7 @@ import torch
 from engine.attention import ATTENTION_BACKENDS
 from engine.attention.kv_cache import PagedKVCache
 from engine.core.config import EngineConfig
-from engine.core.outputs import SchedulerOutput, StepResult
+from engine.core.outputs import Drafts, SchedulerOutput, StepResult
 from engine.core.shapes import cdiv, padded_batch
 from engine.models.loader import load_model, read_arch_config
 from engine.models.parallel import ShardPlan, TPGroup
@@ -152,7 +152,7 @@ class Worker:
     def execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
         return self.runner.execute(out, defer_candidates)
 
-    def take_candidates(self) -> list[list[int]]:
+    def take_candidates(self) -> Drafts:
         return self.runner.take_candidates()
 
 
