@@ -182,19 +182,19 @@ def test_ragged_step_graphs_are_lossless(bundled_dir, monkeypatch):
     from engine.worker.model_runner import ModelRunner
 
     ragged, checked = [], []
-    run_ragged, ragged_results = CudaGraphRunner.run_ragged, ModelRunner._ragged_results
+    run_ragged, ragged_step = CudaGraphRunner.run_ragged, ModelRunner._ragged_step
     monkeypatch.setattr(CudaGraphRunner, "run_ragged", lambda self, shape, b, seqs: ragged.append(
         sorted(len(s.candidates) for s in seqs)) or run_ragged(self, shape, b, seqs))
 
-    def check(self, batch, graph):  # every ragged decision is the host decider's on the same logits
+    def check(self, batch, graph, defer):  # every ragged decision is the host decider's on the same logits
         logits = self.model.lm_head(graph.hidden[:graph.shape.num_tokens])
         ranges, rows = logits_rows(batch.seqs, batch.offsets)
         host = self.host.decide(batch.seqs, ranges, logits[torch.tensor(rows)], batch.seq_trees)
-        results = ragged_results(self, batch, graph)
-        checked.extend(r.sampled_token_ids == d.tokens for r, d in zip(results, host))
-        return results
+        result = ragged_step(self, batch, graph, defer)
+        checked.extend(r.sampled_token_ids == d.tokens for r, d in zip(result.results, host))
+        return result
 
-    monkeypatch.setattr(ModelRunner, "_ragged_results", check)
+    monkeypatch.setattr(ModelRunner, "_ragged_step", check)
     eng = Engine("default", max_num_seqs=2, max_num_batched_tokens=128, num_blocks=64, block_size=16,
                  speculative={"heads": "default", "tree": "small_12", "adaptive": True, "acceptance": "greedy"})
     eng.policy.adaptive.latency, eng.policy.adaptive.learning_rate = _device(0.01), 0.0

