@@ -51,8 +51,9 @@ from typing import Sequence
 from engine.core.backoff import LatencyModel
 from engine.core.shapes import RAGGED_NODES_PER_SEQ, padded_batch, ragged_tokens
 
-# Steps whose sequences verify trees of their own decide on the host path (the device tails
-# take uniform steps only): back-off's latency corrections are learned on that route.
+# The route of a step of adaptive trees that a ragged step's graph cannot decide (sampled
+# sequences, logprobs, grammars, no graphs): the host path, whose latency corrections are
+# learned apart from the greedy route's (engine/core/backoff.py ``LatencyModel``).
 ROUTE = "host"
 
 # Bins of the heads' probability a calibration keeps apart (a head that says 0.9 is usually

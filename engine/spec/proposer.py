@@ -108,8 +108,8 @@ class MedusaProposer:
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``propose``'s candidates [S, C] and, per candidate, its head's probability of it
         (softmax over the proposal vocabulary; a sequential head's given the path above it)
-        [S, C] float32 — the adaptive policy's evidence (engine/core/adaptive.py). The
-        probabilities need the softmax rows, so this takes the torch top-k, not the Triton one."""
+        [S, C] float32 — the adaptive policy's evidence (engine/core/adaptive.py); the same
+        top-k as ``propose`` (``_topk_probs``)."""
         return self._propose(hidden, roots, True)
 
     def _propose(self, hidden: torch.Tensor, roots: Optional[torch.Tensor], with_probs: bool

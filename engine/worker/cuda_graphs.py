@@ -57,6 +57,7 @@ until the next replay, which is enough because a step consumes it before the nex
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -124,13 +125,17 @@ class MixedStep:
 
 
 @dataclass(frozen=True)
-class MixedLayout:
-    """Offsets of each input in a mixed-step graph's int64 buffer: per token its id, position
-    and K/V slot; per sequence (``batch``, padding included) where its tokens start (+ the end),
-    its cached length, its first query tile (+ the count) and its table ``width`` pages wide."""
+class _FlatLayout:
+    """A graph's int64 input buffer over ``tokens`` tokens and ``batch`` sequences: runs of
+    per-token and per-sequence values, each by name (``fields``), then the block tables
+    ``width`` pages wide (``_tables_view``)."""
     tokens: int
     batch: int
     width: int
+
+    def fields(self) -> tuple[tuple[str, int], ...]:
+        """(name, length) of each run before the tables, in buffer order."""
+        raise NotImplementedError
 
     @property
     def size(self) -> int:
@@ -138,18 +143,26 @@ class MixedLayout:
 
     @property
     def _tables_at(self) -> int:
-        return 3 * self.tokens + 3 * self.batch + 2
+        return sum(n for _, n in self.fields())
 
     def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        t, b = self.tokens, self.batch
-        names = (("ids", t), ("positions", t), ("slots", t), ("q_starts", b + 1), ("kv_lens", b),
-                 ("first_tiles", b + 1))
         views, at = {}, 0
-        for name, n in names:
+        for name, n in self.fields():
             views[name] = buf[at:at + n]
             at += n
-        views["tables"] = _tables_view(buf, at, b, self.width)
+        views["tables"] = _tables_view(buf, at, self.batch, self.width)
         return views
+
+
+class MixedLayout(_FlatLayout):
+    """Offsets of each input in a mixed-step graph's int64 buffer: per token its id, position
+    and K/V slot; per sequence (``batch``, padding included) where its tokens start (+ the end),
+    its cached length, its first query tile (+ the count) and its table ``width`` pages wide."""
+
+    def fields(self) -> tuple[tuple[str, int], ...]:
+        t, b = self.tokens, self.batch
+        return (("ids", t), ("positions", t), ("slots", t), ("q_starts", b + 1), ("kv_lens", b),
+                ("first_tiles", b + 1))
 
     def pack(self, seqs: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int],
              pad_block: int, pad_slot: int) -> tuple[torch.Tensor, int]:
@@ -211,32 +224,15 @@ class RaggedStep:
     tree: object  # the full MedusaTree
 
 
-@dataclass(frozen=True)
-class RaggedLayout:
+class RaggedLayout(_FlatLayout):
     """Offsets of each input in a ragged step's int64 buffer: per token its id, its node in the
     full tree (0: the pending token) and its sequence; per sequence (``batch``, padding
     included) where its tokens start (+ the end), its pending token's position and its table
     ``width`` pages wide."""
-    tokens: int
-    batch: int
-    width: int
 
-    @property
-    def size(self) -> int:
-        return self._tables_at + self.batch * self.width
-
-    @property
-    def _tables_at(self) -> int:
-        return 3 * self.tokens + 2 * self.batch + 1
-
-    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fields(self) -> tuple[tuple[str, int], ...]:
         t, b = self.tokens, self.batch
-        views, at = {}, 0
-        for name, n in (("ids", t), ("nodes", t), ("seqs", t), ("q_starts", b + 1), ("starts", b)):
-            views[name] = buf[at:at + n]
-            at += n
-        views["tables"] = _tables_view(buf, at, b, self.width)
-        return views
+        return (("ids", t), ("nodes", t), ("seqs", t), ("q_starts", b + 1), ("starts", b))
 
     def pack(self, seqs: list[ScheduledSeq], pad_block: int) -> tuple[torch.Tensor, int]:
         """The buffer's contents for a step of adaptive trees (host tensor) and how much of it the
@@ -564,6 +560,9 @@ class CudaGraphRunner:
         self.captured = device.type == "cuda"  # False: run the same work uncaptured (CPU)
         self.pool = torch.cuda.graph_pool_handle() if self.captured else None
         self.graphs: dict[tuple[Hashable, int], object] = {}
+        # The token counts of the ragged-step graphs captured, ascending, per (full tree, batch
+        # bucket): a step looks up the smallest it fits (``ragged_shape``) without a scan.
+        self._ragged_counts: dict[tuple[Hashable, int], list[int]] = {}
         # Row-wise work outside a forward graph, per (key, batch bucket): its static inputs,
         # replay, and the work (held: it keeps what the graph reads alive). See run_rows.
         self.row_graphs: dict[tuple[Hashable, int], tuple[list[torch.Tensor], Callable, Callable]] = {}
@@ -604,6 +603,8 @@ class CudaGraphRunner:
             # A fresh prefill reads no table: its buffer holds one column.
             width = 1 if getattr(shape, "fresh", False) else self.width
             g = self.graphs[key] = self._timed(lambda: cls(self, shape, batch, width))
+            if isinstance(shape, RaggedStep):
+                bisect.insort(self._ragged_counts.setdefault((shape.tree, batch), []), shape.num_tokens)
         return g
 
     def capture(self, shapes: list, max_batch: int, max_tokens: int) -> None:
@@ -720,10 +721,10 @@ class CudaGraphRunner:
         if b is None or not seqs or any(len(s.token_ids) != 1 or len(s.block_table) > self.width for s in seqs):
             return None
         tokens = sum(1 + len(s.candidates) for s in seqs)
-        fit = [key[0] for key in self.graphs if isinstance(key[0], RaggedStep) and key[1] == b
-               and key[0].tree is tree and key[0].num_tokens >= tokens]
-        if fit:
-            return min(fit, key=lambda shape: shape.num_tokens), b
+        counts = self._ragged_counts.get((tree, b), [])
+        i = bisect.bisect_left(counts, tokens)
+        if i < len(counts):
+            return RaggedStep(counts[i], tree), b
         if self.sealed:  # start-up captured no graph this step fits: a bug, counted
             self.misses += 1
             return None
