@@ -14,6 +14,11 @@ step proposes the next step's candidates, a plain step does not), and the whole
 part of every mode at a batch size is called in turn, round after round, so that drift during
 the run falls on both sides of a ratio alike. CUDA graphs on a GPU only.
 
+``--ragged K …`` makes the engine's trees adaptive and adds rows of ragged steps (the graph a
+step of adaptive trees replays, engine/worker/cuda_graphs.py ``RaggedStep``) in which every
+sequence verifies the full tree's first K candidates, beside the uniform full-tree step: a
+ragged row at K = the full tree's candidates against the uniform row is what raggedness costs.
+
 ``--kernels B …`` also lists, at those batch sizes, the kernels of each replayed graph (torch
 profiler, CUDA activity; per step: calls and microseconds by kernel name) — which kernels make
 a verify step dearer than a plain one (``…-kernels.txt`` beside the JSON).
@@ -27,7 +32,7 @@ import torch
 
 from benchmarks.common import environment, interleaved_median_ms, print_table, write_results
 from engine.core.shapes import cdiv, padded_batch
-from engine.worker.device_tail import ProposeAfter, TailKey
+from engine.worker.device_tail import RAGGED_DECISION, RAGGED_PROPOSAL, ProposeAfter, TailKey
 from engine.engine import Engine
 from engine import SamplingParams
 from engine.core.outputs import ScheduledSeq, SchedulerOutput
@@ -65,6 +70,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="> 0 adds rows of sampled steps (seeded, the engine's acceptance rule: typical) beside greedy ones")
     ap.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
+    ap.add_argument("--ragged", type=int, nargs="*", default=[],
+                    help="adaptive trees: also time ragged steps of these candidates per sequence (greedy)")
     ap.add_argument("--kernels", type=int, nargs="*", default=[],
                     help="at these batch sizes also list each graph's kernels (torch profiler)")
     ap.add_argument("--cpu-dry-run", action="store_true",
@@ -76,7 +83,8 @@ def main() -> None:
         engine.worker.worker.use_cuda_graphs = lambda *a: True
     elif not torch.cuda.is_available():
         raise SystemExit("profile_step times CUDA graph replays: it needs a GPU (or --cpu-dry-run)")
-    eng = Engine(args.model, load_format=args.load_format, speculative={"heads": args.heads, "tree": args.tree},
+    spec = {"heads": args.heads, "tree": args.tree, **({"adaptive": True} if args.ragged else {})}
+    eng = Engine(args.model, load_format=args.load_format, speculative=spec,
                  max_num_seqs=max(args.batch_sizes), kv_cache_memory_gb=args.kv_cache_memory_gb,
                  max_num_batched_tokens=max(2048, max(args.batch_sizes) * 64))
     runner = eng.executor.worker.runner
@@ -88,17 +96,27 @@ def main() -> None:
     sampled = SamplingParams(temperature=args.temperature, seed=0)
     kinds = [("", greedy)] + ([(f" T={args.temperature:g}", sampled)] if args.temperature > 0 else [])
     env = {**environment(runner.device, runner.model.dtype, eng.model_path.name), "heads": args.heads,
-           "tree": args.tree, "ctx": args.ctx}
+           "tree": args.tree, "ctx": args.ctx, "ragged": args.ragged}
     rows = []
     kernel_report: list[str] = []
     for b in args.batch_sizes:
         modes = []
-        for mode, cands, suffix, params in [(m, c, k, p) for k, p in kinds for m, c in (("plain", 0), (args.tree, n))]:
+        ragged = [(f"ragged {k}", k, "", greedy) for k in args.ragged if b * (k + 1) <= eng.config.scheduler.max_num_batched_tokens]
+        for mode, cands, suffix, params in [(m, c, k, p) for k, p in kinds for m, c in (("plain", 0), (args.tree, n))] + ragged:
+            nodes = list(range(cands)) if mode.startswith("ragged") else []
             seqs = [ScheduledSeq(seq_id=i, token_ids=[1], start_pos=args.ctx, block_table=table, sample=True,
-                                 tree_size=cands, candidates=[1] * cands, params=params, seed=i) for i in range(b)]
+                                 tree_size=cands, candidates=[1] * cands, params=params, seed=i, tree_nodes=nodes)
+                    for i in range(b)]
             # A verify step proposes the next step's candidates; a plain step does not.
             out = SchedulerOutput(step_id=-1, seqs=seqs, propose=bool(cands))
             runner.execute(out)
+            if nodes:  # the ragged graph of the step's token count, and its two tails
+                shape, bucket = runner.graphs.ragged_shape(tree, seqs)
+                g = runner.graphs.graphs[(shape, bucket)]
+                parts = [("step", lambda out=out: runner.execute(out)), ("forward", g.replay),
+                         ("tail (decision)", g.tails[RAGGED_DECISION][0]), ("proposal", g.tails[RAGGED_PROPOSAL][0])]
+                modes.append((mode, cands, g, parts))
+                continue
             shape = tree if cands else None
             g = runner.graphs.graphs[(shape, padded_batch(b))]  # the graph execute replayed
             # A decision tail is keyed by a TailKey, the proposal after it by ProposeAfter(that
@@ -126,7 +144,7 @@ def main() -> None:
             proposal = ms.get("proposal", 0.0)
             tail = ms["tail (decision)"] + proposal
             rows.append({"model": eng.model_path.name, "batch_size": b, "mode": mode, "nodes": cands + 1,
-                         "graph_batch": g.layout.batch, "step_ms": round(step, 3), "forward_ms": round(forward, 3),
+                         "graph_batch": g.layout.batch, "graph_tokens": getattr(g.layout, "tokens", None), "step_ms": round(step, 3), "forward_ms": round(forward, 3),
                          "tail_ms": round(tail, 3),
                          "proposal_ms": round(proposal, 3),
                          "host_ms": round(step - forward - tail, 3)})
@@ -142,7 +160,7 @@ def main() -> None:
                        "tail_ms", "proposal_ms", "host_ms"])
 
     def plot(ax, rows):
-        labels = [f"{r['mode'][:6]}{' T' if ' T=' in r['mode'] else ''} b{r['batch_size']}" for r in rows]
+        labels = [f"{r['mode'].split(' T=')[0][:9]}{' T' if ' T=' in r['mode'] else ''} b{r['batch_size']}" for r in rows]
         bottom = [0.0] * len(rows)
         for part in ("forward_ms", "tail_ms", "host_ms"):
             vals = [max(0.0, r[part]) for r in rows]

@@ -239,7 +239,7 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
     batches = [(PROMPTS[:3], mixed), (PROMPTS[3:5], logprobs), (PROMPTS[6:7], greedy)]
     specs = (None, {"tree": "small_12"}, {"tree": "small_12", "backoff": True})
 
-    # (Its own back-off policy: start-up's latency grid is invented, not timed. A 256-token
+    # (Its own back-off policy: start-up's latency grid is invented, not timed. A 64-token
     # budget: every step here fits it, and the CPU captures fewer prompt and mixed buckets.)
     import engine.worker.startup
     from tests.conftest import invented_latency_grid
@@ -247,7 +247,7 @@ def test_fixed_shape_steps_give_eager_tokens_on_cpu(monkeypatch, bundled_dir):
     monkeypatch.setattr(engine.worker.startup, "measure_step_latency", invented_latency_grid)
 
     def engine_for(spec):
-        eng = Engine("default", speculative=spec, max_num_seqs=4, max_num_batched_tokens=256)
+        eng = Engine("default", speculative=spec, max_num_seqs=4, max_num_batched_tokens=64)
         if eng.backoff is not None:
             # An invented device where trees pay at one or two sequences and not beyond, so
             # steps verify nested subtrees of several sizes (learning off: it would pull back

@@ -232,8 +232,9 @@ def test_fused_kv_write_equals_index_copy(heads, kv_heads, head_dim):
                                          (3, 16384, 16), (4, 32768, 10), (2, 20000, 10)])
 def test_triton_topk_takes_torch_topk_values(rows, cols, k):
     """row_topk's Triton program: the same k values as torch.topk, largest first, k distinct
-    columns per row (ties included), mapped through a vocabulary when given one."""
-    from engine.spec.topk import row_topk
+    columns per row (ties included), mapped through a vocabulary when given one; with
+    probabilities, each winner's softmax over its row as torch computes it in float32."""
+    from engine.spec.topk import row_topk, row_topk_probs
 
     torch.manual_seed(rows)
     x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
@@ -244,6 +245,11 @@ def test_triton_topk_takes_torch_topk_values(rows, cols, k):
     assert all(len(set(r)) == k for r in got.tolist())
     ids = torch.randperm(cols, device="cuda")
     assert torch.equal(row_topk(x.view(1, rows, cols), k, ids).view(rows, k), ids[got])
+    # With each winner's softmax probability over its row (the adaptive policy's confidences).
+    mapped, probs = row_topk_probs(x.view(1, rows, cols), k, ids)
+    assert torch.equal(mapped.view(rows, k), ids[got]) and probs.shape == (1, rows, k)
+    want = torch.softmax(x.float(), dim=-1).gather(1, got)
+    assert torch.allclose(probs.view(rows, k), want, rtol=1e-4, atol=1e-7), (probs.view(rows, k) - want).abs().max()
 
 
 @needs_cuda
@@ -285,7 +291,8 @@ def test_proposal_kernels_equal_the_torch_ops(rows):
     they replace, in float32 (no TF32 on either side): a ResBlock for several heads, also
     reading one row set broadcast to every head; a sequential head's input from the path's
     embeddings; the top-k written into the tree's node columns — the same ids torch.topk and
-    an index give (exactly: random float32 logits do not tie)."""
+    an index give (exactly: random float32 logits do not tie), and with probabilities, the
+    softmax's values beside them."""
     from engine.kernels.proposal import path_input, resblock
     from engine.spec.topk import topk_into
 
@@ -316,6 +323,13 @@ def test_proposal_kernels_equal_the_torch_ops(rows):
         want = torch.full((rows, 7), -7, dtype=torch.long, device=dev)
         want[:, 1:7] = top[:, [0, 0, 0, 1, 2, 2], [0, 1, 2, 1, 0, 4]]
         assert torch.equal(got, want)
+        # The same winners with their softmax probabilities, into the same node columns.
+        got2, probs = torch.full_like(got, -7), torch.full((rows, 7), -1.0, device=dev)
+        topk_into(logits, k, mapped, got2, dest, probs)
+        p = torch.softmax(logits, dim=-1).topk(k, dim=-1).values.view(rows, 3, k)
+        want_p = torch.full((rows, 7), -1.0, device=dev)
+        want_p[:, 1:7] = p[:, [0, 0, 0, 1, 2, 2], [0, 1, 2, 1, 0, 4]]
+        assert torch.equal(got2, want) and torch.allclose(probs, want_p, rtol=1e-4, atol=1e-7)
 
 
 def _greedy_decision_cases(dev, tree, b, seed):
@@ -337,11 +351,34 @@ def _greedy_decision_cases(dev, tree, b, seed):
     return [x.to(dev) for x in (tokens, argmax, start, tables)], cache
 
 
+def _ragged_case(tokens, argmax, vocab, gen):
+    """A ragged step over the same sequences (adaptive trees): sequence s verifies the full
+    tree's first k_s nodes (closed under parents: nodes are ordered by depth; k_s = 0 a
+    padding sequence, 1 its pending token alone), tokens flat, then a few padding tokens.
+    Returns (hidden: one-hot argmax rows, ids, nodes, seqs, q_starts)."""
+    b, n = tokens.shape
+    counts = torch.randint(0, n + 1, (b,), generator=gen).tolist()
+    counts[0] = n  # one whole tree
+    ids, nodes, seqs, rows = [], [], [], []
+    for s, k in enumerate(counts):
+        ids += tokens[s, :k].tolist()
+        rows += argmax[s, :k].tolist()
+        nodes += range(k)
+        seqs += [s] * k
+    q_starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    pad = 3
+    ids, nodes, seqs, rows = ids + [0] * pad, nodes + [0] * pad, seqs + [0] * pad, rows + [0] * pad
+    dev = tokens.device
+    hidden = torch.nn.functional.one_hot(torch.tensor(rows, device=dev), vocab).float()
+    return hidden, *(torch.tensor(x, device=dev) for x in (ids, nodes, seqs, q_starts))
+
+
 @needs_cuda
 @pytest.mark.parametrize("tree_name", ["mc_sim_7b_63", "small_12", "chain:4"])
 def test_fused_decisions_equal_the_torch_ops(tree_name):
-    """engine/kernels/decision.py through SpecTail: the greedy decision, and the rows and
-    commit of a decision the sampled rules made (any path, any count along it, any bonus),
+    """engine/kernels/decision.py through SpecTail: the greedy decision (uniform, and over a
+    ragged step's adaptive trees), and the rows and commit of a decision the sampled rules
+    made (any path, any count along it, any bonus),
     give the same accepted count, accepted tokens, bonus token and proposal row as the torch
     ops they replace, and the same K/V in every slot but the pad slot (rejected depths all land
     there, in no defined order: CUDA's indexed copy with repeated destinations)."""
@@ -361,8 +398,10 @@ def test_fused_decisions_equal_the_torch_ops(tree_name):
         path = paths[torch.randint(0, paths.shape[0], (b,), generator=gen).to(dev)]
         n_acc = ((torch.rand(b, generator=gen).to(dev) * ((path[:, 1:] >= 0).sum(1) + 1)).long())
         bonus = torch.randint(0, vocab, (b,), generator=gen).to(dev)
+        ragged = _ragged_case(tokens, argmax, vocab, gen)
         decisions = {"greedy": lambda: tail.greedy(hidden, tree, tokens, start, tables),
-                     "sampled": lambda: tail._finish(tree, tokens, start, tables, path, n_acc, bonus)}
+                     "sampled": lambda: tail._finish(tree, tokens, start, tables, path, n_acc, bonus),
+                     "ragged": lambda: tail.greedy_ragged(ragged[0], tree, *ragged[1:], start[:, 0], tables)}
         for name, decide in decisions.items():
             results = []
             for fused in (True, False):

@@ -93,7 +93,7 @@ def test_a_registered_rule_serves_requests(monkeypatch, bundled_dir, graphs, on_
     try:
         monkeypatch.setattr(engine.worker.worker, "use_cuda_graphs", lambda *args: graphs)
         eng = Engine("default", speculative={"tree": "small_12", "acceptance": "root_only"}, max_num_seqs=4,
-                     max_num_batched_tokens=256)
+                     max_num_batched_tokens=64)
         sampled = [SamplingParams(temperature=0.7, seed=3 + i, max_tokens=12) for i in range(2)]
         # (Beside a typical request on the host path only: a step of two device rules has no
         # captured tail, start-up captures the engine's rule, and would run it eagerly.)

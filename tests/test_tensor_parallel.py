@@ -185,7 +185,7 @@ def test_tp2_start_up_timings_agree_across_ranks(ray_cluster, tiny_tp, tmp_path,
 
 def test_bundled_tp2_equals_tp1_plain_and_medusa(ray_cluster, bundled_dir):
     """The bundled model (9 query heads, 3 KV heads: an uneven split) at TP=2 over gloo."""
-    sp = SamplingParams(temperature=0, max_tokens=32)
+    sp = SamplingParams(temperature=0, max_tokens=24)
     plain = [o.token_ids for o in Engine("default", max_num_seqs=16).generate_batch(PROMPTS, sp, chat=True)]
     for speculative in (None, {"heads": "default", "tree": "mc_sim_7b_63"}):
         with _tp_engine("default", ray_cluster, speculative=speculative, max_num_seqs=16) as eng:

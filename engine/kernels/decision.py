@@ -8,6 +8,8 @@ concatenation were ~35 small kernels of integer work on a few hundred values —
 64-node verify step at batch 1 on an H100 against 0.05 ms for a plain step's argmax tail
 (profile_step, 43 kernels), at any batch size. Here one program per sequence does it all with
 its tree's paths in registers; the commit's copy itself stays one indexed copy per K and V.
+A ragged step (adaptive trees: ``SpecTail.greedy_ragged``) runs the same program on its
+tokens scattered into the full tree's node space, each node's step row read from ``flat_row``.
 
 ``commit_rows``: the same end for a decision made otherwise (the sampled rules give each
 sequence's path, accepted count and bonus token): the rows and the commit's slots in one
@@ -27,11 +29,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _commit_row(s, path_row, n_acc, tokens_ptr, start_ptr, tables_ptr, rows_ptr, src_ptr, dst_ptr,
-                num_nodes, table_width, block_size, pad_slot, scratch0, DEPTH: tl.constexpr):
+def _commit_row(s, path_row, n_acc, tokens_ptr, start_ptr, tables_ptr, rows_ptr, src_ptr, dst_ptr, flat_ptr,
+                num_nodes, table_width, block_size, pad_slot, scratch0, DEPTH: tl.constexpr, FLAT: tl.constexpr):
     """Sequence ``s``'s row but its bonus token (count, the path's tokens, the proposal row)
     and its commit's slots, from its path (``path_row``: DEPTH + 1 node ids, root first, -1
-    read as 0) and accepted count. Returns the last accepted node."""
+    read as 0) and accepted count. Returns the last accepted node. A node's row of the step
+    is s * num_nodes + node (a uniform step), or with FLAT ``flat_ptr``'s [B, N] entry (a
+    ragged step's: each sequence only some of the full tree's nodes)."""
     row = rows_ptr + s * (DEPTH + 3)
     last = tl.zeros([], dtype=tl.int64)
     start = tl.load(start_ptr + s)
@@ -44,17 +48,24 @@ def _commit_row(s, path_row, n_acc, tokens_ptr, start_ptr, tables_ptr, rows_ptr,
         pos = tl.minimum(start + d, limit)
         block = tl.load(tables_ptr + s * table_width + pos // block_size)
         slot = tl.where(d <= n_acc, block * block_size + pos % block_size, pad_slot)
-        tl.store(src_ptr + s * DEPTH + d - 1, scratch0 + s * num_nodes + node)
+        if FLAT:
+            flat = tl.load(flat_ptr + s * num_nodes + node)
+        else:
+            flat = s * num_nodes + node
+        tl.store(src_ptr + s * DEPTH + d - 1, scratch0 + flat)
         tl.store(dst_ptr + s * DEPTH + d - 1, slot)
     tl.store(row, n_acc.to(tl.int64))
-    tl.store(row + DEPTH + 2, s * num_nodes + last)
+    if FLAT:
+        tl.store(row + DEPTH + 2, tl.load(flat_ptr + s * num_nodes + last))
+    else:
+        tl.store(row + DEPTH + 2, s * num_nodes + last)
     return last
 
 
 @triton.jit
 def greedy_decide_kernel(tokens_ptr, argmax_ptr, paths_ptr, start_ptr, tables_ptr, rows_ptr, src_ptr, dst_ptr,
-                         num_nodes, num_paths, table_width, block_size, pad_slot, scratch0,
-                         DEPTH: tl.constexpr, BLOCK_P: tl.constexpr):
+                         flat_ptr, num_nodes, num_paths, table_width, block_size, pad_slot, scratch0,
+                         DEPTH: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr):
     s = tl.program_id(0)
     p = tl.arange(0, BLOCK_P)
     live = p < num_paths
@@ -72,7 +83,7 @@ def greedy_decide_kernel(tokens_ptr, argmax_ptr, paths_ptr, start_ptr, tables_pt
     n_acc = tl.max(count, axis=0)
     best = tl.argmax(count, axis=0, tie_break_left=True)
     last = _commit_row(s, paths_ptr + best * stride, n_acc, tokens_ptr, start_ptr, tables_ptr, rows_ptr, src_ptr,
-                       dst_ptr, num_nodes, table_width, block_size, pad_slot, scratch0, DEPTH)
+                       dst_ptr, flat_ptr, num_nodes, table_width, block_size, pad_slot, scratch0, DEPTH, FLAT)
     tl.store(rows_ptr + s * (DEPTH + 3) + DEPTH + 1, tl.load(argmax_ptr + s * num_nodes + last))
 
 
@@ -81,7 +92,7 @@ def commit_rows_kernel(tokens_ptr, path_ptr, n_acc_ptr, bonus_ptr, start_ptr, ta
                        dst_ptr, num_nodes, table_width, block_size, pad_slot, scratch0, DEPTH: tl.constexpr):
     s = tl.program_id(0)
     _commit_row(s, path_ptr + s * (DEPTH + 1), tl.load(n_acc_ptr + s), tokens_ptr, start_ptr, tables_ptr, rows_ptr,
-                src_ptr, dst_ptr, num_nodes, table_width, block_size, pad_slot, scratch0, DEPTH)
+                src_ptr, dst_ptr, tokens_ptr, num_nodes, table_width, block_size, pad_slot, scratch0, DEPTH, False)
     tl.store(rows_ptr + s * (DEPTH + 3) + DEPTH + 1, tl.load(bonus_ptr + s))
 
 
@@ -92,18 +103,22 @@ def _outputs(b: int, depth: int, device) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def greedy_decide(tokens: torch.Tensor, argmax: torch.Tensor, paths: torch.Tensor, start: torch.Tensor,
-                  tables: torch.Tensor, block_size: int, pad_slot: int,
-                  scratch0: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  tables: torch.Tensor, block_size: int, pad_slot: int, scratch0: int,
+                  flat_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """tokens, argmax [B, N] int64, paths [P, depth + 1] (-1 padded), start [B] the pending
     token's position, tables [B, W] int64 → (rows [B, depth + 3]: accepted count, the accepted
     path's tokens, the bonus token, the hidden row of the last accepted node — ``SpecTail.greedy``'s
-    rows; src, dst [B, depth]: the commit's scratch and destination slots)."""
+    rows; src, dst [B, depth]: the commit's scratch and destination slots). ``flat_row`` [B, N]
+    int64: each node's row of the step (a ragged step's, ``SpecTail.greedy_ragged``); None:
+    node i of sequence b is row b * N + i."""
     b, n = tokens.shape
     depth = paths.shape[1] - 1
     rows, src, dst = _outputs(b, depth, tokens.device)
+    flat = flat_row is not None
     greedy_decide_kernel[(b,)](tokens, argmax, paths, start, tables, rows, src, dst,
-                               n, paths.shape[0], tables.shape[1], block_size, pad_slot, scratch0,
-                               DEPTH=depth, BLOCK_P=max(16, triton.next_power_of_2(paths.shape[0])), num_warps=1)
+                               flat_row.contiguous() if flat else tokens, n, paths.shape[0], tables.shape[1],
+                               block_size, pad_slot, scratch0, DEPTH=depth,
+                               BLOCK_P=max(16, triton.next_power_of_2(paths.shape[0])), FLAT=flat, num_warps=1)
     return rows, src, dst
 
 

@@ -131,6 +131,14 @@ class SpecTail:
             0, flat, x)[:-1].view(b, n)
         tokens, node_argmax, flat_row = spread(ids, -1), spread(argmax, 0), spread(rows, 0)
         paths = self.device_tensor(tree, "paths")
+        if self.fused:  # the same decision and commit, one launch (each node's row from flat_row)
+            from engine.kernels.decision import greedy_decide
+
+            kv = self.kv_cache
+            out, src, dst = greedy_decide(tokens, node_argmax, paths, start, tables, kv.block_size, kv.pad_slot,
+                                          kv.scratch_slot0, flat_row)
+            kv.copy_slots(src.flatten(), dst.flatten())
+            return out
         best, n_acc = greedy_tree_accept(paths, tokens, node_argmax)
         path = paths[best]
         bonus = node_argmax.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]

@@ -29,7 +29,7 @@ from torch import nn
 
 from engine.kernels import triton_applies
 from engine.spec.heads import MedusaHeads
-from engine.spec.topk import row_topk, topk_into, topk_kernel_applies
+from engine.spec.topk import row_topk, row_topk_probs, topk_into, topk_kernel_applies
 from engine.spec.tree import MedusaTree
 
 PROPOSAL_VOCAB_FILE = "proposal_vocab.json"
@@ -109,7 +109,7 @@ class MedusaProposer:
         """``propose``'s candidates [S, C] and, per candidate, its head's probability of it
         (softmax over the proposal vocabulary; a sequential head's given the path above it)
         [S, C] float32 — the adaptive policy's evidence (engine/core/adaptive.py); the same
-        top-k as ``propose`` (``_topk_probs``)."""
+        top-k as ``propose`` (engine/spec/topk.py ``row_topk_probs``)."""
         return self._propose(hidden, roots, True)
 
     def _propose(self, hidden: torch.Tensor, roots: Optional[torch.Tensor], with_probs: bool
@@ -129,7 +129,7 @@ class MedusaProposer:
         logits = self._logits(x[:depth])  # heads deeper than the tree idle
         if not with_probs:
             return row_topk(logits, self.tree.topk, self.vocab_ids).transpose(0, 1)[:, head, rank], None
-        top, probs = self._topk_probs(logits)  # [D, S, k] each
+        top, probs = row_topk_probs(logits, self.tree.topk, self.vocab_ids)  # [D, S, k] each
         return top.transpose(0, 1)[:, head, rank], probs.transpose(0, 1)[:, head, rank]
 
     def _propose_by_depth(self, hidden: torch.Tensor, roots: torch.Tensor, with_probs: bool
@@ -146,27 +146,16 @@ class MedusaProposer:
             for w, b in zip(self.block_w, self.block_b):
                 x = self._resblock(x[None], w[d - 1:d], b[d - 1:d])[0]
             logits = self._logits(x, d - 1)
-            if probs is not None:
-                top, p = self._topk_probs(logits)
+            if topk_kernel_applies(logits, k):  # (CUDA logits: the fused proposer's)
+                topk_into(logits, k, self.vocab_ids, tokens, idx.dest, probs)
+            elif probs is not None:
+                top, p = row_topk_probs(logits, k, self.vocab_ids)
                 tokens[:, idx.nodes] = top.view(s, -1, k)[:, idx.slot, idx.rank]
                 probs[:, idx.nodes] = p.view(s, -1, k)[:, idx.slot, idx.rank]
-            elif topk_kernel_applies(logits, k):  # (CUDA logits: the fused proposer's)
-                topk_into(logits, k, self.vocab_ids, tokens, idx.dest)
             else:
                 top = row_topk(logits, k, self.vocab_ids).view(s, -1, k)
                 tokens[:, idx.nodes] = top[:, idx.slot, idx.rank]
         return tokens[:, 1:], probs[:, 1:] if probs is not None else None
-
-    def _topk_probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [..., V'] → (the top-k token ids, their softmax probabilities), largest first:
-        the top-k columns as ``propose`` finds them (on CUDA the Triton top-k), and each one's
-        probability exp(logit - logsumexp) — no softmax over the vocabulary is materialised
-        and sorted (on an H100 that made a ragged step's proposal ~0.4 ms dearer than a
-        uniform one's)."""
-        cols = row_topk(logits, self.tree.topk)
-        lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
-        probs = (logits.gather(-1, cols).float() - lse).exp()
-        return (self.vocab_ids[cols] if self.vocab_ids is not None else cols), probs
 
     def _resblock(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """x [G, M, H] → x + SiLU(x W_g + b_g) for G heads at once."""

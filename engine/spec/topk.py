@@ -13,6 +13,10 @@ the same kernel (the gather ``vocab_ids[top]`` was one more launch per depth). W
 mapping, in CUDA graphs: 9.7 µs for one row, 9.9 for 23, 70 for 1,472, against torch.topk plus
 the gather's 36, 45 and 138; the proposal at batch 1 0.30 → 0.20 ms.
 
+``row_topk_probs`` (and ``topk_into`` given ``probs``) also gives each winner's softmax
+probability over its row, from the row the program already holds: the adaptive policy's
+confidences for the price of the top-k.
+
 ``topk_into`` writes the winners of a sequential head's rows straight into the tree's node
 columns of the proposal (the kernel's DEST mode), where an index and a concatenation were two
 more launches per depth.
@@ -51,18 +55,37 @@ def row_topk(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor] = N
     return vocab_ids[top] if vocab_ids is not None else top
 
 
+def row_topk_probs(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_topk``'s ids and each winner's softmax probability over its row [..., k] float32,
+    exp(logit - logsumexp(row)) — the adaptive policy's confidences. On CUDA one Triton
+    program per row computes both (no softmax over the vocabulary is materialised)."""
+    if topk_kernel_applies(logits, k):
+        probs = torch.empty((*logits.shape[:-1], k), dtype=torch.float32, device=logits.device)
+        return _triton_topk(logits, k, vocab_ids, probs=probs.view(-1, k)), probs
+    cols = torch.topk(logits, k, dim=-1).indices
+    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    probs = (logits.gather(-1, cols).float() - lse).exp()
+    return (vocab_ids[cols] if vocab_ids is not None else cols), probs
+
+
 def topk_into(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor], tokens: torch.Tensor,
-              dest: torch.Tensor) -> None:
+              dest: torch.Tensor, probs: Optional[torch.Tensor] = None) -> None:
     """logits [S·P, V], P rows per sequence (a tree depth's parent nodes): winner i of row
-    s·P + p (largest first) is written to tokens[s, dest[p, i]], unless dest[p, i] is -1.
-    Only where ``topk_kernel_applies``."""
+    s·P + p (largest first) is written to tokens[s, dest[p, i]], unless dest[p, i] is -1 —
+    and, given ``probs`` (float32, the shape and strides of ``tokens``), its softmax
+    probability over the row to probs[s, dest[p, i]]. Only where ``topk_kernel_applies``."""
     if not topk_kernel_applies(logits, k):
         raise ValueError(f"topk_into: needs CUDA logits of at most {MAX_TRITON_COLS} columns")
-    _triton_topk(logits, k, vocab_ids, tokens, dest)
+    if probs is not None and (probs.shape != tokens.shape or probs.stride() != tokens.stride()
+                              or probs.dtype != torch.float32):
+        raise ValueError("topk_into: probs must be float32 with the shape and strides of tokens")
+    _triton_topk(logits, k, vocab_ids, tokens, dest, probs)
 
 
 def _triton_topk(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor],
-                 tokens: Optional[torch.Tensor] = None, dest: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 tokens: Optional[torch.Tensor] = None, dest: Optional[torch.Tensor] = None,
+                 probs: Optional[torch.Tensor] = None) -> torch.Tensor:
     import triton
 
     from engine.kernels.topk import topk_rows_kernel
@@ -77,7 +100,8 @@ def _triton_topk(logits: torch.Tensor, k: int, vocab_ids: Optional[torch.Tensor]
         block = triton.next_power_of_2(v)
         ids = vocab_ids if vocab_ids is not None else out  # a placeholder pointer when unmapped
         per_seq = dest.shape[0] if dest is not None else 1
-        topk_rows_kernel[(rows,)](x, out, ids, dest if dest is not None else out, v, x.stride(0), per_seq,
-                                  out.stride(0), K=k, BLOCK=block, MAPPED=vocab_ids is not None,
-                                  DEST=dest is not None, num_warps=16 if block >= 32768 else 8 if block >= 4096 else 4)
+        topk_rows_kernel[(rows,)](x, out, ids, dest if dest is not None else out, probs if probs is not None else out,
+                                  v, x.stride(0), per_seq, out.stride(0), K=k, BLOCK=block,
+                                  MAPPED=vocab_ids is not None, DEST=dest is not None, PROBS=probs is not None,
+                                  num_warps=16 if block >= 32768 else 8 if block >= 4096 else 4)
     return out if tokens is not None else out.view(*shape[:-1], k)
