@@ -318,14 +318,17 @@ class GraphLayout:
         return torch.from_numpy(buf), used
 
 
-def _capture(runner: "CudaGraphRunner", work):
+def _capture(runner: "CudaGraphRunner", work, read_at_start: bool = True):
     """(replay, outputs): capture ``work`` in a CUDA graph after a warm-up on a side stream
     (Triton compiles, cuBLAS picks its kernels); replay() re-runs it and returns the same
-    static outputs. Off CUDA (``runner.captured`` False) the warm-up still runs and replay just
-    calls ``work`` — the same static shapes and buffers, uncaptured — so the CPU suite runs this
-    module's logic."""
+    static outputs. Off CUDA (``runner.captured`` False) replay just calls ``work`` — the same
+    static shapes and buffers, uncaptured — so the CPU suite runs this module's logic; the
+    warm-up runs there only when start-up reads the outputs (``read_at_start``: the tails
+    captured after a decode, verify or ragged forward read its hidden states), else the
+    outputs are None until the first replay (a prompt's or mixed step's forward on a CPU is
+    seconds of start-up for nothing)."""
     if not runner.captured:
-        return work, work()  # the warm-up a capture runs, and nothing to capture
+        return work, (work() if read_at_start else None)
     dev = runner.device
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
@@ -413,7 +416,7 @@ class _Graph:
         # Each tail's output after its last run (captured: the same static tensor every replay),
         # for a tail that reads another's: the proposal reads the decision.
         self.tail_outputs: dict[Hashable, torch.Tensor] = {}
-        self._replay, self.hidden = _capture(runner, forward)
+        self._replay, self.hidden = _capture(runner, forward, read_at_start=self.decodes)
 
     def replay(self) -> torch.Tensor:
         self.hidden = self._replay()
@@ -447,7 +450,7 @@ class _MixedGraph:
             return model(v["ids"], v["positions"], backend, attn.meta)
 
         self.forward = forward  # (see _Graph)
-        self._replay, self.hidden = _capture(runner, forward)
+        self._replay, self.hidden = _capture(runner, forward, read_at_start=False)
 
     def replay(self) -> torch.Tensor:
         self.hidden = self._replay()
