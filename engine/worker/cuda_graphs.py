@@ -326,7 +326,7 @@ def _capture(runner: "CudaGraphRunner", work, read_at_start: bool = True):
     warm-up runs there only when start-up reads the outputs (``read_at_start``: the tails
     captured after a decode, verify or ragged forward read its hidden states), else the
     outputs are None until the first replay (a prompt's or mixed step's forward on a CPU is
-    seconds of start-up for nothing)."""
+    seconds of start-up for nothing; a tail or row graph is replayed at once anyway)."""
     if not runner.captured:
         return work, (work() if read_at_start else None)
     dev = runner.device
@@ -763,7 +763,7 @@ class CudaGraphRunner:
             work = lambda: fn(*statics)  # noqa: E731
             for static, x in zip(statics, inputs):
                 static[:n].copy_(x)
-            replay, _ = self._timed(lambda: _capture(self, work))
+            replay, _ = self._timed(lambda: _capture(self, work, read_at_start=False))  # (replayed next)
             entry = self.row_graphs[key, bucket] = (statics, replay, work)
         else:
             for static, x in zip(entry[0], inputs):
@@ -804,7 +804,7 @@ class CudaGraphRunner:
                 self.misses += 1
                 g.tail_outputs[key] = out = work()
                 return out
-            replay, _ = self._timed(lambda: _capture(self, work))
+            replay, _ = self._timed(lambda: _capture(self, work, read_at_start=False))  # (replayed next)
             g.tails[key] = (replay, work)  # holding work keeps the tensors it reads alive
         g.tail_outputs[key] = out = g.tails[key][0]()
         return out
