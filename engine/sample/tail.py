@@ -93,21 +93,13 @@ class SpecTail:
         b, n = tokens.shape
         argmax = self.lm_head(hidden).argmax(-1).view(b, n)
         if tree is not None and self.fused:  # the same decision and commit, one launch
-            from engine.kernels.decision import greedy_decide
-
-            kv = self.kv_cache
-            rows, src, dst = greedy_decide(tokens, argmax, self.device_tensor(tree, "paths"), start[:, 0], tables,
-                                           kv.block_size, kv.pad_slot, kv.scratch_slot0)
-            kv.copy_slots(src.flatten(), dst.flatten())
-            return rows
+            return self._greedy_fused(tree, tokens, argmax, start[:, 0], tables)
         if tree is None:
             path = torch.zeros(b, 1, dtype=torch.long, device=hidden.device)
             n_acc = path[:, 0]
+            bonus = argmax[:, 0]
         else:
-            paths = self.device_tensor(tree, "paths")
-            best, n_acc = greedy_tree_accept(paths, tokens, argmax)
-            path = paths[best]
-        bonus = argmax.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
+            path, n_acc, bonus = self._greedy_path(tree, tokens, argmax)
         return self._finish(tree, tokens, start, tables, path, n_acc, bonus)
 
     def greedy_ragged(self, hidden: torch.Tensor, tree: MedusaTree, ids: torch.Tensor, nodes: torch.Tensor,
@@ -130,19 +122,33 @@ class SpecTail:
         spread = lambda x, fill: torch.full((b * n + 1,), fill, dtype=torch.long, device=dev).scatter_(  # noqa: E731
             0, flat, x)[:-1].view(b, n)
         tokens, node_argmax, flat_row = spread(ids, -1), spread(argmax, 0), spread(rows, 0)
-        paths = self.device_tensor(tree, "paths")
         if self.fused:  # the same decision and commit, one launch (each node's row from flat_row)
-            from engine.kernels.decision import greedy_decide
-
-            kv = self.kv_cache
-            out, src, dst = greedy_decide(tokens, node_argmax, paths, start, tables, kv.block_size, kv.pad_slot,
-                                          kv.scratch_slot0, flat_row)
-            kv.copy_slots(src.flatten(), dst.flatten())
-            return out
-        best, n_acc = greedy_tree_accept(paths, tokens, node_argmax)
-        path = paths[best]
-        bonus = node_argmax.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
+            return self._greedy_fused(tree, tokens, node_argmax, start, tables, flat_row)
+        path, n_acc, bonus = self._greedy_path(tree, tokens, node_argmax)
         return self._finish(tree, tokens, start[:, None], tables, path, n_acc, bonus, flat_row)
+
+    def _greedy_path(self, tree: MedusaTree, tokens: torch.Tensor, argmax: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The greedy decision in torch ops over [B, N] tokens and argmax: each sequence's
+        accepted path [B, depth + 1], its accepted count [B] and bonus token [B] (the argmax
+        at its last accepted node)."""
+        paths = self.device_tensor(tree, "paths")
+        best, n_acc = greedy_tree_accept(paths, tokens, argmax)
+        path = paths[best]
+        bonus = argmax.gather(1, path.clamp(min=0).gather(1, n_acc[:, None]))[:, 0]
+        return path, n_acc, bonus
+
+    def _greedy_fused(self, tree: MedusaTree, tokens: torch.Tensor, argmax: torch.Tensor, start: torch.Tensor,
+                      tables: torch.Tensor, flat_row: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The greedy decision and its commit in one launch (engine/kernels/decision.py
+        ``greedy_decide``): ``greedy``'s rows. start [B]; ``flat_row`` as ``_finish`` takes it."""
+        from engine.kernels.decision import greedy_decide
+
+        kv = self.kv_cache
+        rows, src, dst = greedy_decide(tokens, argmax, self.device_tensor(tree, "paths"), start, tables,
+                                       kv.block_size, kv.pad_slot, kv.scratch_slot0, flat_row)
+        kv.copy_slots(src.flatten(), dst.flatten())
+        return rows
 
     def propose_confident_after(self, hidden: torch.Tensor, decided: torch.Tensor) -> torch.Tensor:
         """``propose_after`` with each candidate's confidence (``propose_with_confidence``) for
