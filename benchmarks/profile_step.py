@@ -96,7 +96,11 @@ def main() -> None:
     sampled = SamplingParams(temperature=args.temperature, seed=0)
     kinds = [("", greedy)] + ([(f" T={args.temperature:g}", sampled)] if args.temperature > 0 else [])
     env = {**environment(runner.device, runner.model.dtype, eng.model_path.name), "heads": args.heads,
-           "tree": args.tree, "ctx": args.ctx, "ragged": args.ragged}
+           "tree": args.tree, "ctx": args.ctx, "ragged": args.ragged,
+           # (adaptive trees: the start-up's latency grid, to hold beside the steps timed here)
+           "startup_grid": eng.step_latency}
+    if args.ragged:
+        print("start-up latency grid [batch, candidates a sequence, ms]:", eng.step_latency, flush=True)
     rows = []
     kernel_report: list[str] = []
     for b in args.batch_sizes:

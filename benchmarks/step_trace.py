@@ -16,7 +16,13 @@ bound by the host) under cProfile and prints their top Python functions per conf
 (``…-host-<config>.txt`` beside the JSON): where an eager step's milliseconds go.
 ``--host-profile decode`` profiles the pure decode steps instead, from the scheduler's output
 to the step's outputs (execution, applying the tokens, the output processor): where a graphed
-step's host time goes.
+step's host time goes. ``--startup-profile N`` profiles each engine's start-up (graphs, latency
+grid) and prints its top N functions: where its seconds go.
+
+``--trees adaptive`` (adaptive trees) also prints every plan's reasoning: per step the
+sequences, the nodes chosen, the expected extra tokens, and per budget the expected tokens per
+ms against plain decoding's — why a step of B sequences verified M nodes, or none — with the
+latency grid, its learned corrections and the calibration at the end.
 """
 
 from __future__ import annotations
@@ -45,7 +51,10 @@ def step_kind(out) -> str:
     trees = sorted({s.tree_size for s in decoding})
     if not decoding:
         return "prefill"
-    kind = "decode" + "/".join(f"[{t}]" for t in trees)
+    if any(s.tree_nodes for s in decoding):  # adaptive trees: every sequence its own
+        kind = "decode ragged"
+    else:
+        kind = "decode" + "/".join(f"[{t}]" for t in trees)
     return f"mixed {kind}" if prefill else kind
 
 
@@ -117,6 +126,47 @@ def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
     return steps
 
 
+def trace_plans(engine: Engine) -> Optional[list[dict]]:
+    """With adaptive trees: a row per plan the scheduler asks for (sequences, nodes chosen, the
+    expected extra tokens, and per budget the priced step and the expected tokens per ms) —
+    why a step of B sequences verified M nodes, or none."""
+    adaptive = engine.policy.adaptive if engine.policy is not None else None
+    if adaptive is None:
+        return None
+    plans: list[dict] = []
+    plan = adaptive.plan
+
+    def traced(seqs, num_decoding, max_nodes, route="host"):
+        chosen = plan(seqs, num_decoding, max_nodes, route)
+        values = sorted((v for s in seqs if len(s.confidence) == len(adaptive.depths)
+                         for v in adaptive.values(s.confidence)), reverse=True)
+        b = num_decoding
+        rates = {m: round((b + sum(values[:m])) / adaptive.step_ms(b, m, route), 2)
+                 for m in adaptive.budgets(b, max_nodes)}
+        plans.append({"seqs": b, "with_candidates": len(seqs), "route": route,
+                      "nodes": sum(len(v) for v in chosen.values()), "expected": round(chosen.expected, 2),
+                      "plain_rate": round(b / adaptive.latency.ms(b, 0, route), 2), "rates": rates})
+        return chosen
+
+    adaptive.plan = traced
+    return plans
+
+
+def report_plans(engine: Engine, plans: list[dict], batch_size: int) -> None:
+    adaptive = engine.policy.adaptive
+    print("adaptive: latency grid [batch, candidates, ms]:", engine.step_latency)
+    print("adaptive: corrections learned (observed / measured) by (tree size, route, bucket):",
+          {k: round(v, 2) for k, v in adaptive.latency.correction.items()})
+    print("adaptive: calibration ratio (delivered / promised) by depth, per probability bin:",
+          [[round(r, 2) for r in row] for row in adaptive.calibration._ratio])
+    full = [p for p in plans if p["seqs"] == batch_size]
+    chose = [p for p in full if p["nodes"]]
+    print(f"adaptive: {len(plans)} plans, {len(full)} at batch {batch_size}, {len(chose)} of them with trees "
+          f"(mean nodes {sum(p['nodes'] for p in chose) / max(1, len(chose)):.1f})")
+    for p in full[:3] + full[len(full) // 2:len(full) // 2 + 2] + full[-2:]:
+        print("  plan:", p)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
@@ -137,20 +187,36 @@ def main() -> None:
     ap.add_argument("--queue", action="store_true",
                     help="queue all --num-prompts at once: at most --batch-size in flight, a finished request's "
                          "place taken by the next (steady load; benchmarks/speculative.py --queue)")
+    ap.add_argument("--startup-profile", type=int, default=0, metavar="N",
+                    help="cProfile each engine's start-up (graph capture, latency grid) and print its top N functions")
     args = ap.parse_args()
 
     prompts = eval_prompts(max(args.num_prompts, args.batch_size))
     rows, env = [], None
     host_reports: dict[str, str] = {}
     step_rows: dict[str, list[dict]] = {}  # every step of each configuration, in order
+    plan_rows: dict[str, list[dict]] = {}  # adaptive trees: every plan of each configuration
     for tree in args.trees:
         kw = dict(max_num_seqs=args.batch_size, kv_cache_memory_gb=args.kv_cache_memory_gb)
         if tree != "none":
             spec = {"heads": args.heads, "tree": tree}
             if tree == "backoff":
                 spec.update(tree="auto", backoff=True)
+            if tree == "adaptive" or tree.startswith("adaptive:"):
+                spec.update(tree=tree.partition(":")[2] or "auto", adaptive=True)
             kw["speculative"] = spec
+        startup = cProfile.Profile() if args.startup_profile else None
+        if startup is not None:
+            startup.enable()
         engine = Engine(args.model, **kw)
+        if startup is not None:
+            startup.disable()
+            text = io.StringIO()
+            pstats.Stats(startup, stream=text).sort_stats("cumulative").print_stats(args.startup_profile)
+            pstats.Stats(startup, stream=text).sort_stats("tottime").print_stats(args.startup_profile)
+            host_reports[f"{tree}-startup"] = text.getvalue()
+            print(f"-- {tree}: start-up profile\n{text.getvalue()}")
+        plans = trace_plans(engine)
         env = env or environment(engine.device, engine.dtype, "SmolLM2-135M-Instruct" if args.model == "default"
                                  else args.model)
         profile = cProfile.Profile() if args.host_profile else None
@@ -195,6 +261,9 @@ def main() -> None:
             for path in ("greedy", "sampled"):
                 print(f"back-off predicted tokens/s at batch {args.batch_size}, {path} path, by tree size:",
                       {n: round(engine.backoff.rate(args.batch_size, n, path)) for n in engine.backoff.latency.sizes})
+        if plans is not None:
+            report_plans(engine, plans, args.batch_size)
+            plan_rows[tree] = plans
         for s in sorted(steps, key=lambda s: -s["step_ms"])[:args.slowest]:
             print("  slow:", {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()})
         engine.shutdown()
@@ -214,8 +283,10 @@ def main() -> None:
 
     out = write_results("step-trace", env, rows, plot)
     out.with_name(f"{out.stem}-steps.json").write_text(json.dumps(step_rows))
+    if plan_rows:
+        out.with_name(f"{out.stem}-plans.json").write_text(json.dumps(plan_rows, default=str))
     for tree, text in host_reports.items():
-        out.with_name(f"{out.stem}-host-{args.host_profile}-{tree}.txt").write_text(text)
+        out.with_name(f"{out.stem}-host-{args.host_profile or 'run'}-{tree}.txt").write_text(text)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 calibrated confidence under one budget a step — the policy's choices, its calibration, and
 that output stays exactly plain decoding's with ragged trees in a step."""
 
+import random
+
 import pytest
 import torch
 
@@ -235,3 +237,43 @@ def test_constrained_requests_over_adaptive_trees(adaptive_engine):
     verified = eng.stats.num_verified_candidates
     assert [o.token_ids for o in eng.generate_batch(prompts, sp, chat=True)] == ref
     assert eng.stats.num_verified_candidates > verified and len(eng.structured) == 0
+
+
+def _ranked_plan(policy: AdaptiveTrees, seqs: list[Candidates], b: int, max_nodes: int) -> dict[int, list[int]]:
+    """The plan by its definition: every (sequence, node) valued, ranked, the best M taken for
+    the M of the best rate (what ``plan``'s best-first walk must reproduce)."""
+    c = len(policy.depths)
+    keys = [(v - policy._hair[k], i * c + k) for i, s in enumerate(seqs)
+            for k, v in enumerate(policy.values(s.confidence))]
+    ranked = sorted((k for k in keys if k[0] >= policy.MIN_VALUE), key=lambda k: (-k[0], k[1]))
+    best_m, best_rate = 0, b / policy.latency.ms(b, 0, "host") * policy.margin
+    for m in policy.budgets(b, max_nodes):
+        m = min(m, len(ranked))
+        rate = (b + sum(k[0] for k in ranked[:m])) / policy.step_ms(b, m, "host")
+        if rate > best_rate + 1e-9:
+            best_m, best_rate = m, rate
+        if m == len(ranked):
+            break
+    plan: dict[int, list[int]] = {}
+    for _, j in sorted(ranked[:best_m], key=lambda k: k[1]):
+        plan.setdefault(seqs[j // c].seq_id, []).append(j % c)
+    return plan
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_best_first_plan_is_the_ranked_plan(seed):
+    """The plan walks the trees best-first and stops early; it must take exactly the nodes that
+    ranking every (sequence, node) by value would, for any confidences, calibration, step cost,
+    batch and token budget."""
+    rng = random.Random(seed)
+    for _ in range(20):
+        policy = _policy(rng.choice([0.0005, 0.005, 0.02, 0.1]), margin=rng.choice([1.0, 1.1]))
+        for row in policy.calibration._ratio:  # a calibration learned on some traffic
+            row[:] = [rng.uniform(0.2, 1.3) for _ in row]
+        b = rng.choice([1, 3, 16, 40, 64])
+        seqs = [Candidates(i, [7] * 63, [rng.random() ** rng.choice([1, 3, 8]) for _ in range(63)])
+                for i in range(b - rng.randrange(2) if b > 1 else b)]
+        max_nodes = rng.choice([5, 50, 10_000])
+        plan = policy.plan(seqs, b, max_nodes)
+        assert dict(plan) == _ranked_plan(policy, seqs, b, max_nodes)
+        assert all(_closed(nodes) for nodes in plan.values())
