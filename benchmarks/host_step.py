@@ -93,8 +93,10 @@ def main() -> None:
         full, depth = eng.policy.full, eng.tree.depth
         sizes = sorted({int(n) for n in args.trees if n != "adaptive" and 0 < int(n) < full})
         subtrees = {n: st.nodes for n, st in nested_subtrees(eng.tree, None, sizes + [full]).items()}
+        # One row of head probabilities per sequence (b consecutive ids take each row once, so
+        # every configuration of this batch size sees the same ones).
         rng = random.Random(0)
-        confidence = [[rng.random() ** 6 for _ in range(full)] for _ in range(7)]
+        confidence = [[rng.random() ** 6 for _ in range(full)] for _ in range(b)]
         for n in args.trees:
             if n == "adaptive":
                 eng.executor.execute = stand_in_executor(full, depth, confidence)
