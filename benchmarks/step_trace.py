@@ -188,7 +188,9 @@ def main() -> None:
                     help="queue all --num-prompts at once: at most --batch-size in flight, a finished request's "
                          "place taken by the next (steady load; benchmarks/speculative.py --queue)")
     ap.add_argument("--startup-profile", type=int, default=0, metavar="N",
-                    help="cProfile each engine's start-up (graph capture, latency grid) and print its top N functions")
+                    help="cProfile each engine's start-up (graph capture, latency grid) and print its top N functions "
+                         "(the latency grid is then measured under the profiler: its host share is slower, and so "
+                         "are the policy's first choices; trace the plans without it)")
     args = ap.parse_args()
 
     prompts = eval_prompts(max(args.num_prompts, args.batch_size))
