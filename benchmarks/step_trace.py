@@ -155,6 +155,7 @@ def trace_plans(engine: Engine) -> Optional[list[dict]]:
 def report_plans(engine: Engine, plans: list[dict], batch_size: int) -> None:
     adaptive = engine.policy.adaptive
     print("adaptive: latency grid [batch, candidates, ms]:", engine.step_latency)
+    print(f"adaptive: the driver's own cost per verified node: {1e3 * adaptive.driver_ms_per_node:.2f} us")
     print("adaptive: corrections learned (observed / measured) by (tree size, route, bucket):",
           {k: round(v, 2) for k, v in adaptive.latency.correction.items()})
     print("adaptive: calibration ratio (delivered / promised) by depth, per probability bin:",

@@ -28,7 +28,7 @@ import torch
 
 from engine.attention import check_backend, select_backend
 from engine.attention.kv_cache import PagedKVCache
-from engine.core.adaptive import AdaptiveTrees
+from engine.core.adaptive import AdaptiveTrees, measure_driver_ms_per_node
 from engine.core.backoff import BackoffPolicy, LatencyModel, LatencyPoint
 from engine.core.block_manager import BlockManager
 from engine.core.config import EngineConfig, build_engine_config
@@ -202,7 +202,11 @@ class Engine:
             if info.step_latency is not None:
                 latency = LatencyModel([LatencyPoint(int(b), int(n), ms) for b, n, ms in info.step_latency])
                 if spec.adaptive:
-                    adaptive = AdaptiveTrees(self.tree.parents, self.tree.depths, latency)
+                    # (What a verified node costs this driver's Python, priced beside the grid.)
+                    driver = measure_driver_ms_per_node(self.tree.parents, self.tree.depths,
+                                                        min(64, self.config.scheduler.max_num_seqs))
+                    adaptive = AdaptiveTrees(self.tree.parents, self.tree.depths, latency,
+                                             driver_ms_per_node=driver)
                 else:
                     expected = {n: expected_accept_length(st.tree.choices, self.head_accuracy)
                                 for n, st in subtrees.items()}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.core.adaptive import AdaptiveTrees, Candidates, NodeCalibration
+from engine.core.adaptive import AdaptiveTrees, Candidates, NodeCalibration, measure_driver_ms_per_node
 from engine.core.backoff import LatencyModel, LatencyPoint
 from engine.engine import Engine
 from engine.spec.tree import MedusaTree
@@ -277,3 +277,21 @@ def test_the_best_first_plan_is_the_ranked_plan(seed):
         plan = policy.plan(seqs, b, max_nodes)
         assert dict(plan) == _ranked_plan(policy, seqs, b, max_nodes)
         assert all(_closed(nodes) for nodes in plan.values())
+
+
+def test_the_drivers_own_cost_per_node_is_priced():
+    """A verified node costs the driver's Python too (planning it, learning from it): priced
+    beside the grid, it makes plans smaller, and a served step teaches the grid only the
+    workers' share of its time."""
+    seqs = [Candidates(i, [7] * 63, _confidence(0.9)) for i in range(16)]
+    free = _policy(0.001).plan(seqs, 16, 10_000)
+    dear = _policy(0.001, driver_ms_per_node=0.02).plan(seqs, 16, 10_000)
+    assert 0 < sum(map(len, dear.values())) < sum(map(len, free.values()))
+    measured = measure_driver_ms_per_node(FULL.parents, FULL.depths, batch=16, repeats=3)
+    assert 0 < measured < 0.1, measured  # ms per node on any host this runs on
+    policy = _policy(0.05, driver_ms_per_node=0.01, learning_rate=1.0)
+    predicted = policy.step_ms(16, 64)
+    assert predicted == pytest.approx(policy._grid_ms(16, 64, "host") + 0.64)
+    for _ in range(5):  # served exactly as predicted: nothing to correct
+        policy.observe_latency(16, 64, predicted)
+    assert policy.step_ms(16, 64) == pytest.approx(predicted)

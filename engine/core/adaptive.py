@@ -19,8 +19,10 @@ sequence verifies its own part of the full tree:
 3. **The budget.** M is the count with the most expected tokens per millisecond, pricing a
    step of B sequences and M nodes from the start-up latency grid (``LatencyModel``:
    batch sizes × uniform tree sizes, corrected by served steps) at M/B nodes a sequence,
-   interpolated between measured tree sizes. A step of trees must promise ``margin`` times
-   plain decoding's rate, or the step is plain.
+   interpolated between measured tree sizes, plus what the nodes cost the driver itself
+   (planning them, learning from them: ``measure_driver_ms_per_node``, timed at start-up on
+   this host — Python work per node that the grid, the workers' time, leaves out). A step of
+   trees must promise ``margin`` times plain decoding's rate, or the step is plain.
 4. **Calibration learned online.** After each step every verified node whose parent was
    accepted is a trial: accepted or not (``observe_step``). Evidence decays, so a shift in
    traffic is followed within a few dozen steps, and the heads' own word is the prior — heads
@@ -47,6 +49,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -161,17 +164,20 @@ class AdaptiveTrees:
     PROBE_BUDGET = 0.02  # the share of a plain run the probes may cost
 
     def __init__(self, parents: Sequence[int], depths: Sequence[int], latency: LatencyModel,
-                 margin: float = 1.1, learning_rate: float = 0.1) -> None:
+                 margin: float = 1.1, learning_rate: float = 0.1, driver_ms_per_node: float = 0.0) -> None:
         """``parents`` / ``depths``: the full tree's (``MedusaTree.parents`` / ``depths``, node 0
         the root, candidate i is node i + 1). ``margin``: how much more than plain decoding's
         rate a step of trees must promise; ``learning_rate``: how fast served steps correct the
-        latency model (the calibration always learns)."""
+        latency model (the calibration always learns); ``driver_ms_per_node``: what each
+        verified node costs the driver itself (planning it, learning from it:
+        ``measure_driver_ms_per_node``), which the latency grid — the workers' time — leaves out."""
         self.parents = [p - 1 for p in parents[1:]]  # candidate index of each candidate's parent (-1: root)
         self.depths = list(depths[1:])
         self.children: list[list[int]] = [[] for _ in range(len(self.depths) + 1)]  # by node id
         for c, p in enumerate(self.parents):
             self.children[p + 1].append(c)
         self.latency, self.margin, self.learning_rate = latency, margin, learning_rate
+        self.driver_ms_per_node = driver_ms_per_node
         self.calibration = NodeCalibration(max(self.depths))
         self._hair = [1e-9 * d for d in self.depths]  # (plan's tie-break)
         self._plain_streak = 0  # steps in a row that verified no node
@@ -294,7 +300,11 @@ class AdaptiveTrees:
 
     def step_ms(self, batch_size: int, nodes: int, route: str = ROUTE) -> float:
         """A step of ``batch_size`` sequences verifying ``nodes`` tree nodes in all: the latency
-        grid at nodes / batch_size a sequence, linear between the measured tree sizes."""
+        grid at nodes / batch_size a sequence, linear between the measured tree sizes, plus the
+        driver's own work on those nodes."""
+        return self._grid_ms(batch_size, nodes, route) + self.driver_ms_per_node * nodes
+
+    def _grid_ms(self, batch_size: int, nodes: int, route: str) -> float:
         n = nodes / batch_size
         sizes = self._sizes
         lo = 0
@@ -363,5 +373,33 @@ class AdaptiveTrees:
         """A served pure decode step of ``batch_size`` sequences and ``nodes`` tree nodes took
         ``ms`` (``learning_rate`` 0: the latency model learns nothing)."""
         if self.learning_rate > 0:
+            # (The grid is the workers' time: the driver's share of the nodes, priced apart, is
+            # taken out before the step corrects it — at most half the step, whatever the estimate.)
+            ms = max(ms - self.driver_ms_per_node * nodes, 0.5 * ms)
             self.latency.observe(batch_size, self.grid_size(batch_size, nodes), ms, self.learning_rate, route)
 
+
+def measure_driver_ms_per_node(parents: Sequence[int], depths: Sequence[int], batch: int = 64,
+                               repeats: int = 5) -> float:
+    """What one verified tree node costs the driver, on this host: ``AdaptiveTrees.select``
+    planning ``batch`` sequences of sure heads (every node of the full tree worth taking) and
+    ``observe_step`` learning from them, per node, the median of ``repeats`` (a few ms at
+    start-up). Python work per node — on the 2-core desktop box ~2 µs, and the engine's other
+    per-node bookkeeping as much again — where the device's marginal cost of a verify token at
+    batch 16 is ~1 µs: without this price the first plans take trees whose driver time alone
+    outweighs what they save (benchmarks/RESULTS.md, 2026-12-08)."""
+    from engine.core.backoff import LatencyPoint
+
+    c = len(depths) - 1
+    flat = LatencyModel([LatencyPoint(b, n, 1.0) for n in (0, c) for b in (1, batch)])
+    probe = AdaptiveTrees(parents, depths, flat, margin=1.0, learning_rate=0.0)
+    seqs = [Candidates(i, [1] * c, [0.9] * c) for i in range(batch)]
+    per_node = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plan = probe.select(seqs, batch, batch * c)
+        probe.observe_step([(nodes, [1] * len(nodes), [0.9] * len(nodes), [1] * (1 + max(probe.depths)))
+                            for nodes in plan.values()])
+        taken = sum(len(nodes) for nodes in plan.values())
+        per_node.append(1e3 * (time.perf_counter() - t0) / max(1, taken))
+    return sorted(per_node)[len(per_node) // 2]
