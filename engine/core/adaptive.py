@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from engine.core.backoff import LatencyModel
+from engine.core.backoff import LatencyModel, LatencyPoint
 from engine.core.shapes import RAGGED_NODES_PER_SEQ, padded_batch, ragged_tokens
 
 # The route of a step of adaptive trees that a ragged step's graph cannot decide (sampled
@@ -235,8 +235,10 @@ class AdaptiveTrees:
             return plan
         costs = [self.step_ms(b, m, route) for m in budgets]
         best_m, best_rate = 0, b / self.latency.ms(b, 0, route) * self.margin
-        ratio, edges, top, floor = self.calibration._ratio, PROB_EDGES, NodeCalibration.MAX_VALUE, self.MIN_VALUE
-        depths, children, hair, bisect_right = self.depths, self.children, self._hair, bisect.bisect_right
+        edges, top, floor = PROB_EDGES, NodeCalibration.MAX_VALUE, self.MIN_VALUE
+        # Each candidate's calibration row (its depth's ratios by bin), looked up once a step.
+        rows = [self.calibration._ratio[d - 1] for d in self.depths]
+        children, hair, bisect_right = self.children, self._hair, bisect.bisect_right
         pop, push = heapq.heappop, heapq.heappush
         # Heap entries: (-(value - a hair per depth), flat index i * C + k, value). The hair makes
         # a tie go to the shallower node, the flat index to the earlier sequence and candidate.
@@ -247,10 +249,11 @@ class AdaptiveTrees:
             conf, base = s.confidence, i * c
             for k in roots:
                 p = conf[k]
-                v = p * ratio[depths[k] - 1][bisect_right(edges, p)]
+                v = p * rows[k][bisect_right(edges, p)]
                 v = v if v < top else top
-                if v - hair[k] >= floor:
-                    heap.append((hair[k] - v, base + k, v))
+                key = hair[k] - v
+                if -key >= floor:
+                    heap.append((key, base + k, v))
         heapq.heapify(heap)
         taken: list[int] = []
         gain, nxt = 0.0, 0  # the taken values' sum; the next budget to price
@@ -264,10 +267,11 @@ class AdaptiveTrees:
                 conf = mine[j // c].confidence
                 for k in children[j - base + 1]:  # its children join the frontier
                     p = conf[k]
-                    x = p * ratio[depths[k] - 1][bisect_right(edges, p)]
+                    x = p * rows[k][bisect_right(edges, p)]
                     v = (x if x < top else top) * pv
-                    if v - hair[k] >= floor:
-                        push(heap, (hair[k] - v, base + k, v))
+                    key = hair[k] - v
+                    if -key >= floor:
+                        push(heap, (key, base + k, v))
                 continue
             # At a budget (or out of nodes: the budget shrinks to what there is).
             m = len(taken)
@@ -384,12 +388,10 @@ def measure_driver_ms_per_node(parents: Sequence[int], depths: Sequence[int], ba
     """What one verified tree node costs the driver, on this host: ``AdaptiveTrees.select``
     planning ``batch`` sequences of sure heads (every node of the full tree worth taking) and
     ``observe_step`` learning from them, per node, the median of ``repeats`` (a few ms at
-    start-up). Python work per node — on the 2-core desktop box ~2 µs, and the engine's other
-    per-node bookkeeping as much again — where the device's marginal cost of a verify token at
+    start-up). Python work per node — ~1 µs on the 2-core box, and the engine's other per-node
+    bookkeeping (``benchmarks/host_step.py``: 3–4 µs a node in all) left to the corrections — where the device's marginal cost of a verify token at
     batch 16 is ~1 µs: without this price the first plans take trees whose driver time alone
     outweighs what they save (benchmarks/RESULTS.md, 2026-12-08)."""
-    from engine.core.backoff import LatencyPoint
-
     c = len(depths) - 1
     flat = LatencyModel([LatencyPoint(b, n, 1.0) for n in (0, c) for b in (1, batch)])
     probe = AdaptiveTrees(parents, depths, flat, margin=1.0, learning_rate=0.0)
