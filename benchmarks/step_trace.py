@@ -19,10 +19,11 @@ to the step's outputs (execution, applying the tokens, the output processor): wh
 step's host time goes. ``--startup-profile N`` profiles each engine's start-up (graphs, latency
 grid) and prints its top N functions: where its seconds go.
 
-``--trees adaptive`` (adaptive trees) also prints every plan's reasoning: per step the
-sequences, the nodes chosen, the expected extra tokens, and per budget the expected tokens per
-ms against plain decoding's — why a step of B sequences verified M nodes, or none — with the
-latency grid, its learned corrections and the calibration at the end.
+``--trees adaptive`` (adaptive trees) also records every plan's reasoning: per step the
+sequences, the nodes chosen, the expected extra tokens and, for the first three plans and every
+32nd, per budget the expected tokens per ms against plain decoding's (valuing every node costs
+those steps milliseconds at batch 64) — why a step of B sequences verified M nodes, or none —
+with the latency grid, its learned corrections and the calibration at the end.
 """
 
 from __future__ import annotations
@@ -126,10 +127,13 @@ def trace(engine: Engine, prompts: list[str], max_tokens: int, batch_size: int,
     return steps
 
 
+RATES_EVERY = 32  # plans between two that also price every budget (the first three always do)
+
+
 def trace_plans(engine: Engine) -> Optional[list[dict]]:
     """With adaptive trees: a row per plan the scheduler asks for (sequences, nodes chosen, the
-    expected extra tokens, and per budget the priced step and the expected tokens per ms) —
-    why a step of B sequences verified M nodes, or none."""
+    expected extra tokens; for the first three and every ``RATES_EVERY``-th also per budget the
+    expected tokens per ms) — why a step of B sequences verified M nodes, or none."""
     adaptive = engine.policy.adaptive if engine.policy is not None else None
     if adaptive is None:
         return None
@@ -138,14 +142,18 @@ def trace_plans(engine: Engine) -> Optional[list[dict]]:
 
     def traced(seqs, num_decoding, max_nodes, route="host"):
         chosen = plan(seqs, num_decoding, max_nodes, route)
-        values = sorted((v for s in seqs if len(s.confidence) == len(adaptive.depths)
-                         for v in adaptive.values(s.confidence)), reverse=True)
         b = num_decoding
-        rates = {m: round((b + sum(values[:m])) / adaptive.step_ms(b, m, route), 2)
-                 for m in adaptive.budgets(b, max_nodes)}
-        plans.append({"seqs": b, "with_candidates": len(seqs), "route": route,
-                      "nodes": sum(len(v) for v in chosen.values()), "expected": round(chosen.expected, 2),
-                      "plain_rate": round(b / adaptive.latency.ms(b, 0, route), 2), "rates": rates})
+        row = {"seqs": b, "with_candidates": len(seqs), "route": route,
+               "nodes": sum(len(v) for v in chosen.values()), "expected": round(chosen.expected, 2),
+               "plain_rate": round(b / adaptive.latency.ms(b, 0, route), 2)}
+        if len(plans) < 3 or len(plans) % RATES_EVERY == 0:
+            # Every budget's promise values every node in Python (milliseconds at batch 64,
+            # inside the step's time, which the policy learns from): only now and then.
+            values = sorted((v for s in seqs if len(s.confidence) == len(adaptive.depths)
+                             for v in adaptive.values(s.confidence)), reverse=True)
+            row["rates"] = {m: round((b + sum(values[:m])) / adaptive.step_ms(b, m, route), 2)
+                            for m in adaptive.budgets(b, max_nodes)}
+        plans.append(row)
         return chosen
 
     adaptive.plan = traced
@@ -164,7 +172,8 @@ def report_plans(engine: Engine, plans: list[dict], batch_size: int) -> None:
     chose = [p for p in full if p["nodes"]]
     print(f"adaptive: {len(plans)} plans, {len(full)} at batch {batch_size}, {len(chose)} of them with trees "
           f"(mean nodes {sum(p['nodes'] for p in chose) / max(1, len(chose)):.1f})")
-    for p in full[:3] + full[len(full) // 2:len(full) // 2 + 2] + full[-2:]:
+    priced = [p for p in full if "rates" in p]
+    for p in priced[:3] + priced[3:][-3:]:
         print("  plan:", p)
 
 
