@@ -34,10 +34,9 @@ sequence verifies its own part of the full tree:
 The policy runs on the driver in pure Python (the core needs no torch or numpy). Its plan walks
 every sequence's tree best-first from one heap, valuing a node only once its parent is taken,
 and stops as soon as no larger budget can win: per step the root's children of every sequence
-plus the children of the nodes taken, not B·C values for B sequences and C candidates (at batch
-64 the driver's host time of an adaptive step fell 2.38 → 1.99 ms, benchmarks/host_step.py). The node counts it weighs are what
-the ragged steps' CUDA graphs of the batch bucket hold (engine/core/shapes.py
-``ragged_tokens``), so a step fills its graph. On a GPU a step of greedy sequences that
+plus the children of the nodes taken, not B·C values for B sequences and C candidates (what it
+saves: docs/performance.md). The node counts it weighs are what the ragged steps' CUDA graphs
+of the batch bucket hold (engine/core/shapes.py ``ragged_tokens``), so a step fills its graph. On a GPU a step of greedy sequences that
 verifies adaptive trees or proposes replays such a graph and decides on the device (the
 "greedy" route); a step with sampled sequences (or without graphs) decides on the host path
 (``ROUTE``); each is priced on its route. A plain step that does not propose takes the
@@ -221,7 +220,7 @@ class AdaptiveTrees:
         taken, so nodes come out in the order of their values (a child is worth less than its
         parent), and a node's value is computed only once its parent is taken — not the
         B x C values of every candidate (at batch 64 and the 63-candidate tree, 4,032 values
-        a step in Python, ~1.4 ms of the driver's time). The walk stops at the largest budget,
+        a step in Python). The walk stops at the largest budget,
         or as soon as no larger budget can beat the best rate found, even if every node still
         to come were worth as much as the best of them."""
         plan = AdaptivePlan()
@@ -242,19 +241,22 @@ class AdaptiveTrees:
         pop, push = heapq.heappop, heapq.heappush
         # Heap entries: (-(value - a hair per depth), flat index i * C + k, value). The hair makes
         # a tie go to the shallower node, the flat index to the earlier sequence and candidate.
-        # A node's value (as ``values``): its calibrated confidence times its parent's.
         heap: list[tuple[float, int, float]] = []
-        roots = children[0]
-        for i, s in enumerate(mine):
-            conf, base = s.confidence, i * c
-            for k in roots:
+
+        def expand(i: int, node: int, parent_value: float) -> None:
+            """Node ``node`` (0: the root) of sequence i is taken: its children join the heap, each
+            valued as ``values`` does — its calibrated confidence times its parent's value."""
+            conf, base = mine[i].confidence, i * c
+            for k in children[node]:
                 p = conf[k]
-                v = p * rows[k][bisect_right(edges, p)]
-                v = v if v < top else top
+                x = p * rows[k][bisect_right(edges, p)]
+                v = (x if x < top else top) * parent_value
                 key = hair[k] - v
                 if -key >= floor:
-                    heap.append((key, base + k, v))
-        heapq.heapify(heap)
+                    push(heap, (key, base + k, v))
+
+        for i in range(len(mine)):
+            expand(i, 0, 1.0)
         taken: list[int] = []
         gain, nxt = 0.0, 0  # the taken values' sum; the next budget to price
         goal = budgets[0]
@@ -263,15 +265,7 @@ class AdaptiveTrees:
                 _, j, pv = pop(heap)
                 taken.append(j)
                 gain += pv
-                base = j - j % c
-                conf = mine[j // c].confidence
-                for k in children[j - base + 1]:  # its children join the frontier
-                    p = conf[k]
-                    x = p * rows[k][bisect_right(edges, p)]
-                    v = (x if x < top else top) * pv
-                    key = hair[k] - v
-                    if -key >= floor:
-                        push(heap, (key, base + k, v))
+                expand(j // c, j % c + 1, pv)
                 continue
             # At a budget (or out of nodes: the budget shrinks to what there is).
             m = len(taken)
@@ -388,10 +382,10 @@ def measure_driver_ms_per_node(parents: Sequence[int], depths: Sequence[int], ba
     """What one verified tree node costs the driver, on this host: ``AdaptiveTrees.select``
     planning ``batch`` sequences of sure heads (every node of the full tree worth taking) and
     ``observe_step`` learning from them, per node, the median of ``repeats`` (a few ms at
-    start-up). Python work per node — ~1 µs on the 2-core box, and the engine's other per-node
-    bookkeeping (``benchmarks/host_step.py``: 3–4 µs a node in all) left to the corrections — where the device's marginal cost of a verify token at
-    batch 16 is ~1 µs: without this price the first plans take trees whose driver time alone
-    outweighs what they save (benchmarks/RESULTS.md, 2026-12-08)."""
+    start-up). A lower bound of the driver's Python work per node: the rest of its per-node
+    bookkeeping is left to the served steps' corrections. Without this price the first plans
+    take trees whose driver time alone outweighs what they save, where a verify token costs
+    the device about as much as a node costs the driver (docs/performance.md)."""
     c = len(depths) - 1
     flat = LatencyModel([LatencyPoint(b, n, 1.0) for n in (0, c) for b in (1, batch)])
     probe = AdaptiveTrees(parents, depths, flat, margin=1.0, learning_rate=0.0)
