@@ -287,6 +287,9 @@ def timed_starts(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MEDUSA_ENGINE_REMEASURE")
     monkeypatch.setenv("MEDUSA_ENGINE_CACHE", str(tmp_path))
+    # A tiny model's step takes a few noisy milliseconds: these tests are about the cache, so
+    # the CPU's re-check of a cached grid accepts any time (it has its own test below).
+    monkeypatch.setattr(worker, "CPU_RECHECK_TOLERANCE", 1e9)
     calls = []
     real = worker.measure_step_latency
 
@@ -332,6 +335,35 @@ def test_tree_auto_timings_are_cached_too(tiny_llama, tiny_heads, tmp_path, time
     assert timed > 0 and len(calls) == timed
     assert second.tree_autotune == first.tree_autotune and second.tree.choices == first.tree.choices
     assert len(list((tmp_path / "step-latency").iterdir())) == 1
+
+
+@pytest.mark.parametrize("backoff", [False, True])
+def test_cpu_remeasures_cached_timings_that_no_longer_hold(tiny_llama, tiny_heads, tmp_path, timed_starts,
+                                                           monkeypatch, backoff):
+    """On a CPU a cached grid whose plain step at batch 1 is far from a freshly timed one (a busy
+    machine when it was measured, or other code since) is measured again and replaced."""
+    import engine.worker.startup as worker
+
+    calls = timed_starts
+    spec = {"heads": str(tiny_heads), "tree": "auto", "backoff": backoff}
+    Engine(str(tiny_llama), speculative=spec, max_num_seqs=4)
+    assert len(calls) == 1
+    (f,) = (tmp_path / "step-latency").iterdir()
+    data = json.loads(f.read_text())
+    rows = data["grid"]
+    if backoff:
+        plain = next(r for r in rows if r[0] == 1 and r[1] == 0)
+        plain[2] *= 10
+    else:
+        for r in rows:
+            r["plain_ms"]["1"] *= 10
+    f.write_text(json.dumps(data))
+    monkeypatch.setattr(worker, "CPU_RECHECK_TOLERANCE", 0.5)
+    Engine(str(tiny_llama), speculative=spec, max_num_seqs=4)
+    assert len(calls) == 2  # the stale grid was measured again ...
+    fresh = json.loads(f.read_text())["grid"]
+    ms = next(r[2] for r in fresh if r[0] == 1 and r[1] == 0) if backoff else fresh[0]["plain_ms"]["1"]
+    assert ms < (plain[2] if backoff else rows[0]["plain_ms"]["1"]) / 3  # ... and replaced
 
 
 def test_a_rule_without_a_device_version_is_priced_on_the_host_route():

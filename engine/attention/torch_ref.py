@@ -28,7 +28,23 @@ class _Group:
     q_index: torch.Tensor  # [B, Q] flat token index (padding → 0)
     q_valid: torch.Tensor  # [B, Q]
     prefix_slots: torch.Tensor  # [B, P]
-    mask: torch.Tensor  # [B, 1, Q, P + Q]
+    mask: Optional[torch.Tensor]  # [B, 1, Q, P + Q]; None: every key visible to every query
+    # Eager steps: the slots of all of a query block's keys, [B, P + Q] — the prefix's, then
+    # the step's own tokens' (written before they are read), so one gather reads them all.
+    key_slots: Optional[torch.Tensor] = None
+    # The group's queries are the step's tokens [0, B·Q) in order (no padding): a view
+    # replaces the gather of the queries and the selection of the valid outputs.
+    dense: bool = False
+    # The mask repeated for grouped queries (``_attend``), made by the first layer of a step.
+    _rep_mask: Optional[torch.Tensor] = None
+    _rep: int = 0
+
+    def rep_mask(self, n_rep: int) -> Optional[torch.Tensor]:
+        if self.mask is None:
+            return None
+        if self._rep != n_rep:
+            self._rep_mask, self._rep = self.mask.repeat_interleave(n_rep, dim=2), n_rep
+        return self._rep_mask
 
 
 @dataclass
@@ -88,11 +104,12 @@ class TorchAttentionBackend:
             off += s.q_len
         short = [i for i, s in enumerate(inputs.seqs) if s.q_len <= SHORT_QUERY]
         long = [[i] for i, s in enumerate(inputs.seqs) if s.q_len > SHORT_QUERY]
-        groups = [self._group([inputs.seqs[i] for i in g], [starts[i] for i in g])
+        slot_mapping = inputs.slot_mapping.long()
+        groups = [self._group([inputs.seqs[i] for i in g], [starts[i] for i in g], slot_mapping)
                   for g in ([short] if short else []) + long]
         return TorchAttnMeta(slots=inputs.slot_mapping.to(self.device), groups=groups)
 
-    def _group(self, seqs: list[SeqAttn], starts: list[int]) -> _Group:
+    def _group(self, seqs: list[SeqAttn], starts: list[int], slot_mapping: Optional[torch.Tensor] = None) -> _Group:
         dev, b = self.device, len(seqs)
         q_lens = torch.tensor([s.q_len for s in seqs])
         ctx = torch.tensor([s.ctx_len for s in seqs])
@@ -117,8 +134,13 @@ class TorchAttentionBackend:
         # Padding rows see their own (junk) key so no row is all -inf; they are dropped later.
         local |= torch.eye(qmax, dtype=torch.bool)
         mask = torch.cat([prefix_valid[:, None, :].expand(b, qmax, pmax), local], dim=-1)
+        dense = bool(q_valid.all()) and starts == [i * qmax for i in range(b)]
+        key_slots = None
+        if slot_mapping is not None:
+            key_slots = torch.cat([prefix_slots, slot_mapping[q_index]], dim=1).to(dev)
         return _Group(rows=q_index[q_valid].to(dev), q_index=q_index.to(dev), q_valid=q_valid.to(dev),
-                      prefix_slots=prefix_slots.to(dev), mask=mask[:, None].to(dev))
+                      prefix_slots=prefix_slots.to(dev), mask=None if bool(mask.all()) else mask[:, None].to(dev),
+                      key_slots=key_slots, dense=dense)
 
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
                      write_slots: torch.Tensor, pad_block: int, fresh: bool = False) -> GraphAttnInputs:
@@ -233,17 +255,20 @@ class TorchAttentionBackend:
         return out
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: _Group) -> torch.Tensor:
-        kc, vc = self.kv_cache.gather(layer, g.prefix_slots)
-        keys = torch.cat([kc, k[g.q_index]], dim=1)  # [B, S, KVH, D]
-        vals = torch.cat([vc, v[g.q_index]], dim=1)
+        if g.key_slots is not None:  # the step's own K/V is in the cache already (``forward``)
+            keys, vals = self.kv_cache.gather(layer, g.key_slots)  # [B, P + Q, KVH, D]
+        else:
+            kc, vc = self.kv_cache.gather(layer, g.prefix_slots)
+            keys = torch.cat([kc, k[g.q_index]], dim=1)  # [B, S, KVH, D]
+            vals = torch.cat([vc, v[g.q_index]], dim=1)
         b, _, kvh, d = keys.shape
         qmax, h = g.q_index.shape[1], q.shape[1]
         n_rep = h // kvh
         # Grouped-query attention without repeating K/V: the query heads sharing a KV head
         # become extra query rows of that head ([B, KVH, Q * n_rep, D]).
-        queries = q[g.q_index].view(b, qmax, kvh, n_rep, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, qmax * n_rep, d)
-        mask = g.mask.repeat_interleave(n_rep, dim=2)  # [B, 1, Q * n_rep, S]
+        queries = q.view(b, qmax, h, d) if g.dense else q[g.q_index]
+        queries = queries.view(b, qmax, kvh, n_rep, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, qmax * n_rep, d)
         out = torch.nn.functional.scaled_dot_product_attention(
-            queries, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask)
+            queries, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=g.rep_mask(n_rep))
         out = out.view(b, kvh, qmax, n_rep, d).permute(0, 2, 1, 3, 4).reshape(b, qmax, h, d)
-        return out[g.q_valid]
+        return out.view(b * qmax, h, d) if g.dense else out[g.q_valid]

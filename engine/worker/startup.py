@@ -45,6 +45,12 @@ def choose_trees(runner: ModelRunner, spec: "WorkerSpec", head_accuracy, tp: TPG
     candidate count → indices of that tree's candidates among the full tree's)."""
     cfg, sc = spec.config, spec.config.scheduler
     device = runner.device
+
+    def recheck(plain_ms: Callable[[list], Optional[float]]) -> Optional[Callable[[list], bool]]:
+        """On a CPU: whether cached timings (their plain step at batch 1) still hold."""
+        if device.type != "cpu":
+            return None
+        return lambda cached: plain_step_agrees(runner, plain_ms(cached), spec.block_size, spec.num_blocks)
     if cfg.speculative.backoff or cfg.speculative.adaptive:
         # (Adaptive trees price steps with the same grid; they learn what nodes are worth
         # from the heads' probabilities and served steps, not from tree.json.)
@@ -59,7 +65,7 @@ def choose_trees(runner: ModelRunner, spec: "WorkerSpec", head_accuracy, tp: TPG
             key, f"back-off step-latency grid ({len(batch_sizes)} batch sizes x {len(nested) + 1} tree sizes)",
             lambda cached: cached if cached is not None else measure_step_latency(
                 runner, batch_sizes, sorted(nested), spec.block_size, spec.num_blocks, sc.max_num_batched_tokens, tp),
-            tp, spec.rank)
+            tp, spec.rank, recheck(lambda g: next((ms for b, n, ms in g if b == 1 and n == 0), None)))
         return None, grid, {n: list(st.nodes) for n, st in nested.items()}
     rows = None
     if cfg.speculative.tree == "auto":
@@ -70,17 +76,22 @@ def choose_trees(runner: ModelRunner, spec: "WorkerSpec", head_accuracy, tp: TPG
             key, f"tree=auto step timings ({len(AUTO_TREE_SIZES)} tree sizes)",
             lambda cached: autotune_tree(runner, head_accuracy, spec.block_size, spec.num_blocks,
                                          sc.max_num_batched_tokens, sc.max_num_seqs, tp, timed_rows=cached),
-            tp, spec.rank)
+            tp, spec.rank, recheck(lambda rows: rows[0]["plain_ms"].get("1") if rows else None))
     full = runner.tree
     return rows, None, {full.num_nodes - 1: list(range(full.num_nodes - 1))}
 
 
-def cached_timings(key: dict, what: str, measure: Callable[[Optional[list]], list], tp: TPGroup, rank: int) -> list:
+def cached_timings(key: dict, what: str, measure: Callable[[Optional[list]], list], tp: TPGroup, rank: int,
+                   still_true: Optional[Callable[[list], bool]] = None) -> list:
     """Start-up timings kept on disk under ``key``: ``measure(cached)`` gets what an earlier
-    start stored (None: nothing, or MEDUSA_ENGINE_REMEASURE=1) and returns the timings, which
-    are stored when they were measured. Rank 0 decides (load or measure) for every rank: the
-    measurement's steps are collective."""
+    start stored (None: nothing, MEDUSA_ENGINE_REMEASURE=1, or ``still_true(cached)`` said no)
+    and returns the timings, which are stored when they were measured. Rank 0 decides (load,
+    check or measure) for every rank: the measurement's steps are collective, and so are the
+    check's."""
     cached = tp.broadcast_object(load_timings(key) if rank == 0 else None)
+    if cached is not None and still_true is not None and not tp.broadcast_object(still_true(cached)):
+        logger.info("%s: the cached timings no longer match this machine; measuring again", what)
+        cached = None
     if cached is not None:
         logger.info("%s: loaded from the cache", what)
         return measure(cached)
@@ -91,6 +102,27 @@ def cached_timings(key: dict, what: str, measure: Callable[[Optional[list]], lis
     if rank == 0:
         save_timings(key, timings)
     return timings
+
+
+# On a CPU a cached grid is checked at every start against one freshly timed plain step at
+# batch 1 (a few steps: ~0.1 s on the bundled model) and measured again when the two differ by
+# more than this share: a CPU's step times move with its load when they were measured and with
+# the engine's code, which the cache key does not name, and a stale grid picks trees that lose.
+CPU_RECHECK_TOLERANCE = 0.15
+
+
+def plain_step_agrees(runner: ModelRunner, cached_ms: Optional[float], block_size: int, num_blocks: int,
+                      ctx: int = 128) -> bool:
+    """Whether a plain decode step at batch 1 (``ctx`` tokens of context, the grids' own step)
+    still takes the cached time, within ``CPU_RECHECK_TOLERANCE`` (median of three after a
+    warm-up)."""
+    if cached_ms is None:
+        return False
+    ctx, table = timing_context(runner.tree.depth if runner.tree is not None else 0, ctx, block_size, num_blocks)
+    now = 1e3 * _median_step_seconds(runner, decode_step(1, 0, ctx, table))
+    agrees = abs(now - cached_ms) <= CPU_RECHECK_TOLERANCE * cached_ms
+    logger.info("cached plain step at batch 1: %.1f ms, now %.1f ms%s", cached_ms, now, "" if agrees else " (stale)")
+    return agrees
 
 
 def latency_cache_key(spec: "WorkerSpec", device: torch.device, sizes: list[int], batch_sizes: list[int],
@@ -176,14 +208,14 @@ def _step_seconds(runner: ModelRunner, out: SchedulerOutput) -> float:
     return time.perf_counter() - t0
 
 
-def _timing_context(depth: int, ctx: int, block_size: int, num_blocks: int) -> tuple[int, list[int]]:
+def timing_context(depth: int, ctx: int, block_size: int, num_blocks: int) -> tuple[int, list[int]]:
     """The context a timed step's sequences share (``ctx`` tokens, fewer if the cache is
     smaller) and their one block table, room left for a tree of ``depth``."""
     ctx = max(1, min(ctx, num_blocks * block_size - depth - 2))
     return ctx, list(range(cdiv(ctx + 1 + depth, block_size)))
 
 
-def _decode_step(b: int, n: int, ctx: int, table: list[int], adaptive: bool = False) -> SchedulerOutput:
+def decode_step(b: int, n: int, ctx: int, table: list[int], adaptive: bool = False) -> SchedulerOutput:
     """A step of ``b`` sequences at ``ctx`` tokens of context verifying ``n``-candidate trees
     (``adaptive``: as adaptive trees — the full tree's first n candidates, closed under parents
     since nodes are ordered by depth — which run as a ragged step)."""
@@ -245,8 +277,8 @@ def _interleaved_ms(runner: ModelRunner, trees: dict, batches: list[int], block_
                     token_budget: int, tp: TPGroup, ctx: int) -> dict[tuple[int, int], float]:
     """(batch, candidates) → median ms of a decode step (0 candidates: plain), the
     configurations taking turns for ``AUTOTUNE_ROUNDS`` rounds after one warm-up each."""
-    ctx, table = _timing_context(max(t.depth for t in trees.values()), ctx, block_size, num_blocks)
-    steps = {(b, n): _decode_step(b, n, ctx, table) for n in [0, *trees] for b in batches
+    ctx, table = timing_context(max(t.depth for t in trees.values()), ctx, block_size, num_blocks)
+    steps = {(b, n): decode_step(b, n, ctx, table) for n in [0, *trees] for b in batches
              if b * (n + 1) <= token_budget}
 
     def run(b: int, n: int) -> float:
@@ -272,12 +304,12 @@ def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: lis
     step token budget are skipped (the scheduler never runs them). Before any request exists,
     so the blocks it writes are free; all sequences share one block table. Under TP rank 0's
     table is broadcast, so every rank holds the same model."""
-    ctx, table = _timing_context(runner.tree.depth, ctx, block_size, num_blocks)
+    ctx, table = timing_context(runner.tree.depth, ctx, block_size, num_blocks)
     rows = []
     for n in [0] * plain + [s for s in sizes if s > 0]:
         for b in batch_sizes:
             if b * (n + 1) > token_budget:
                 continue
-            step = _decode_step(b, n, ctx, table, runner.adaptive)
+            step = decode_step(b, n, ctx, table, runner.adaptive)
             rows.append([b, n, round(1e3 * _median_step_seconds(runner, step), 4)])
     return tp.broadcast_object(rows)
