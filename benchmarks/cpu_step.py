@@ -1,7 +1,8 @@
 """The CPU decode step against its memory floor, and Medusa against plain decoding and HF
-transformers on a CPU (issue 35): the bundled model, float32, greedy, held-out-source prompts.
+transformers on a CPU (issue 35): the bundled model, float32 (``--dtype bfloat16``: the opt-in
+bf16 mode), greedy, held-out-source prompts.
 
-    python benchmarks/cpu_step.py --prompts 8 --max-tokens 64 --repeats 3
+    python benchmarks/cpu_step.py --prompts 8 --max-tokens 64 --repeats 3 [--dtype bfloat16]
 
 Three tables, one JSON + PNG:
 - **floor**: this machine's read bandwidth (a 512 MB tensor summed, median of 5) and the bytes
@@ -156,14 +157,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=7, help="interleaved rounds of the step timings")
     ap.add_argument("--ctx", type=int, default=128, help="tokens of context of the timed steps")
     ap.add_argument("--no-hf", action="store_true", help="leave HF transformers' generate out")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the engines' dtype (bfloat16: the opt-in CPU mode; HF's generate stays float32)")
     args = ap.parse_args()
     if args.prompts % 4:
         raise SystemExit("--prompts: a multiple of 4 (the end-to-end runs at batch 4)")
 
     gbs = read_gbs()
-    engines = {"plain": Engine("default", dtype="float32", device="cpu"),
-               "plain (A/A)": Engine("default", dtype="float32", device="cpu"),
-               "medusa tree=auto": Engine("default", dtype="float32", device="cpu",
+    engines = {"plain": Engine("default", dtype=args.dtype, device="cpu"),
+               "plain (A/A)": Engine("default", dtype=args.dtype, device="cpu"),
+               "medusa tree=auto": Engine("default", dtype=args.dtype, device="cpu",
                                           speculative={"heads": "default", "tree": "auto"})}
     medusa = engines["medusa tree=auto"]
     nbytes = step_bytes(medusa.model)
@@ -182,7 +185,7 @@ def main() -> None:
         e.generate_batch([prompts[0]], SamplingParams(temperature=0, max_tokens=4))
     rows += end_to_end_rows(engines, hf, prompts, args.max_tokens, args.repeats)
 
-    env = environment(torch.device("cpu"), torch.float32, "SmolLM2-135M-Instruct")
+    env = environment(torch.device("cpu"), getattr(torch, args.dtype), "SmolLM2-135M-Instruct")
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     env.update(torch_threads=torch.get_num_threads(), prompt_split="heldout", repeats=args.repeats,
                step_iters=args.iters, capture_steps=0, tree_auto_candidates=tree.num_nodes - 1,

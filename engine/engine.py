@@ -103,7 +103,20 @@ def _pick_device(name: str) -> torch.device:
 def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    dtype = getattr(torch, name)
+    if device.type == "cpu" and dtype != torch.float32:
+        # A 16-bit CPU engine is the opt-in bf16 mode: oneDNN's packed bf16 GEMMs and the
+        # batch-invariant attention keep Medusa's greedy text equal to plain decoding's in it
+        # (docs/architecture.md); without oneDNN's bf16 kernel nothing would.
+        from engine.models.llama import cpu_bf16_gemm_available
+
+        if dtype != torch.bfloat16:
+            raise ValueError(f"dtype: {name} is not supported on a CPU (float32, or bfloat16 where oneDNN has "
+                             "a bf16 GEMM: AVX-512 or AMX)")
+        if not cpu_bf16_gemm_available():
+            raise ValueError("dtype: bfloat16 on a CPU needs oneDNN's bf16 GEMM (AVX-512 or AMX), which this CPU "
+                             "lacks; use float32")
+    return dtype
 
 
 def _eos_token_ids(model_path: Path, arch_eos: tuple[int, ...], tokenizer) -> list[int]:

@@ -63,3 +63,28 @@ def test_torch_reference_attention_matches_attention_written_out(case):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # The step's K/V landed at its slots.
     assert torch.equal(cache.k[0][torch.tensor(slots)], k) and torch.equal(cache.v[0][torch.tensor(slots)], v)
+
+
+@torch.inference_mode()
+def test_bf16_cpu_attention_gives_a_token_the_same_bits_alone_as_in_a_batch():
+    """16-bit on a CPU (the bf16 mode): every short-block token attends on its own over its
+    prefix and its own path, so a decode token's output is the same bits alone and beside a
+    tree and another sequence; and it is attention (within bf16 of the written-out one)."""
+    torch.manual_seed(0)
+    cache = PagedKVCache(1, 32, BLOCK, KV_HEADS, DIM, torch.bfloat16, torch.device("cpu"), scratch_tokens=16)
+    cache.k_all.normal_()
+    cache.v_all.normal_()
+    backend = TorchAttentionBackend(cache, torch.device("cpu"))
+    assert backend.batch_invariant
+    tables = [[3, 4, 5], [9, 1, 2]]
+    decode = SeqAttn(1, 13, tables[1])
+    tree = SeqAttn(4, 11, tables[0], tree_mask=TREE)
+    q, k, v = (torch.randn(5, n, DIM).bfloat16() for n in (HEADS, KV_HEADS, KV_HEADS))
+    tree_slots = list(range(cache.scratch_slot0, cache.scratch_slot0 + 4))
+    decode_slot = cache.host_slots(decode.block_table, 13, 1)
+    expected = naive(cache.k[0].float(), cache.v[0].float(), q.float(), k.float(), v.float(), [tree, decode],
+                     [cache.host_slots(tables[0], 0, 11), cache.host_slots(tables[1], 0, 13)], [0, 4])
+    batched = backend.forward(0, q, k, v, backend.prepare(StepAttnInputs([tree, decode], torch.tensor(tree_slots + decode_slot))))
+    torch.testing.assert_close(batched.float(), expected, rtol=3e-2, atol=3e-2)
+    alone = backend.forward(0, q[4:], k[4:], v[4:], backend.prepare(StepAttnInputs([decode], torch.tensor(decode_slot))))
+    assert torch.equal(alone, batched[4:])

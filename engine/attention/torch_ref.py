@@ -20,6 +20,14 @@ from engine.core.shapes import cdiv
 
 # Query blocks up to this long are batched together (covers decode steps and Medusa trees).
 SHORT_QUERY = 80
+# 16-bit on a CPU (the bf16 mode): every decode or tree token attends as a batch entry of its
+# own, over its sequence's prefix and its own path (its ancestors in the step, then itself) —
+# the keys a plain decode step at its position reads, at the same indices — padded to its
+# position rounded up to INVARIANT_PAGE keys. torch's CPU SDPA changes a query's last bits with
+# the number of keys after it, masked or not, and with where its keys sit (docs/performance.md);
+# laid out so, a token's output is the same bits alone or in a batch, as a decode token or as
+# a tree node. (Prompt chunks longer than SHORT_QUERY attend as a block, as in float32.)
+INVARIANT_PAGE = 64
 
 
 @dataclass
@@ -92,10 +100,16 @@ class TorchRaggedMeta:
     masks: torch.Tensor  # [S, N, N] bool
 
 
+def cdiv_tensor(a: torch.Tensor, b: int) -> torch.Tensor:
+    return (a + b - 1) // b
+
+
 class TorchAttentionBackend:
     def __init__(self, kv_cache: PagedKVCache, device: torch.device) -> None:
         self.kv_cache = kv_cache
         self.device = device
+        # A row's result independent of the batch and the tree around it (``_invariant_group``).
+        self.batch_invariant = device.type == "cpu" and kv_cache.k_all.dtype != torch.float32
 
     def prepare(self, inputs: StepAttnInputs) -> TorchAttnMeta:
         starts, off = [], 0
@@ -105,6 +119,10 @@ class TorchAttentionBackend:
         short = [i for i, s in enumerate(inputs.seqs) if s.q_len <= SHORT_QUERY]
         long = [[i] for i, s in enumerate(inputs.seqs) if s.q_len > SHORT_QUERY]
         slot_mapping = inputs.slot_mapping.long()
+        if self.batch_invariant:
+            groups = self._invariant_groups([inputs.seqs[i] for i in short], [starts[i] for i in short], slot_mapping)
+            groups += [self._group([inputs.seqs[i] for i in g], [starts[i] for i in g], slot_mapping) for g in long]
+            return TorchAttnMeta(slots=inputs.slot_mapping.to(self.device), groups=groups)
         groups = [self._group([inputs.seqs[i] for i in g], [starts[i] for i in g], slot_mapping)
                   for g in ([short] if short else []) + long]
         return TorchAttnMeta(slots=inputs.slot_mapping.to(self.device), groups=groups)
@@ -141,6 +159,35 @@ class TorchAttentionBackend:
         return _Group(rows=q_index[q_valid].to(dev), q_index=q_index.to(dev), q_valid=q_valid.to(dev),
                       prefix_slots=prefix_slots.to(dev), mask=None if bool(mask.all()) else mask[:, None].to(dev),
                       key_slots=key_slots, dense=dense)
+
+    def _invariant_groups(self, seqs: list[SeqAttn], starts: list[int], slot_mapping: torch.Tensor) -> list[_Group]:
+        """Short query blocks token by token (see ``INVARIANT_PAGE``): a group per key width,
+        each token a batch entry of one query."""
+        by_width: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for s, start in zip(seqs, starts):
+            q, ctx = s.q_len, s.ctx_len
+            local = s.tree_mask if s.tree_mask is not None else torch.tril(torch.ones(q, q, dtype=torch.bool))
+            # Each token's visible own tokens first, in step order (ancestors before descendants).
+            order = torch.sort((~local).to(torch.uint8), dim=1, stable=True).indices
+            prefix = self.kv_cache.slots(torch.tensor(s.block_table, dtype=torch.long), torch.arange(ctx))
+            keys = torch.cat([prefix.expand(q, ctx), slot_mapping[start + order]], dim=1)  # [Q, ctx + Q]
+            counts = ctx + local.sum(1)
+            widths = cdiv_tensor(counts, INVARIANT_PAGE) * INVARIANT_PAGE
+            for w in widths.unique().tolist():
+                sel = (widths == w).nonzero().flatten()
+                k = keys[sel, :w]
+                if k.shape[1] < w:  # padding: a key that exists, masked
+                    k = torch.cat([k, k[:, :1].expand(-1, w - k.shape[1])], dim=1)
+                by_width.setdefault(w, []).append((start + sel, k, counts[sel]))
+        dev, groups = self.device, []
+        for w, parts in by_width.items():
+            rows, key_slots, counts = (torch.cat([p[i] for p in parts]) for i in range(3))
+            mask = torch.arange(w)[None, :] < counts[:, None]
+            groups.append(_Group(rows=rows.to(dev), q_index=rows[:, None].to(dev),
+                                 q_valid=torch.ones(len(rows), 1, dtype=torch.bool, device=dev),
+                                 prefix_slots=key_slots.to(dev), mask=mask[:, None, None, :].to(dev),
+                                 key_slots=key_slots.to(dev)))
+        return groups
 
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
                      write_slots: torch.Tensor, pad_block: int, fresh: bool = False) -> GraphAttnInputs:

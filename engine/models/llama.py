@@ -80,21 +80,42 @@ class Attention(nn.Module):
         return self.tp.all_reduce(linear(self.o_proj, out.reshape(t, self.num_heads * self.head_dim)))
 
 
-# Row counts a CPU step runs through oneDNN's blocked weights (``block_cpu_weights``): decode and
-# verify steps of a few sequences and tree nodes. MKL's GEMM reads the weights about once for
-# 1-3 rows but re-reads them from 4 rows on, and a blocked layout reads them once for a few
-# dozen rows (2-core AVX2 box, the bundled model's 30 layers, 425 MB: 1 row 18.8 ms, 4 rows
-# 31.3 / blocked 27.0, 8 rows 38.8 / 30.1, 16 rows 47.7 / 36.8; docs/performance.md).
+# Row counts a float32 CPU step runs through oneDNN's blocked weights (``block_cpu_weights``):
+# decode and verify steps of a few sequences and tree nodes. MKL's GEMM reads the weights about
+# once for 1-3 rows but re-reads them from 4 rows on; a blocked layout reads them once for a few
+# dozen rows (docs/performance.md, "The CPU decode step's GEMMs").
 CPU_BLOCKED_ROWS = (4, 64)
+# bfloat16 on a CPU runs every row count through oneDNN's prepacked bf16 weight, in calls of at
+# most this many rows: up to 32 rows oneDNN's bf16 kernel gives a row the same bits whatever
+# the rows beside it, not beyond (another kernel) — so a row's logits do not depend on the
+# batch or the tree it is verified in (docs/performance.md, "bf16 on a CPU").
+CPU_BF16_CALL_ROWS = 32
+
+
+def _packed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``x @ layer.weight.T`` (+ bias): the one place the model's projections run. On a CPU, 4 to
-    64 rows use the layer's oneDNN-blocked weight when the model made one (``block_cpu_weights``)."""
-    blocked = getattr(layer, "cpu_blocked_weight", None)
-    if blocked is not None and x.dim() == 2 and CPU_BLOCKED_ROWS[0] <= x.shape[0] <= CPU_BLOCKED_ROWS[1]:
-        return torch.ops.mkldnn._linear_pointwise(x, blocked, layer.bias, "none", [], "")
+    """``x @ layer.weight.T`` (+ bias): the one place the model's projections run. On a CPU with
+    a packed copy of the weight (``block_cpu_weights``): float32 uses it for 4-64 rows,
+    bfloat16 for every row count, ``CPU_BF16_CALL_ROWS`` rows a call."""
+    packed = getattr(layer, "cpu_blocked_weight", None)
+    if packed is not None and x.dim() == 2:
+        rows = x.shape[0]
+        if x.dtype == torch.bfloat16:
+            if rows <= CPU_BF16_CALL_ROWS:
+                return _packed(x, packed, layer.bias)
+            return torch.cat([_packed(part, packed, layer.bias) for part in x.split(CPU_BF16_CALL_ROWS)])
+        if CPU_BLOCKED_ROWS[0] <= rows <= CPU_BLOCKED_ROWS[1]:
+            return _packed(x, packed, layer.bias)
     return nn.functional.linear(x, layer.weight, layer.bias)
+
+
+def cpu_bf16_gemm_available() -> bool:
+    """Whether this CPU's oneDNN runs bf16 GEMMs (AVX-512 or AMX): what a bfloat16 model on a
+    CPU needs (``block_cpu_weights``)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class MLP(nn.Module):
@@ -191,11 +212,15 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     def block_cpu_weights(self) -> "LlamaForCausalLM":
-        """float32 on a CPU with oneDNN: give every projection (and the lm_head) a second copy of
-        its weight in oneDNN's blocked layout, which ``linear`` uses for 4-64 rows (one more
-        copy of the weights in memory; fewer rows keep MKL's GEMM, whose 1-row path is the
-        fastest, and prompts keep it too)."""
-        if not torch.backends.mkldnn.is_available() or self.lm_head.weight.dtype != torch.float32:
+        """On a CPU with oneDNN: give every projection (and the lm_head) a second copy of its
+        weight in oneDNN's packed layout, which ``linear`` uses — float32: for 4-64 rows (fewer
+        rows keep MKL's GEMM, whose 1-3-row path is the fastest, and prompts keep it too);
+        bfloat16: for every row count (``cpu_bf16_gemm_available`` must hold: the engine
+        checks). One more copy of the weights in memory."""
+        dtype = self.lm_head.weight.dtype
+        if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
+            return self
+        if dtype == torch.bfloat16 and not cpu_bf16_gemm_available():
             return self
         layers = [self.lm_head] + [m for layer in self.model.layers
                                    for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
