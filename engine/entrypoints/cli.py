@@ -61,7 +61,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens the heads may propose: the heads' proposal_vocab.json when shipped (heads), "
                         "or the full vocabulary (full); output is exact either way (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU (default: %(default)s)")
+                   help="auto: bfloat16 on CUDA, float32 on CPU; bfloat16 on a CPU is the opt-in bf16 mode "
+                        "(a CPU with AVX-512 or AMX; greedy Medusa == plain in it) (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=0,
                    help="most sequences in one step (default: 0 = the engine's default)")
