@@ -376,3 +376,28 @@ def test_a_rule_without_a_device_version_is_priced_on_the_host_route():
     assert decision_route(sampled, 0, rule_on_device=False) == "host"
     assert decision_route(SamplingParams(temperature=0), 0, rule_on_device=False) == "greedy"
     assert decision_route(SamplingParams(temperature=0.7, logprobs=True), 0) == "host"
+
+
+def test_the_latency_grid_remeasures_inversions_and_never_prices_a_smaller_tree_above_a_larger(monkeypatch):
+    """A grid point costlier than the next larger tree's (same batch size) is measured again;
+    what stays inverted is capped at the larger tree's price; the rest is measured once."""
+    from types import SimpleNamespace
+
+    import engine.worker.startup as startup
+
+    script = {(1, 0): [1.0], (1, 2): [1.3], (1, 4): [1.9, 1.7], (1, 8): [1.6, 1.65],  # noise, then lasting
+              (16, 0): [1.2], (16, 2): [1.61, 1.50], (16, 4): [1.54, 1.55], (16, 8): [1.9]}  # noise, then gone
+    calls = []
+
+    def timed(runner, out):
+        key = (len(out.seqs), out.seqs[0].tree_size)
+        calls.append(key)
+        return script[key][min(calls.count(key), len(script[key])) - 1] / 1e3
+
+    monkeypatch.setattr(startup, "_median_step_seconds", timed)
+    runner = SimpleNamespace(tree=SimpleNamespace(depth=3), adaptive=False)
+    tp = SimpleNamespace(broadcast_object=lambda obj: obj)
+    grid = {(b, n): ms for b, n, ms in startup.measure_step_latency(runner, [1, 16], [2, 4, 8], 16, 64, 4096, tp)}
+    assert sorted(k for k in set(calls) if calls.count(k) == 2) == [(1, 4), (1, 8), (16, 2), (16, 4)]
+    assert grid == {(1, 0): 1.0, (1, 2): 1.3, (1, 4): 1.65, (1, 8): 1.65,
+                    (16, 0): 1.2, (16, 2): 1.5, (16, 4): 1.55, (16, 8): 1.9}

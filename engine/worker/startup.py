@@ -296,20 +296,35 @@ def _interleaved_ms(runner: ModelRunner, trees: dict, batches: list[int], block_
     return {tuple(k): v for k, v in tp.broadcast_object(sorted(ms.items()))}
 
 
+# A step of more candidates (at one batch size) does at least the work of one of fewer: a grid
+# point measured costlier than the next larger tree's by more than this share is noise or a
+# stall (an H100's batch-16 grid once had a 1-node ragged step at 1.61 ms against 1.54 for 2
+# nodes, docs/performance.md), so both are measured again, once.
+GRID_INVERSION_TOLERANCE = 0.03
+
+
 def measure_step_latency(runner: ModelRunner, batch_sizes: list[int], sizes: list[int], block_size: int,
                          num_blocks: int, token_budget: int, tp: TPGroup, ctx: int = 128,
                          plain: bool = True) -> list[list[float]]:
     """[batch size, candidates, ms] for decode steps of B sequences verifying n-candidate trees
-    (n = 0: plain decoding, no proposals; unless ``plain`` is False), ``ctx`` tokens of context each; combinations over the
-    step token budget are skipped (the scheduler never runs them). Before any request exists,
-    so the blocks it writes are free; all sequences share one block table. Under TP rank 0's
-    table is broadcast, so every rank holds the same model."""
+    (n = 0: plain decoding, no proposals; unless ``plain`` is False), ``ctx`` tokens of context
+    each; combinations over the step token budget are skipped (the scheduler never runs them).
+    Before any request exists, so the blocks it writes are free; all sequences share one block
+    table. Points costlier than a larger tree's at the same batch size are measured again
+    (``GRID_INVERSION_TOLERANCE``), then each is capped at the next larger tree's: the grid
+    never prices a smaller tree above a larger one. Under TP rank 0's timings decide what is
+    measured again and are broadcast, so every rank runs the same steps and holds the same grid."""
     ctx, table = timing_context(runner.tree.depth, ctx, block_size, num_blocks)
-    rows = []
-    for n in [0] * plain + [s for s in sizes if s > 0]:
-        for b in batch_sizes:
-            if b * (n + 1) > token_budget:
-                continue
-            step = decode_step(b, n, ctx, table, runner.adaptive)
-            rows.append([b, n, round(1e3 * _median_step_seconds(runner, step), 4)])
-    return tp.broadcast_object(rows)
+    steps = {(b, n): decode_step(b, n, ctx, table, runner.adaptive)
+             for n in [0] * plain + [s for s in sizes if s > 0] for b in batch_sizes if b * (n + 1) <= token_budget}
+    ms = {key: 1e3 * _median_step_seconds(runner, step) for key, step in steps.items()}
+    per_batch = {b: sorted(n for bb, n in ms if bb == b) for b in batch_sizes}
+    inverted = tp.broadcast_object(sorted({key for b, ns in per_batch.items() for lo, hi in zip(ns, ns[1:])
+                                           if ms[(b, lo)] > ms[(b, hi)] * (1 + GRID_INVERSION_TOLERANCE)
+                                           for key in ((b, lo), (b, hi))}))
+    for key in inverted:
+        ms[tuple(key)] = 1e3 * _median_step_seconds(runner, steps[tuple(key)])
+    for b, ns in per_batch.items():
+        for lo, hi in reversed(list(zip(ns, ns[1:]))):
+            ms[(b, lo)] = min(ms[(b, lo)], ms[(b, hi)])
+    return tp.broadcast_object([[b, n, round(t, 4)] for (b, n), t in ms.items()])
