@@ -154,8 +154,9 @@ def latency_cache_key(spec: "WorkerSpec", device: torch.device, sizes: list[int]
 
 # Bump when what a grid point measures changes, or how (the cache then re-measures everywhere).
 # 2: tree=auto in interleaved rounds; CPU GEMMs through blocked weights. 3: adaptive trees timed
-# as ragged steps (their graphs on a GPU), not as the tree set's uniform ones.
-LATENCY_CACHE_VERSION = 3
+# as ragged steps (their graphs on a GPU), not as the tree set's uniform ones. 4: inversions measured
+# again and capped (measure_step_latency).
+LATENCY_CACHE_VERSION = 4
 
 
 def _latency_cache_file(key: dict) -> Path:
