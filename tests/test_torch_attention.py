@@ -30,7 +30,8 @@ def naive(cache_k, cache_v, q, k, v, seqs, prefix_slots, starts):
     return out
 
 
-@pytest.mark.parametrize("case", ["decode, equal contexts", "decode, unequal contexts", "trees and chunks"])
+@pytest.mark.parametrize("case", ["decode, equal contexts", "decode, unequal contexts", "trees and chunks",
+                                  "decodes, then a chunk"])
 @torch.inference_mode()
 def test_torch_reference_attention_matches_attention_written_out(case):
     torch.manual_seed(0)
@@ -41,7 +42,8 @@ def test_torch_reference_attention_matches_attention_written_out(case):
     seqs = {"decode, equal contexts": [SeqAttn(1, 11, tables[0]), SeqAttn(1, 11, tables[1])],
             "decode, unequal contexts": [SeqAttn(1, 11, tables[0]), SeqAttn(1, 4, tables[1])],
             "trees and chunks": [SeqAttn(4, 11, tables[0], tree_mask=TREE), SeqAttn(1, 4, tables[1]),
-                                 SeqAttn(85, 3, tables[2])]}[case]  # 85 tokens: a long block, its own group
+                                 SeqAttn(85, 3, tables[2])],  # 85 tokens: a long block, its own group
+            "decodes, then a chunk": [SeqAttn(1, 11, tables[0]), SeqAttn(1, 11, tables[1]), SeqAttn(85, 3, tables[2])]}[case]
     slots, prefix_slots, starts, off = [], [], [], 0
     scratch = cache.scratch_slot0
     for s in seqs:
@@ -57,8 +59,9 @@ def test_torch_reference_attention_matches_attention_written_out(case):
     expected = naive(cache.k[0].clone(), cache.v[0].clone(), q, k, v, seqs, prefix_slots, starts)
     backend = TorchAttentionBackend(cache, torch.device("cpu"))
     meta = backend.prepare(StepAttnInputs(seqs=seqs, slot_mapping=torch.tensor(slots)))
-    if case == "decode, equal contexts":  # nothing to mask, nothing to gather: the fast path is taken
-        assert len(meta.groups) == 1 and meta.groups[0].dense and meta.groups[0].mask is None
+    if case.startswith("decode"):  # the decode tokens come first, unpadded: their queries are a view
+        assert meta.groups[0].dense
+        assert (meta.groups[0].mask is None) == (case != "decode, unequal contexts")  # nothing to hide
     got = backend.forward(0, q, k, v, meta)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # The step's K/V landed at its slots.

@@ -40,8 +40,8 @@ class _Group:
     # Eager steps: the slots of all of a query block's keys, [B, P + Q] — the prefix's, then
     # the step's own tokens' (written before they are read), so one gather reads them all.
     key_slots: Optional[torch.Tensor] = None
-    # The group's queries are the step's tokens [0, B·Q) in order (no padding): a view
-    # replaces the gather of the queries and the selection of the valid outputs.
+    # The group's queries are the step's tokens [0, B·Q) in order (no padding; a long block's
+    # may follow): a view replaces the gather of the queries and the selection of the outputs.
     dense: bool = False
     # The mask repeated for grouped queries (``_attend``), made by the first layer of a step.
     _rep_mask: Optional[torch.Tensor] = None
@@ -100,15 +100,11 @@ class TorchRaggedMeta:
     masks: torch.Tensor  # [S, N, N] bool
 
 
-def cdiv_tensor(a: torch.Tensor, b: int) -> torch.Tensor:
-    return (a + b - 1) // b
-
-
 class TorchAttentionBackend:
     def __init__(self, kv_cache: PagedKVCache, device: torch.device) -> None:
         self.kv_cache = kv_cache
         self.device = device
-        # A row's result independent of the batch and the tree around it (``_invariant_group``).
+        # A row's result independent of the batch and the tree around it (``_invariant_groups``).
         self.batch_invariant = device.type == "cpu" and kv_cache.k_all.dtype != torch.float32
 
     def prepare(self, inputs: StepAttnInputs) -> TorchAttnMeta:
@@ -172,7 +168,7 @@ class TorchAttentionBackend:
             prefix = self.kv_cache.slots(torch.tensor(s.block_table, dtype=torch.long), torch.arange(ctx))
             keys = torch.cat([prefix.expand(q, ctx), slot_mapping[start + order]], dim=1)  # [Q, ctx + Q]
             counts = ctx + local.sum(1)
-            widths = cdiv_tensor(counts, INVARIANT_PAGE) * INVARIANT_PAGE
+            widths = (counts + INVARIANT_PAGE - 1) // INVARIANT_PAGE * INVARIANT_PAGE
             for w in widths.unique().tolist():
                 sel = (widths == w).nonzero().flatten()
                 k = keys[sel, :w]
@@ -313,7 +309,7 @@ class TorchAttentionBackend:
         n_rep = h // kvh
         # Grouped-query attention without repeating K/V: the query heads sharing a KV head
         # become extra query rows of that head ([B, KVH, Q * n_rep, D]).
-        queries = q.view(b, qmax, h, d) if g.dense else q[g.q_index]
+        queries = q[: b * qmax].view(b, qmax, h, d) if g.dense else q[g.q_index]
         queries = queries.view(b, qmax, kvh, n_rep, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, qmax * n_rep, d)
         out = torch.nn.functional.scaled_dot_product_attention(
             queries, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=g.rep_mask(n_rep))
