@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -142,6 +143,32 @@ def interleaved_median_ms(fns: list, iters: int) -> list[float]:
                 fn()
                 t.append(1e3 * (time.perf_counter() - t0))
     return [statistics.median(t) for t in times]
+
+
+def rotated_rounds(runs: dict[str, Callable[[], tuple[float, list]]], repeats: int
+                   ) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Every run once a round for ``repeats`` rounds, each round starting one run later (no
+    configuration always runs first, or right after the same one): each run's seconds, one a
+    round, and the outputs of its last round. A run returns (seconds, outputs)."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    outputs: dict[str, list] = {}
+    names = list(runs)
+    for rep in range(repeats):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            dt, outputs[name] = runs[name]()
+            seconds[name].append(dt)
+    return seconds, outputs
+
+
+def decode_counts(engine) -> tuple[int, int]:
+    """An engine's decode steps and decode tokens so far (``tokens_per_step`` since then)."""
+    return engine.stats.num_decode_steps, engine.stats.num_decode_tokens
+
+
+def tokens_per_step(engine, before: tuple[int, int]) -> float:
+    """Decode tokens per decode step since ``decode_counts`` gave ``before``."""
+    steps, tokens = decode_counts(engine)
+    return round((tokens - before[1]) / max(1, steps - before[0]), 2)
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

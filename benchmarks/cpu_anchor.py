@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import environment, eval_prompts, print_table, write_results  # noqa: E402
+from benchmarks.common import (decode_counts, environment, eval_prompts, print_table, rotated_rounds,  # noqa: E402
+                               tokens_per_step, write_results)
 from engine import SamplingParams  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.models.loader import find_default_gguf  # noqa: E402
@@ -81,15 +82,8 @@ def main() -> None:
         e.generate_batch([ids[0]], SamplingParams(temperature=0, max_tokens=4))
     llama_run(llm, ids[:1], 4)
 
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    outputs: dict[str, list[list[int]]] = {}
-    steps_before = {name: (e.stats.num_decode_steps, e.stats.num_decode_tokens) for name, e in engines.items()}
-    for rep in range(args.repeats):
-        names = list(runs)
-        for name in names[rep % len(names):] + names[:rep % len(names)]:  # each round starts one later
-            dt, outs = runs[name]()
-            seconds[name].append(dt)
-            outputs[name] = outs
+    before = {name: decode_counts(e) for name, e in engines.items()}
+    seconds, outputs = rotated_rounds(runs, args.repeats)
     tokens = args.prompts * args.max_tokens
     plain_s = statistics.median(seconds["plain"])
     rows = []
@@ -100,9 +94,7 @@ def main() -> None:
                "runs_tok_s": [round(tokens / t, 2) for t in ts],
                "agrees_with_plain": sum(a == b for a, b in zip(outputs[name], outputs["plain"]))}
         if name in engines:
-            st = engines[name].stats
-            steps = st.num_decode_steps - steps_before[name][0]
-            row["tokens_per_step"] = round((st.num_decode_tokens - steps_before[name][1]) / max(1, steps), 2)
+            row["tokens_per_step"] = tokens_per_step(engines[name], before[name])
         rows.append(row)
     env = environment(torch.device("cpu"), torch.float32, "SmolLM2-135M-Instruct")
     env.update(gguf=gguf.name, llama_cpp_threads=args.threads, torch_threads=torch.get_num_threads(),

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import environment, eval_prompts, interleaved_median_ms, print_table, write_results  # noqa: E402
+from benchmarks.common import (decode_counts, environment, eval_prompts, interleaved_median_ms,  # noqa: E402
+                               print_table, rotated_rounds, tokens_per_step, write_results)
 from engine import SamplingParams  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.spec.tree import AUTO_TREE_SIZES, build_tree_from_accuracy  # noqa: E402
@@ -122,14 +123,8 @@ def end_to_end_rows(engines: dict[str, Engine], hf, prompts: list[list[int]], ma
         runs = {name: (lambda e=e, b=batch: engine_run(e, prompts, b, max_tokens)) for name, e in engines.items()}
         if batch == 1 and hf is not None:
             runs["HF transformers generate"] = lambda: hf_run(hf, prompts, max_tokens)
-        seconds: dict[str, list[float]] = {name: [] for name in runs}
-        outputs: dict[str, list[list[int]]] = {}
-        before = {name: (e.stats.num_decode_steps, e.stats.num_decode_tokens) for name, e in engines.items()}
-        names = list(runs)
-        for rep in range(repeats):
-            for name in names[rep % len(names):] + names[:rep % len(names)]:  # each round starts one later
-                dt, outputs[name] = runs[name]()
-                seconds[name].append(dt)
+        before = {name: decode_counts(e) for name, e in engines.items()}
+        seconds, outputs = rotated_rounds(runs, repeats)
         tokens = len(prompts) * max_tokens
         plain_s = statistics.median(seconds["plain"])
         hf_s = statistics.median(seconds["HF transformers generate"]) if "HF transformers generate" in seconds else None
@@ -142,9 +137,7 @@ def end_to_end_rows(engines: dict[str, Engine], hf, prompts: list[list[int]], ma
             if hf_s is not None:
                 row["vs_hf"] = round(hf_s / s, 3)
             if name in engines:
-                st = engines[name].stats
-                steps = st.num_decode_steps - before[name][0]
-                row["tokens_per_step"] = round((st.num_decode_tokens - before[name][1]) / max(1, steps), 2)
+                row["tokens_per_step"] = tokens_per_step(engines[name], before[name])
             rows.append(row)
     return rows
 

@@ -35,11 +35,13 @@ class _Group:
     rows: torch.Tensor  # [n] flat token indices of this group's valid queries, in order
     q_index: torch.Tensor  # [B, Q] flat token index (padding → 0)
     q_valid: torch.Tensor  # [B, Q]
-    prefix_slots: torch.Tensor  # [B, P]
-    mask: Optional[torch.Tensor]  # [B, 1, Q, P + Q]; None: every key visible to every query
-    # Eager steps: the slots of all of a query block's keys, [B, P + Q] — the prefix's, then
-    # the step's own tokens' (written before they are read), so one gather reads them all.
+    mask: Optional[torch.Tensor]  # [B, 1, Q, keys]; None: every key visible to every query
+    # Where the keys are read, one of the two: eager steps, the slots of all of a query block's
+    # keys [B, P + Q] — the prefix's, then the step's own tokens' (written before they are
+    # read), so one gather reads them all; fixed-shape steps, the prefix's slots [B, P] (the
+    # step's own K/V comes from k and v).
     key_slots: Optional[torch.Tensor] = None
+    prefix_slots: Optional[torch.Tensor] = None
     # The group's queries are the step's tokens [0, B·Q) in order (no padding; a long block's
     # may follow): a view replaces the gather of the queries and the selection of the outputs.
     dense: bool = False
@@ -115,15 +117,14 @@ class TorchAttentionBackend:
         short = [i for i, s in enumerate(inputs.seqs) if s.q_len <= SHORT_QUERY]
         long = [[i] for i, s in enumerate(inputs.seqs) if s.q_len > SHORT_QUERY]
         slot_mapping = inputs.slot_mapping.long()
-        if self.batch_invariant:
+        groups, blocks = [], ([short] if short else []) + long
+        if self.batch_invariant:  # the short blocks token by token; the long ones as ever
             groups = self._invariant_groups([inputs.seqs[i] for i in short], [starts[i] for i in short], slot_mapping)
-            groups += [self._group([inputs.seqs[i] for i in g], [starts[i] for i in g], slot_mapping) for g in long]
-            return TorchAttnMeta(slots=inputs.slot_mapping.to(self.device), groups=groups)
-        groups = [self._group([inputs.seqs[i] for i in g], [starts[i] for i in g], slot_mapping)
-                  for g in ([short] if short else []) + long]
+            blocks = long
+        groups += [self._group([inputs.seqs[i] for i in g], [starts[i] for i in g], slot_mapping) for g in blocks]
         return TorchAttnMeta(slots=inputs.slot_mapping.to(self.device), groups=groups)
 
-    def _group(self, seqs: list[SeqAttn], starts: list[int], slot_mapping: Optional[torch.Tensor] = None) -> _Group:
+    def _group(self, seqs: list[SeqAttn], starts: list[int], slot_mapping: torch.Tensor) -> _Group:
         dev, b = self.device, len(seqs)
         q_lens = torch.tensor([s.q_len for s in seqs])
         ctx = torch.tensor([s.ctx_len for s in seqs])
@@ -149,12 +150,9 @@ class TorchAttentionBackend:
         local |= torch.eye(qmax, dtype=torch.bool)
         mask = torch.cat([prefix_valid[:, None, :].expand(b, qmax, pmax), local], dim=-1)
         dense = bool(q_valid.all()) and starts == [i * qmax for i in range(b)]
-        key_slots = None
-        if slot_mapping is not None:
-            key_slots = torch.cat([prefix_slots, slot_mapping[q_index]], dim=1).to(dev)
+        key_slots = torch.cat([prefix_slots, slot_mapping[q_index]], dim=1)
         return _Group(rows=q_index[q_valid].to(dev), q_index=q_index.to(dev), q_valid=q_valid.to(dev),
-                      prefix_slots=prefix_slots.to(dev), mask=None if bool(mask.all()) else mask[:, None].to(dev),
-                      key_slots=key_slots, dense=dense)
+                      mask=None if bool(mask.all()) else mask[:, None].to(dev), key_slots=key_slots.to(dev), dense=dense)
 
     def _invariant_groups(self, seqs: list[SeqAttn], starts: list[int], slot_mapping: torch.Tensor) -> list[_Group]:
         """Short query blocks token by token (see ``INVARIANT_PAGE``): a group per key width,
@@ -181,8 +179,7 @@ class TorchAttentionBackend:
             mask = torch.arange(w)[None, :] < counts[:, None]
             groups.append(_Group(rows=rows.to(dev), q_index=rows[:, None].to(dev),
                                  q_valid=torch.ones(len(rows), 1, dtype=torch.bool, device=dev),
-                                 prefix_slots=key_slots.to(dev), mask=mask[:, None, None, :].to(dev),
-                                 key_slots=key_slots.to(dev)))
+                                 mask=mask[:, None, None, :].to(dev), key_slots=key_slots.to(dev)))
         return groups
 
     def graph_inputs(self, batch: int, nodes: int, tree_mask: Optional[torch.Tensor], width: int,
@@ -279,7 +276,7 @@ class TorchAttentionBackend:
         rows = torch.arange(b * n, device=dev)
         mask = torch.cat([prefix_valid[:, None, :].expand(b, n, span), meta.local.expand(b, n, n)], dim=-1)
         return _Group(rows=rows, q_index=rows.view(b, n), q_valid=torch.ones(b, n, dtype=torch.bool, device=dev),
-                      prefix_slots=prefix_slots, mask=mask[:, None])
+                      mask=mask[:, None], prefix_slots=prefix_slots)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: TorchAttnMeta) -> torch.Tensor:

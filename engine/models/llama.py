@@ -88,7 +88,7 @@ CPU_BLOCKED_ROWS = (4, 64)
 # bfloat16 on a CPU runs every row count through oneDNN's prepacked bf16 weight, in calls of at
 # most this many rows: up to 32 rows oneDNN's bf16 kernel gives a row the same bits whatever
 # the rows beside it, not beyond (another kernel) — so a row's logits do not depend on the
-# batch or the tree it is verified in (docs/performance.md, "bf16 on a CPU").
+# batch or the tree it is verified in (docs/performance.md, "The opt-in bf16 CPU mode").
 CPU_BF16_CALL_ROWS = 32
 
 

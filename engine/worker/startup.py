@@ -118,7 +118,7 @@ def plain_step_agrees(runner: ModelRunner, cached_ms: Optional[float], block_siz
     warm-up)."""
     if cached_ms is None:
         return False
-    ctx, table = timing_context(runner.tree.depth if runner.tree is not None else 0, ctx, block_size, num_blocks)
+    ctx, table = timing_context(runner.tree.depth, ctx, block_size, num_blocks)
     now = 1e3 * _median_step_seconds(runner, decode_step(1, 0, ctx, table))
     agrees = abs(now - cached_ms) <= CPU_RECHECK_TOLERANCE * cached_ms
     logger.info("cached plain step at batch 1: %.1f ms, now %.1f ms%s", cached_ms, now, "" if agrees else " (stale)")
